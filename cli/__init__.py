@@ -1,0 +1,1 @@
+"""The `keyquorum` command line: custodian, ceremony, audit, server, admin, demo."""

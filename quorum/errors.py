@@ -1,0 +1,108 @@
+"""The one error tree of keyquorum.
+
+Grouped by what went wrong, not by where. Every message is safe to show a
+user and to log: no error is ever constructed with key material, a share,
+a passphrase or plaintext in its arguments. The CLI catches
+`KeyquorumError` once and exits with its message; the gRPC servicers map
+the tree to status codes in one place (`keyquorum.hsm.status`).
+"""
+
+from __future__ import annotations
+
+
+class KeyquorumError(Exception):
+    """Base of every error keyquorum raises on purpose."""
+
+
+class InvalidInputError(KeyquorumError, ValueError):
+    """A caller passed something malformed: a bad size, range or name."""
+
+
+class DeserializationError(KeyquorumError):
+    """Bytes from outside could not be parsed (always raised `from` the cause)."""
+
+
+class DecryptionError(KeyquorumError):
+    """An AEAD or HPKE ciphertext did not authenticate under the given key."""
+
+
+class WrongPassphraseError(DecryptionError):
+    """A credential file did not open with the passphrase given."""
+
+
+class UnsupportedVersionError(DeserializationError):
+    """A versioned object carries a version this build does not know."""
+
+
+class VerificationError(KeyquorumError):
+    """Something that must hold cryptographically does not."""
+
+
+class SignatureError(VerificationError):
+    """A signature does not verify under the key it claims."""
+
+
+class ShareError(VerificationError):
+    """A Shamir share is inconsistent with its split; names the share index."""
+
+    def __init__(self, message: str, *, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class CommitmentError(VerificationError):
+    """A reconstructed secret does not match its commitment."""
+
+
+class ThresholdError(VerificationError):
+    """Fewer valid, distinct approvals or shares than the threshold requires."""
+
+
+class ExpiredError(VerificationError):
+    """A request, session or approval was used after its expiry."""
+
+
+class ReplayError(VerificationError):
+    """Something valid once was presented again: a signature counted twice,
+    an approval for another request, a share from another session."""
+
+
+class NotOnRosterError(VerificationError):
+    """A signer is not a custodian on the roster in force."""
+
+
+class ProofError(VerificationError):
+    """A Merkle inclusion or consistency proof does not check."""
+
+
+class RootMismatchError(ProofError):
+    """A proof computed a root different from the expected one."""
+
+    def __init__(self, message: str, *, expected: bytes, calculated: bytes) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.calculated = calculated
+
+
+class LogIntegrityError(VerificationError):
+    """The quorum log is not a valid history; names the first bad entry."""
+
+    def __init__(self, message: str, *, seq: int | None = None) -> None:
+        super().__init__(message if seq is None else f"entry {seq}: {message}")
+        self.seq = seq
+
+
+class StateError(KeyquorumError):
+    """The operation is not valid in the current state (e.g. already initialised)."""
+
+
+class SealedError(StateError):
+    """The service is sealed: no master key is in memory."""
+
+
+class AccessDeniedError(KeyquorumError):
+    """The caller is authenticated but not allowed to do this."""
+
+
+class LimitExceededError(KeyquorumError):
+    """A size or rate limit was exceeded."""

@@ -1,0 +1,103 @@
+"""The design card's layout rules, checked on the source itself."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QUORUM = ROOT / "quorum"
+
+# Modules that do I/O (network, files, processes, databases, clocks the
+# caller cannot inject). quorum/ must import none of them.
+FORBIDDEN = {
+    "grpc",
+    "sqlite3",
+    "psycopg",
+    "psycopg_pool",
+    "socket",
+    "subprocess",
+    "os",
+    "io",
+    "pathlib",
+    "shutil",
+    "tempfile",
+    "select",
+    "asyncio",
+    "threading",
+    "multiprocessing",
+    "urllib",
+    "http",
+    "ssl",
+    "logging",
+    "time",
+    "random",
+    "secrets",
+    "prometheus_client",
+    "click",
+    "rich",
+}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _calls_open(path: Path) -> bool:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return any(
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "open"
+        for n in ast.walk(tree)
+    )
+
+
+QUORUM_FILES = sorted(QUORUM.glob("*.py"))
+
+
+@pytest.mark.parametrize("path", QUORUM_FILES, ids=lambda p: p.name)
+def test_quorum_module_does_no_io(path: Path) -> None:
+    bad = _imports(path) & FORBIDDEN
+    assert not bad, f"{path.name} imports I/O modules: {sorted(bad)}"
+    assert not _calls_open(path), f"{path.name} calls open()"
+
+
+def test_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("import socket\nfrom os import path\nopen('x')\n")
+    assert _imports(sample) & FORBIDDEN == {"socket", "os"}
+    assert _calls_open(sample)
+
+
+def test_install_puts_no_bare_package_on_the_path(tmp_path: Path) -> None:
+    # Run from an empty directory so the checkout itself is not on sys.path.
+    probe = (
+        "import importlib.util as u, json; "
+        "print(json.dumps({n: u.find_spec(n) is not None for n in "
+        "['cli', 'hsm', 'quorum', 'keyquorum.quorum', 'keyquorum.hsm', 'keyquorum.cli', "
+        "'keyquorum.v1']}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    found = json.loads(out.stdout)
+    assert found == {
+        "cli": False,
+        "hsm": False,
+        "quorum": False,
+        "keyquorum.quorum": True,
+        "keyquorum.hsm": True,
+        "keyquorum.cli": True,
+        "keyquorum.v1": True,
+    }
