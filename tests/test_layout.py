@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 QUORUM = ROOT / "quorum"
 
 # Modules that do I/O (network, files, processes, databases, clocks the
-# caller cannot inject). quorum/ must import none of them.
+# caller cannot inject). quorum/ must import none of them. `secrets` is
+# allowed: it is the default random source, always overridable by argument.
 FORBIDDEN = {
     "grpc",
     "sqlite3",
@@ -37,7 +38,6 @@ FORBIDDEN = {
     "logging",
     "time",
     "random",
-    "secrets",
     "prometheus_client",
     "click",
     "rich",
