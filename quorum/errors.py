@@ -106,3 +106,20 @@ class AccessDeniedError(KeyquorumError):
 
 class LimitExceededError(KeyquorumError):
     """A size or rate limit was exceeded."""
+
+
+class AppendConflictError(StateError):
+    """A log append expected another log size: someone appended first.
+
+    The caller re-reads the log and decides again; nothing was written.
+    """
+
+    def __init__(self, message: str, *, expected_size: int, actual_size: int) -> None:
+        super().__init__(message)
+        self.expected_size = expected_size
+        self.actual_size = actual_size
+
+
+class StorageError(KeyquorumError):
+    """The store cannot be used safely: I/O failure, unsafe durability
+    settings or a failed commit (servicers answer UNAVAILABLE)."""
