@@ -29,7 +29,7 @@ install: $(STAMP)
 
 $(GEN)/keyquorum/v1/__init__.py: $(PROTOS) $(BIN)/pip
 	rm -rf $(GEN) && mkdir -p $(GEN)/keyquorum/v1
-	if [ -n "$(PROTOS)" ]; then $(PY) -m grpc_tools.protoc -Iproto \
+	if [ -n "$(PROTOS)" ]; then PATH=$(CURDIR)/$(BIN):$$PATH $(PY) -m grpc_tools.protoc -Iproto \
 	  --python_out=$(GEN) --grpc_python_out=$(GEN) --mypy_out=$(GEN) --mypy_grpc_out=$(GEN) \
 	  $(PROTOS); fi
 	touch $(GEN)/keyquorum/v1/py.typed

@@ -1,0 +1,65 @@
+"""Building the gRPC server: services, health, reflection, limits, TLS.
+
+`create_server()` returns `(server, port)` so tests bind port 0 and learn the
+port. Servicers are registered by the caller through `register`, so this
+module knows nothing of the daemon's logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.quorum.limits import Limits
+
+Registration = Callable[[grpc.Server], None]
+
+
+def create_server(
+    *,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None,
+    limits: Limits,
+    register: Sequence[Registration],
+    service_names: Sequence[str],
+    health_servicer: health.HealthServicer | None = None,
+    max_workers: int = 16,
+) -> tuple[grpc.Server, int]:
+    """A started-ready (not yet started) server and the port it is bound to.
+
+    `credentials=None` means plaintext; callers decide that only through
+    `keyquorum.hsm.tls.check_plaintext_allowed` (explicit flag, loopback).
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        options=[
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    for add in register:
+        add(server)
+    health_servicer = health_servicer or health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in service_names:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
+    if bound == 0:
+        raise InvalidInputError(f"cannot listen on {address}")
+    return server, bound

@@ -1,0 +1,64 @@
+"""The one mapping from keyquorum's error tree to gRPC status codes.
+
+Servicers never choose a code themselves: they raise, and `abort_with` maps.
+Messages come from the errors, which never carry key material.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn, cast
+
+import grpc
+
+from keyquorum.quorum import errors as e
+
+# Most specific classes first: the first isinstance match wins.
+_CODES: tuple[tuple[type[e.KeyquorumError], grpc.StatusCode], ...] = (
+    (e.SealedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (e.AccessDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (e.ReplayError, grpc.StatusCode.ALREADY_EXISTS),
+    (e.ExpiredError, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.ThresholdError, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.SignatureError, grpc.StatusCode.PERMISSION_DENIED),
+    (e.NotOnRosterError, grpc.StatusCode.PERMISSION_DENIED),
+    (e.LogIntegrityError, grpc.StatusCode.DATA_LOSS),
+    (e.VerificationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (e.DecryptionError, grpc.StatusCode.INVALID_ARGUMENT),
+    (e.DeserializationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (e.InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (e.StateError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def code_for(error: e.KeyquorumError) -> grpc.StatusCode:
+    """The gRPC status code that says what `error` means to a caller."""
+    for cls, code in _CODES:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def abort_with(context: grpc.ServicerContext, error: e.KeyquorumError) -> NoReturn:
+    """End the call with the status code and message of `error`."""
+    context.abort(code_for(error), str(error))
+    raise AssertionError("grpc context.abort returned")  # pragma: no cover
+
+
+class RemoteError(e.KeyquorumError):
+    """A call to the daemon failed; carries the gRPC code and the daemon's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{message} ({code.name})")
+        self.code = code
+
+
+def from_rpc_error(error: grpc.RpcError) -> RemoteError:
+    """Turn a failed call into a RemoteError with the daemon's own message."""
+    # Failed calls are both RpcError and Call at run time; the stubs cannot say so.
+    call = cast(grpc.Call, error)
+    code = call.code() if hasattr(call, "code") else grpc.StatusCode.UNKNOWN
+    details = call.details() if hasattr(call, "details") else str(error)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = f"cannot reach the daemon: {details}"
+    return RemoteError(code, details or code.name)
