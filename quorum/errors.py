@@ -42,6 +42,12 @@ class SignatureError(VerificationError):
     """A signature does not verify under the key it claims."""
 
 
+class UnverifiedNoteError(SignatureError):
+    """A signed note carries no signature from any key the caller trusts (C2SP
+    signed-note): told apart from a forged signature, since a client may only
+    need a newer key list."""
+
+
 class ShareError(VerificationError):
     """A Shamir share is inconsistent with its split; names the share index."""
 
