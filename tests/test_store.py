@@ -1,0 +1,576 @@
+"""Conformance suite of the `Store` contract, run on real databases.
+
+Every test takes `store_factory`, parametrised by backend. Only SQLite
+exists today (real files in tmp_path); a PostgreSQL factory joins the
+`params` list with the same tests. Backend-specific checks (SQLite
+pragmas, raw-file tampering) sit at the end, named as such.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keyquorum.hsm import sqlite_store
+from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.hsm.store import LogRecord, ShredSalt, Store, leaf_hash
+from keyquorum.quorum.errors import (
+    AppendConflictError,
+    InvalidInputError,
+    StateError,
+    StorageError,
+    UnsupportedVersionError,
+)
+
+
+@dataclass
+class StoreFactory:
+    """Opens the one store of a test, as many times as the test likes."""
+
+    kind: str
+    open: Callable[[], Store]
+    files: Callable[[], list[Path]]
+    """Every file holding the store's bytes, for searching them."""
+    set_schema_version: Callable[[int], None]
+    """Write a schema_version behind the store's back (simulates a newer build)."""
+    expected_durability: dict[str, str]
+    opened: list[Store] = field(default_factory=list)
+
+
+def _sqlite_factory(directory: Path) -> StoreFactory:
+    path = directory / sqlite_store.FILE_NAME
+
+    def files() -> list[Path]:
+        return [p for p in (path, Path(f"{path}-wal")) if p.exists()]
+
+    def set_schema_version(version: int) -> None:
+        conn = sqlite3.connect(path)
+        with conn:
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+        conn.close()
+
+    return StoreFactory(
+        kind="sqlite",
+        open=lambda: SqliteStore.in_directory(directory),
+        files=files,
+        set_schema_version=set_schema_version,
+        expected_durability={"journal_mode": "wal", "synchronous": "FULL", "secure_delete": "ON"},
+    )
+
+
+@pytest.fixture(params=["sqlite"])
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    factory = _sqlite_factory(tmp_path)
+    opened: list[Store] = []
+
+    def tracked_open(inner: Callable[[], Store] = factory.open) -> Store:
+        s = inner()
+        opened.append(s)
+        return s
+
+    factory.open = tracked_open
+    yield factory
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(store_factory: StoreFactory) -> Store:
+    return store_factory.open()
+
+
+def rec(seq: int, body: bytes | None = None) -> LogRecord:
+    entry = body if body is not None else b'{"seq":%d}' % seq
+    return (seq, leaf_hash(entry), entry)
+
+
+def salt(n: int) -> bytes:
+    # Distinctive 32-byte pattern that appears nowhere else in the file.
+    return bytes([0xA5, n]) * 16
+
+
+def fill(s: Store, n: int) -> None:
+    s.append([rec(i) for i in range(n)], expected_size=0)
+
+
+# -- log -----------------------------------------------------------------
+
+
+def test_empty_store(store: Store) -> None:
+    assert store.size() == 0
+    assert store.read(0, 0) == []
+    assert list(store.read_all()) == []
+    assert store.leaf_hashes() == []
+    assert store.latest_checkpoint() is None
+    assert store.checkpoints() == []
+
+
+def test_append_read_round_trip(store: Store) -> None:
+    store.append([rec(0)], expected_size=0)
+    store.append([rec(1), rec(2), rec(3)], expected_size=1)
+    assert store.size() == 4
+    assert store.read(0, 4) == [rec(i)[2] for i in range(4)]
+    assert store.read(1, 3) == [rec(1)[2], rec(2)[2]]
+    assert store.read(4, 4) == []
+    assert list(store.read_all()) == [rec(i)[2] for i in range(4)]
+    assert store.leaf_hashes() == [rec(i)[1] for i in range(4)]
+
+
+def test_read_all_crosses_batches(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("keyquorum.hsm.store.READ_BATCH", 3)
+    fill(store, 10)
+    assert list(store.read_all()) == [rec(i)[2] for i in range(10)]
+
+
+def test_entry_bytes_are_kept_exactly(store: Store) -> None:
+    odd = bytes(range(256)) + b"\x00\xff" * 100  # NULs, high bytes: not text
+    store.append([rec(0, odd)], expected_size=0)
+    assert store.read(0, 1) == [odd]
+
+
+def test_multi_entry_append_is_one_transaction(store: Store) -> None:
+    store.append([rec(0)], expected_size=0, shred_salts=[("t", 1, salt(1))])
+    # The second salt collides with a stored one, so the whole call fails:
+    # neither its entries nor its other salt may appear.
+    with pytest.raises(StateError, match="exists"):
+        store.append(
+            [rec(1), rec(2), rec(3)],
+            expected_size=1,
+            shred_salts=[("u", 1, salt(2)), ("t", 1, salt(3))],
+        )
+    assert store.size() == 1
+    assert store.get_shred_salt("u", 1) is None
+    assert store.get_shred_salt("t", 1) == salt(1)
+    store.append([rec(1), rec(2), rec(3)], expected_size=1)
+    assert store.size() == 4
+
+
+@pytest.mark.parametrize(
+    "expected", [0, 1, 3, 9], ids=["behind-by-two", "behind-by-one", "ahead-by-one", "far-ahead"]
+)
+def test_conflict_on_wrong_expected_size_writes_nothing(store: Store, expected: int) -> None:
+    store.append([rec(0)], expected_size=0, shred_salts=[("gone", 1, salt(9))])
+    store.append([rec(1)], expected_size=1)
+    with pytest.raises(AppendConflictError, match="log size is 2") as info:
+        store.append(
+            [rec(expected, b"loser"), rec(expected + 1, b"loser2")],
+            expected_size=expected,
+            shred_salts=[("new", 1, salt(1))],
+            erase_tenants=["gone"],
+        )
+    assert (info.value.expected_size, info.value.actual_size) == (expected, 2)
+    assert store.size() == 2
+    assert store.read(0, 2) == [rec(0)[2], rec(1)[2]]
+    assert store.get_shred_salt("new", 1) is None
+    assert store.get_shred_salt("gone", 1) == salt(9)
+
+
+_GOOD_HASH = leaf_hash(b"x")
+BAD_APPENDS: list[tuple[str, list[LogRecord], int, list[ShredSalt], list[str], str]] = [
+    ("no-entries", [], 0, [], [], "at least one entry"),
+    ("negative-size", [rec(0)], -1, [], [], "non-negative"),
+    ("first-seq-not-expected", [rec(1)], 0, [], [], "entry 0 has seq 1, expected 0"),
+    ("gap-inside-batch", [rec(0), rec(2)], 0, [], [], "entry 1 has seq 2, expected 1"),
+    ("duplicate-inside-batch", [rec(0), rec(0)], 0, [], [], "entry 1 has seq 0"),
+    ("bool-seq", [(False, _GOOD_HASH, b"x")], 0, [], [], "has seq False"),
+    ("empty-entry", [(0, leaf_hash(b""), b"")], 0, [], [], "non-empty"),
+    ("short-leaf-hash", [(0, bytes(31), b"x")], 0, [], [], "32 bytes"),
+    ("wrong-leaf-hash", [(0, leaf_hash(b"y"), b"x")], 0, [], [], "SHA-256"),
+    ("node-hash-as-leaf", [(0, bytes(32), b"x")], 0, [], [], "SHA-256"),
+    ("short-salt", [rec(0)], 0, [("t", 1, bytes(31))], [], "32 bytes, got 31"),
+    ("version-zero", [rec(0)], 0, [("t", 0, salt(1))], [], "version must be an int >= 1"),
+    ("empty-tenant", [rec(0)], 0, [("", 1, salt(1))], [], "non-empty"),
+    ("nul-in-tenant", [rec(0)], 0, [("a\x00b", 1, salt(1))], [], "without NUL"),
+    ("salt-twice", [rec(0)], 0, [("t", 1, salt(1)), ("t", 1, salt(2))], [], "given twice"),
+    ("store-and-erase", [rec(0)], 0, [("t", 1, salt(1))], ["t"], "both stores and erases"),
+    ("erase-empty-tenant", [rec(0)], 0, [], [""], "non-empty"),
+]
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected", "salts", "erase", "message"),
+    [case[1:] for case in BAD_APPENDS],
+    ids=[case[0] for case in BAD_APPENDS],
+)
+def test_malformed_append_is_refused_before_writing(
+    store: Store,
+    entries: list[LogRecord],
+    expected: int,
+    salts: list[ShredSalt],
+    erase: list[str],
+    message: str,
+) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        store.append(entries, expected_size=expected, shred_salts=salts, erase_tenants=erase)
+    assert store.size() == 0
+    assert store.get_shred_salt("t", 1) is None
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "message"),
+    [
+        (-1, 2, "start must be a non-negative"),
+        (0, -1, "end must be a non-negative"),
+        (3, 2, "start is after end: 3 > 2"),
+        (0, 6, "end is beyond the log size: 6 > 5"),
+        (5, 6, "end is beyond the log size: 6 > 5"),
+    ],
+    ids=["negative-start", "negative-end", "reversed", "past-end", "empty-past-end"],
+)
+def test_read_preconditions(store: Store, start: int, end: int, message: str) -> None:
+    fill(store, 5)
+    with pytest.raises(InvalidInputError, match=message):
+        store.read(start, end)
+
+
+def test_reopen_keeps_everything(store_factory: StoreFactory) -> None:
+    a = store_factory.open()
+    fill(a, 3)
+    a.append([rec(3)], expected_size=3, shred_salts=[("t", 1, salt(1)), ("t", 2, salt(2))])
+    a.put_checkpoint(4, "checkpoint four\n")
+    a.set_meta("deployment", "clinic-eu")
+    a.close()
+    b = store_factory.open()
+    assert b.size() == 4
+    assert list(b.read_all()) == [rec(i)[2] for i in range(4)]
+    assert b.leaf_hashes() == [rec(i)[1] for i in range(4)]
+    assert b.get_shred_salt("t", 2) == salt(2)
+    assert b.latest_checkpoint() == (4, "checkpoint four\n")
+    assert b.get_meta("deployment") == "clinic-eu"
+    with pytest.raises(AppendConflictError):
+        b.append([rec(3)], expected_size=3)
+    b.append([rec(4)], expected_size=4)
+
+
+@given(batches=st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=8))
+@settings(max_examples=20, deadline=None)
+def test_any_batching_reads_back_as_one_log(batches: list[int]) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        factory = _sqlite_factory(Path(d))
+        s = factory.open()
+        try:
+            size = 0
+            for n in batches:
+                s.append([rec(size + i) for i in range(n)], expected_size=size)
+                size += n
+            assert s.size() == size
+            assert s.read(0, size) == [rec(i)[2] for i in range(size)]
+            mid = size // 2
+            assert s.read(0, mid) + s.read(mid, size) == s.read(0, size)
+        finally:
+            s.close()
+
+
+# -- concurrency ---------------------------------------------------------
+
+
+def test_racing_appends_have_exactly_one_winner(store_factory: StoreFactory) -> None:
+    """Eight writers (own connections, as replicas) race for position 1."""
+    first = store_factory.open()
+    fill(first, 1)
+    writers = [store_factory.open() for _ in range(8)]
+    barrier = threading.Barrier(len(writers))
+    outcome: dict[int, str] = {}
+
+    def race(i: int) -> None:
+        barrier.wait()
+        try:
+            writers[i].append([rec(1, b"writer %d" % i)], expected_size=1)
+            outcome[i] = "won"
+        except AppendConflictError:
+            outcome[i] = "conflict"
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(writers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, o in outcome.items() if o == "won"]
+    assert len(outcome) == len(writers)
+    assert len(winners) == 1
+    assert first.read(1, 2) == [b"writer %d" % winners[0]]
+    assert first.size() == 2
+
+
+def test_thread_pool_appends_are_gap_free(store: Store) -> None:
+    """Threads sharing one store (a gRPC pool) retry on conflict; every
+    position ends up with exactly the entry of the thread that won it."""
+    threads_n, per_thread = 6, 15
+    won: list[tuple[int, bytes]] = []
+    won_lock = threading.Lock()
+    conflicts = [0]
+
+    def worker(t: int) -> None:
+        for k in range(per_thread):
+            body = b"thread %d item %d" % (t, k)
+            while True:
+                size = store.size()
+                try:
+                    store.append([rec(size, body)], expected_size=size)
+                except AppendConflictError:
+                    with won_lock:
+                        conflicts[0] += 1
+                    continue
+                with won_lock:
+                    won.append((size, body))
+                break
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads_n)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    total = threads_n * per_thread
+    assert store.size() == total
+    assert sorted(seq for seq, _ in won) == list(range(total))  # one winner per position
+    stored = store.read(0, total)
+    for seq, body in won:
+        assert stored[seq] == body
+    assert len(set(stored)) == total  # no entry written twice
+
+
+# -- checkpoints ---------------------------------------------------------
+
+
+def test_checkpoints(store: Store) -> None:
+    fill(store, 5)
+    store.put_checkpoint(1, "one\n")
+    store.put_checkpoint(3, "three\n")
+    store.put_checkpoint(3, "three\n\ncosigned\n")  # same size: replaced
+    assert store.latest_checkpoint() == (3, "three\n\ncosigned\n")
+    assert store.checkpoints() == [(1, "one\n"), (3, "three\n\ncosigned\n")]
+    with pytest.raises(StateError, match="older than the latest"):
+        store.put_checkpoint(2, "two\n")
+    with pytest.raises(InvalidInputError, match="beyond the log: 6 > 5"):
+        store.put_checkpoint(6, "six\n")
+    with pytest.raises(InvalidInputError, match="non-empty"):
+        store.put_checkpoint(4, "")
+    with pytest.raises(InvalidInputError, match="UTF-8"):
+        store.put_checkpoint(4, "bad \udc80 surrogate")
+    assert store.latest_checkpoint() == (3, "three\n\ncosigned\n")
+
+
+# -- shred salts ---------------------------------------------------------
+
+
+def test_salts_round_trip_and_are_write_once(store: Store) -> None:
+    store.put_shred_salt("clinic", 1, salt(1))
+    store.append([rec(0)], expected_size=0, shred_salts=[("clinic", 2, salt(2))])
+    assert store.get_shred_salt("clinic", 1) == salt(1)
+    assert store.get_shred_salt("clinic", 2) == salt(2)
+    assert store.get_shred_salt("clinic", 3) is None
+    assert store.get_shred_salt("other", 1) is None
+    with pytest.raises(StateError, match="exists"):
+        store.put_shred_salt("clinic", 1, salt(7))
+    assert store.get_shred_salt("clinic", 1) == salt(1)
+
+
+def test_erase_removes_every_version_of_one_tenant_only(store: Store) -> None:
+    for v in (1, 2, 3):
+        store.put_shred_salt("doomed", v, salt(v))
+    store.put_shred_salt("kept", 1, salt(4))
+    assert store.erase_shred_salts("doomed") == 3
+    assert [store.get_shred_salt("doomed", v) for v in (1, 2, 3)] == [None, None, None]
+    assert store.get_shred_salt("kept", 1) == salt(4)
+    assert store.erase_shred_salts("doomed") == 0  # idempotent
+
+
+def test_erase_in_the_same_transaction_as_the_shred_entry(store: Store) -> None:
+    store.append([rec(0)], expected_size=0, shred_salts=[("doomed", 1, salt(1))])
+    store.append([rec(1, b"shred doomed")], expected_size=1, erase_tenants=["doomed"])
+    assert store.get_shred_salt("doomed", 1) is None
+    assert store.read(1, 2) == [b"shred doomed"]
+
+
+def _file_bytes(factory: StoreFactory) -> bytes:
+    return b"".join(p.read_bytes() for p in factory.files())
+
+
+@pytest.mark.parametrize("via", ["erase_shred_salts", "append"], ids=["erase-call", "in-append"])
+def test_erased_salt_bytes_are_gone_from_the_files(store_factory: StoreFactory, via: str) -> None:
+    s = store_factory.open()
+    secret_salt = bytes.fromhex("5a17" * 16)
+    s.append([rec(0)], expected_size=0, shred_salts=[("doomed", 1, secret_salt)])
+    s.put_shred_salt("kept", 1, salt(3))
+    fill_more = [rec(i, b"padding %d" % i + bytes(200)) for i in range(1, 40)]
+    s.append(fill_more, expected_size=1)
+    assert secret_salt in _file_bytes(store_factory)  # the search can see it
+    if via == "append":
+        s.append([rec(40, b"shred")], expected_size=40, erase_tenants=["doomed"])
+    else:
+        s.erase_shred_salts("doomed")
+    # While still open (WAL file present or truncated) and after close.
+    assert secret_salt not in _file_bytes(store_factory)
+    assert salt(3) in _file_bytes(store_factory)
+    s.close()
+    assert secret_salt not in _file_bytes(store_factory)
+
+
+def test_search_detects_a_salt_after_a_plain_delete(tmp_path: Path) -> None:
+    """Control: without secure_delete and a WAL checkpoint, a DELETE leaves
+    the bytes in the file, so the test above would catch a regression."""
+    path = tmp_path / "plain.sqlite3"
+    secret_salt = bytes.fromhex("5a17" * 16)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA secure_delete=OFF")
+    conn.execute("CREATE TABLE s (k TEXT, v BLOB)")
+    conn.execute("INSERT INTO s VALUES ('a', ?), ('b', ?)", (secret_salt, salt(3)))
+    conn.execute("DELETE FROM s WHERE k = 'a'")
+    conn.close()
+    assert secret_salt in path.read_bytes()
+
+
+# -- meta and schema -----------------------------------------------------
+
+
+def test_meta(store: Store) -> None:
+    assert store.get_meta("deployment") is None
+    store.set_meta("deployment", "clinic-eu")
+    store.set_meta("deployment", "clinic-eu-2")
+    assert store.get_meta("deployment") == "clinic-eu-2"
+    with pytest.raises(InvalidInputError, match="migrations only"):
+        store.set_meta("schema_version", "99")
+    with pytest.raises(InvalidInputError, match="meta key"):
+        store.set_meta("Bad Key", "x")
+
+
+def test_schema_version_is_current(store: Store) -> None:
+    assert store.schema_version() == sqlite_store.SCHEMA_VERSION
+    assert store.get_meta("schema_version") == str(sqlite_store.SCHEMA_VERSION)
+
+
+def test_newer_schema_is_refused(store_factory: StoreFactory) -> None:
+    s = store_factory.open()
+    fill(s, 2)
+    s.close()
+    newer = sqlite_store.SCHEMA_VERSION + 1
+    store_factory.set_schema_version(newer)
+    with pytest.raises(UnsupportedVersionError, match=f"schema version {newer}, newer than"):
+        store_factory.open()
+
+
+def test_durability_settings_are_read_back(store_factory: StoreFactory) -> None:
+    s = store_factory.open()
+    assert s.durability_settings() == store_factory.expected_durability
+
+
+# -- SQLite specifics ----------------------------------------------------
+
+
+def test_sqlite_pragmas_on_the_file_and_permissions(tmp_path: Path) -> None:
+    with SqliteStore.in_directory(tmp_path) as s:
+        fill(s, 1)
+        raw = sqlite3.connect(s.path)
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent
+        raw.close()
+        for p in (s.path, Path(f"{s.path}-wal")):
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+
+
+class _NoWalConnection(sqlite3.Connection):
+    """A connection on a file system without shared memory: WAL is refused
+    and SQLite answers with the mode it kept, as it does on such a VFS."""
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql.upper() == "PRAGMA JOURNAL_MODE=WAL":
+            sql = "PRAGMA journal_mode"
+        return super().execute(sql, *args)  # type: ignore[arg-type]
+
+
+def test_sqlite_refuses_to_open_without_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = sqlite3.connect
+
+    def connect(*args: object, **kwargs: object) -> sqlite3.Connection:
+        return real(*args, factory=_NoWalConnection, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    with pytest.raises(StorageError, match="refused journal_mode=WAL"):
+        SqliteStore.in_directory(tmp_path)
+
+
+def test_sqlite_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    (tmp_path / sqlite_store.FILE_NAME).write_bytes(b"not a database" * 100)
+    with pytest.raises(StorageError, match="cannot use"):
+        SqliteStore.in_directory(tmp_path)
+
+
+def test_sqlite_missing_data_directory(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="does not exist"):
+        SqliteStore.in_directory(tmp_path / "nowhere")
+
+
+def test_sqlite_failed_write_rolls_back_and_stops_the_store(tmp_path: Path) -> None:
+    s = SqliteStore.in_directory(tmp_path)
+    fill(s, 1)
+    # Make the third entry of a batch fail inside SQLite, after two inserts.
+    s._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1000)
+    batch = [rec(1), rec(2, b"x" * 5000), rec(3)]
+    with pytest.raises(StorageError, match="nothing was committed"):
+        s.append(batch, expected_size=1)
+    with pytest.raises(StorageError, match="stopped after a failed write"):
+        s.size()
+    with pytest.raises(StorageError, match="stopped after a failed write"):
+        s.append([rec(1)], expected_size=1)
+    s.close()
+    with SqliteStore.in_directory(tmp_path) as again:
+        assert again.size() == 1
+        again.append([rec(1)], expected_size=1)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE log_entries SET entry = x'00' WHERE seq = 1",
+        "DELETE FROM log_entries WHERE seq = 2",
+        "INSERT INTO log_entries VALUES (5, zeroblob(32), x'01')",
+        "INSERT INTO log_entries VALUES (2, zeroblob(32), x'01')",
+        "UPDATE shred_salts SET salt = zeroblob(32)",
+    ],
+    ids=["update-entry", "delete-entry", "insert-gap", "insert-duplicate", "replace-salt"],
+)
+def test_sqlite_schema_refuses_writes_that_bypass_the_class(tmp_path: Path, sql: str) -> None:
+    with SqliteStore.in_directory(tmp_path) as s:
+        fill(s, 3)
+        s.put_shred_salt("t", 1, salt(1))
+        raw = sqlite3.connect(s.path)
+        with pytest.raises(sqlite3.IntegrityError):
+            raw.execute(sql)
+        raw.rollback()
+        raw.close()
+        assert s.read(0, 3) == [rec(i)[2] for i in range(3)]
+        assert s.get_shred_salt("t", 1) == salt(1)
+
+
+def test_sqlite_gap_made_by_hand_is_reported_not_skipped(tmp_path: Path) -> None:
+    with SqliteStore.in_directory(tmp_path) as s:
+        fill(s, 4)
+        raw = sqlite3.connect(s.path)
+        raw.execute("DROP TRIGGER log_entries_no_delete")
+        raw.execute("DELETE FROM log_entries WHERE seq = 1")
+        raw.commit()
+        raw.close()
+        with pytest.raises(StorageError, match="gap: seq 1 missing"):
+            s.read(0, 4)
+        with pytest.raises(StorageError, match="gap"):
+            list(s.read_all())
+        with pytest.raises(StorageError, match="gap"):
+            s.leaf_hashes()
+
+
+def test_sqlite_closed_store_refuses_calls(tmp_path: Path) -> None:
+    s = SqliteStore.in_directory(tmp_path)
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(StorageError, match="closed"):
+        s.size()
