@@ -179,6 +179,11 @@ class PublicCredential:
             raise DeserializationError(
                 f"public credential file too large: {len(data)} > {MAX_PUBLIC_FILE} bytes"
             )
+        # Checked here rather than left to the JSON parser, whose
+        # UnicodeDecodeError would keep the whole input in the error chain.
+        bad_byte = _first_non_utf8(data)
+        if bad_byte is not None:
+            raise DeserializationError(f"public credential file is not UTF-8 (byte {bad_byte})")
         return cls.from_json(canonical.decode(data))
 
     @property
@@ -360,6 +365,15 @@ class CustodianCredential:
 
     def __deepcopy__(self, memo: object) -> NoReturn:
         raise TypeError("CustodianCredential cannot be copied")
+
+
+def _first_non_utf8(data: bytes) -> int | None:
+    """Offset of the first byte that is not valid UTF-8, or None."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start
+    return None
 
 
 def _header(params: Argon2Params, salt: bytes, nonce: bytes, name: str) -> bytes:

@@ -505,7 +505,7 @@ def test_public_from_json_refuses(doc: object, error: type[Exception], match: st
     [
         (b" " + PUBLIC.to_bytes(), "canonical"),
         (json.dumps(PUBLIC.to_json(), indent=1).encode(), "canonical"),
-        (b"\xff", "not valid JSON"),
+        (b"\xff", "not UTF-8"),
         (bytes(16 * 1024 + 1), "too large"),
         ("{}", "must be bytes"),
     ],
