@@ -125,6 +125,11 @@ class SqliteStore:
             raise
 
     @classmethod
+    def open(cls, path: Path) -> SqliteStore:
+        """Open (or create) the store at `path`; the same as `SqliteStore(path)`."""
+        return cls(path)
+
+    @classmethod
     def in_directory(cls, data_dir: Path) -> SqliteStore:
         """Open (or create) the store file inside the daemon's data directory."""
         data_dir = Path(data_dir)

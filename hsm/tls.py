@@ -56,13 +56,17 @@ def server_credentials(
 ) -> grpc.ServerCredentials:
     """TLS server credentials; mTLS against `client_ca` when `require_client_auth`.
 
-    Without `require_client_auth` gRPC does not ask for a client certificate
-    at all, so `client_ca` alone authenticates nobody; it is accepted only
-    together with the flag to keep that from looking like mTLS.
+    gRPC Python has no "request but do not require" mode: without
+    `require_client_auth` the server never asks for a client certificate
+    (checked in tests/test_pki.py), so `client_ca` alone would authenticate
+    nobody. It is accepted only together with the flag, so that a
+    configuration cannot look like mTLS without being it.
     """
     if client_ca is not None and not require_client_auth:
         raise InvalidInputError(
-            "a client CA without require_client_auth would not authenticate clients"
+            "a client CA without require_client_auth would not authenticate clients: "
+            "gRPC then never asks for a client certificate (no optional mTLS); require "
+            "client certificates, or serve mTLS clients on a port of their own"
         )
     if require_client_auth and client_ca is None:
         raise InvalidInputError("require_client_auth needs the client CA certificate")

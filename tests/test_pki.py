@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,6 +25,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from keyquorum.cli.admin import admin
 from keyquorum.hsm import tls
 from keyquorum.hsm.pki import ClientIdentity, DevPki, make_dev_pki
 from keyquorum.quorum.errors import (
@@ -351,6 +353,21 @@ def test_mtls_expired_client_certificate_fails(tmp_path: Path) -> None:
         assert running.recorder.identities == []
 
 
+def test_grpc_has_no_optional_client_auth(pki: DevPki) -> None:
+    """Why `server_credentials` refuses a client CA without the flag: gRPC
+    then never requests a certificate, even one the client would send."""
+    raw = grpc.ssl_server_credentials(
+        [(pki.server_key.read_bytes(), pki.server_cert.read_bytes())],
+        root_certificates=pki.ca_cert.read_bytes(),
+        require_client_auth=False,
+    )
+    files = pki.client("backend/booking")
+    creds = tls.channel_credentials(pki.ca_cert, client_cert=files.cert, client_key=files.key)
+    for running in _start(raw):
+        assert _check(f"localhost:{running.port}", creds) == health_pb2.HealthCheckResponse.SERVING
+        assert running.recorder.identities == [None]
+
+
 def test_plaintext_on_loopback_only_with_the_flag() -> None:
     with pytest.raises(InvalidInputError, match="--allow-insecure-dev"):
         tls.check_plaintext_allowed("127.0.0.1", False)
@@ -511,3 +528,28 @@ def test_no_identity_without_tls() -> None:
     assert tls.identity_from_auth_context(_Context({"transport_security_type": [b"ssl"]})) is None
     with pytest.raises(DeserializationError, match="not valid PEM"):
         tls.identity_from_auth_context(_ssl(b"-----BEGIN CERTIFICATE-----\nAAAA\n"))
+
+
+# -- CLI -------------------------------------------------------------------
+
+
+def test_cli_dev_pki(tmp_path: Path) -> None:
+    runner = CliRunner()
+    help_text = runner.invoke(admin, ["dev-pki", "--help"]).output
+    assert "Examples:" in help_text
+    assert "--client backend/booking" in help_text
+    out = tmp_path / "pki"
+    args = ["dev-pki", "--out", str(out), "--server-name", "hsm.internal"]
+    result = runner.invoke(admin, [*args, "--client", "backend/booking"])
+    assert result.exit_code == 0, result.output
+    assert "keyquorum://backend/booking" in result.output
+    assert str(out / "backend-booking.key") in result.output
+    assert "hsm.internal" in result.output
+    server_sans = _cert(out / "server.crt").extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert "hsm.internal" in server_sans.value.get_values_for_type(x509.DNSName)
+    again = runner.invoke(admin, args)
+    assert isinstance(again.exception, StateError)  # main turns it into "error: ..." and exit 1
+    bad = runner.invoke(admin, ["dev-pki", "--out", str(tmp_path / "b"), "--client", "booking"])
+    assert isinstance(bad.exception, InvalidInputError)

@@ -569,7 +569,7 @@ def test_sqlite_gap_made_by_hand_is_reported_not_skipped(tmp_path: Path) -> None
 
 
 def test_sqlite_closed_store_refuses_calls(tmp_path: Path) -> None:
-    s = SqliteStore.in_directory(tmp_path)
+    s = SqliteStore.open(tmp_path / "any-name.sqlite3")
     s.close()
     s.close()  # idempotent
     with pytest.raises(StorageError, match="closed"):
