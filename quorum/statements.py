@@ -1,0 +1,542 @@
+"""What a custodian signs: short statements in plain text.
+
+A custodian approves, refuses, confirms a share, submits a share to unseal
+or seals the service by signing a `Statement`: a few lines of printable
+ASCII that the CLI shows, byte for byte, before it asks for the passphrase
+("what you see is what you sign"). The signature covers exactly the UTF-8
+(here: ASCII) bytes of `Statement.render()`, with the statement kind as the
+signature domain (`HybridSigningKey.sign(kind, text)`), so an approval can
+never pass as a refusal, a seal or a share confirmation; the kind is also
+the first line of the text, so a person reading it sees the same.
+
+The text is unambiguous by construction: the kind comes from a fixed set,
+field names are lowercase words with no colon, and every value is
+non-empty printable ASCII without control characters, newlines or leading
+or trailing spaces. Each line is therefore exactly one field, split at its
+first ": ", and `Statement.parse` inverts `render` (tests check this), so
+no value can forge another line. ASCII only keeps homoglyphs, bidi
+overrides and Unicode normalisation out of what a person is asked to read.
+
+`verify_approvals` is the one check of a quorum of approvals; the daemon
+and the log replay both call it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from keyquorum.quorum.canonical import hex_bytes
+from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
+from keyquorum.quorum.errors import (
+    DeserializationError,
+    ExpiredError,
+    InvalidInputError,
+    NotOnRosterError,
+    ReplayError,
+    SignatureError,
+    ThresholdError,
+)
+from keyquorum.quorum.signatures import HybridSignature, HybridVerifyKey
+
+#: The largest rendered statement, in bytes. A protocol constant, not a
+#: tunable: every verifier must accept exactly the statements every signer
+#: can produce. It fits a change-roster request naming 255 custodians by
+#: their fingerprints (about 16.5 KB on one line), with room to spare.
+MAX_STATEMENT_BYTES = 32 * 1024
+
+#: The statement kinds; each is also the signature domain.
+KINDS = ("approve", "refuse", "confirm-share", "unseal-share", "seal")
+VERDICTS = ("approve", "refuse")
+
+PROPOSAL_ID_SIZE = 16
+#: 9999-12-31T23:59:59Z, the last second an ISO 8601 year of four digits shows.
+MAX_TIMESTAMP = 253_402_300_799
+
+_HEADER = "keyquorum statement v1: "
+_INDENT = "  "
+_FIELD_NAME = re.compile(r"(?:  )?[a-z0-9][a-z0-9_.-]*(?: [a-z0-9_.-]+)*")
+_OPERATION = re.compile(r"[a-z][a-z0-9-]*")
+_PARAMETER_KEY = re.compile(r"[a-z][a-z0-9_]*")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+_RESERVED = ("deployment",)
+
+
+def _check_value(what: str, value: object) -> str:
+    """Return `value` if it may appear after "name: " on a statement line."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{what}: expected a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidInputError(f"{what}: must not be empty")
+    for i, ch in enumerate(value):
+        if not " " <= ch <= "~":
+            raise InvalidInputError(
+                f"{what}: character U+{ord(ch):04X} at position {i} is not printable ASCII; "
+                "statements hold printable ASCII only, so that what is shown is what is signed"
+            )
+    if value != value.strip(" "):
+        raise InvalidInputError(f"{what}: leading or trailing spaces are not allowed")
+    return value
+
+
+def _check_int(what: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(f"{what}: expected an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidInputError(f"{what}: {value} is outside {low}..{high}")
+    return value
+
+
+def _check_fingerprint(what: str, value: object) -> str:
+    if not isinstance(value, str) or _FINGERPRINT.fullmatch(value) is None:
+        raise InvalidInputError(f"{what}: expected a fingerprint of 64 lowercase hex digits")
+    return value
+
+
+def render_time(t: int) -> str:
+    """Render Unix seconds as ISO 8601 UTC followed by the number itself.
+
+    Both forms are shown: the date for the person, the integer for a
+    verifier comparing with the log's `time` and `expires_at` fields.
+    """
+    _check_int("time", t, 0, MAX_TIMESTAMP)
+    iso = datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{iso} ({t})"
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One signable statement: a kind, the deployment, and ordered fields.
+
+    A field name is lowercase words (``[a-z0-9_.-]``, single spaces), at
+    most once per statement; a name indented by two spaces is a detail of
+    the field above it (the parameters of an operation). The rendered text
+    is at most `MAX_STATEMENT_BYTES`.
+    """
+
+    kind: str
+    deployment: str
+    fields: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidInputError(f"unknown statement kind {self.kind!r}; known: {KINDS}")
+        _check_value("deployment", self.deployment)
+        if not isinstance(self.fields, tuple) or not self.fields:
+            raise InvalidInputError("a statement needs a non-empty tuple of fields")
+        seen: set[str] = set()
+        for n, pair in enumerate(self.fields):
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise InvalidInputError(f"field {n}: expected a (name, value) pair")
+            name, value = pair
+            if not isinstance(name, str) or _FIELD_NAME.fullmatch(name) is None:
+                raise InvalidInputError(
+                    f"field {n}: name {name!r} is not lowercase words (a-z 0-9 _ . -), "
+                    "optionally indented by two spaces"
+                )
+            if n == 0 and name.startswith(_INDENT):
+                raise InvalidInputError(f"field {n}: the first field cannot be indented")
+            if name.strip() in _RESERVED:
+                raise InvalidInputError(f"field {n}: name {name.strip()!r} is reserved")
+            if name in seen:
+                raise InvalidInputError(f"field {n}: name {name.strip()!r} appears twice")
+            seen.add(name)
+            _check_value(f"field {name.strip()!r}", value)
+        size = len(self.render())
+        if size > MAX_STATEMENT_BYTES:
+            raise InvalidInputError(
+                f"statement is {size} bytes, larger than the {MAX_STATEMENT_BYTES}-byte limit"
+            )
+
+    @property
+    def domain(self) -> str:
+        """The signature domain: the kind, so that kinds never stand in for each other."""
+        return self.kind
+
+    def render(self) -> str:
+        """The exact text shown to the custodian and signed, ending in a newline."""
+        lines = [_HEADER + self.kind.upper(), f"deployment: {self.deployment}"]
+        lines.extend(f"{name}: {value}" for name, value in self.fields)
+        return "\n".join(lines) + "\n"
+
+    def message(self) -> bytes:
+        """The signed bytes: `render()` encoded (ASCII, hence also UTF-8)."""
+        return self.render().encode("ascii")
+
+    @classmethod
+    def parse(cls, text: str) -> Statement:
+        """Read a rendered statement back; refuses any text `render` would not produce."""
+        if not isinstance(text, str):
+            raise DeserializationError("statement text must be a string")
+        if len(text) > MAX_STATEMENT_BYTES:
+            raise DeserializationError(f"statement text is longer than {MAX_STATEMENT_BYTES}")
+        if not text.endswith("\n"):
+            raise DeserializationError("statement text must end with a newline")
+        lines = text[:-1].split("\n")
+        if len(lines) < 3:
+            raise DeserializationError("statement text needs a header, a deployment and a field")
+        if not lines[0].startswith(_HEADER):
+            raise DeserializationError(f"statement text must start with {_HEADER!r}")
+        kind = lines[0][len(_HEADER) :].lower()
+        if not lines[1].startswith("deployment: "):
+            raise DeserializationError("the second line must be the deployment")
+        deployment = lines[1][len("deployment: ") :]
+        fields: list[tuple[str, str]] = []
+        for n, line in enumerate(lines[2:], start=3):
+            name, sep, value = line.partition(": ")
+            if not sep:
+                raise DeserializationError(f"line {n} is not 'name: value'")
+            fields.append((name, value))
+        try:
+            statement = cls(kind, deployment, tuple(fields))
+        except InvalidInputError as e:
+            raise DeserializationError(f"not a valid statement: {e}") from e
+        if statement.render() != text:
+            raise DeserializationError("statement text is not in its rendered form")
+        return statement
+
+
+@dataclass(frozen=True)
+class ApprovalRequest:
+    """A pending proposal as custodians see it: what they approve or refuse.
+
+    `parameters` are (key, value) pairs sorted by key, each value a string
+    or an integer (shown in decimal), as `operations.parse_parameters`
+    returns them; `from_mapping` builds them from a JSON object.
+    `log_position` is the proposal entry's seq.
+    """
+
+    deployment: str
+    proposal_id: bytes
+    operation: str
+    parameters: tuple[tuple[str, str | int], ...]
+    log_position: int
+    expires_at: int
+
+    def __post_init__(self) -> None:
+        _check_value("deployment", self.deployment)
+        if not isinstance(self.proposal_id, bytes) or len(self.proposal_id) != PROPOSAL_ID_SIZE:
+            raise InvalidInputError(f"proposal id must be {PROPOSAL_ID_SIZE} bytes")
+        if not isinstance(self.operation, str) or _OPERATION.fullmatch(self.operation) is None:
+            raise InvalidInputError(f"operation {self.operation!r} is not a lowercase name")
+        if not isinstance(self.parameters, tuple):
+            raise InvalidInputError("parameters must be a tuple of (key, value) pairs")
+        keys: list[str] = []
+        for pair in self.parameters:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise InvalidInputError("parameters must be a tuple of (key, value) pairs")
+            key, value = pair
+            if not isinstance(key, str) or _PARAMETER_KEY.fullmatch(key) is None:
+                raise InvalidInputError(f"parameter key {key!r} is not a lowercase identifier")
+            _parameter_text(key, value)
+            keys.append(key)
+        if keys != sorted(set(keys)):
+            raise InvalidInputError("parameter keys must be unique and sorted")
+        _check_int("log position", self.log_position, 0, 2**53 - 1)
+        _check_int("expires_at", self.expires_at, 0, MAX_TIMESTAMP)
+
+    @classmethod
+    def from_mapping(
+        cls,
+        *,
+        deployment: str,
+        proposal_id: bytes,
+        operation: str,
+        parameters: Mapping[str, str | int],
+        log_position: int,
+        expires_at: int,
+    ) -> ApprovalRequest:
+        """Build a request from a parameters object (as in a `proposal` log entry)."""
+        return cls(
+            deployment=deployment,
+            proposal_id=proposal_id,
+            operation=operation,
+            parameters=tuple(sorted(parameters.items(), key=lambda pair: pair[0])),
+            log_position=log_position,
+            expires_at=expires_at,
+        )
+
+    def statement(self, verdict: str) -> Statement:
+        """The statement a custodian signs to approve or refuse this request."""
+        if verdict not in VERDICTS:
+            raise InvalidInputError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        fields: list[tuple[str, str]] = [
+            ("proposal", self.proposal_id.hex()),
+            ("operation", self.operation),
+        ]
+        fields.extend((_INDENT + key, _parameter_text(key, v)) for key, v in self.parameters)
+        fields.append(("proposed at log position", str(self.log_position)))
+        fields.append(("expires", render_time(self.expires_at)))
+        return Statement(verdict, self.deployment, tuple(fields))
+
+
+def _parameter_text(key: str, value: object) -> str:
+    """A parameter value as shown: a checked string, or an integer in decimal."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(_check_int(f"parameter {key!r}", value, -(2**53) + 1, 2**53 - 1))
+    if isinstance(value, str):
+        return _check_value(f"parameter {key!r}", value)
+    raise InvalidInputError(f"parameter {key!r}: expected a string or an integer")
+
+
+def confirm_share_statement(
+    *, deployment: str, custodian: str, split_id: bytes, index: int
+) -> Statement:
+    """What a custodian signs after checking their share at the ceremony (`confirm`)."""
+    return Statement(
+        "confirm-share",
+        deployment,
+        (
+            ("custodian", _check_fingerprint("custodian", custodian)),
+            ("split", _split_hex(split_id)),
+            ("share index", str(_check_int("share index", index, 1, 255))),
+        ),
+    )
+
+
+def unseal_share_statement(
+    *,
+    deployment: str,
+    custodian: str,
+    replica: str,
+    session: bytes,
+    session_log_size: int,
+    split_id: bytes,
+    index: int,
+    ciphertext_sha256: bytes,
+) -> Statement:
+    """What a custodian signs with a share sent to one unseal session (`unseal`).
+
+    Binding the session, its log size and the ciphertext's hash makes the
+    signed share useless for any other session or replica.
+    """
+    if not isinstance(session, bytes) or not 1 <= len(session) <= 64:
+        raise InvalidInputError("session id must be 1 to 64 bytes")
+    if not isinstance(ciphertext_sha256, bytes) or len(ciphertext_sha256) != 32:
+        raise InvalidInputError("ciphertext_sha256 must be 32 bytes")
+    return Statement(
+        "unseal-share",
+        deployment,
+        (
+            ("custodian", _check_fingerprint("custodian", custodian)),
+            ("replica", _check_value("replica", replica)),
+            ("session", session.hex()),
+            (
+                "session log size",
+                str(_check_int("session log size", session_log_size, 0, 2**53 - 1)),
+            ),
+            ("split", _split_hex(split_id)),
+            ("share index", str(_check_int("share index", index, 1, 255))),
+            ("ciphertext sha256", ciphertext_sha256.hex()),
+        ),
+    )
+
+
+def seal_statement(
+    *, deployment: str, custodian: str, replica: str, reason: str, requested_at: int
+) -> Statement:
+    """What a custodian signs to seal one replica (or `*`, every replica) at once."""
+    return Statement(
+        "seal",
+        deployment,
+        (
+            ("custodian", _check_fingerprint("custodian", custodian)),
+            ("replica", _check_value("replica", replica)),
+            ("reason", _check_value("reason", reason)),
+            ("requested at", render_time(requested_at)),
+        ),
+    )
+
+
+def _split_hex(split_id: bytes) -> str:
+    if not isinstance(split_id, bytes) or len(split_id) != 16:
+        raise InvalidInputError("split id must be 16 bytes")
+    return split_id.hex()
+
+
+@dataclass(frozen=True)
+class SignedStatement:
+    """A custodian's signature on a statement, named by the custodian's fingerprint.
+
+    The statement itself is not carried: the verifier rebuilds it from what
+    it already trusts (the proposal in the log), so a signature can only
+    ever count for the text the verifier means.
+    """
+
+    signer: str
+    signature: HybridSignature
+
+    def __post_init__(self) -> None:
+        _check_fingerprint("signer", self.signer)
+        if not isinstance(self.signature, HybridSignature):
+            raise InvalidInputError("signature must be a HybridSignature")
+
+    def to_json(self) -> dict[str, str]:
+        return {"signer": self.signer, "signature": self.signature.to_hex()}
+
+    @classmethod
+    def from_json(cls, data: Any) -> SignedStatement:
+        """Parse `{"signer": hex, "signature": hex}`; anything else is refused."""
+        if not isinstance(data, dict) or set(data) != {"signer", "signature"}:
+            raise DeserializationError("signed statement must be {signer, signature}")
+        signer = data["signer"]
+        if not isinstance(signer, str) or _FINGERPRINT.fullmatch(signer) is None:
+            raise DeserializationError("signer: expected 64 lowercase hex digits")
+        raw = hex_bytes(data["signature"], field="signature")
+        return cls(signer, HybridSignature.from_bytes(raw))
+
+
+def sign_statement(statement: Statement, credential: CustodianCredential) -> SignedStatement:
+    """Sign `statement` with a custodian's credential (the CLI does this after showing it)."""
+    signature = credential.sign(statement.domain, statement.message())
+    return SignedStatement(credential.public().fingerprint, signature)
+
+
+VerifyKey = HybridVerifyKey | PublicCredential
+
+
+def _verify_key(signer: str, key: VerifyKey) -> HybridVerifyKey:
+    """The hybrid key of a roster entry; a credential must be the one its id names."""
+    if isinstance(key, PublicCredential):
+        if key.fingerprint != signer:
+            raise InvalidInputError(
+                f"roster entry {signer[:16]} holds the credential of {key.fingerprint[:16]}"
+            )
+        return key.verify_key
+    if isinstance(key, HybridVerifyKey):
+        return key
+    raise InvalidInputError(f"roster entry {signer[:16]}: not a verify key or a credential")
+
+
+def verify_statement(statement: Statement, signed: SignedStatement, verify_key: VerifyKey) -> None:
+    """Check one signature on one statement; raises `SignatureError` if it does not verify.
+
+    With a `PublicCredential`, the signature must also name that credential
+    as its signer.
+    """
+    if isinstance(verify_key, PublicCredential) and verify_key.fingerprint != signed.signer:
+        raise SignatureError(
+            f"statement is signed by {signed.signer[:16]}, not by {verify_key.fingerprint[:16]}"
+        )
+    key = _verify_key(signed.signer, verify_key)
+    try:
+        key.verify(statement.domain, statement.message(), signed.signature)
+    except SignatureError as e:
+        raise SignatureError(
+            f"{statement.kind} signature of custodian {signed.signer[:16]} does not verify: {e}"
+        ) from e
+
+
+@dataclass(frozen=True)
+class ApprovalResult:
+    """Which custodians of the roster validly approved one request.
+
+    As tuf's `VerificationResult`: `approved` tells whether the threshold is
+    met, `verify()` raises `ThresholdError` when it is not.
+    """
+
+    proposal_id: bytes
+    threshold: int
+    signed_by: tuple[str, ...]
+    unsigned: tuple[str, ...]
+
+    @property
+    def approved(self) -> bool:
+        return len(self.signed_by) >= self.threshold
+
+    def verify(self) -> None:
+        """Raise `ThresholdError` unless at least `threshold` custodians approved."""
+        if not self.approved:
+            raise ThresholdError(
+                f"proposal {self.proposal_id.hex()}: approved by {len(self.signed_by)} "
+                f"of {self.threshold} required custodians"
+            )
+
+
+def verify_approvals(
+    request: ApprovalRequest,
+    approvals: Sequence[SignedStatement],
+    roster: Mapping[str, VerifyKey],
+    threshold: int,
+    now: int,
+) -> ApprovalResult:
+    """Check every approval of `request` and count the distinct custodians.
+
+    Any single bad approval raises at once with its own error class; a set
+    of good approvals that is too small does not raise here but in
+    `ApprovalResult.verify()`, so callers can show progress ("3 of 5").
+
+    Steps:
+    0. Preconditions: threshold in 1..len(roster), roster ids are
+       fingerprints whose credentials match them, `now` an integer.
+    1. Expiry: the request counts only while now < expires_at.
+    2. The statement is rebuilt from the request, never taken from outside.
+    3. For each approval, in order:
+       3a. its signer is on the roster in force (NotOnRosterError);
+       3b. neither the signature nor the signer was counted before
+           (ReplayError);
+       3c. the hybrid signature verifies over the approve statement, with
+           domain "approve" (SignatureError: an altered text, another
+           request's or a refusal's signature).
+    4. Result: who signed, who did not, and the threshold.
+    """
+    # 0. Preconditions.
+    if not isinstance(request, ApprovalRequest):
+        raise InvalidInputError("request must be an ApprovalRequest")
+    if not roster:
+        raise InvalidInputError("the roster is empty")
+    _check_int("threshold", threshold, 1, len(roster))
+    _check_int("now", now, 0, MAX_TIMESTAMP)
+    keys = {
+        _check_fingerprint("roster id", signer): _verify_key(signer, key)
+        for signer, key in roster.items()
+    }
+
+    # 1. Expiry.
+    if now >= request.expires_at:
+        raise ExpiredError(
+            f"proposal {request.proposal_id.hex()} expired at "
+            f"{render_time(request.expires_at)}; it is now {render_time(now)}"
+        )
+
+    # 2. The one statement every approval must sign.
+    statement = request.statement("approve")
+    message = statement.message()
+
+    signed_by: list[str] = []
+    seen_signatures: set[bytes] = set()
+    for n, approval in enumerate(approvals):
+        if not isinstance(approval, SignedStatement):
+            raise InvalidInputError(f"approval {n} is not a SignedStatement")
+        who = approval.signer[:16]
+        # 3a. On the roster in force.
+        key = keys.get(approval.signer)
+        if key is None:
+            raise NotOnRosterError(f"approval {n}: custodian {who} is not on the roster")
+        # 3b. Counted once.
+        raw = approval.signature.to_bytes()
+        if raw in seen_signatures:
+            raise ReplayError(f"approval {n}: the same signature of {who} is presented twice")
+        if approval.signer in signed_by:
+            raise ReplayError(f"approval {n}: custodian {who} approved more than once")
+        # 3c. The signature over exactly this request's approve statement.
+        try:
+            key.verify(statement.domain, message, approval.signature)
+        except SignatureError as e:
+            raise SignatureError(
+                f"approval {n}: signature of custodian {who} does not verify over the "
+                f"approval of proposal {request.proposal_id.hex()}: {e}"
+            ) from e
+        seen_signatures.add(raw)
+        signed_by.append(approval.signer)
+
+    # 4. Result.
+    return ApprovalResult(
+        proposal_id=request.proposal_id,
+        threshold=threshold,
+        signed_by=tuple(signed_by),
+        unsigned=tuple(sorted(set(keys) - set(signed_by))),
+    )
