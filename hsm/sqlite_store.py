@@ -279,7 +279,7 @@ class SqliteStore:
         if self._scrub_pending:
             _log.warning(
                 "erased shred salts may remain in %s-wal: another connection blocks the "
-                "checkpoint; retried after the next write",
+                "checkpoint; retried after the next append",
                 self._path,
             )
         return not self._scrub_pending
