@@ -184,7 +184,7 @@ def test_private_key_is_opaque() -> None:
     with pytest.raises(TypeError):
         sl.SealingPrivateKey()
     with pytest.raises(AttributeError):
-        PUB._raw = b""  # type: ignore[misc]
+        PUB._raw = b""
     assert PUB.fingerprint()[:16] in repr(KEY)
     assert SEEDS.hex()[:16] not in repr(KEY)
 

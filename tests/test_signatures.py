@@ -180,9 +180,9 @@ def test_signature_constructor_checks_halves() -> None:
 
 def test_public_objects_are_immutable() -> None:
     with pytest.raises(AttributeError):
-        SIG._ed25519 = bytes(64)  # type: ignore[misc]
+        SIG._ed25519 = bytes(64)
     with pytest.raises(AttributeError):
-        VK._ed25519 = bytes(32)  # type: ignore[misc]
+        VK._ed25519 = bytes(32)
 
 
 def test_verify_key_json_round_trip_and_fingerprint() -> None:
