@@ -35,10 +35,18 @@ def decode(data: bytes) -> Any:
     """Parse canonical JSON; refuse anything that is not in canonical form."""
     if len(data) > MAX_DOCUMENT:
         raise DeserializationError(f"document too large: {len(data)} > {MAX_DOCUMENT} bytes")
+    # Errors are raised outside the except blocks: the UnicodeDecodeError and
+    # JSONDecodeError hold the whole input, which may be secret, and must not
+    # stay reachable as __context__ of what we raise.
+    problem = None
     try:
         value = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-        raise DeserializationError(f"not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        problem = f"not UTF-8 (byte {e.start})"
+    except ValueError as e:
+        problem = f"not valid JSON at character {_position(e)}"
+    if problem is not None:
+        raise DeserializationError(problem)
     try:
         again = rfc8785.dumps(value)
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as e:
@@ -46,6 +54,10 @@ def decode(data: bytes) -> Any:
     if again != data:
         raise DeserializationError("JSON is not in RFC 8785 canonical form")
     return value
+
+
+def _position(error: ValueError) -> str:
+    return str(getattr(error, "pos", "?"))
 
 
 def _refuse_constant(name: str) -> Any:

@@ -47,3 +47,16 @@ def test_hex_bytes() -> None:
             canonical.hex_bytes(bad, field="f")
     with pytest.raises(DeserializationError, match="expected 3 bytes"):
         canonical.hex_bytes("00ff", field="f", size=3)
+
+
+def test_parse_errors_do_not_carry_the_input() -> None:
+    secret = b"\xff" + b"share-bytes-7f3a" * 4
+    with pytest.raises(DeserializationError) as info:
+        canonical.decode(secret)
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None
+    assert "share-bytes" not in str(info.value)
+    with pytest.raises(DeserializationError) as info:
+        canonical.decode(b'{"k":"share-bytes-7f3a"')
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None
