@@ -9,7 +9,8 @@ timestamped) after checking consistency with what they saw before.
 
 Contract of `verify_checkpoint`, in order:
 
-0. the log verifier is type 0x01 and every cosigner type 0x04;
+0. the log verifier is type 0x01, every cosigner type 0x04, and no two
+   cosigners share a name;
 1. the note opens (`note.open_note`) under the log key and the cosigners:
    malformed, forged by a known key, or signed by no known key all raise;
 2. the log key itself signed (`UnverifiedNoteError` if only cosigners did);
@@ -170,9 +171,14 @@ def verify_checkpoint(
     # 0. Key types.
     if log_verifier.sig_type is not SignatureType.ED25519:
         raise InvalidInputError("the log verifier must be an Ed25519 (0x01) note key")
+    names: set[str] = set()
     for c in cosigners:
         if c.sig_type is not SignatureType.COSIGNATURE_V1:
             raise InvalidInputError(f"cosigner {c.name} must be a cosignature (0x04) key")
+        if c.name in names:
+            # `cosigned_by` is keyed by name, so names must tell cosigners apart.
+            raise InvalidInputError(f"two cosigners are named {c.name}")
+        names.add(c.name)
     # 1. Signatures.
     opened = open_note(note, [log_verifier, *cosigners])
     # 2. The log's own.

@@ -254,6 +254,9 @@ def test_key_types_are_checked() -> None:
         verify_checkpoint(signed, W1.verifier())
     with pytest.raises(InvalidInputError, match="must be a cosignature"):
         verify_checkpoint(signed, LOG.verifier(), [_signer("w").verifier()])
+    twin = NoteSigner.generate(W1.name, sig_type=SignatureType.COSIGNATURE_V1)
+    with pytest.raises(InvalidInputError, match="two cosigners are named"):
+        verify_checkpoint(signed, LOG.verifier(), [W1.verifier(), twin.verifier()])
     with pytest.raises(InvalidInputError, match="Ed25519 \\(0x01\\)"):
         sign_checkpoint(Checkpoint(ORIGIN, 5, ROOT), W1)
     with pytest.raises(InvalidInputError, match="cosignature \\(0x04\\) key"):
