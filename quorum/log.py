@@ -1,0 +1,618 @@
+"""Quorum log entries: one canonical byte form, strict decoding, typed payloads.
+
+An entry is the RFC 8785 JSON object
+
+    {"payload":{...},"prev":"<hex>","seq":n,"time":s,"type":"<type>","v":1}
+
+`seq` counts from 0 (genesis); `prev` is the RFC 9162 section 2.1.1 leaf
+hash of the previous entry's exact bytes (32 zero bytes for genesis), so the
+entries form a hash chain and are, unchanged, the leaves of the Merkle tree
+that checkpoints sign; `time` is Unix seconds (UTC) and never decreases.
+One entry has exactly one byte form: `Entry.to_bytes()` is canonical, and
+`Entry.from_bytes()` refuses anything else (non-canonical JSON, an unknown
+or missing field, a wrong type, a float, a boolean for an integer,
+uppercase or odd-length hex, a wrong length, an unknown entry type or
+version), always with `DeserializationError`.
+
+Decoding checks the form of one entry; whether it fits the history before it
+(chain, order, signatures, approvals) is `replay.py`'s job. No payload holds
+a plaintext secret: shares are HPKE ciphertexts, tenant keys are wrapped,
+shred salts appear only as their SHA-256, approvals are signatures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from keyquorum.quorum import canonical
+from keyquorum.quorum.checkpoint import parse_verifier_key
+from keyquorum.quorum.credentials import PublicCredential
+from keyquorum.quorum.errors import (
+    DeserializationError,
+    InvalidInputError,
+    KeyquorumError,
+    UnsupportedVersionError,
+)
+from keyquorum.quorum.merkle import leaf_hash
+from keyquorum.quorum.note import SignatureType
+from keyquorum.quorum.operations import (
+    ID_LEN,
+    MAX_ROSTER,
+    NAME_RE,
+    TENANT_RE,
+    EncryptedShare,
+    Parameters,
+    Policy,
+    Result,
+    check_roster_shares,
+    operation,
+    parse_parameters,
+    parse_result,
+    read_credential,
+    read_fingerprint,
+    read_hex,
+    read_int,
+    read_list,
+    read_object,
+    read_shares,
+    read_split,
+    read_str,
+)
+from keyquorum.quorum.shamir import SplitCommitments
+from keyquorum.quorum.signatures import HybridSignature
+
+VERSION = 1
+MAX_SEQ = 2**53 - 1
+MAX_TIME = 253_402_300_799
+GENESIS_PREV = bytes(32)
+MAX_SIGNATURE = 8192
+ENTRY_KEYS = ("payload", "prev", "seq", "time", "type", "v")
+SHARE_INFO_PREFIX = b"keyquorum/v1/share-encryption\0"
+
+__all__ = [
+    "ENTRY_TYPES",
+    "GENESIS_PREV",
+    "VERSION",
+    "ApprovalPayload",
+    "ConfirmPayload",
+    "EncryptedShare",
+    "Entry",
+    "ExecutionPayload",
+    "GenesisPayload",
+    "LogHead",
+    "Payload",
+    "Policy",
+    "ProposalPayload",
+    "RefusalPayload",
+    "SealPayload",
+    "ShredPayload",
+    "UnsealPayload",
+    "UnsealShare",
+    "entry_hash",
+    "next_entry",
+    "share_info",
+]
+
+
+def entry_hash(raw: bytes) -> bytes:
+    """RFC 9162 section 2.1.1 leaf hash of an entry's bytes: SHA-256(0x00 || raw).
+
+    The same value is the next entry's `prev` and the entry's Merkle leaf.
+    """
+    return leaf_hash(raw)
+
+
+def share_info(deployment: str, split_id: bytes, fingerprint: str, index: int) -> bytes:
+    """The HPKE `info` (RFC 9180 section 5.1) binding an encrypted share to its place.
+
+    `b"keyquorum/v1/share-encryption\\0"` followed by the RFC 8785 JSON of
+    `{"deployment", "fingerprint", "index", "split_id"}` (split id as hex).
+    A ciphertext moved to another deployment, split, custodian or index no
+    longer opens.
+    """
+    read_str(deployment, field="deployment", pattern=NAME_RE)
+    if not isinstance(split_id, bytes) or len(split_id) != ID_LEN:
+        raise InvalidInputError(f"split_id must be {ID_LEN} bytes")
+    try:
+        read_fingerprint(fingerprint, field="fingerprint")
+        read_int(index, field="index", low=1, high=MAX_ROSTER)
+    except DeserializationError as e:
+        raise InvalidInputError(str(e)) from e
+    body = {
+        "deployment": deployment,
+        "fingerprint": fingerprint,
+        "index": index,
+        "split_id": split_id.hex(),
+    }
+    return SHARE_INFO_PREFIX + canonical.encode(body)
+
+
+def _signature(value: object, *, field: str) -> bytes:
+    """A hybrid signature's bytes, checked to parse as one (not verified here)."""
+    raw = read_hex(value, field=field, max_size=MAX_SIGNATURE)
+    try:
+        HybridSignature.from_bytes(raw)
+    except KeyquorumError as e:
+        raise DeserializationError(f"{field}: not a hybrid signature: {e}") from e
+    return raw
+
+
+def _log_key(value: object, *, field: str) -> str:
+    """A C2SP signed-note verifier key string `<name>+<hash>+<base64 key>` of type Ed25519."""
+    text = read_str(value, field=field)
+    try:
+        verifier = parse_verifier_key(text)
+    except KeyquorumError as e:
+        raise DeserializationError(f"{field}: not a note verifier key: {e}") from e
+    if verifier.sig_type is not SignatureType.ED25519:
+        raise DeserializationError(f"{field}: the log signs checkpoints with an Ed25519 key")
+    return text
+
+
+# Payloads --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenesisPayload:
+    """Seq 0: the deployment, its k-of-n roster and sharing, policy and log key.
+
+    Custodian `roster[i]` holds share index i+1; the split's secret commitment
+    is the master-key commitment the daemon checks at every unseal.
+    """
+
+    deployment: str
+    threshold: int
+    roster: tuple[PublicCredential, ...]
+    split: SplitCommitments
+    encrypted_shares: tuple[EncryptedShare, ...]
+    log_key: str
+    policy: Policy
+
+    TYPE = "genesis"
+    KEYS = (
+        "deployment",
+        "encrypted_shares",
+        "log_key",
+        "policy",
+        "roster",
+        "split",
+        "threshold",
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "deployment": self.deployment,
+            "encrypted_shares": [s.to_json() for s in self.encrypted_shares],
+            "log_key": self.log_key,
+            "policy": self.policy.to_json(),
+            "roster": [c.to_json() for c in self.roster],
+            "split": self.split.to_json(),
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> GenesisPayload:
+        obj = read_object(value, field="payload", keys=cls.KEYS)
+        threshold = read_int(obj["threshold"], field="threshold", low=2, high=MAX_ROSTER)
+        items = read_list(obj["roster"], field="roster", low=2, high=MAX_ROSTER)
+        roster = tuple(read_credential(v, field=f"roster[{i}]") for i, v in enumerate(items))
+        split = read_split(obj["split"], field="split")
+        shares = read_shares(obj["encrypted_shares"], field="encrypted_shares", count=len(roster))
+        check_roster_shares(roster, split, shares, threshold, field="genesis")
+        return cls(
+            deployment=read_str(obj["deployment"], field="deployment", pattern=NAME_RE),
+            threshold=threshold,
+            roster=roster,
+            split=split,
+            encrypted_shares=shares,
+            log_key=_log_key(obj["log_key"], field="log_key"),
+            policy=Policy.from_json(obj["policy"]),
+        )
+
+
+@dataclass(frozen=True)
+class ConfirmPayload:
+    """A custodian opened and checked their share (statement `confirm-share`)."""
+
+    custodian: str
+    split_id: bytes
+    index: int
+    signature: bytes
+
+    TYPE = "confirm"
+    KEYS = ("custodian", "index", "signature", "split_id")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "custodian": self.custodian,
+            "index": self.index,
+            "signature": self.signature.hex(),
+            "split_id": self.split_id.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> ConfirmPayload:
+        obj = read_object(value, field="payload", keys=cls.KEYS)
+        return cls(
+            custodian=read_fingerprint(obj["custodian"], field="custodian"),
+            split_id=read_hex(obj["split_id"], field="split_id", size=ID_LEN),
+            index=read_int(obj["index"], field="index", low=1, high=MAX_ROSTER),
+            signature=_signature(obj["signature"], field="signature"),
+        )
+
+
+@dataclass(frozen=True)
+class UnsealShare:
+    """One custodian's part in an unseal: which share, the hash of its ciphertext."""
+
+    custodian: str
+    index: int
+    ciphertext_sha256: bytes
+    signature: bytes
+
+    KEYS = ("ciphertext_sha256", "custodian", "index", "signature")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ciphertext_sha256": self.ciphertext_sha256.hex(),
+            "custodian": self.custodian,
+            "index": self.index,
+            "signature": self.signature.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, value: object, field: str) -> UnsealShare:
+        obj = read_object(value, field=field, keys=cls.KEYS)
+        return cls(
+            custodian=read_fingerprint(obj["custodian"], field=f"{field}.custodian"),
+            index=read_int(obj["index"], field=f"{field}.index", low=1, high=MAX_ROSTER),
+            ciphertext_sha256=read_hex(
+                obj["ciphertext_sha256"], field=f"{field}.ciphertext_sha256", size=32
+            ),
+            signature=_signature(obj["signature"], field=f"{field}.signature"),
+        )
+
+
+@dataclass(frozen=True)
+class UnsealPayload:
+    """A replica rebuilt the master key from these custodians' shares.
+
+    `session` is the daemon's unseal session (its HPKE key lived only for
+    it); `session_log_size` is the log size when the session opened, which
+    each custodian's `unseal-share` statement names.
+    """
+
+    replica: str
+    session: bytes
+    session_log_size: int
+    split_id: bytes
+    shares: tuple[UnsealShare, ...]
+
+    TYPE = "unseal"
+    KEYS = ("replica", "session", "session_log_size", "shares", "split_id")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica,
+            "session": self.session.hex(),
+            "session_log_size": self.session_log_size,
+            "shares": [s.to_json() for s in self.shares],
+            "split_id": self.split_id.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> UnsealPayload:
+        obj = read_object(value, field="payload", keys=cls.KEYS)
+        items = read_list(obj["shares"], field="shares", low=1, high=MAX_ROSTER)
+        return cls(
+            replica=read_str(obj["replica"], field="replica", pattern=NAME_RE),
+            session=read_hex(obj["session"], field="session", size=ID_LEN),
+            session_log_size=read_int(
+                obj["session_log_size"], field="session_log_size", low=1, high=MAX_SEQ
+            ),
+            split_id=read_hex(obj["split_id"], field="split_id", size=ID_LEN),
+            shares=tuple(UnsealShare.from_json(v, f"shares[{i}]") for i, v in enumerate(items)),
+        )
+
+
+@dataclass(frozen=True)
+class SealPayload:
+    """A replica (or `"*"`, all) dropped the master key.
+
+    Either a custodian asked (their signature over statement `seal`), or the
+    daemon sealed itself at shutdown (`custodian` and `signature` null).
+    """
+
+    replica: str
+    custodian: str | None
+    reason: str
+    requested_at: int
+    signature: bytes | None
+
+    TYPE = "seal"
+    KEYS = ("custodian", "reason", "replica", "requested_at", "signature")
+    ALL_REPLICAS = "*"
+
+    def __post_init__(self) -> None:
+        if (self.custodian is None) != (self.signature is None):
+            raise InvalidInputError("a seal has a signature exactly when it names a custodian")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "custodian": self.custodian,
+            "reason": self.reason,
+            "replica": self.replica,
+            "requested_at": self.requested_at,
+            "signature": None if self.signature is None else self.signature.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> SealPayload:
+        obj = read_object(value, field="payload", keys=cls.KEYS)
+        custodian = obj["custodian"]
+        signature = obj["signature"]
+        if (custodian is None) != (signature is None):
+            raise DeserializationError("seal: signature must be null exactly when custodian is")
+        replica = obj["replica"]
+        if replica != cls.ALL_REPLICAS:
+            replica = read_str(replica, field="replica", pattern=NAME_RE)
+        return cls(
+            replica=replica,
+            custodian=None if custodian is None else read_fingerprint(custodian, field="custodian"),
+            reason=read_str(obj["reason"], field="reason"),
+            requested_at=read_int(obj["requested_at"], field="requested_at"),
+            signature=None if signature is None else _signature(signature, field="signature"),
+        )
+
+
+@dataclass(frozen=True)
+class ProposalPayload:
+    """A request for a quorum operation; its log position is its entry's seq."""
+
+    id: bytes
+    operation: str
+    parameters: Parameters
+    expires_at: int
+    proposer: str
+
+    TYPE = "proposal"
+    KEYS = ("expires_at", "id", "operation", "parameters", "proposer")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "expires_at": self.expires_at,
+            "id": self.id.hex(),
+            "operation": self.operation,
+            "parameters": dict(self.parameters),
+            "proposer": self.proposer,
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> ProposalPayload:
+        obj = read_object(value, field="payload", keys=cls.KEYS)
+        name = operation(obj["operation"]).name
+        return cls(
+            id=read_hex(obj["id"], field="id", size=ID_LEN),
+            operation=name,
+            parameters=parse_parameters(name, obj["parameters"]),
+            expires_at=read_int(obj["expires_at"], field="expires_at"),
+            proposer=read_str(obj["proposer"], field="proposer"),
+        )
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """A custodian's signed verdict on a proposal."""
+
+    proposal: bytes
+    custodian: str
+    signature: bytes
+
+    KEYS = ("custodian", "proposal", "signature")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "custodian": self.custodian,
+            "proposal": self.proposal.hex(),
+            "signature": self.signature.hex(),
+        }
+
+    @classmethod
+    def _fields(cls, value: object) -> tuple[bytes, str, bytes]:
+        obj = read_object(value, field="payload", keys=cls.KEYS)
+        return (
+            read_hex(obj["proposal"], field="proposal", size=ID_LEN),
+            read_fingerprint(obj["custodian"], field="custodian"),
+            _signature(obj["signature"], field="signature"),
+        )
+
+
+@dataclass(frozen=True)
+class ApprovalPayload(_Verdict):
+    """Signature over the proposal's `ApprovalRequest.statement("approve")`."""
+
+    TYPE = "approval"
+    VERDICT = "approve"
+
+    @classmethod
+    def from_json(cls, value: object) -> ApprovalPayload:
+        return cls(*cls._fields(value))
+
+
+@dataclass(frozen=True)
+class RefusalPayload(_Verdict):
+    """Signature over the proposal's `ApprovalRequest.statement("refuse")`."""
+
+    TYPE = "refusal"
+    VERDICT = "refuse"
+
+    @classmethod
+    def from_json(cls, value: object) -> RefusalPayload:
+        return cls(*cls._fields(value))
+
+
+@dataclass(frozen=True)
+class ExecutionPayload:
+    """An approved operation took effect; `result` is its logged outcome."""
+
+    proposal: bytes
+    operation: str
+    result: Result
+
+    TYPE = "execution"
+    KEYS = ("operation", "proposal", "result")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "operation": self.operation,
+            "proposal": self.proposal.hex(),
+            "result": self.result.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> ExecutionPayload:
+        obj = read_object(value, field="payload", keys=cls.KEYS)
+        name = operation(obj["operation"]).name
+        return cls(
+            proposal=read_hex(obj["proposal"], field="proposal", size=ID_LEN),
+            operation=name,
+            result=parse_result(name, obj["result"]),
+        )
+
+
+@dataclass(frozen=True)
+class ShredPayload:
+    """The destroy wait of `tenant` ended: its shred salts are erased for good."""
+
+    tenant: str
+
+    TYPE = "shred"
+    KEYS = ("tenant",)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tenant": self.tenant}
+
+    @classmethod
+    def from_json(cls, value: object) -> ShredPayload:
+        obj = read_object(value, field="payload", keys=cls.KEYS)
+        return cls(tenant=read_str(obj["tenant"], field="tenant", pattern=TENANT_RE))
+
+
+Payload = (
+    GenesisPayload
+    | ConfirmPayload
+    | UnsealPayload
+    | SealPayload
+    | ProposalPayload
+    | ApprovalPayload
+    | RefusalPayload
+    | ExecutionPayload
+    | ShredPayload
+)
+
+_PAYLOADS: Mapping[str, Callable[[object], Payload]] = {
+    cls.TYPE: cls.from_json
+    for cls in (
+        GenesisPayload,
+        ConfirmPayload,
+        UnsealPayload,
+        SealPayload,
+        ProposalPayload,
+        ApprovalPayload,
+        RefusalPayload,
+        ExecutionPayload,
+        ShredPayload,
+    )
+}
+ENTRY_TYPES = tuple(_PAYLOADS)
+
+
+# Entries ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One decoded log entry. `to_bytes()` is its one canonical form."""
+
+    seq: int
+    prev: bytes
+    type: str
+    time: int
+    payload: Payload
+
+    def __post_init__(self) -> None:
+        if self.type not in _PAYLOADS or self.type != self.payload.TYPE:
+            raise InvalidInputError(f"payload {type(self.payload).__name__} is not a {self.type}")
+        if isinstance(self.seq, bool) or not 0 <= self.seq <= MAX_SEQ:
+            raise InvalidInputError(f"seq {self.seq} outside [0, {MAX_SEQ}]")
+        if isinstance(self.time, bool) or not 0 <= self.time <= MAX_TIME:
+            raise InvalidInputError(f"time {self.time} outside [0, {MAX_TIME}]")
+        if len(self.prev) != 32:
+            raise InvalidInputError("prev must be a 32-byte hash")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "payload": self.payload.to_json(),
+            "prev": self.prev.hex(),
+            "seq": self.seq,
+            "time": self.time,
+            "type": self.type,
+            "v": VERSION,
+        }
+
+    def to_bytes(self) -> bytes:
+        """RFC 8785 bytes: what is hashed, chained, logged and put in the Merkle tree."""
+        return canonical.encode(self.to_json())
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Entry:
+        """Decode and check the form of one entry; DeserializationError says what is wrong."""
+        if not isinstance(raw, bytes):
+            raise DeserializationError("an entry must be bytes")
+        value = canonical.decode(raw)
+        if isinstance(value, dict) and "v" in value and value["v"] != VERSION:
+            raise UnsupportedVersionError(f"entry version {str(value['v'])[:20]}, expected 1")
+        obj = read_object(value, field="entry", keys=ENTRY_KEYS)
+        kind = obj["type"]
+        if not isinstance(kind, str) or kind not in _PAYLOADS:
+            raise DeserializationError(f"unknown entry type {str(kind)[:40]!r}")
+        return cls(
+            seq=read_int(obj["seq"], field="seq", high=MAX_SEQ),
+            prev=read_hex(obj["prev"], field="prev", size=32),
+            type=kind,
+            time=read_int(obj["time"], field="time"),
+            payload=_PAYLOADS[kind](obj["payload"]),
+        )
+
+
+class LogHead(Protocol):
+    """Where the log ends: what `next_entry` needs (replay's `LogState` is one)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def head(self) -> bytes: ...
+
+    @property
+    def time(self) -> int: ...
+
+
+def next_entry(state: LogHead | None, type: str, payload: Payload, time: int) -> bytes:
+    """The bytes of the entry that would follow `state` (None: the genesis).
+
+    Only the form and the chain link are built here; the daemon passes the
+    result to `Replayer.apply` on a copy of its state before storing it, so
+    that it never appends what replay would refuse.
+    """
+    if state is None:
+        seq, prev, last = 0, GENESIS_PREV, 0
+    else:
+        seq, prev, last = state.size, state.head, state.time
+    if time < last:
+        raise InvalidInputError(f"time {time} is before the last entry's time {last}")
+    if (type == GenesisPayload.TYPE) != (seq == 0):
+        raise InvalidInputError("the genesis is entry 0 and only entry 0")
+    return Entry(seq=seq, prev=prev, type=type, time=time, payload=payload).to_bytes()

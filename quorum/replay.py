@@ -1,0 +1,959 @@
+"""Replay: the one verifier of the quorum log, and the state it yields.
+
+The daemon at start and before each append, every replica, and the
+auditor's offline `verify` all run this code over the same bytes; the
+service's state is nothing but its result. `Replayer.apply(raw)` checks one
+entry completely against the state so far and only then changes the state,
+so a refused entry leaves the state exactly as it was. The error is a
+`LogIntegrityError` whose `seq` names the entry and whose message says why;
+the underlying check's error (a `SignatureError`, `ExpiredError`,
+`NotOnRosterError`, `ReplayError`, `ThresholdError`, `DeserializationError`)
+is its `__cause__` when there is one.
+
+Checks for each entry, in order (docs/log-format.md repeats them):
+
+0. Form and chain: canonical encoding, `v` = 1, known type, payload schema
+   (`log.Entry.from_bytes`); `seq` = previous + 1 (0 for the first);
+   `prev` = RFC 9162 leaf hash of the previous entry (zeros for seq 0);
+   `time` >= previous time; the genesis is entry 0 and only entry 0.
+1. Signatures of `confirm`, `unseal` and `seal` verify over their
+   statements against the roster in force at that entry, the signer's
+   share index is the one the roster gives them, the split is the current
+   one; an unseal has at least `threshold` distinct custodians and a
+   session id never used before.
+2. `approval` / `refusal`: the proposal exists and is pending (not
+   executed, not cancelled), the entry's time is before its expiry, the
+   signer is on the roster, has given no verdict on it before, and the
+   signature verifies over the proposal's approve (or refuse) statement.
+3. `proposal`: a fresh id, parameters valid for the operation and within
+   the policy, expiry after the entry's time and within the policy's TTL,
+   the operation possible in the current state. `execution`: the proposal
+   is pending and unexpired, has the approvals its operation needs (k for
+   widening, 1 for narrowing), and the result is the one the state and
+   the parameters allow (tenant exists, is not destroyed, version numbers
+   in order, `active_until` = time + duration, ...). `shred`: the tenant's
+   destroy wait is over.
+4. An executed roster change puts the new roster in force, resets share
+   confirmations and cancels every other pending proposal.
+
+Replay is deterministic: the state is a function of the bytes alone (no
+clock, no randomness, dicts in insertion order), so every machine computes
+the same state from the same log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from keyquorum.quorum.checkpoint import NoteVerifier, parse_verifier_key, verify_checkpoint
+from keyquorum.quorum.credentials import PublicCredential
+from keyquorum.quorum.errors import (
+    DeserializationError,
+    InvalidInputError,
+    KeyquorumError,
+    LogIntegrityError,
+    NotOnRosterError,
+    ReplayError,
+    RootMismatchError,
+    StateError,
+    ThresholdError,
+)
+from keyquorum.quorum.log import (
+    GENESIS_PREV,
+    ApprovalPayload,
+    ConfirmPayload,
+    EncryptedShare,
+    Entry,
+    ExecutionPayload,
+    GenesisPayload,
+    Policy,
+    ProposalPayload,
+    RefusalPayload,
+    SealPayload,
+    ShredPayload,
+    UnsealPayload,
+    entry_hash,
+)
+from keyquorum.quorum.merkle import EMPTY_ROOT, CompactRange, leaf_hash
+from keyquorum.quorum.operations import (
+    Activated,
+    DestroyScheduled,
+    GrantChanged,
+    NewVersion,
+    Parameters,
+    Result,
+    RosterChanged,
+    TenantNamed,
+    VersionDisabled,
+    check_parameters,
+    operation,
+    request_for,
+)
+from keyquorum.quorum.shamir import SplitCommitments
+from keyquorum.quorum.signatures import HybridSignature
+from keyquorum.quorum.statements import (
+    SignedStatement,
+    Statement,
+    confirm_share_statement,
+    seal_statement,
+    unseal_share_statement,
+    verify_approvals,
+    verify_statement,
+)
+
+__all__ = [
+    "Execution",
+    "LogState",
+    "Proposal",
+    "Replayer",
+    "RosterEpoch",
+    "Tenant",
+    "TenantVersion",
+    "Unsealed",
+    "replay",
+    "verify_log",
+]
+
+
+class _RefusedError(Exception):
+    """Internal: one check failed; `Replayer` turns it into LogIntegrityError(seq)."""
+
+
+# State -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RosterEpoch:
+    """A roster in force from entry `seq` (0: genesis; else a change-roster execution)."""
+
+    seq: int
+    threshold: int
+    roster: tuple[PublicCredential, ...]
+    split: SplitCommitments
+    encrypted_shares: tuple[EncryptedShare, ...]
+    _index: Mapping[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index = {c.fingerprint: i + 1 for i, c in enumerate(self.roster)}
+        object.__setattr__(self, "_index", index)
+
+    def share_index(self, fingerprint: str) -> int | None:
+        """The share index custodian `fingerprint` holds, or None when not on this roster."""
+        return self._index.get(fingerprint)
+
+    def credential(self, fingerprint: str) -> PublicCredential:
+        index = self._index.get(fingerprint)
+        if index is None:
+            raise NotOnRosterError(f"custodian {fingerprint[:16]} is not on the roster")
+        return self.roster[index - 1]
+
+    @property
+    def fingerprints(self) -> tuple[str, ...]:
+        return tuple(c.fingerprint for c in self.roster)
+
+
+@dataclass(frozen=True)
+class TenantVersion:
+    """One version of a tenant key as the log knows it: wrapped, never in clear."""
+
+    version: int
+    wrapped_key: bytes
+    shred_salt_sha256: bytes
+    created_seq: int
+    disabled_seq: int | None = None
+
+    @property
+    def state(self) -> Literal["active", "disabled"]:
+        return "active" if self.disabled_seq is None else "disabled"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A tenant: its key versions, activation window and destruction state."""
+
+    name: str
+    created_seq: int
+    versions: tuple[TenantVersion, ...]
+    active_until: int | None = None
+    activated_seq: int | None = None
+    destroy_at: int | None = None
+    destroyed_seq: int | None = None
+
+    @property
+    def destroyed(self) -> bool:
+        return self.destroyed_seq is not None
+
+    @property
+    def current(self) -> TenantVersion:
+        """The newest version: the one new data keys are wrapped with."""
+        return self.versions[-1]
+
+    def version(self, number: int) -> TenantVersion | None:
+        if 1 <= number <= len(self.versions):
+            return self.versions[number - 1]
+        return None
+
+    def is_active(self, now: int) -> bool:
+        """Usable at `now`: activated by a quorum, window open, not being destroyed."""
+        return (
+            not self.destroyed
+            and self.destroy_at is None
+            and self.active_until is not None
+            and now < self.active_until
+        )
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A logged proposal with the verdicts counted so far.
+
+    `approvals` and `refusals` map a custodian's fingerprint to the seq of
+    their entry; each custodian gives at most one verdict.
+    """
+
+    id: bytes
+    log_position: int
+    time: int
+    operation: str
+    parameters: Parameters
+    expires_at: int
+    proposer: str
+    approvals: Mapping[str, int] = field(default_factory=dict)
+    refusals: Mapping[str, int] = field(default_factory=dict)
+    status: Literal["pending", "executed", "cancelled"] = "pending"
+
+    def is_pending(self, now: int) -> bool:
+        return self.status == "pending" and now < self.expires_at
+
+
+@dataclass(frozen=True)
+class Execution:
+    """An executed operation, with the custodians whose approvals carried it."""
+
+    seq: int
+    time: int
+    proposal: bytes
+    operation: str
+    parameters: Parameters
+    result: Result
+    approvers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Unsealed:
+    """A replica holding the master key since entry `seq`, and who unsealed it."""
+
+    replica: str
+    session: bytes
+    seq: int
+    time: int
+    split_id: bytes
+    custodians: tuple[str, ...]
+
+
+@dataclass
+class LogState:
+    """Everything the log says, after the entries applied so far.
+
+    Read it, never write it: only `Replayer` changes it, and only after an
+    entry passed every check. Before the genesis only `size`, `head` and
+    `time` are meaningful.
+    """
+
+    size: int = 0
+    head: bytes = GENESIS_PREV
+    time: int = 0
+    deployment: str = ""
+    log_key: str = ""
+    policy: Policy | None = None
+    rosters: list[RosterEpoch] = field(default_factory=list)
+    confirmations: dict[str, int] = field(default_factory=dict)
+    unsealed: dict[str, Unsealed] = field(default_factory=dict)
+    sessions: set[bytes] = field(default_factory=set)
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    grants: dict[tuple[str, str], int] = field(default_factory=dict)
+    proposals: dict[bytes, Proposal] = field(default_factory=dict)
+    executions: list[Execution] = field(default_factory=list)
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the genesis has been applied."""
+        return bool(self.rosters)
+
+    @property
+    def epoch(self) -> RosterEpoch:
+        """The roster in force."""
+        if not self.rosters:
+            raise StateError("the log has no genesis yet")
+        return self.rosters[-1]
+
+    @property
+    def roster(self) -> tuple[PublicCredential, ...]:
+        return self.epoch.roster
+
+    @property
+    def threshold(self) -> int:
+        return self.epoch.threshold
+
+    @property
+    def split(self) -> SplitCommitments:
+        return self.epoch.split
+
+    @property
+    def encrypted_shares(self) -> tuple[EncryptedShare, ...]:
+        return self.epoch.encrypted_shares
+
+    def custodian(self, fingerprint: str) -> PublicCredential | None:
+        """The credential of `fingerprint` on the roster in force, or None."""
+        index = self.share_index(fingerprint)
+        return None if index is None else self.roster[index - 1]
+
+    def share_index(self, fingerprint: str) -> int | None:
+        """The share index `fingerprint` holds on the roster in force, or None."""
+        return self.epoch.share_index(fingerprint) if self.rosters else None
+
+    def tenant_active(self, tenant: str, now: int) -> bool:
+        """Whether `tenant` may be used at `now` according to the log."""
+        record = self.tenants.get(tenant)
+        return record is not None and record.is_active(now)
+
+    def granted(self, backend: str, tenant: str) -> bool:
+        return (backend, tenant) in self.grants
+
+    def pending(self, now: int) -> list[Proposal]:
+        """Proposals still open for verdicts at `now`, oldest first."""
+        return [p for p in self.proposals.values() if p.is_pending(now)]
+
+    def copy(self) -> LogState:
+        """An independent copy (the records inside are immutable and shared)."""
+        return dataclasses.replace(
+            self,
+            rosters=list(self.rosters),
+            confirmations=dict(self.confirmations),
+            unsealed=dict(self.unsealed),
+            sessions=set(self.sessions),
+            tenants=dict(self.tenants),
+            grants=dict(self.grants),
+            proposals=dict(self.proposals),
+            executions=list(self.executions),
+        )
+
+
+# Replay ----------------------------------------------------------------------
+
+Commit = Callable[[LogState], None]
+
+
+class Replayer:
+    """Applies entries one at a time, each checked before the state changes."""
+
+    def __init__(self, state: LogState | None = None) -> None:
+        self._state = LogState() if state is None else state
+
+    @property
+    def state(self) -> LogState:
+        return self._state
+
+    def check(self, raw: bytes) -> Entry:
+        """Check that `raw` may be appended now; the state does not change."""
+        entry, _ = self._check(raw)
+        return entry
+
+    def apply(self, raw: bytes) -> Entry:
+        """Check `raw` completely, then apply it; LogIntegrityError(seq) if refused."""
+        entry, commit = self._check(raw)
+        state = self._state
+        commit(state)
+        state.size = entry.seq + 1
+        state.head = entry_hash(raw)
+        state.time = entry.time
+        return entry
+
+    def _check(self, raw: bytes) -> tuple[Entry, Commit]:
+        seq = self._state.size
+        try:
+            entry = Entry.from_bytes(raw)
+        except DeserializationError as e:
+            raise LogIntegrityError(f"malformed entry: {e}", seq=seq) from e
+        try:
+            commit = _Check(self._state, entry).run()
+        except _RefusedError as r:
+            raise LogIntegrityError(str(r), seq=seq) from r.__cause__
+        return entry, commit
+
+
+def replay(entries: Iterable[bytes]) -> LogState:
+    """The state a whole log yields, or LogIntegrityError naming its first bad entry."""
+    replayer = Replayer()
+    for raw in entries:
+        replayer.apply(raw)
+    if replayer.state.size == 0:
+        raise LogIntegrityError("the log is empty: it has no genesis", seq=0)
+    return replayer.state
+
+
+class _Check:
+    """The checks of one entry against one state; `run` returns the state change."""
+
+    def __init__(self, state: LogState, entry: Entry) -> None:
+        self.state = state
+        self.entry = entry
+
+    def run(self) -> Commit:
+        state, entry = self.state, self.entry
+        # 0. Chain, order and time.
+        if entry.seq != state.size:
+            raise _RefusedError(f"sequence number {entry.seq}, expected {state.size}")
+        if entry.prev != state.head:
+            raise _RefusedError(
+                "prev is not the hash of the previous entry: the hash chain is broken"
+            )
+        if entry.time < state.time:
+            raise _RefusedError(f"time {entry.time} goes back before {state.time}")
+        payload = entry.payload
+        if isinstance(payload, GenesisPayload):
+            if entry.seq != 0:
+                raise _RefusedError("a second genesis")
+            return self.genesis(payload)
+        if entry.seq == 0:
+            raise _RefusedError(f"the first entry is a {entry.type}, not the genesis")
+        if isinstance(payload, ConfirmPayload):
+            return self.confirm(payload)
+        if isinstance(payload, UnsealPayload):
+            return self.unseal(payload)
+        if isinstance(payload, SealPayload):
+            return self.seal(payload)
+        if isinstance(payload, ProposalPayload):
+            return self.proposal(payload)
+        if isinstance(payload, ApprovalPayload | RefusalPayload):
+            return self.verdict(payload)
+        if isinstance(payload, ExecutionPayload):
+            return self.execution(payload)
+        return self.shred(payload)
+
+    # -- helpers ---------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy:
+        policy = self.state.policy
+        if policy is None:
+            raise _RefusedError("no policy: the log has no genesis")
+        return policy
+
+    def _signed(self, statement: Statement, custodian: str, signature: bytes) -> None:
+        """Step 1: a custodian of the roster in force signed exactly `statement`."""
+        epoch = self.state.epoch
+        try:
+            credential = epoch.credential(custodian)
+            signed = SignedStatement(custodian, HybridSignature.from_bytes(signature))
+            verify_statement(statement, signed, credential)
+        except KeyquorumError as e:
+            raise _RefusedError(f"{statement.kind} by {custodian[:16]}: {e}") from e
+
+    def _tenant(self, name: str, *, usable: bool = True) -> Tenant:
+        """An existing, not destroyed tenant (and, if `usable`, not being destroyed)."""
+        tenant = self.state.tenants.get(name)
+        if tenant is None:
+            raise _RefusedError(f"unknown tenant {name!r}")
+        if tenant.destroyed:
+            raise _RefusedError(f"tenant {name!r} was destroyed")
+        if usable and tenant.destroy_at is not None:
+            raise _RefusedError(f"tenant {name!r} is scheduled for destruction")
+        return tenant
+
+    def _possible(self, name: str, params: Mapping[str, str | int]) -> None:
+        """Step 3: operation `name` with `params` is possible in the current state."""
+        state = self.state
+        if name == "create-tenant":
+            tenant_name = str(params["tenant"])
+            existing = state.tenants.get(tenant_name)
+            if existing is not None:
+                what = "was destroyed; a name is never reused" if existing.destroyed else "exists"
+                raise _RefusedError(f"tenant {tenant_name!r} {what}")
+        elif name in ("activate-tenant", "rotate-tenant", "destroy-tenant", "grant"):
+            self._tenant(str(params["tenant"]))
+            if name == "grant" and state.granted(str(params["backend"]), str(params["tenant"])):
+                raise _RefusedError(f"{params['backend']} is already granted {params['tenant']!r}")
+        elif name == "deactivate-tenant":
+            self._tenant(str(params["tenant"]), usable=False)
+        elif name == "disable-version":
+            tenant = self._tenant(str(params["tenant"]), usable=False)
+            number = int(params["version"])
+            version = tenant.version(number)
+            if version is None:
+                raise _RefusedError(f"tenant {tenant.name!r} has no version {number}")
+            if version.disabled_seq is not None:
+                raise _RefusedError(f"version {number} of {tenant.name!r} is already disabled")
+            if version is tenant.current:
+                raise _RefusedError(
+                    f"version {number} is {tenant.name!r}'s current one; rotate first"
+                )
+        elif name == "cancel-destroy":
+            tenant = self._tenant(str(params["tenant"]), usable=False)
+            if tenant.destroy_at is None:
+                raise _RefusedError(f"tenant {tenant.name!r} is not scheduled for destruction")
+            if self.entry.time >= tenant.destroy_at:
+                raise _RefusedError(f"the destroy wait of {tenant.name!r} is over")
+        elif name == "revoke" and not state.granted(str(params["backend"]), str(params["tenant"])):
+            raise _RefusedError(f"{params['backend']} holds no grant on {params['tenant']!r}")
+
+    # -- per type --------------------------------------------------------
+
+    def genesis(self, p: GenesisPayload) -> Commit:
+        epoch = RosterEpoch(0, p.threshold, p.roster, p.split, p.encrypted_shares)
+
+        def commit(state: LogState) -> None:
+            state.deployment = p.deployment
+            state.log_key = p.log_key
+            state.policy = p.policy
+            state.rosters.append(epoch)
+
+        return commit
+
+    def confirm(self, p: ConfirmPayload) -> Commit:
+        state = self.state
+        epoch = state.epoch
+        # 1. The current split, the custodian's own index, once, signed.
+        if p.split_id != epoch.split.split_id:
+            raise _RefusedError("confirm names a split that is not the current one")
+        held = epoch.share_index(p.custodian)
+        if held is not None and held != p.index:
+            raise _RefusedError(f"custodian {p.custodian[:16]} holds share {held}, not {p.index}")
+        if p.custodian in state.confirmations:
+            raise _RefusedError(f"custodian {p.custodian[:16]} already confirmed their share")
+        statement = confirm_share_statement(
+            deployment=state.deployment, custodian=p.custodian, split_id=p.split_id, index=p.index
+        )
+        self._signed(statement, p.custodian, p.signature)
+        seq = self.entry.seq
+
+        def commit(state: LogState) -> None:
+            state.confirmations[p.custodian] = seq
+
+        return commit
+
+    def unseal(self, p: UnsealPayload) -> Commit:
+        state, entry = self.state, self.entry
+        epoch = state.epoch
+        if p.split_id != epoch.split.split_id:
+            raise _RefusedError("unseal uses a split that is not the current one")
+        if p.session_log_size > entry.seq:
+            raise _RefusedError(f"session log size {p.session_log_size} is beyond this entry")
+        if p.session in state.sessions:
+            raise _RefusedError(f"unseal session {p.session.hex()} was used before")
+        seen: set[str] = set()
+        for share in p.shares:
+            who = share.custodian[:16]
+            if share.custodian in seen:
+                raise _RefusedError(f"custodian {who} takes part twice")
+            seen.add(share.custodian)
+            index = epoch.share_index(share.custodian)
+            if index is not None and index != share.index:
+                raise _RefusedError(f"custodian {who} holds share {index}, not {share.index}")
+            statement = unseal_share_statement(
+                deployment=state.deployment,
+                custodian=share.custodian,
+                replica=p.replica,
+                session=p.session,
+                session_log_size=p.session_log_size,
+                split_id=p.split_id,
+                index=share.index,
+                ciphertext_sha256=share.ciphertext_sha256,
+            )
+            self._signed(statement, share.custodian, share.signature)
+        if len(seen) < epoch.threshold:
+            raise _RefusedError(
+                f"unsealed with {len(seen)} custodians, the threshold is {epoch.threshold}"
+            )
+        record = Unsealed(
+            p.replica, p.session, entry.seq, entry.time, p.split_id, tuple(sorted(seen))
+        )
+
+        def commit(state: LogState) -> None:
+            state.unsealed[p.replica] = record
+            state.sessions.add(p.session)
+
+        return commit
+
+    def seal(self, p: SealPayload) -> Commit:
+        state = self.state
+        if p.requested_at > self.entry.time:
+            raise _RefusedError(f"seal requested at {p.requested_at}, after the entry's time")
+        if p.custodian is not None and p.signature is not None:
+            statement = seal_statement(
+                deployment=state.deployment,
+                custodian=p.custodian,
+                replica=p.replica,
+                reason=p.reason,
+                requested_at=p.requested_at,
+            )
+            self._signed(statement, p.custodian, p.signature)
+
+        def commit(state: LogState) -> None:
+            if p.replica == SealPayload.ALL_REPLICAS:
+                state.unsealed.clear()
+            else:
+                state.unsealed.pop(p.replica, None)
+
+        return commit
+
+    def proposal(self, p: ProposalPayload) -> Commit:
+        state, entry = self.state, self.entry
+        policy = self.policy
+        if p.id in state.proposals:
+            raise _RefusedError(f"proposal id {p.id.hex()} is already taken")
+        if p.expires_at <= entry.time:
+            raise _RefusedError(
+                f"proposal expires at {p.expires_at}, not after its time {entry.time}"
+            )
+        if p.expires_at - entry.time > policy.proposal_ttl_seconds:
+            raise _RefusedError(
+                f"proposal lives {p.expires_at - entry.time} s, longer than the policy's "
+                f"{policy.proposal_ttl_seconds} s"
+            )
+        try:
+            check_parameters(p.operation, p.parameters, policy)
+        except InvalidInputError as e:
+            raise _RefusedError(f"{p.operation}: {e}") from e
+        self._possible(p.operation, dict(p.parameters))
+        record = Proposal(
+            id=p.id,
+            log_position=entry.seq,
+            time=entry.time,
+            operation=p.operation,
+            parameters=p.parameters,
+            expires_at=p.expires_at,
+            proposer=p.proposer,
+        )
+
+        def commit(state: LogState) -> None:
+            state.proposals[p.id] = record
+
+        return commit
+
+    def _open(self, proposal_id: bytes) -> Proposal:
+        """Step 2: the proposal exists, is pending, and has not expired at this entry."""
+        proposal = self.state.proposals.get(proposal_id)
+        if proposal is None:
+            raise _RefusedError(f"unknown proposal {proposal_id.hex()}")
+        if proposal.status == "executed":
+            raise _RefusedError(f"proposal {proposal_id.hex()} was already executed")
+        if proposal.status == "cancelled":
+            raise _RefusedError(f"proposal {proposal_id.hex()} was cancelled by a roster change")
+        if self.entry.time >= proposal.expires_at:
+            raise _RefusedError(
+                f"proposal {proposal_id.hex()} expired at {proposal.expires_at}, "
+                f"before this entry's time {self.entry.time}"
+            )
+        return proposal
+
+    def verdict(self, p: ApprovalPayload | RefusalPayload) -> Commit:
+        state, entry = self.state, self.entry
+        # 2. Pending, unexpired, on the roster, one verdict per custodian, signed.
+        proposal = self._open(p.proposal)
+        epoch = state.epoch
+        who = p.custodian[:16]
+        if epoch.share_index(p.custodian) is None:
+            raise _RefusedError(f"{entry.type} by {who}, who is not on the roster") from (
+                NotOnRosterError(f"custodian {who} is not on the roster")
+            )
+        if p.custodian in proposal.approvals or p.custodian in proposal.refusals:
+            raise _RefusedError(f"custodian {who} already gave a verdict on this proposal") from (
+                ReplayError(f"custodian {who} counted twice")
+            )
+        request = request_for(proposal, state.deployment)
+        signed = SignedStatement(p.custodian, HybridSignature.from_bytes(p.signature))
+        try:
+            if isinstance(p, ApprovalPayload):
+                members = {c.fingerprint: c for c in epoch.roster}
+                verify_approvals(request, [signed], members, 1, entry.time)
+            else:
+                verify_statement(request.statement("refuse"), signed, epoch.credential(p.custodian))
+        except KeyquorumError as e:
+            raise _RefusedError(f"{entry.type} by {who}: {e}") from e
+        seq = entry.seq
+
+        def commit(state: LogState) -> None:
+            if isinstance(p, ApprovalPayload):
+                updated = dataclasses.replace(
+                    proposal, approvals={**proposal.approvals, p.custodian: seq}
+                )
+            else:
+                updated = dataclasses.replace(
+                    proposal, refusals={**proposal.refusals, p.custodian: seq}
+                )
+            state.proposals[p.proposal] = updated
+
+        return commit
+
+    def execution(self, p: ExecutionPayload) -> Commit:
+        state, entry = self.state, self.entry
+        proposal = self._open(p.proposal)
+        if p.operation != proposal.operation:
+            raise _RefusedError(f"execution of {p.operation} for a {proposal.operation} proposal")
+        # 3. Enough distinct approvals for this operation.
+        needed = operation(p.operation).required_approvals(state.threshold)
+        if len(proposal.approvals) < needed:
+            raise _RefusedError(
+                f"{p.operation} executed with {len(proposal.approvals)} of {needed} approvals"
+            ) from ThresholdError(f"approved by {len(proposal.approvals)} of {needed}")
+        params = dict(proposal.parameters)
+        self._possible(p.operation, params)
+        change = self._result(p.operation, params, p.result)
+        record = Execution(
+            seq=entry.seq,
+            time=entry.time,
+            proposal=p.proposal,
+            operation=p.operation,
+            parameters=proposal.parameters,
+            result=p.result,
+            approvers=tuple(proposal.approvals),
+        )
+
+        def commit(state: LogState) -> None:
+            state.proposals[p.proposal] = dataclasses.replace(proposal, status="executed")
+            state.executions.append(record)
+            change(state)
+
+        return commit
+
+    def _result(self, name: str, params: Mapping[str, str | int], result: Result) -> Commit:
+        """Step 3: the logged result is the one this state and these parameters allow."""
+        state, entry = self.state, self.entry
+        seq, time = entry.seq, entry.time
+        policy = self.policy
+        tenant_name = str(params.get("tenant", ""))
+        if not isinstance(result, RosterChanged) and result.tenant != tenant_name:
+            raise _RefusedError(
+                f"result names tenant {result.tenant!r}, the proposal {tenant_name!r}"
+            )
+
+        if isinstance(result, NewVersion):
+            existing = state.tenants.get(tenant_name)
+            expected = 1 if existing is None else len(existing.versions) + 1
+            if result.version != expected:
+                raise _RefusedError(f"new version {result.version}, expected {expected}")
+            version = TenantVersion(
+                result.version, result.wrapped_key, result.shred_salt_sha256, seq
+            )
+
+            def add_version(state: LogState) -> None:
+                old = state.tenants.get(tenant_name)
+                if old is None:
+                    state.tenants[tenant_name] = Tenant(tenant_name, seq, (version,))
+                else:
+                    versions = (*old.versions, version)
+                    state.tenants[tenant_name] = dataclasses.replace(old, versions=versions)
+
+            return add_version
+
+        if isinstance(result, Activated):
+            until = time + int(params["duration_seconds"])
+            if result.active_until != until:
+                raise _RefusedError(f"active_until {result.active_until}, expected {until}")
+
+            def activate(state: LogState) -> None:
+                old = state.tenants[tenant_name]
+                state.tenants[tenant_name] = dataclasses.replace(
+                    old, active_until=until, activated_seq=seq
+                )
+
+            return activate
+
+        if isinstance(result, DestroyScheduled):
+            destroy_at = time + policy.destroy_wait_seconds
+            if result.destroy_at != destroy_at:
+                raise _RefusedError(f"destroy_at {result.destroy_at}, expected {destroy_at}")
+
+            def schedule(state: LogState) -> None:
+                old = state.tenants[tenant_name]
+                state.tenants[tenant_name] = dataclasses.replace(
+                    old, destroy_at=destroy_at, active_until=None
+                )
+
+            return schedule
+
+        if isinstance(result, GrantChanged):
+            pair = (str(params["backend"]), tenant_name)
+            if result.backend != pair[0]:
+                raise _RefusedError(
+                    f"result names backend {result.backend}, the proposal {pair[0]}"
+                )
+
+            def change_grant(state: LogState) -> None:
+                if name == "grant":
+                    state.grants[pair] = seq
+                else:
+                    del state.grants[pair]
+
+            return change_grant
+
+        if isinstance(result, VersionDisabled):
+            number = int(params["version"])
+            if result.version != number:
+                raise _RefusedError(
+                    f"result disables version {result.version}, the proposal {number}"
+                )
+
+            def disable(state: LogState) -> None:
+                old = state.tenants[tenant_name]
+                versions = tuple(
+                    dataclasses.replace(v, disabled_seq=seq) if v.version == number else v
+                    for v in old.versions
+                )
+                state.tenants[tenant_name] = dataclasses.replace(old, versions=versions)
+
+            return disable
+
+        if isinstance(result, TenantNamed):
+
+            def narrow(state: LogState) -> None:
+                old = state.tenants[tenant_name]
+                if name == "deactivate-tenant":
+                    state.tenants[tenant_name] = dataclasses.replace(old, active_until=None)
+                else:
+                    state.tenants[tenant_name] = dataclasses.replace(old, destroy_at=None)
+
+            return narrow
+
+        return self._roster_change(params, result)
+
+    def _roster_change(self, params: Mapping[str, str | int], result: RosterChanged) -> Commit:
+        state, entry = self.state, self.entry
+        seq = entry.seq
+        if result.threshold != params["threshold"]:
+            raise _RefusedError(
+                f"new threshold {result.threshold}, the proposal {params['threshold']}"
+            )
+        listed = str(params["roster"]).split(",")
+        if [c.fingerprint for c in result.roster] != listed:
+            raise _RefusedError("the new roster is not the one the proposal names")
+        used = {epoch.split.split_id for epoch in state.rosters}
+        if result.split.split_id in used:
+            raise _RefusedError("the new split reuses an earlier split id")
+        expected = [
+            (t.name, v.version)
+            for t in sorted(state.tenants.values(), key=lambda t: t.name)
+            if not t.destroyed
+            for v in t.versions
+        ]
+        got = [(r.tenant, r.version) for r in result.rewrapped]
+        if got != expected:
+            raise _RefusedError(
+                "rewrapped keys must be every version of every tenant not destroyed, "
+                f"sorted: expected {len(expected)}, got {len(got)} or in another order"
+            )
+        epoch = RosterEpoch(
+            seq, result.threshold, result.roster, result.split, result.encrypted_shares
+        )
+        rewrapped = {(r.tenant, r.version): r.wrapped_key for r in result.rewrapped}
+        executed = self.entry.payload
+        this = executed.proposal if isinstance(executed, ExecutionPayload) else b""
+
+        def change_roster(state: LogState) -> None:
+            state.rosters.append(epoch)
+            state.confirmations.clear()
+            # 4. A roster change cancels every other pending proposal.
+            for pid, other in list(state.proposals.items()):
+                if other.status == "pending" and pid != this:
+                    state.proposals[pid] = dataclasses.replace(other, status="cancelled")
+            for name, tenant in list(state.tenants.items()):
+                if tenant.destroyed:
+                    continue
+                versions = tuple(
+                    dataclasses.replace(v, wrapped_key=rewrapped[(name, v.version)])
+                    for v in tenant.versions
+                )
+                state.tenants[name] = dataclasses.replace(tenant, versions=versions)
+
+        return change_roster
+
+    def shred(self, p: ShredPayload) -> Commit:
+        tenant = self._tenant(p.tenant, usable=False)
+        if tenant.destroy_at is None:
+            raise _RefusedError(f"tenant {p.tenant!r} is not scheduled for destruction")
+        if self.entry.time < tenant.destroy_at:
+            raise _RefusedError(
+                f"tenant {p.tenant!r} may not be shredded before {tenant.destroy_at}"
+            )
+        seq = self.entry.seq
+
+        def commit(state: LogState) -> None:
+            state.tenants[p.tenant] = dataclasses.replace(
+                tenant, destroyed_seq=seq, active_until=None
+            )
+            for pair in [g for g in state.grants if g[1] == p.tenant]:
+                del state.grants[pair]
+
+        return commit
+
+
+def verify_log(
+    entries: Iterable[bytes],
+    checkpoint_text: str | bytes,
+    log_verifier: NoteVerifier | str,
+) -> LogState:
+    """Replay a whole log and check it against a signed checkpoint: the auditor's verify.
+
+    The daemon at start and the auditor's offline `verify` call this.
+
+    0. The checkpoint note is signed by `log_verifier` (C2SP signed note,
+       `checkpoint.verify_checkpoint`; its errors pass through unchanged:
+       `SignatureError`, `UnverifiedNoteError`, `DeserializationError`,
+       `VerificationError` for another origin).
+    1. The genesis names the same log key (`log_key`), so a checkpoint
+       signed by some other key cannot vouch for this log.
+    2. Every entry replays (`Replayer.apply`: chain, order, signatures,
+       approvals, executions).
+    3. The log holds at least the checkpoint's size: a log shorter than its
+       latest checkpoint was truncated.
+    4. The RFC 9162 root of the first `size` entries is the checkpoint's
+       root (`RootMismatchError` as the cause), so an entry rewritten with a
+       valid chain after it, or a rewritten last entry, is caught.
+
+    Entries past the checkpoint are replayed (and so checked for chain and
+    signatures) but not covered by it. Every failure of the log itself is a
+    `LogIntegrityError` naming the entry where it shows.
+    """
+    verifier = parse_verifier_key(log_verifier) if isinstance(log_verifier, str) else log_verifier
+    # 0. The checkpoint is the log key's.
+    checkpoint = verify_checkpoint(checkpoint_text, verifier).checkpoint
+    replayer = Replayer()
+    tree = CompactRange()
+    root_at_size = EMPTY_ROOT if checkpoint.size == 0 else None
+    for raw in entries:
+        # 2. Replay.
+        replayer.apply(raw)
+        tree.append(leaf_hash(raw))
+        if tree.size == 1 and replayer.state.log_key != verifier.vkey():
+            # 1. The genesis's log key signed the checkpoint.
+            raise LogIntegrityError(
+                "the genesis log key is not the key that signed the checkpoint", seq=0
+            )
+        if tree.size == checkpoint.size:
+            root_at_size = tree.root()
+    state = replayer.state
+    # 3. Not truncated.
+    if state.size < checkpoint.size:
+        raise LogIntegrityError(
+            f"the log has {state.size} entries, its checkpoint vouches for {checkpoint.size}: "
+            "truncated",
+            seq=state.size,
+        )
+    if state.size == 0:
+        raise LogIntegrityError("the log is empty: it has no genesis", seq=0)
+    # 4. Same tree (root_at_size was taken when the size was reached).
+    if root_at_size is None or root_at_size != checkpoint.root:
+        mismatch = RootMismatchError(
+            f"root of the first {checkpoint.size} entries is not the checkpoint's",
+            expected=checkpoint.root,
+            calculated=root_at_size or b"",
+        )
+        raise LogIntegrityError(
+            f"the first {checkpoint.size} entries do not have the checkpoint's root hash",
+            seq=checkpoint.size - 1,
+        ) from mismatch
+    return state
