@@ -17,10 +17,14 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="modules to run, e.g. shamir merkle")
     args = parser.parse_args()
     here = Path(__file__).parent
-    modules = sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
+    modules = sorted(
+        m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_")
+    )
     if args.names:
         modules = [m for m in modules if m.removeprefix("bench_") in args.names]
-    print(f"# keyquorum benchmarks on {platform.python_implementation()} {platform.python_version()}")
+    print(
+        f"# keyquorum benchmarks on {platform.python_implementation()} {platform.python_version()}"
+    )
     print("| operation | rate | baseline (same run) | baseline rate | ratio |")
     print("|---|---:|---|---:|---:|")
     for name in modules:

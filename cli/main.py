@@ -28,5 +28,18 @@ def main() -> None:
     """keyquorum: threshold master-key custody (a software HSM)."""
 
 
+def _register() -> None:
+    from keyquorum.cli.admin import admin
+    from keyquorum.cli.ceremony import ceremony, status
+    from keyquorum.cli.custodian import custodian
+    from keyquorum.cli.demo import demo
+    from keyquorum.cli.server import server
+
+    for command in (admin, ceremony, custodian, demo, server, status):
+        main.add_command(command)
+
+
+_register()
+
 if __name__ == "__main__":
     main()

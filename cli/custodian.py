@@ -1,0 +1,228 @@
+"""`keyquorum custodian ...`: what a custodian runs on their own machine."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import click
+
+from keyquorum.cli import custodian_actions as actions
+from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
+from keyquorum.cli.passphrase import passphrase_options, read_passphrase
+from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
+from keyquorum.quorum.errors import InvalidInputError, StateError
+from keyquorum.v1 import custodian_pb2 as pb
+from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
+
+PRIVATE_SUFFIX = ".kqcred"
+PUBLIC_SUFFIX = ".pub.json"
+
+
+def credential_option(f: click.decorators.FC) -> click.decorators.FC:
+    return click.option(
+        "--credential",
+        "credential_path",
+        required=True,
+        envvar="KEYQUORUM_CREDENTIAL",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help=f"Your private credential file (*{PRIVATE_SUFFIX}; env KEYQUORUM_CREDENTIAL).",
+    )(f)
+
+
+def public_for(private_path: Path) -> PublicCredential:
+    """The public credential file written beside a private one by `custodian new`."""
+    name = private_path.name.removesuffix(PRIVATE_SUFFIX)
+    public_path = private_path.with_name(name + PUBLIC_SUFFIX)
+    if not public_path.exists():
+        raise InvalidInputError(
+            f"{public_path} is missing: keep the public file beside the private one"
+        )
+    return PublicCredential.from_bytes(public_path.read_bytes())
+
+
+def _unlocker(
+    path: Path, passphrase_file: Path | None, passphrase_fd: int | None
+) -> actions.Unlock:
+    def unlock(statement: str) -> CustodianCredential:
+        click.echo("You are about to sign exactly this statement:", err=True)
+        click.echo("", err=True)
+        click.echo(statement, err=True)
+        data = path.read_bytes()
+        with read_passphrase(
+            file=passphrase_file, fd=passphrase_fd, prompt=f"Passphrase for {path.name}"
+        ) as passphrase:
+            return CustodianCredential.decrypt(data, passphrase)
+
+    return unlock
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` (never overwrite), with `mode`, durably."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@click.group()
+def custodian() -> None:
+    """Custodian credentials, share confirmation, unseal and seal."""
+
+
+@custodian.command("new")
+@click.option("--name", required=True, help="Your name as the roster will show it.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(),
+    show_default=True,
+    help="Directory for the two files.",
+)
+@passphrase_options
+def new(name: str, out_dir: Path, passphrase_file: Path | None, passphrase_fd: int | None) -> None:
+    """Make a new custodian credential on this machine.
+
+    Writes NAME.kqcred (private, encrypted under your passphrase with
+    Argon2id and AES-256-GCM, mode 0600) and NAME.pub.json (public: send it
+    to whoever runs the ceremony). Compare the fingerprint aloud.
+
+    \b
+    Example:
+      keyquorum custodian new --name alice --out ~/.keyquorum
+    """
+    if not name or any(c in name for c in "/\\\x00") or name.startswith("."):
+        raise InvalidInputError(f"{name!r} cannot be used as a file name")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    private_path = out_dir / f"{name}{PRIVATE_SUFFIX}"
+    public_path = out_dir / f"{name}{PUBLIC_SUFFIX}"
+    for p in (private_path, public_path):
+        if p.exists():
+            raise StateError(f"{p} exists; refusing to overwrite a credential")
+    credential = CustodianCredential.generate(name)
+    with read_passphrase(
+        file=passphrase_file, fd=passphrase_fd, prompt="New passphrase", confirm=True
+    ) as passphrase:
+        blob = credential.encrypt(passphrase)
+    public = credential.public()
+    _write_new(private_path, blob, 0o600)
+    _write_new(public_path, public.to_bytes(), 0o644)
+    click.echo(f"private credential: {private_path}")
+    click.echo(f"public credential:  {public_path}")
+    click.echo(f"fingerprint:        {public.short_fingerprint}")
+
+
+@custodian.command("show")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def show(path: Path) -> None:
+    """Show the name and fingerprint of a public credential file."""
+    public = PublicCredential.from_bytes(path.read_bytes())
+    click.echo(f"name:        {public.name}")
+    click.echo(f"fingerprint: {public.short_fingerprint}")
+    click.echo(f"full:        {public.fingerprint}")
+
+
+@custodian.command("confirm")
+@endpoint_options
+@credential_option
+@passphrase_options
+def confirm_cmd(
+    server: str,
+    ca: Path | None,
+    insecure_dev_plaintext: bool,
+    credential_path: Path,
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
+) -> None:
+    """Check your share after the ceremony, and log that it checks out.
+
+    Your share is decrypted on this machine and compared with the commitment
+    in the log; nothing secret is sent.
+    """
+    endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
+    with open_channel(endpoint) as channel:
+        stub = pb_grpc.CustodianServiceStub(channel)
+        result = actions.confirm(
+            stub,
+            public_for(credential_path).fingerprint,
+            _unlocker(credential_path, passphrase_file, passphrase_fd),
+        )
+    click.echo(
+        f"share confirmed; ceremony confirmed by {result.confirmed_count} "
+        f"of {result.custodian_count}"
+    )
+
+
+@custodian.command("unseal")
+@endpoint_options
+@credential_option
+@passphrase_options
+def unseal_cmd(
+    server: str,
+    ca: Path | None,
+    insecure_dev_plaintext: bool,
+    credential_path: Path,
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
+) -> None:
+    """Submit your share to unseal the daemon.
+
+    The share is decrypted here, re-encrypted to the daemon's fresh
+    unseal-session key (HPKE), and signed; a proxy never sees it.
+
+    \b
+    Example:
+      keyquorum custodian unseal --server kq.example:7443 --ca ca.pem \\
+          --credential ~/.keyquorum/alice.kqcred
+    """
+    endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
+    unlock = _unlocker(credential_path, passphrase_file, passphrase_fd)
+    with open_channel(endpoint) as channel:
+        stub = pb_grpc.CustodianServiceStub(channel)
+        with rpc_errors():
+            session = stub.OpenUnsealSession(pb.OpenUnsealSessionRequest())
+        credential = unlock(
+            f"(unseal) deployment {session.deployment}, replica {session.replica}, "
+            f"session {session.session_id[:16]}, log size {session.log_size}: your share, "
+            "decrypted here, re-encrypted to this session's key and signed."
+        )
+        progress = actions.submit_share(stub, credential)
+    if progress.sealed:
+        click.echo(f"share accepted: {progress.have} of {progress.need}; still sealed")
+    else:
+        click.echo(f"share accepted: {progress.have} of {progress.need}; UNSEALED")
+
+
+@custodian.command("seal")
+@endpoint_options
+@credential_option
+@passphrase_options
+@click.option("--reason", default="emergency seal", show_default=True, help="Logged reason.")
+def seal_cmd(
+    server: str,
+    ca: Path | None,
+    insecure_dev_plaintext: bool,
+    credential_path: Path,
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
+    reason: str,
+) -> None:
+    """Seal the daemon now: it wipes the master key and every tenant key.
+
+    One custodian is enough; the request is signed and logged.
+    """
+    endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
+    with open_channel(endpoint) as channel:
+        stub = pb_grpc.CustodianServiceStub(channel)
+        actions.seal(
+            stub,
+            public_for(credential_path).fingerprint,
+            _unlocker(credential_path, passphrase_file, passphrase_fd),
+            reason=reason,
+            now=int(time.time()),
+        )
+    click.echo("sealed")

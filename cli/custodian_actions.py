@@ -1,0 +1,182 @@
+"""What a custodian's machine does, as plain functions over a gRPC stub.
+
+The CLI commands, the demo and the tests all call these. A share is
+decrypted here, on the custodian's machine, checked against its public
+commitment, re-encrypted to the daemon's unseal-session key and signed; it
+never leaves this process in the clear, and its buffers are wiped after use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from keyquorum.cli.connect import rpc_errors
+from keyquorum.quorum import canonical, shamir, statements
+from keyquorum.quorum import log as qlog
+from keyquorum.quorum.credentials import CustodianCredential
+from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.quorum.sealing import SealingPublicKey
+from keyquorum.quorum.secret import SecretBytes
+from keyquorum.quorum.unseal import session_info
+from keyquorum.v1 import custodian_pb2 as pb
+from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
+
+#: Called with the exact statement text before the credential is unlocked,
+#: so a person reads what they are about to sign; returns the credential.
+Unlock = Callable[[str], CustodianCredential]
+
+
+@dataclass(frozen=True)
+class ShareCheck:
+    """A custodian's share, decrypted locally and checked against its commitment."""
+
+    deployment: str
+    split_id: bytes
+    index: int
+
+
+def fetch_and_check_share(
+    stub: pb_grpc.CustodianServiceStub, credential: CustodianCredential
+) -> tuple[shamir.Share, pb.EncryptedShare]:
+    """Decrypt this custodian's share and check it against the logged commitment."""
+    fingerprint = credential.public().fingerprint
+    with rpc_errors():
+        enc = stub.GetEncryptedShare(pb.GetEncryptedShareRequest(custodian=fingerprint))
+    commitments = shamir.SplitCommitments.from_json(canonical.decode(enc.split_commitments))
+    split_id = bytes.fromhex(enc.split_id)
+    if split_id != commitments.split_id:
+        raise InvalidInputError("the daemon's share record names two different splits")
+    info = qlog.share_info(enc.deployment, split_id, fingerprint, enc.index)
+    with credential.open_sealed(enc.ciphertext, info) as plain:
+        share = shamir.Share.from_bytes(plain.view())
+    try:
+        shamir.verify_share(share, commitments)
+    except BaseException:
+        share.wipe()
+        raise
+    return share, enc
+
+
+def confirm(
+    stub: pb_grpc.CustodianServiceStub, fingerprint: str, unlock: Unlock
+) -> pb.ConfirmShareResponse:
+    """Check one's own share after the ceremony and log a signed acknowledgement.
+
+    The statement is shown (through `unlock`) before the credential is
+    unlocked; the share is then checked locally before anything is signed.
+    """
+    with rpc_errors():
+        enc = stub.GetEncryptedShare(pb.GetEncryptedShareRequest(custodian=fingerprint))
+    statement = statements.confirm_share_statement(
+        deployment=enc.deployment,
+        custodian=fingerprint,
+        split_id=bytes.fromhex(enc.split_id),
+        index=enc.index,
+    )
+    credential = unlock(statement.render())
+    if credential.public().fingerprint != fingerprint:
+        raise InvalidInputError("the credential does not match its public file")
+    share, _enc = fetch_and_check_share(stub, credential)
+    share.wipe()
+    signed = statements.sign_statement(statement, credential)
+    with rpc_errors():
+        return stub.ConfirmShare(
+            pb.ConfirmShareRequest(
+                custodian=fingerprint,
+                split_id=enc.split_id,
+                index=enc.index,
+                signature=signed.signature.to_bytes(),
+            )
+        )
+
+
+def submit_share(
+    stub: pb_grpc.CustodianServiceStub,
+    credential: CustodianCredential,
+    *,
+    tamper: Callable[[bytearray], None] | None = None,
+) -> pb.UnsealProgress:
+    """Send this custodian's share to the daemon's open unseal session.
+
+    `tamper` exists for the demo and the tests only: it alters the share
+    bytes after the local commitment check, to show the daemon refusing a
+    wrong share and naming its custodian.
+    """
+    with rpc_errors():
+        session = stub.OpenUnsealSession(pb.OpenUnsealSessionRequest())
+    share, _enc = fetch_and_check_share(stub, credential)
+    fingerprint = credential.public().fingerprint
+    session_id = bytes.fromhex(session.session_id)
+    index = share.index
+    info = session_info(session.deployment, session.replica, session_id, fingerprint, index)
+    try:
+        with share.to_bytes() as plain:
+            if tamper is not None:
+                raw = bytearray(plain.view())
+                tamper(raw)
+                with SecretBytes.adopt(raw, label="tampered share") as altered:
+                    ciphertext = SealingPublicKey.from_bytes(session.public_key).seal(altered, info)
+            else:
+                ciphertext = SealingPublicKey.from_bytes(session.public_key).seal(plain, info)
+    finally:
+        share.wipe()
+    statement = statements.unseal_share_statement(
+        deployment=session.deployment,
+        custodian=fingerprint,
+        replica=session.replica,
+        session=session_id,
+        session_log_size=session.log_size,
+        split_id=bytes.fromhex(session.split_id),
+        index=index,
+        ciphertext_sha256=hashlib.sha256(ciphertext).digest(),
+    )
+    signed = statements.sign_statement(statement, credential)
+    with rpc_errors():
+        return stub.SubmitShare(
+            pb.SubmitShareRequest(
+                session_id=session.session_id,
+                custodian=fingerprint,
+                index=index,
+                ciphertext=ciphertext,
+                signature=signed.signature.to_bytes(),
+            )
+        )
+
+
+def seal(
+    stub: pb_grpc.CustodianServiceStub,
+    fingerprint: str,
+    unlock: Unlock,
+    *,
+    reason: str,
+    now: int,
+) -> pb.SealResponse:
+    """Seal the replica behind `stub` by one custodian's signed request.
+
+    The exact statement is shown (through `unlock`) before the credential is
+    unlocked: what you see is what you sign.
+    """
+    with rpc_errors():
+        status = stub.GetStatus(pb.GetStatusRequest())
+    statement = statements.seal_statement(
+        deployment=status.deployment,
+        custodian=fingerprint,
+        replica=status.replica,
+        reason=reason,
+        requested_at=now,
+    )
+    credential = unlock(statement.render())
+    if credential.public().fingerprint != fingerprint:
+        raise InvalidInputError("the credential does not match its public file")
+    signed = statements.sign_statement(statement, credential)
+    with rpc_errors():
+        return stub.Seal(
+            pb.SealRequest(
+                custodian=fingerprint,
+                requested_at=now,
+                reason=reason,
+                signature=signed.signature.to_bytes(),
+            )
+        )

@@ -1,0 +1,174 @@
+"""`keyquorum demo`: the whole story on a fresh machine, step by step.
+
+It makes a temporary data directory and a development PKI, starts a real
+daemon process over TLS on a free loopback port, and then runs the same
+`keyquorum` commands a person would type (in this process, with each
+command line printed), so the demo exercises the real CLI end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from keyquorum.cli import custodian_actions as actions
+from keyquorum.cli.connect import make_endpoint, open_channel
+from keyquorum.quorum.credentials import CustodianCredential
+from keyquorum.quorum.errors import KeyquorumError
+from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
+
+CUSTODIANS = ("alice", "bob", "carol", "dave", "erin", "frank", "grace")
+THRESHOLD = 5
+DEPLOYMENT = "demo-health"
+
+
+def _step(text: str) -> None:
+    click.secho(f"\n== {text}", bold=True)
+
+
+def _run(args: Sequence[str]) -> None:
+    """Run one `keyquorum` command in this process, echoing it first."""
+    from keyquorum.cli.main import main
+
+    click.secho("$ keyquorum " + " ".join(shlex.quote(a) for a in args), fg="cyan")
+    try:
+        main.main(list(args), prog_name="keyquorum", standalone_mode=False)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise click.ClickException(f"command failed with exit code {e.code}") from None
+
+
+@contextmanager
+def _daemon(work: Path, env: dict[str, str]) -> Iterator[int]:
+    data_dir, pki = work / "data", work / "pki"
+    ready = work / "daemon.ready"
+    log_path = work / "daemon.log"
+    cmd = [
+        sys.executable, "-m", "keyquorum.cli.main", "server", "run",
+        "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
+        "--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"),
+        "--replica", "demo-1", "--ready-file", str(ready),
+    ]  # fmt: skip
+    click.secho("$ keyquorum server run --data-dir ... --listen 127.0.0.1:0 ...", fg="cyan")
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 30
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise click.ClickException(
+                        "the daemon did not start:\n" + log_path.read_text(errors="replace")
+                    )
+                time.sleep(0.05)
+            port = int(json.loads(ready.read_text())["port"])
+            click.echo(f"daemon pid {proc.pid} listening on 127.0.0.1:{port} (TLS)")
+            yield port
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=15)
+            click.echo(f"daemon stopped (exit code {proc.returncode}); its log: {log_path}")
+
+
+@click.command("demo")
+@click.option(
+    "--keep",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Work in this directory and keep it, instead of a temporary one.",
+)
+def demo(keep: Path | None) -> None:
+    """Run the full story: ceremony, confirm, unseal (with a wrong share), seal."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        _story(keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="keyquorum-demo-") as tmp:
+            _story(Path(tmp))
+
+
+def _story(work: Path) -> None:
+    env = dict(os.environ)
+    creds, pki = work / "custodians", work / "pki"
+    _step("1. A development PKI (CA, server certificate) for TLS")
+    _run(["admin", "dev-pki", "--out", str(pki), "--client", "backend/booking"])
+
+    _step(f"2. Seven custodians each make a credential ({len(CUSTODIANS)} people, 7 laptops)")
+    passphrases = {}
+    for name in CUSTODIANS:
+        pf = work / f"{name}.passphrase"
+        pf.write_text(f"demo passphrase of {name}, not a real one\n")
+        pf.chmod(0o600)
+        passphrases[name] = pf
+        _run(
+            ["custodian", "new", "--name", name, "--out", str(creds), "--passphrase-file", str(pf)]
+        )
+
+    with _daemon(work, env) as port:
+        server = f"127.0.0.1:{port}"
+        conn = ["--server", server, "--ca", str(pki / "ca.crt")]
+
+        def cred(name: str) -> list[str]:
+            return [
+                "--credential", str(creds / f"{name}.kqcred"),
+                "--passphrase-file", str(passphrases[name]),
+            ]  # fmt: skip
+
+        _step("3. Status before the ceremony")
+        _run(["status", *conn])
+
+        _step(f"4. The init ceremony: {THRESHOLD}-of-{len(CUSTODIANS)}")
+        _run(
+            [
+                "ceremony", "init", *conn, "--deployment", DEPLOYMENT,
+                "--threshold", str(THRESHOLD),
+                *[str(creds / f"{n}.pub.json") for n in CUSTODIANS],
+            ]
+        )  # fmt: skip
+
+        _step("5. Each custodian checks their share and confirms it")
+        for name in CUSTODIANS:
+            _run(["custodian", "confirm", *conn, *cred(name)])
+        _run(["status", *conn])
+
+        _step("6. Unseal: four shares, still sealed")
+        for name in CUSTODIANS[:4]:
+            _run(["custodian", "unseal", *conn, *cred(name)])
+
+        _step("7. A wrong share (erin's, one byte altered): refused, custodian named")
+        endpoint = make_endpoint(server, pki / "ca.crt", False)
+        erin = CustodianCredential.decrypt(
+            (creds / "erin.kqcred").read_bytes(), passphrases["erin"].read_bytes().strip()
+        )
+
+        def flip_last_byte(raw: bytearray) -> None:
+            raw[-1] ^= 0x01
+
+        with open_channel(endpoint) as channel:
+            try:
+                actions.submit_share(
+                    pb_grpc.CustodianServiceStub(channel), erin, tamper=flip_last_byte
+                )
+                raise click.ClickException("the daemon accepted a wrong share")
+            except KeyquorumError as e:
+                click.secho(f"refused: {e}", fg="yellow")
+
+        _step("8. The fifth share: unsealed")
+        _run(["custodian", "unseal", *conn, *cred("erin")])
+        _run(["status", *conn])
+
+        _step("9. One custodian seals in an emergency")
+        _run(["custodian", "seal", *conn, *cred("grace"), "--reason", "end of demo"])
+        _run(["status", *conn])
+
+    _step("Done. Every step above is in the quorum log, signed by the custodians.")

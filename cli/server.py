@@ -1,0 +1,151 @@
+"""`keyquorum server run`: the daemon process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from keyquorum.hsm import custodian_service, hardening, tls
+from keyquorum.hsm.daemon import Daemon
+from keyquorum.hsm.server import create_server
+from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.quorum.limits import DEFAULT_LIMITS
+
+log = logging.getLogger("keyquorum.server")
+
+STORE_FILE = "keyquorum.sqlite"
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InvalidInputError(f"--listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def _write_ready_file(path: Path, port: int) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    tmp.replace(path)
+
+
+@click.group()
+def server() -> None:
+    """Run the key-custody daemon."""
+
+
+@server.command("run")
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the SQLite store and the log signing key.",
+)
+@click.option("--listen", default="127.0.0.1:7443", show_default=True, help="HOST:PORT.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--client-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CA for backend and auditor client certificates (mTLS).",
+)
+@click.option(
+    "--insecure-dev-plaintext",
+    is_flag=True,
+    help="Serve plaintext gRPC; only on a loopback address, for development.",
+)
+@click.option("--replica", default=socket.gethostname(), show_default=True, help="Replica name.")
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write {port, pid} as JSON here once serving (for scripts and tests).",
+)
+@click.option("--log-level", default="INFO", show_default=True)
+def run(
+    data_dir: Path,
+    listen: str,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    client_ca: Path | None,
+    insecure_dev_plaintext: bool,
+    replica: str,
+    ready_file: Path | None,
+    log_level: str,
+) -> None:
+    """Start the daemon: verify the log, start sealed, serve gRPC.
+
+    \b
+    Example:
+      keyquorum server run --data-dir /var/lib/keyquorum \\
+          --listen 0.0.0.0:7443 --tls-cert server.pem --tls-key server.key
+    """
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    host, port = _split_listen(listen)
+    if insecure_dev_plaintext:
+        tls.check_plaintext_allowed(host, allow_insecure_dev=True)
+        credentials = None
+        log.warning("serving PLAINTEXT gRPC on %s (development only)", listen)
+    else:
+        if tls_cert is None or tls_key is None:
+            raise InvalidInputError(
+                "TLS is on by default: give --tls-cert and --tls-key "
+                "(or --insecure-dev-plaintext on loopback)"
+            )
+        credentials = tls.server_credentials(tls_cert, tls_key, client_ca=client_ca)
+    if not hardening.refuse_core_dumps():
+        log.warning("could not make the process non-dumpable; core dumps may hold keys")
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = SqliteStore.open(data_dir / STORE_FILE)
+    daemon = Daemon(
+        store,
+        data_dir=data_dir,
+        replica=replica,
+        limits=DEFAULT_LIMITS,
+        clock=lambda: int(time.time()),
+    )
+    grpc_server, bound = create_server(
+        host=host,
+        port=port,
+        credentials=credentials,
+        limits=DEFAULT_LIMITS,
+        register=[custodian_service.register(daemon)],
+        service_names=[custodian_service.SERVICE_NAME],
+    )
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: sealing and stopping", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    grpc_server.start()
+    log.info(
+        "listening on %s:%d (%s), replica %s, %s",
+        host,
+        bound,
+        "plaintext" if credentials is None else "TLS",
+        replica,
+        "initialised, sealed" if daemon.state.initialized else "awaiting ceremony",
+    )
+    if ready_file is not None:
+        _write_ready_file(ready_file, bound)
+    stopping.wait()
+    # Seal first, so no call served during the grace period gets a key.
+    daemon.seal_for_shutdown()
+    grpc_server.stop(grace=2).wait()
+    store.close()
+    log.info("stopped")

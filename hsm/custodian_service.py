@@ -1,0 +1,171 @@
+"""CustodianService: a thin gRPC layer over `Daemon`.
+
+Each method converts the request, calls the daemon, and converts the
+answer; every `KeyquorumError` becomes a status code through
+`keyquorum.hsm.status`, the one place that mapping lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from keyquorum.hsm.daemon import Daemon, StatusView
+from keyquorum.hsm.status import abort_with
+from keyquorum.quorum import canonical
+from keyquorum.quorum.errors import DeserializationError, KeyquorumError
+from keyquorum.v1 import custodian_pb2 as pb
+from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+SERVICE_NAME = "keyquorum.v1.CustodianService"
+
+
+def _hex(value: str, field: str) -> bytes:
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise DeserializationError(f"{field} must be hex") from None
+
+
+def _status(view: StatusView) -> pb.Status:
+    return pb.Status(
+        initialized=view.initialized,
+        sealed=view.sealed,
+        deployment=view.deployment,
+        threshold=view.threshold,
+        custodian_count=len(view.roster),
+        unseal_progress=view.unseal_progress,
+        confirmed_count=view.confirmed_count,
+        log_size=view.log_size,
+        checkpoint=view.checkpoint,
+        replica=view.replica,
+        log_key=view.log_key,
+        roster=[
+            pb.Custodian(
+                fingerprint=c.fingerprint,
+                name=c.name,
+                share_index=c.share_index,
+                confirmed=c.confirmed,
+            )
+            for c in view.roster
+        ],
+    )
+
+
+class CustodianServicer(pb_grpc.CustodianServiceServicer):
+    """Custodian-facing RPCs; authentication is by the custodians' signatures."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    @staticmethod
+    def _call(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except KeyquorumError as e:
+            abort_with(context, e)
+
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.Status:
+        return _status(self._call(context, self._daemon.status))
+
+    def InitCeremony(
+        self, request: pb.InitCeremonyRequest, context: grpc.ServicerContext
+    ) -> pb.InitCeremonyResponse:
+        view = self._call(
+            context,
+            lambda: self._daemon.init_ceremony(
+                request.deployment, request.threshold, list(request.public_credentials)
+            ),
+        )
+        status = _status(view)
+        return pb.InitCeremonyResponse(
+            log_size=view.log_size,
+            checkpoint=view.checkpoint,
+            master_key_commitment=self._daemon.state.split.secret_commitment.hex(),
+            roster=status.roster,
+        )
+
+    def GetEncryptedShare(
+        self, request: pb.GetEncryptedShareRequest, context: grpc.ServicerContext
+    ) -> pb.EncryptedShare:
+        share = self._call(context, lambda: self._daemon.encrypted_share(request.custodian))
+        return pb.EncryptedShare(
+            deployment=share.deployment,
+            split_id=share.split_id.hex(),
+            index=share.index,
+            ciphertext=share.ciphertext,
+            commitment=share.commitments.share_commitments[share.index - 1].hex(),
+            threshold=share.commitments.threshold,
+            split_commitments=canonical.encode(share.commitments.to_json()),
+        )
+
+    def ConfirmShare(
+        self, request: pb.ConfirmShareRequest, context: grpc.ServicerContext
+    ) -> pb.ConfirmShareResponse:
+        view = self._call(
+            context,
+            lambda: self._daemon.confirm_share(
+                request.custodian,
+                _hex(request.split_id, "split_id"),
+                request.index,
+                request.signature,
+            ),
+        )
+        return pb.ConfirmShareResponse(
+            confirmed_count=view.confirmed_count,
+            custodian_count=len(view.roster),
+            log_size=view.log_size,
+        )
+
+    def OpenUnsealSession(
+        self, request: pb.OpenUnsealSessionRequest, context: grpc.ServicerContext
+    ) -> pb.UnsealSession:
+        s = self._call(context, self._daemon.open_unseal_session)
+        return pb.UnsealSession(
+            session_id=s.session_id.hex(),
+            public_key=s.public_key,
+            log_size=s.log_size,
+            expires_at=s.expires_at,
+            deployment=s.deployment,
+            split_id=s.split_id.hex(),
+            replica=s.replica,
+            threshold=s.threshold,
+            progress=s.progress,
+        )
+
+    def SubmitShare(
+        self, request: pb.SubmitShareRequest, context: grpc.ServicerContext
+    ) -> pb.UnsealProgress:
+        p = self._call(
+            context,
+            lambda: self._daemon.submit_share(
+                _hex(request.session_id, "session_id"),
+                request.custodian,
+                request.index,
+                request.ciphertext,
+                request.signature,
+            ),
+        )
+        return pb.UnsealProgress(have=p.have, need=p.need, sealed=p.sealed, log_size=p.log_size)
+
+    def Seal(self, request: pb.SealRequest, context: grpc.ServicerContext) -> pb.SealResponse:
+        size = self._call(
+            context,
+            lambda: self._daemon.seal(
+                request.custodian, request.requested_at, request.reason, request.signature
+            ),
+        )
+        return pb.SealResponse(log_size=size)
+
+
+def register(daemon: Daemon) -> Callable[[grpc.Server], None]:
+    """A registration callback for `create_server`."""
+
+    def add(server: grpc.Server) -> None:
+        pb_grpc.add_CustodianServiceServicer_to_server(CustodianServicer(daemon), server)
+
+    return add
