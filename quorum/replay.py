@@ -52,6 +52,7 @@ from keyquorum.quorum.checkpoint import NoteVerifier, parse_verifier_key, verify
 from keyquorum.quorum.credentials import PublicCredential
 from keyquorum.quorum.errors import (
     DeserializationError,
+    ExpiredError,
     InvalidInputError,
     KeyquorumError,
     LogIntegrityError,
@@ -644,10 +645,11 @@ class _Check:
         if proposal.status == "cancelled":
             raise _RefusedError(f"proposal {proposal_id.hex()} was cancelled by a roster change")
         if self.entry.time >= proposal.expires_at:
-            raise _RefusedError(
+            message = (
                 f"proposal {proposal_id.hex()} expired at {proposal.expires_at}, "
                 f"before this entry's time {self.entry.time}"
             )
+            raise _RefusedError(message) from ExpiredError(message)
         return proposal
 
     def verdict(self, p: ApprovalPayload | RefusalPayload) -> Commit:
