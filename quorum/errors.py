@@ -98,6 +98,17 @@ class LogIntegrityError(VerificationError):
         self.seq = seq
 
 
+class ForkError(VerificationError):
+    """Two checkpoints signed by the log key cannot both be true: the same tree
+    size with two roots, or a later one that does not extend an earlier one.
+    The log showed two histories (a split view); both notes are the evidence."""
+
+    def __init__(self, message: str, *, size: int, evidence: tuple[str, str]) -> None:
+        super().__init__(message)
+        self.size = size
+        self.evidence = evidence
+
+
 class StateError(KeyquorumError):
     """The operation is not valid in the current state (e.g. already initialised)."""
 
