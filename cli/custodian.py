@@ -11,6 +11,7 @@ import click
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
 from keyquorum.cli.passphrase import passphrase_options, read_passphrase
+from keyquorum.cli.proposal import describe_result
 from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
 from keyquorum.quorum.errors import InvalidInputError, StateError
 from keyquorum.v1 import custodian_pb2 as pb
@@ -70,7 +71,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 
 @click.group()
 def custodian() -> None:
-    """Custodian credentials, share confirmation, unseal and seal."""
+    """Custodian credentials, share confirmation, unseal, seal, approvals."""
 
 
 @custodian.command("new")
@@ -226,3 +227,64 @@ def seal_cmd(
             now=int(time.time()),
         )
     click.echo("sealed")
+
+
+def _verdict_command(verdict: str) -> click.Command:
+    """`custodian approve ID` / `custodian refuse ID`: one signed verdict."""
+
+    @endpoint_options
+    @credential_option
+    @passphrase_options
+    @click.argument("proposal_id")
+    @click.option(
+        "--roster-file",
+        "roster_files",
+        multiple=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="change-roster after a daemon restart: public files of the custodians it adds.",
+    )
+    def command(
+        server: str,
+        ca: Path | None,
+        insecure_dev_plaintext: bool,
+        credential_path: Path,
+        passphrase_file: Path | None,
+        passphrase_fd: int | None,
+        proposal_id: str,
+        roster_files: tuple[Path, ...],
+    ) -> None:
+        endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
+        with open_channel(endpoint) as channel:
+            stub = pb_grpc.CustodianServiceStub(channel)
+            response = actions.verdict(
+                stub,
+                proposal_id,
+                public_for(credential_path).fingerprint,
+                _unlocker(credential_path, passphrase_file, passphrase_fd),
+                verdict=verdict,
+                public_credentials=[f.read_bytes() for f in roster_files],
+            )
+        p = response.proposal
+        if verdict == "refuse":
+            click.echo(f"refused and logged; {len(p.refused_by)} refusal(s) so far")
+        elif response.executed:
+            click.echo(f"approved: {len(p.approved_by)} of {p.required}; EXECUTED {p.operation}")
+            click.echo(f"  {describe_result(p)}")
+        else:
+            click.echo(
+                f"approved: {len(p.approved_by)} of {p.required}; "
+                f"not executed yet ({p.required - len(p.approved_by)} more needed)"
+            )
+
+    command.__doc__ = (
+        f"{verdict.capitalize()} proposal PROPOSAL_ID with your signature.\n\n"
+        "The exact statement text is printed first; your passphrase is asked\n"
+        "only after it, and the signature covers exactly that text.\n\n"
+        "\b\nExample:\n"
+        f"  keyquorum custodian {verdict} 3f0c... --credential ~/.keyquorum/alice.kqcred"
+    )
+    return click.command(verdict)(command)
+
+
+custodian.add_command(_verdict_command("approve"))
+custodian.add_command(_verdict_command("refuse"))

@@ -9,14 +9,14 @@ never leaves this process in the clear, and its buffers are wiped after use.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from keyquorum.cli.connect import rpc_errors
 from keyquorum.quorum import canonical, shamir, statements
 from keyquorum.quorum import log as qlog
 from keyquorum.quorum.credentials import CustodianCredential
-from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.quorum.errors import InvalidInputError, StateError
 from keyquorum.quorum.sealing import SealingPublicKey
 from keyquorum.quorum.secret import SecretBytes
 from keyquorum.quorum.unseal import session_info
@@ -180,3 +180,76 @@ def seal(
                 signature=signed.signature.to_bytes(),
             )
         )
+
+
+def proposal_statement(proposal: pb.Proposal, verdict: str) -> statements.Statement:
+    """The statement to sign on `proposal`, checked here before it is shown.
+
+    The daemon sends the text; this rebuilds it from the proposal's own
+    fields (`ApprovalRequest`, the same code the daemon and replay use) and
+    refuses to go on if the two differ, so what the custodian reads is
+    exactly what the signature covers and what the daemon will verify. A
+    daemon that lied about the fields would only get a signature that
+    verifies for no proposal in its log.
+    """
+    if verdict not in statements.VERDICTS:
+        raise InvalidInputError(f"verdict must be one of {statements.VERDICTS}")
+    text = proposal.approve_statement if verdict == "approve" else proposal.refuse_statement
+    shown = statements.Statement.parse(text)
+    try:
+        proposal_id = bytes.fromhex(proposal.id)
+    except ValueError:
+        raise InvalidInputError("the daemon sent a proposal id that is not hex") from None
+    request = statements.ApprovalRequest.from_mapping(
+        deployment=proposal.deployment,
+        proposal_id=proposal_id,
+        operation=proposal.operation,
+        parameters={p.key: p.value for p in proposal.parameters},
+        log_position=proposal.log_position,
+        expires_at=proposal.expires_at,
+    )
+    rebuilt = request.statement(verdict)
+    if rebuilt.render() != shown.render() or shown.kind != verdict:
+        raise InvalidInputError(
+            "the daemon's statement text does not match its own proposal: refusing to sign"
+        )
+    return shown
+
+
+def verdict(
+    stub: pb_grpc.CustodianServiceStub,
+    proposal_id: str,
+    fingerprint: str,
+    unlock: Unlock,
+    *,
+    verdict: str,
+    public_credentials: Sequence[bytes] = (),
+) -> pb.VerdictResponse:
+    """Approve or refuse one proposal as custodian `fingerprint`.
+
+    Fetches the proposal, checks its statement (`proposal_statement`),
+    shows it through `unlock` BEFORE the credential is unlocked, signs
+    exactly that text and sends the signature. Nothing is signed for a
+    proposal that is no longer pending.
+    """
+    with rpc_errors():
+        proposal = stub.GetProposal(pb.GetProposalRequest(id=proposal_id.lower()))
+    if proposal.id != proposal_id.lower():
+        raise InvalidInputError("the daemon answered with another proposal")
+    if proposal.status != "pending":
+        raise StateError(f"proposal {proposal.id} is {proposal.status}: nothing to sign")
+    statement = proposal_statement(proposal, verdict)
+    credential = unlock(statement.render())
+    if credential.public().fingerprint != fingerprint:
+        raise InvalidInputError("the credential does not match its public file")
+    signed = statements.sign_statement(statement, credential)
+    request = pb.VerdictRequest(
+        proposal=proposal.id,
+        custodian=fingerprint,
+        signature=signed.signature.to_bytes(),
+        public_credentials=list(public_credentials),
+    )
+    with rpc_errors():
+        if verdict == "approve":
+            return stub.Approve(request)
+        return stub.Refuse(request)

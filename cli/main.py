@@ -30,12 +30,14 @@ def main() -> None:
 
 def _register() -> None:
     from keyquorum.cli.admin import admin
+    from keyquorum.cli.audit import audit_group
     from keyquorum.cli.ceremony import ceremony, status
     from keyquorum.cli.custodian import custodian
     from keyquorum.cli.demo import demo
+    from keyquorum.cli.proposal import proposal, tenant
     from keyquorum.cli.server import server
 
-    for command in (admin, ceremony, custodian, demo, server, status):
+    for command in (admin, audit_group, ceremony, custodian, demo, proposal, server, status, tenant):
         main.add_command(command)
 
 

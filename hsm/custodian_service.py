@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import grpc
 
-from keyquorum.hsm.daemon import Daemon, StatusView
+from keyquorum.hsm.daemon import Daemon, ProposalView, StatusView, VerdictView
 from keyquorum.hsm.status import abort_with
 from keyquorum.quorum import canonical
 from keyquorum.quorum.errors import DeserializationError, KeyquorumError
@@ -29,6 +29,33 @@ def _hex(value: str, field: str) -> bytes:
         return bytes.fromhex(value)
     except ValueError:
         raise DeserializationError(f"{field} must be hex") from None
+
+
+def _proposal(view: ProposalView) -> pb.Proposal:
+    return pb.Proposal(
+        id=view.id.hex(),
+        deployment=view.deployment,
+        operation=view.operation,
+        parameters=[pb.Parameter(key=k, value=str(v)) for k, v in view.parameters],
+        log_position=view.log_position,
+        proposed_at=view.proposed_at,
+        expires_at=view.expires_at,
+        proposer=view.proposer,
+        status=view.status,
+        required=view.required,
+        approved_by=list(view.approved_by),
+        refused_by=list(view.refused_by),
+        approve_statement=view.approve_statement,
+        refuse_statement=view.refuse_statement,
+        executed_seq=view.executed_seq or 0,
+        result=b"" if view.result is None else canonical.encode(view.result),
+    )
+
+
+def _verdict(view: VerdictView) -> pb.VerdictResponse:
+    return pb.VerdictResponse(
+        proposal=_proposal(view.proposal), executed=view.executed, log_size=view.log_size
+    )
 
 
 def _status(view: StatusView) -> pb.Status:
@@ -160,6 +187,80 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
             ),
         )
         return pb.SealResponse(log_size=size)
+
+    def Propose(self, request: pb.ProposeRequest, context: grpc.ServicerContext) -> pb.Proposal:
+        view = self._call(
+            context,
+            lambda: self._daemon.propose(
+                request.operation,
+                [(p.key, p.value) for p in request.parameters],
+                expires_in=request.expires_in_seconds or None,
+                proposer=request.proposer,
+                public_credentials=list(request.public_credentials),
+            ),
+        )
+        return _proposal(view)
+
+    def ListProposals(
+        self, request: pb.ListProposalsRequest, context: grpc.ServicerContext
+    ) -> pb.ListProposalsResponse:
+        views = self._call(
+            context, lambda: self._daemon.list_proposals(include_closed=request.include_closed)
+        )
+        return pb.ListProposalsResponse(proposals=[_proposal(v) for v in views])
+
+    def GetProposal(
+        self, request: pb.GetProposalRequest, context: grpc.ServicerContext
+    ) -> pb.Proposal:
+        view = self._call(
+            context, lambda: self._daemon.get_proposal(_hex(request.id, "proposal id"))
+        )
+        return _proposal(view)
+
+    def Approve(
+        self, request: pb.VerdictRequest, context: grpc.ServicerContext
+    ) -> pb.VerdictResponse:
+        view = self._call(
+            context,
+            lambda: self._daemon.approve(
+                _hex(request.proposal, "proposal id"),
+                request.custodian,
+                request.signature,
+                public_credentials=list(request.public_credentials),
+            ),
+        )
+        return _verdict(view)
+
+    def Refuse(
+        self, request: pb.VerdictRequest, context: grpc.ServicerContext
+    ) -> pb.VerdictResponse:
+        view = self._call(
+            context,
+            lambda: self._daemon.refuse(
+                _hex(request.proposal, "proposal id"), request.custodian, request.signature
+            ),
+        )
+        return _verdict(view)
+
+    def ListTenants(
+        self, request: pb.ListTenantsRequest, context: grpc.ServicerContext
+    ) -> pb.ListTenantsResponse:
+        views = self._call(context, self._daemon.tenants)
+        return pb.ListTenantsResponse(
+            tenants=[
+                pb.Tenant(
+                    name=t.name,
+                    versions=t.versions,
+                    disabled_versions=list(t.disabled_versions),
+                    active_until=t.active_until or 0,
+                    unwrapped=t.unwrapped,
+                    destroy_at=t.destroy_at or 0,
+                    destroyed=t.destroyed,
+                    backends=list(t.backends),
+                )
+                for t in views
+            ]
+        )
 
 
 def register(daemon: Daemon) -> Callable[[grpc.Server], None]:

@@ -12,9 +12,24 @@ Contract:
 - It starts sealed. The master key exists in memory only between a
   successful unseal and the next seal (or exit), in a `SecretBytes` that is
   wiped on seal; shares are wiped as soon as they are combined.
-- An append is durable before its effect is visible: the entry is checked,
-  written in one store transaction, and only then applied to the state and
-  acted on. If the write fails, nothing changes (audit fails closed).
+- An append is durable before its effect is visible: the entries are
+  checked by replay on a copy of the state, written in one store
+  transaction (with any shred salts they bind or erase), and only then does
+  the copy become the state and the daemon act on them. If the write
+  fails, nothing changes (audit fails closed).
+- Quorum operations (docs/ARCHITECTURE.md, "quorum/operations.py"): a
+  proposal is logged; each custodian's verdict is checked here with the
+  same functions replay uses, and the approval that reaches the number an
+  operation needs is appended in ONE transaction with the execution it
+  makes due. Operations that need the master key (create, rotate and
+  activate a tenant, change the roster) are refused while sealed, and
+  then the approval is not logged either.
+- Tenant keys are unwrapped into a `TenantKeyring` only for a logged,
+  unexpired activation: at its execution, or at unseal for an activation
+  still valid in the log. Expiry (checked at every call and by a
+  background sweeper), deactivation, destruction and seal wipe them. The
+  sweeper also appends the `shred` entry, erasing the tenant's shred
+  salts in the same transaction, once a destroy wait is over.
 """
 
 from __future__ import annotations
@@ -22,17 +37,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from keyquorum.hsm import tenant_keys
 from keyquorum.hsm.logkey import LogKey
-from keyquorum.hsm.store import Store
+from keyquorum.hsm.pki import ClientIdentity
+from keyquorum.hsm.store import ShredSalt, Store
+from keyquorum.hsm.tenant_keys import TenantKeyring
 from keyquorum.quorum import log as qlog
 from keyquorum.quorum import merkle, shamir, statements
 from keyquorum.quorum.credentials import PublicCredential
 from keyquorum.quorum.errors import (
+    AccessDeniedError,
+    DeserializationError,
     ExpiredError,
     InvalidInputError,
     KeyquorumError,
@@ -45,15 +67,37 @@ from keyquorum.quorum.errors import (
 )
 from keyquorum.quorum.limits import Limits
 from keyquorum.quorum.log import (
+    ApprovalPayload,
     ConfirmPayload,
+    ExecutionPayload,
     GenesisPayload,
     Payload,
+    ProposalPayload,
+    RefusalPayload,
     SealPayload,
+    ShredPayload,
     UnsealPayload,
     UnsealShare,
 )
-from keyquorum.quorum.operations import EncryptedShare, Policy
-from keyquorum.quorum.replay import LogState, Replayer, verify_log
+from keyquorum.quorum.operations import (
+    MAX_TEXT,
+    Activated,
+    DestroyScheduled,
+    EncryptedShare,
+    GrantChanged,
+    NewVersion,
+    Parameters,
+    Policy,
+    Result,
+    Rewrapped,
+    RosterChanged,
+    TenantNamed,
+    VersionDisabled,
+    check_parameters,
+    operation,
+    request_for,
+)
+from keyquorum.quorum.replay import LogState, Proposal, Replayer, Tenant, verify_log
 from keyquorum.quorum.sealing import SealingPrivateKey
 from keyquorum.quorum.secret import SecretBytes
 from keyquorum.quorum.signatures import HybridSignature
@@ -66,6 +110,15 @@ RandomBytes = Callable[[int], bytes]
 
 MASTER_KEY_SIZE = 32
 SESSION_ID_SIZE = 16
+PROPOSAL_ID_SIZE = 16
+NONCE_SIZE = 12
+#: How often the background sweeper wipes ended activations and shreds.
+SWEEP_SECONDS = 1.0
+#: Parameters carried as integers; every other parameter is text.
+INTEGER_PARAMETERS = frozenset({"duration_seconds", "threshold", "version"})
+_DECIMAL = re.compile(r"[0-9]{1,16}")
+#: Operations whose execution needs the master key in memory.
+NEEDS_MASTER_KEY = frozenset({"create-tenant", "rotate-tenant", "activate-tenant", "change-roster"})
 
 
 @dataclass(frozen=True)
@@ -124,6 +177,71 @@ class Progress:
     log_size: int
 
 
+@dataclass(frozen=True)
+class ProposalView:
+    """A proposal as custodians see it, with the exact texts they would sign.
+
+    `status` is `pending`, `executed`, `cancelled` (by a roster change) or
+    `expired` (pending in the log, but past its expiry now).
+    """
+
+    id: bytes
+    deployment: str
+    operation: str
+    parameters: Parameters
+    log_position: int
+    proposed_at: int
+    expires_at: int
+    proposer: str
+    status: str
+    required: int
+    approved_by: tuple[str, ...]
+    refused_by: tuple[str, ...]
+    approve_statement: str
+    refuse_statement: str
+    executed_seq: int | None
+    result: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class VerdictView:
+    proposal: ProposalView
+    executed: bool
+    log_size: int
+
+
+@dataclass(frozen=True)
+class TenantView:
+    """A tenant as the log says, plus whether its key is unwrapped in this replica."""
+
+    name: str
+    versions: int
+    disabled_versions: tuple[int, ...]
+    active_until: int | None
+    unwrapped: bool
+    destroy_at: int | None
+    destroyed: bool
+    backends: tuple[str, ...]
+
+
+def _nothing() -> None:
+    """No effect (the default commit/abort action of a plan)."""
+
+
+@dataclass
+class _Plan:
+    """An execution prepared before anything is logged.
+
+    `on_commit` runs once the approval and the execution are durable;
+    `on_abort` wipes whatever secret the plan made if they are not.
+    """
+
+    result: Result
+    shred_salts: tuple[ShredSalt, ...] = ()
+    on_commit: Callable[[], None] = field(default=_nothing)
+    on_abort: Callable[[], None] = field(default=_nothing)
+
+
 class _UnsealSession:
     """One unseal session: a fresh HPKE key and the shares received so far."""
 
@@ -163,6 +281,7 @@ class Daemon:
         limits: Limits,
         clock: Clock,
         random_bytes: RandomBytes = os.urandom,
+        sweep_seconds: float | None = SWEEP_SECONDS,
     ) -> None:
         self._store = store
         self._data_dir = data_dir
@@ -175,7 +294,18 @@ class Daemon:
         self._session: _UnsealSession | None = None
         self._log_key: LogKey | None = None
         self._seal_requests_seen: set[bytes] = set()
+        self._keyring = TenantKeyring()
+        # Public credentials of custodians a change-roster proposal adds
+        # (the log names them only by fingerprint until it executes).
+        self._offered: dict[str, PublicCredential] = {}
         self._replayer, self._tree = self._load()
+        self._stop_sweeper = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        if sweep_seconds is not None:
+            self._sweeper = threading.Thread(
+                target=self._sweep_loop, args=(sweep_seconds,), name="kq-sweeper", daemon=True
+            )
+            self._sweeper.start()
 
     # -- loading -------------------------------------------------------------
 
@@ -216,16 +346,42 @@ class Daemon:
 
     def _append(self, payload: Payload, *, not_before: int = 0) -> bytes:
         """Check, durably append and apply one entry; sign a new checkpoint."""
-        state = self._replayer.state if self.initialized else None
-        time = max(self._now(), not_before)
-        raw = qlog.next_entry(state, payload.TYPE, payload, time)
-        self._replayer.check(raw)
+        return self._append_all([payload], time=max(self._now(), not_before))[0]
+
+    def _append_all(
+        self,
+        payloads: Sequence[Payload],
+        *,
+        time: int,
+        shred_salts: Sequence[ShredSalt] = (),
+        erase_tenants: Sequence[str] = (),
+    ) -> list[bytes]:
+        """Append several entries (and salt changes) as ONE store transaction.
+
+        Every entry is replayed first on a copy of the state, each after the
+        one before it; only when the store has committed them all does the
+        copy become the daemon's state. A refusal (`LogIntegrityError`) or a
+        failed write leaves the state, the tree and the store as they were.
+        """
+        scratch = Replayer(self._replayer.state.copy())
+        raws: list[bytes] = []
+        for payload in payloads:
+            head = scratch.state if scratch.state.size > 0 else None
+            raw = qlog.next_entry(head, payload.TYPE, payload, time)
+            scratch.apply(raw)
+            raws.append(raw)
         size = self._tree.size
-        self._store.append([(size, merkle.leaf_hash(raw), raw)], expected_size=size)
-        self._replayer.apply(raw)
-        self._tree.append(merkle.leaf_hash(raw))
+        self._store.append(
+            [(size + i, merkle.leaf_hash(raw), raw) for i, raw in enumerate(raws)],
+            expected_size=size,
+            shred_salts=shred_salts,
+            erase_tenants=erase_tenants,
+        )
+        self._replayer = scratch
+        for raw in raws:
+            self._tree.append(merkle.leaf_hash(raw))
         self._publish_checkpoint()
-        return raw
+        return raws
 
     def _publish_checkpoint(self) -> None:
         assert self._log_key is not None
@@ -240,6 +396,7 @@ class Daemon:
 
     def status(self) -> StatusView:
         with self._lock:
+            self._sweep_locked()
             st = self._replayer.state
             latest = self._store.latest_checkpoint()
             session = self._live_session()
@@ -518,6 +675,7 @@ class Daemon:
             self._session = None
         self._master = master
         log.info("unsealed")
+        self._restore_activations()
         return Progress(st.threshold, st.threshold, False, self._tree.size)
 
     # -- seal ----------------------------------------------------------------
@@ -565,7 +723,11 @@ class Daemon:
             return self._tree.size
 
     def seal_for_shutdown(self, reason: str = "daemon shutdown") -> None:
-        """Wipe keys and, if we were unsealed, log that the daemon sealed itself."""
+        """Stop the sweeper, wipe keys and, if unsealed, log that the daemon sealed itself."""
+        self._stop_sweeper.set()
+        sweeper = self._sweeper
+        if sweeper is not None and sweeper is not threading.current_thread():
+            sweeper.join(timeout=10)
         with self._lock:
             was_unsealed = not self.sealed
             self._wipe_keys()
@@ -585,6 +747,7 @@ class Daemon:
                 log.info("sealed: %s", reason)
 
     def _wipe_keys(self) -> None:
+        self._keyring.wipe_all()
         if self._master is not None:
             self._master.wipe()
             self._master = None
@@ -595,6 +758,613 @@ class Daemon:
     def master_key_buffer_for_test(self) -> bytearray | None:
         """The master key's buffer, so tests can check that seal zeroes it."""
         return self._master.buffer_for_test() if self._master is not None else None
+
+    # -- proposals -------------------------------------------------------------
+
+    def propose(
+        self,
+        operation_name: str,
+        parameters: Sequence[tuple[str, str]],
+        *,
+        expires_in: int | None,
+        proposer: str,
+        public_credentials: Sequence[bytes] = (),
+    ) -> ProposalView:
+        """Log a proposal for a quorum operation; it gets a fresh random id.
+
+        Parameters arrive as text; `duration_seconds`, `threshold` and
+        `version` are decimal integers, and a grant's `backend` may be given
+        as its certificate identity `keyquorum://backend/<name>` (the log
+        holds the name). Proposing changes nothing but the log: the
+        operation runs only when enough custodians approve it. For
+        `change-roster`, `public_credentials` are the public files of the
+        custodians the roster adds (the log names them by fingerprint).
+        """
+        with self._lock:
+            self._sweep_locked()
+            st = self._require_initialized()
+            policy = self._policy(st)
+            try:
+                name = operation(operation_name).name
+            except DeserializationError as e:
+                raise InvalidInputError(str(e)) from None
+            params = check_parameters(name, _typed_parameters(parameters), policy)
+            ttl = policy.proposal_ttl_seconds if expires_in is None else expires_in
+            if not 1 <= ttl <= policy.proposal_ttl_seconds:
+                raise InvalidInputError(
+                    f"a proposal expires 1 to {policy.proposal_ttl_seconds} s after it is "
+                    f"made (the policy's proposal_ttl_seconds), got {ttl}"
+                )
+            if not proposer or len(proposer) > MAX_TEXT or not proposer.isprintable():
+                raise InvalidInputError(f"proposer must be printable text of 1..{MAX_TEXT} chars")
+            if name == "change-roster":
+                self._offer_credentials(public_credentials, str(dict(params)["roster"]))
+                self._roster_credentials(str(dict(params)["roster"]))
+            elif public_credentials:
+                raise InvalidInputError("public credentials belong to a change-roster proposal")
+            now = self._now()
+            payload = ProposalPayload(
+                id=self._random(PROPOSAL_ID_SIZE),
+                operation=name,
+                parameters=params,
+                expires_at=now + ttl,
+                proposer=proposer,
+            )
+            try:
+                self._append_all([payload], time=now)
+            except LogIntegrityError as e:
+                raise _refusal(e, StateError) from None
+            log.info("proposal %s: %s %s", payload.id.hex(), name, dict(params))
+            return self._proposal_view(self._replayer.state.proposals[payload.id], now)
+
+    def list_proposals(self, *, include_closed: bool = False) -> list[ProposalView]:
+        """Proposals open for verdicts (or every proposal), oldest first."""
+        with self._lock:
+            self._sweep_locked()
+            st = self._require_initialized()
+            now = self._now()
+            return [
+                self._proposal_view(p, now)
+                for p in st.proposals.values()
+                if include_closed or p.is_pending(now)
+            ]
+
+    def get_proposal(self, proposal_id: bytes) -> ProposalView:
+        """One proposal, with the exact approve and refuse statements."""
+        with self._lock:
+            self._sweep_locked()
+            st = self._require_initialized()
+            return self._proposal_view(self._find_proposal(st, proposal_id), self._now())
+
+    def approve(
+        self,
+        proposal_id: bytes,
+        fingerprint: str,
+        signature: bytes,
+        *,
+        public_credentials: Sequence[bytes] = (),
+    ) -> VerdictView:
+        """Count one custodian's signed approval; execute at the number needed.
+
+        The approval that makes the operation due is appended in one store
+        transaction with the execution (and any new shred salt), then the
+        operation takes effect. Refused, with nothing logged: see `_check_verdict`;
+        and, for an operation that needs the master key, a sealed daemon.
+        """
+        return self._verdict("approve", proposal_id, fingerprint, signature, public_credentials)
+
+    def refuse(self, proposal_id: bytes, fingerprint: str, signature: bytes) -> VerdictView:
+        """Log one custodian's signed refusal (it counts against nothing, but is on record)."""
+        return self._verdict("refuse", proposal_id, fingerprint, signature, ())
+
+    def _verdict(
+        self,
+        verdict: str,
+        proposal_id: bytes,
+        fingerprint: str,
+        signature: bytes,
+        public_credentials: Sequence[bytes],
+    ) -> VerdictView:
+        with self._lock:
+            self._sweep_locked()
+            st = self._require_initialized()
+            now = self._now()
+            proposal, sig = self._check_verdict(
+                st, verdict, proposal_id, fingerprint, signature, now
+            )
+            if verdict == "refuse":
+                refusal = RefusalPayload(proposal.id, fingerprint, sig.to_bytes())
+                self._append_verdict([refusal], now)
+                log.info("proposal %s refused by %s", proposal.id.hex(), fingerprint[:16])
+                return self._verdict_view(proposal.id, now, executed=False)
+            approval = ApprovalPayload(proposal.id, fingerprint, sig.to_bytes())
+            needed = operation(proposal.operation).required_approvals(st.threshold)
+            if len(proposal.approvals) + 1 < needed:
+                self._append_verdict([approval], now)
+                log.info(
+                    "proposal %s approved by %s (%d of %d)",
+                    proposal.id.hex(),
+                    fingerprint[:16],
+                    len(proposal.approvals) + 1,
+                    needed,
+                )
+                return self._verdict_view(proposal.id, now, executed=False)
+            if proposal.operation == "change-roster":
+                roster = str(dict(proposal.parameters)["roster"])
+                self._offer_credentials(public_credentials, roster)
+            plan = self._plan(st, proposal, now)
+            execution = ExecutionPayload(proposal.id, proposal.operation, plan.result)
+            try:
+                self._append_verdict([approval, execution], now, plan.shred_salts)
+            except BaseException:
+                plan.on_abort()
+                raise
+            plan.on_commit()
+            log.info("proposal %s executed: %s", proposal.id.hex(), proposal.operation)
+            return self._verdict_view(proposal.id, now, executed=True)
+
+    def _check_verdict(
+        self,
+        st: LogState,
+        verdict: str,
+        proposal_id: bytes,
+        fingerprint: str,
+        signature: bytes,
+        now: int,
+    ) -> tuple[Proposal, HybridSignature]:
+        """The checks of one verdict, in order, before anything is logged.
+
+        1. the proposal exists (InvalidInputError), is pending (StateError:
+           executed, or cancelled by a roster change) and unexpired
+           (ExpiredError);
+        2. the signer is on the roster in force (NotOnRosterError: never a
+           custodian, or removed by a roster change);
+        3. the signer gave no verdict on it before (ReplayError);
+        4. the signature verifies over this proposal's approve (or refuse)
+           statement, rebuilt here from the log (SignatureError: forged, or
+           made for another proposal, or for the other verdict).
+        Replay repeats every one of these when the entry is appended.
+        """
+        # 1. The proposal.
+        proposal = self._find_proposal(st, proposal_id)
+        pid = proposal.id.hex()
+        if proposal.status == "executed":
+            raise StateError(f"proposal {pid} was already executed")
+        if proposal.status == "cancelled":
+            raise StateError(f"proposal {pid} was cancelled by a roster change")
+        if now >= proposal.expires_at:
+            raise ExpiredError(
+                f"proposal {pid} expired at {statements.render_time(proposal.expires_at)}"
+            )
+        # 2. On the roster in force.
+        credential = st.epoch.credential(fingerprint)
+        who = f"custodian {credential.name} ({fingerprint[:16]})"
+        # 3. Once per custodian.
+        if fingerprint in proposal.approvals:
+            raise ReplayError(f"{who} already approved proposal {pid}")
+        if fingerprint in proposal.refusals:
+            raise ReplayError(f"{who} already refused proposal {pid}")
+        # 4. The signature over exactly this proposal's statement.
+        sig = HybridSignature.from_bytes(signature)
+        signed = statements.SignedStatement(fingerprint, sig)
+        request = request_for(proposal, st.deployment)
+        if verdict == "approve":
+            statements.verify_approvals(request, [signed], {fingerprint: credential}, 1, now)
+        else:
+            statements.verify_statement(request.statement("refuse"), signed, credential)
+        return proposal, sig
+
+    def _append_verdict(
+        self, payloads: Sequence[Payload], now: int, shred_salts: Sequence[ShredSalt] = ()
+    ) -> None:
+        try:
+            self._append_all(payloads, time=now, shred_salts=shred_salts)
+        except LogIntegrityError as e:
+            raise _refusal(e, StateError) from None
+
+    # -- executions ------------------------------------------------------------
+
+    def _plan(self, st: LogState, proposal: Proposal, now: int) -> _Plan:
+        """Prepare the execution of `proposal` at `now`: its result and effects.
+
+        Nothing is logged or changed here; secrets made for the plan are
+        wiped by `on_abort` if the append fails. Needs the master key for
+        the operations in NEEDS_MASTER_KEY (SealedError otherwise).
+        """
+        name = proposal.operation
+        params = dict(proposal.parameters)
+        tenant = str(params.get("tenant", ""))
+        if name in NEEDS_MASTER_KEY and self._master is None:
+            raise SealedError(
+                f"{name} needs the master key: unseal the service first "
+                "(this approval was not logged)"
+            )
+        if name in ("create-tenant", "rotate-tenant"):
+            return self._plan_new_version(st, name, tenant)
+        if name == "activate-tenant":
+            record = self._usable_tenant(st, tenant)
+            keys = self._unwrap_versions(record, self._require_unsealed(), enabled_only=True)
+            until = now + int(params["duration_seconds"])
+
+            def activate() -> None:
+                self._keyring.activate(tenant, until, keys)
+
+            def wipe() -> None:
+                for key in keys.values():
+                    key.wipe()
+
+            return _Plan(Activated(tenant, until), on_commit=activate, on_abort=wipe)
+        if name in ("deactivate-tenant", "destroy-tenant"):
+
+            def deactivate() -> None:
+                self._keyring.deactivate(tenant)
+
+            if name == "deactivate-tenant":
+                return _Plan(TenantNamed(tenant), on_commit=deactivate)
+            destroy_at = now + self._policy(st).destroy_wait_seconds
+            return _Plan(DestroyScheduled(tenant, destroy_at), on_commit=deactivate)
+        if name == "disable-version":
+            version = int(params["version"])
+
+            def drop() -> None:
+                self._keyring.drop_version(tenant, version)
+
+            return _Plan(VersionDisabled(tenant, version), on_commit=drop)
+        if name == "cancel-destroy":
+            return _Plan(TenantNamed(tenant))
+        if name in ("grant", "revoke"):
+            return _Plan(GrantChanged(str(params["backend"]), tenant))
+        return self._plan_roster_change(st, int(params["threshold"]), str(params["roster"]))
+
+    def _plan_new_version(self, st: LogState, name: str, tenant: str) -> _Plan:
+        """create-tenant (version 1) or rotate-tenant (the next version).
+
+        A fresh 256-bit key and a fresh 32-byte shred salt; the key is
+        wrapped under the master key, the salt goes to the store's erasable
+        table in the same transaction, its SHA-256 into the log.
+        """
+        master = self._require_unsealed()
+        if name == "create-tenant":
+            version = 1
+        else:
+            version = len(self._usable_tenant(st, tenant).versions) + 1
+        salt = self._random(tenant_keys.SHRED_SALT_SIZE)
+        key = SecretBytes(self._random(tenant_keys.TENANT_KEY_SIZE), label="new tenant key")
+        try:
+            wrapped = tenant_keys.wrap(
+                master, salt, tenant, version, key, nonce=self._random(NONCE_SIZE)
+            )
+        except BaseException:
+            key.wipe()
+            raise
+        result = NewVersion(tenant, version, wrapped, tenant_keys.shred_salt_digest(salt))
+
+        def keep_if_active() -> None:
+            # A rotation of an active tenant: the new version is usable at once.
+            self._keyring.add_version(tenant, version, key)
+
+        return _Plan(
+            result,
+            shred_salts=((tenant, version, salt),),
+            on_commit=keep_if_active if name == "rotate-tenant" else key.wipe,
+            on_abort=key.wipe,
+        )
+
+    def _plan_roster_change(self, st: LogState, threshold: int, roster_param: str) -> _Plan:
+        """change-roster: a new master key, split to the new roster, every key re-wrapped.
+
+        Every version of every tenant not destroyed is unwrapped under the
+        current master key and wrapped again under the new one (a new KEK,
+        the same shred salt, so the logged salt hash still binds it). After
+        the commit the daemon holds the new master key; the old split's
+        shares reconstruct only the old master key, which opens nothing the
+        log holds any longer.
+        """
+        old_master = self._require_unsealed()
+        roster = self._roster_credentials(roster_param)
+        deployment = st.deployment
+        new_master = SecretBytes(self._random(MASTER_KEY_SIZE), label="master key")
+        try:
+            shares, commitments = shamir.split(
+                new_master, threshold, len(roster), random_bytes=self._random
+            )
+            try:
+                encrypted = []
+                for custodian, share in zip(roster, shares, strict=True):
+                    info = qlog.share_info(
+                        deployment, commitments.split_id, custodian.fingerprint, share.index
+                    )
+                    with share.to_bytes() as plain:
+                        ciphertext = custodian.sealing_key.seal(plain, info)
+                    encrypted.append(EncryptedShare(custodian.fingerprint, share.index, ciphertext))
+            finally:
+                for share in shares:
+                    share.wipe()
+            rewrapped = []
+            for record in sorted(st.tenants.values(), key=lambda t: t.name):
+                if record.destroyed:
+                    continue
+                keys = self._unwrap_versions(record, old_master, enabled_only=False)
+                try:
+                    for v in record.versions:
+                        salt = self._salt(record, v.version)
+                        wrapped = tenant_keys.wrap(
+                            new_master,
+                            salt,
+                            record.name,
+                            v.version,
+                            keys[v.version],
+                            nonce=self._random(NONCE_SIZE),
+                        )
+                        rewrapped.append(Rewrapped(record.name, v.version, wrapped))
+                finally:
+                    for key in keys.values():
+                        key.wipe()
+        except BaseException:
+            new_master.wipe()
+            raise
+        result = RosterChanged(
+            threshold, tuple(roster), commitments, tuple(encrypted), tuple(rewrapped)
+        )
+
+        def switch() -> None:
+            old_master.wipe()
+            self._master = new_master
+            log.info(
+                "roster changed: %d-of-%d, split %s; the master key is new",
+                threshold,
+                len(roster),
+                commitments.split_id.hex()[:8],
+            )
+
+        return _Plan(result, on_commit=switch, on_abort=new_master.wipe)
+
+    def _offer_credentials(self, public_credentials: Sequence[bytes], roster_param: str) -> None:
+        """Remember public credentials that a change-roster proposal names."""
+        listed = set(roster_param.split(","))
+        for i, data in enumerate(public_credentials):
+            if len(data) > self._limits.max_credential_bytes:
+                raise InvalidInputError(f"public credential {i + 1} is too large")
+            credential = PublicCredential.from_bytes(data)
+            if credential.fingerprint not in listed:
+                raise InvalidInputError(
+                    f"public credential of {credential.name} ({credential.fingerprint[:16]}) "
+                    "is not on the proposed roster"
+                )
+            self._offered[credential.fingerprint] = credential
+
+    def _roster_credentials(self, roster_param: str) -> list[PublicCredential]:
+        """The credentials of a proposed roster, in share-index order.
+
+        Custodians of any roster in the log are known; new ones must have
+        been offered with the proposal (or with the executing approval,
+        after a restart).
+        """
+        known = {c.fingerprint: c for epoch in self._replayer.state.rosters for c in epoch.roster}
+        known.update(self._offered)
+        roster = []
+        for fingerprint in roster_param.split(","):
+            credential = known.get(fingerprint)
+            if credential is None:
+                raise StateError(
+                    f"the public credential of custodian {fingerprint[:16]} is unknown: "
+                    "give their public file with the proposal or the approval"
+                )
+            roster.append(credential)
+        if len({c.name for c in roster}) != len(roster):
+            raise InvalidInputError("two custodians of the proposed roster have the same name")
+        return roster
+
+    # -- tenant keys -----------------------------------------------------------
+
+    def _usable_tenant(self, st: LogState, name: str) -> Tenant:
+        record = st.tenants.get(name)
+        if record is None:
+            raise StateError(f"unknown tenant {name!r}")
+        if record.destroyed:
+            raise StateError(f"tenant {name!r} was destroyed")
+        if record.destroy_at is not None:
+            raise StateError(f"tenant {name!r} is scheduled for destruction")
+        return record
+
+    def _salt(self, record: Tenant, version: int) -> bytes:
+        logged = record.versions[version - 1].shred_salt_sha256
+        stored = self._store.get_shred_salt(record.name, version)
+        return tenant_keys.check_salt(stored, logged, record.name, version)
+
+    def _unwrap_versions(
+        self, record: Tenant, master: SecretBytes, *, enabled_only: bool
+    ) -> dict[int, SecretBytes]:
+        """Unwrap a tenant's versions (all, or those not disabled); all or none."""
+        keys: dict[int, SecretBytes] = {}
+        try:
+            for v in record.versions:
+                if enabled_only and v.disabled_seq is not None:
+                    continue
+                salt = self._salt(record, v.version)
+                keys[v.version] = tenant_keys.unwrap(
+                    master, salt, record.name, v.version, v.wrapped_key
+                )
+        except BaseException:
+            for key in keys.values():
+                key.wipe()
+            raise
+        return keys
+
+    def _restore_activations(self) -> None:
+        """At unseal: unwrap the tenants whose logged activation is still open."""
+        master = self._master
+        if master is None:
+            return
+        now = self._now()
+        for record in self._replayer.state.tenants.values():
+            if not record.is_active(now) or record.active_until is None:
+                continue
+            try:
+                keys = self._unwrap_versions(record, master, enabled_only=True)
+            except KeyquorumError as e:
+                log.error("activation of tenant %s not restored: %s", record.name, e)
+                continue
+            self._keyring.activate(record.name, record.active_until, keys)
+            log.info("activation of tenant %s restored until %d", record.name, record.active_until)
+
+    def tenant_key(self, tenant: str, version: int | None = None) -> tuple[int, SecretBytes]:
+        """For the data plane: an active tenant's key (the current version by default).
+
+        Returns (version, a copy of the key); the caller wipes the copy
+        (`with` block) as soon as it is done. Raises SealedError when
+        sealed, StateError when the tenant is unknown, destroyed, being
+        destroyed, not active (never activated, expired, deactivated) or the
+        version does not exist or is disabled.
+        """
+        with self._lock:
+            self._sweep_locked()
+            self._require_unsealed()
+            st = self._replayer.state
+            record = st.tenants.get(tenant)
+            if record is None:
+                raise StateError(f"unknown tenant {tenant!r}")
+            if record.destroyed:
+                raise StateError(f"tenant {tenant!r} was destroyed")
+            now = self._now()
+            if not record.is_active(now):
+                raise StateError(f"tenant {tenant!r} is not active")
+            number = record.current.version if version is None else version
+            held = record.version(number)
+            if held is None:
+                raise StateError(f"tenant {tenant!r} has no version {number}")
+            if held.disabled_seq is not None:
+                raise StateError(f"version {number} of tenant {tenant!r} is disabled")
+            return number, self._keyring.key(tenant, number, now)
+
+    def authorize_backend(self, identity: str, tenant: str) -> str:
+        """For the data plane: the backend name if `identity` is granted `tenant`.
+
+        `identity` is the verified client certificate's URI SAN
+        (`keyquorum://backend/<name>`, `tls.identity_from_auth_context`).
+        Raises AccessDeniedError for another role, a malformed identity or
+        no grant in the log.
+        """
+        try:
+            client = ClientIdentity.parse(identity)
+        except InvalidInputError as e:
+            raise AccessDeniedError(str(e)) from None
+        if client.role != "backend":
+            raise AccessDeniedError(f"{identity} is not a backend identity")
+        with self._lock:
+            if not self._replayer.state.granted(client.name, tenant):
+                raise AccessDeniedError(f"backend {client.name} is not granted tenant {tenant!r}")
+        return client.name
+
+    def tenants(self) -> list[TenantView]:
+        """Every tenant the log knows, with whether its key is unwrapped here."""
+        with self._lock:
+            self._sweep_locked()
+            st = self._require_initialized()
+            now = self._now()
+            unwrapped = self._keyring.active(now)
+            return [
+                TenantView(
+                    name=t.name,
+                    versions=len(t.versions),
+                    disabled_versions=tuple(
+                        v.version for v in t.versions if v.disabled_seq is not None
+                    ),
+                    active_until=t.active_until if t.is_active(now) else None,
+                    unwrapped=t.name in unwrapped,
+                    destroy_at=t.destroy_at,
+                    destroyed=t.destroyed,
+                    backends=tuple(sorted(b for b, name in st.grants if name == t.name)),
+                )
+                for t in sorted(st.tenants.values(), key=lambda t: t.name)
+            ]
+
+    def tenant_key_buffers_for_test(self, tenant: str) -> list[bytearray]:
+        """The buffers of a tenant's unwrapped keys, so tests can check wiping."""
+        with self._lock:
+            return self._keyring.buffers_for_test(tenant)
+
+    def snapshot(self) -> tuple[LogState, list[bytes]]:
+        """A copy of the state and every stored entry, read at one instant (for checks)."""
+        with self._lock:
+            return self._replayer.state.copy(), list(self._store.read_all())
+
+    # -- the sweeper -----------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Wipe ended activations and shred tenants whose destroy wait is over."""
+        with self._lock:
+            self._sweep_locked()
+
+    def _sweep_loop(self, interval: float) -> None:
+        while not self._stop_sweeper.wait(interval):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("sweeper failed")
+
+    def _sweep_locked(self) -> None:
+        if not self.initialized:
+            return
+        now = self._now()
+        for tenant in self._keyring.expire(now):
+            log.info("activation of tenant %s ended: key wiped", tenant)
+        for record in list(self._replayer.state.tenants.values()):
+            if record.destroyed or record.destroy_at is None or now < record.destroy_at:
+                continue
+            try:
+                self._append_all([ShredPayload(record.name)], time=now, erase_tenants=[record.name])
+            except KeyquorumError as e:
+                log.error("could not shred tenant %s: %s", record.name, e)
+                continue
+            self._keyring.deactivate(record.name)
+            log.info("tenant %s shredded: its shred salts are erased", record.name)
+
+    # -- views -----------------------------------------------------------------
+
+    def _find_proposal(self, st: LogState, proposal_id: bytes) -> Proposal:
+        if not isinstance(proposal_id, bytes) or len(proposal_id) != PROPOSAL_ID_SIZE:
+            raise InvalidInputError(f"a proposal id is {PROPOSAL_ID_SIZE} bytes (32 hex digits)")
+        proposal = st.proposals.get(proposal_id)
+        if proposal is None:
+            raise InvalidInputError(f"unknown proposal {proposal_id.hex()}")
+        return proposal
+
+    def _proposal_view(self, p: Proposal, now: int) -> ProposalView:
+        st = self._replayer.state
+        request = request_for(p, st.deployment)
+        status: str = p.status
+        if status == "pending" and now >= p.expires_at:
+            status = "expired"
+        execution = next((e for e in st.executions if e.proposal == p.id), None)
+        return ProposalView(
+            id=p.id,
+            deployment=st.deployment,
+            operation=p.operation,
+            parameters=p.parameters,
+            log_position=p.log_position,
+            proposed_at=p.time,
+            expires_at=p.expires_at,
+            proposer=p.proposer,
+            status=status,
+            required=operation(p.operation).required_approvals(st.threshold),
+            approved_by=tuple(p.approvals),
+            refused_by=tuple(p.refusals),
+            approve_statement=request.statement("approve").render(),
+            refuse_statement=request.statement("refuse").render(),
+            executed_seq=None if execution is None else execution.seq,
+            result=None if execution is None else execution.result.to_json(),
+        )
+
+    def _verdict_view(self, proposal_id: bytes, now: int, *, executed: bool) -> VerdictView:
+        proposal = self._replayer.state.proposals[proposal_id]
+        return VerdictView(self._proposal_view(proposal, now), executed, self._tree.size)
+
+    @staticmethod
+    def _policy(st: LogState) -> Policy:
+        if st.policy is None:
+            raise StateError("no ceremony yet: the log has no policy")
+        return st.policy
 
     # -- helpers -------------------------------------------------------------
 
@@ -615,14 +1385,43 @@ def origin_for(deployment: str) -> str:
     return f"keyquorum/{deployment}"
 
 
-def _refusal(error: LogIntegrityError) -> KeyquorumError:
+def _refusal(
+    error: LogIntegrityError, default: type[KeyquorumError] = InvalidInputError
+) -> KeyquorumError:
     """What replay said about a request the daemon was about to log.
 
     Replay speaks of log entries ("entry 7: ..."); to the caller it is a
-    refused request, so the typed cause is returned when there is one.
+    refused request, so the typed cause is returned when there is one, and
+    `default` (InvalidInputError, or StateError where the request was well
+    formed but the state does not allow it) when there is none.
     """
     cause = error.__cause__
     message = str(error).split(": ", 1)[-1]
     if isinstance(cause, KeyquorumError) and not isinstance(cause, LogIntegrityError):
         return type(cause)(message)
-    return InvalidInputError(message)
+    return default(message)
+
+
+def _typed_parameters(pairs: Sequence[tuple[str, str]]) -> Parameters:
+    """Parameters as sent (text) to the types the log holds, sorted by key.
+
+    The integer parameters must be plain decimal; a grant's backend may be
+    its certificate identity `keyquorum://backend/<name>`, logged as <name>.
+    Schema and policy checks follow in `operations.check_parameters`.
+    """
+    out: dict[str, str | int] = {}
+    for key, value in pairs:
+        if key in out:
+            raise InvalidInputError(f"parameter {key!r} is given twice")
+        if key in INTEGER_PARAMETERS:
+            if not _DECIMAL.fullmatch(value):
+                raise InvalidInputError(f"parameter {key!r} must be a decimal integer")
+            out[key] = int(value)
+        elif key == "backend" and value.startswith("keyquorum://"):
+            identity = ClientIdentity.parse(value)
+            if identity.role != "backend":
+                raise InvalidInputError(f"{value} is not a backend identity")
+            out[key] = identity.name
+        else:
+            out[key] = value
+    return tuple(sorted(out.items()))

@@ -1,0 +1,240 @@
+"""`keyquorum proposal ...` and `keyquorum tenant list`: quorum operations.
+
+Anyone who can reach the custodian API may propose: a proposal changes
+nothing until custodians sign it (`keyquorum custodian approve ID`), k of
+them for an operation that widens exposure, one for one that narrows it.
+The proposal and every verdict are in the quorum log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import click
+
+from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
+from keyquorum.quorum import canonical
+from keyquorum.quorum.credentials import PublicCredential
+from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.quorum.operations import OPERATIONS
+from keyquorum.quorum.statements import render_time
+from keyquorum.v1 import custodian_pb2 as pb
+from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
+
+_DURATION = re.compile(r"([0-9]{1,9})([smhd]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds from `90`, `90s`, `30m`, `24h` or `7d`."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise InvalidInputError(f"not a duration: {text!r} (e.g. 3600, 30m, 24h, 7d)")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise InvalidInputError(f"--param must be KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def describe(p: pb.Proposal) -> list[str]:
+    """A proposal in a few lines, for people."""
+    params = ", ".join(f"{x.key}={x.value}" for x in p.parameters)
+    lines = [
+        f"proposal {p.id}: {p.operation} ({params})",
+        f"  status:    {p.status}; approvals {len(p.approved_by)} of {p.required}"
+        + (f", refusals {len(p.refused_by)}" if p.refused_by else ""),
+        f"  proposed:  by {p.proposer} at log position {p.log_position}, "
+        f"{render_time(p.proposed_at)}",
+        f"  expires:   {render_time(p.expires_at)}",
+    ]
+    if p.status == "executed":
+        lines.append(f"  executed:  entry {p.executed_seq}: {describe_result(p)}")
+    return lines
+
+
+def describe_result(p: pb.Proposal) -> str:
+    """The logged result, without the bulky parts (wrapped keys, shares)."""
+    if not p.result:
+        return "-"
+    result = canonical.decode(p.result)
+    if not isinstance(result, dict):
+        return "-"
+    shown = {
+        k: v
+        for k, v in result.items()
+        if k not in ("wrapped_key", "encrypted_shares", "rewrapped", "roster", "split")
+    }
+    for key in ("active_until", "destroy_at"):
+        value = shown.get(key)
+        if isinstance(value, int):
+            shown[key] = render_time(value)
+    return ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+
+
+@click.group()
+def proposal() -> None:
+    """Propose quorum operations and look at proposals."""
+
+
+@proposal.command("new")
+@endpoint_options
+@click.argument("operation", type=click.Choice(sorted(OPERATIONS)))
+@click.option(
+    "--param", "params", multiple=True, metavar="KEY=VALUE", help="An operation parameter."
+)
+@click.option(
+    "--expires-in",
+    default=None,
+    metavar="DURATION",
+    help="e.g. 30m, 24h (default and maximum: the deployment's proposal TTL).",
+)
+@click.option(
+    "--proposer",
+    default=lambda: os.environ.get("USER", "unknown"),
+    show_default="$USER",
+    help="Who proposes (logged as text; it authorises nothing).",
+)
+@click.option(
+    "--roster-file",
+    "roster_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="change-roster: the new roster's public credential files, in share-index order.",
+)
+def new(
+    server: str,
+    ca: Path | None,
+    insecure_dev_plaintext: bool,
+    operation: str,
+    params: tuple[str, ...],
+    expires_in: str | None,
+    proposer: str,
+    roster_files: tuple[Path, ...],
+) -> None:
+    """Propose OPERATION; prints its id and the statement custodians will sign.
+
+    \b
+    Operations (approvals needed):
+      create-tenant     tenant                      k
+      activate-tenant   tenant, duration_seconds    k
+      rotate-tenant     tenant                      k
+      destroy-tenant    tenant                      k  (shredded after the wait)
+      grant             backend, tenant             k
+      change-roster     threshold, roster           k  (--roster-file ...)
+      deactivate-tenant tenant                      1
+      disable-version   tenant, version             1
+      cancel-destroy    tenant                      1
+      revoke            backend, tenant             1
+
+    \b
+    Examples:
+      keyquorum proposal new create-tenant --param tenant=acme-health
+      keyquorum proposal new grant --param tenant=acme-health \\
+          --param backend=keyquorum://backend/booking
+      keyquorum proposal new activate-tenant --param tenant=acme-health \\
+          --param duration_seconds=28800 --expires-in 2h
+    """
+    pairs = [parse_param(p) for p in params]
+    credentials = [f.read_bytes() for f in roster_files]
+    if roster_files:
+        if operation != "change-roster":
+            raise InvalidInputError("--roster-file is for change-roster")
+        if any(k == "roster" for k, _ in pairs):
+            raise InvalidInputError("give the roster as --roster-file or --param roster, not both")
+        fingerprints = [PublicCredential.from_bytes(c).fingerprint for c in credentials]
+        pairs.append(("roster", ",".join(fingerprints)))
+    request = pb.ProposeRequest(
+        operation=operation,
+        parameters=[pb.Parameter(key=k, value=v) for k, v in pairs],
+        expires_in_seconds=0 if expires_in is None else parse_duration(expires_in),
+        proposer=proposer,
+        public_credentials=credentials,
+    )
+    endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
+    with open_channel(endpoint) as channel, rpc_errors():
+        p = pb_grpc.CustodianServiceStub(channel).Propose(request)
+    for line in describe(p):
+        click.echo(line)
+    click.echo("")
+    click.echo("Custodians approve it with: keyquorum custodian approve " + p.id)
+    click.echo("They will sign exactly this statement:")
+    click.echo("")
+    click.echo(p.approve_statement, nl=False)
+
+
+@proposal.command("list")
+@endpoint_options
+@click.option("--all", "include_closed", is_flag=True, help="Also executed, cancelled, expired.")
+def list_cmd(
+    server: str, ca: Path | None, insecure_dev_plaintext: bool, include_closed: bool
+) -> None:
+    """List proposals open for approval (or all of them)."""
+    endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
+    with open_channel(endpoint) as channel, rpc_errors():
+        response = pb_grpc.CustodianServiceStub(channel).ListProposals(
+            pb.ListProposalsRequest(include_closed=include_closed)
+        )
+    if not response.proposals:
+        click.echo("no proposals" if include_closed else "no open proposals")
+    for p in response.proposals:
+        click.echo(describe(p)[0])
+        click.echo(f"  {p.status}: {len(p.approved_by)} of {p.required} approvals")
+
+
+@proposal.command("show")
+@endpoint_options
+@click.argument("proposal_id")
+def show(server: str, ca: Path | None, insecure_dev_plaintext: bool, proposal_id: str) -> None:
+    """Show one proposal and the exact statement an approval signs."""
+    endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
+    with open_channel(endpoint) as channel, rpc_errors():
+        p = pb_grpc.CustodianServiceStub(channel).GetProposal(
+            pb.GetProposalRequest(id=proposal_id.lower())
+        )
+    for line in describe(p):
+        click.echo(line)
+    for who in p.approved_by:
+        click.echo(f"  approved by {who[:16]}")
+    for who in p.refused_by:
+        click.echo(f"  refused by  {who[:16]}")
+    click.echo("")
+    click.echo("Statement signed to approve it:")
+    click.echo("")
+    click.echo(p.approve_statement, nl=False)
+
+
+@click.group()
+def tenant() -> None:
+    """Tenants as the quorum log records them."""
+
+
+@tenant.command("list")
+@endpoint_options
+def tenant_list(server: str, ca: Path | None, insecure_dev_plaintext: bool) -> None:
+    """List tenants: versions, activation, grants, destruction."""
+    endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
+    with open_channel(endpoint) as channel, rpc_errors():
+        response = pb_grpc.CustodianServiceStub(channel).ListTenants(pb.ListTenantsRequest())
+    if not response.tenants:
+        click.echo("no tenants")
+    for t in response.tenants:
+        if t.destroyed:
+            state = "DESTROYED (shredded)"
+        elif t.destroy_at:
+            state = f"scheduled for destruction at {render_time(t.destroy_at)}"
+        elif t.active_until:
+            held = "key unwrapped" if t.unwrapped else "key NOT unwrapped here (sealed?)"
+            state = f"ACTIVE until {render_time(t.active_until)}, {held}"
+        else:
+            state = "not active"
+        click.echo(f"{t.name}: {state}")
+        disabled = f" (disabled: {', '.join(map(str, t.disabled_versions))})"
+        click.echo(f"  versions: {t.versions}" + (disabled if t.disabled_versions else ""))
+        backends = ", ".join(f"keyquorum://backend/{b}" for b in t.backends) or "none"
+        click.echo(f"  granted:  {backends}")
