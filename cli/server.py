@@ -95,6 +95,11 @@ def run(
     )
     host, port = _split_listen(listen)
     if insecure_dev_plaintext:
+        if tls_cert is not None or tls_key is not None:
+            raise InvalidInputError(
+                "--insecure-dev-plaintext serves without TLS: drop --tls-cert and --tls-key, "
+                "or drop the flag"
+            )
         tls.check_plaintext_allowed(host, allow_insecure_dev=True)
         credentials = None
         log.warning("serving PLAINTEXT gRPC on %s (development only)", listen)

@@ -10,6 +10,7 @@ Two ways to run a daemon:
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.pki import DevPki
 from keyquorum.hsm.server import create_server
 from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.quorum import canonical, shamir
 from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 from keyquorum.v1 import custodian_pb2 as pb
@@ -47,6 +49,9 @@ class Custodian:
     public_path: Path
     passphrase: bytes
     passphrase_path: Path
+    #: The random bytes `CustodianCredential.generate` turned into the private
+    #: keys (signing seeds, sealing seeds), for the tests that search for them.
+    seeds: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def fingerprint(self) -> str:
@@ -67,14 +72,22 @@ def make_custodians(directory: Path, names: tuple[str, ...] = NAMES) -> list[Cus
     out = []
     for name in names:
         passphrase = f"passphrase of {name} 7f3a".encode()
-        credential = CustodianCredential.generate(name)
+        drawn: list[bytes] = []
+
+        def recording(n: int, drawn: list[bytes] = drawn) -> bytes:
+            drawn.append(os.urandom(n))
+            return drawn[-1]
+
+        credential = CustodianCredential.generate(name, random_bytes=recording)
         private_path = directory / f"{name}.kqcred"
         public_path = directory / f"{name}.pub.json"
         private_path.write_bytes(credential.encrypt(passphrase))
         public_path.write_bytes(credential.public().to_bytes())
         pp = directory / f"{name}.passphrase"
         pp.write_bytes(passphrase + b"\n")
-        out.append(Custodian(name, credential, private_path, public_path, passphrase, pp))
+        out.append(
+            Custodian(name, credential, private_path, public_path, passphrase, pp, tuple(drawn))
+        )
     return out
 
 
@@ -180,17 +193,20 @@ class DaemonProcess:
         return self.proc.returncode
 
 
-def server_command(data_dir: Path, pki: DevPki, ready: Path, *extra: str) -> list[str]:
+def server_command(
+    data_dir: Path, pki: DevPki, ready: Path, *extra: str, tls: bool = True
+) -> list[str]:
+    tls_args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
     return [
         sys.executable, "-m", "keyquorum.cli.main", "server", "run",
         "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
-        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+        *(tls_args if tls else []),
         "--replica", "proc-1", "--ready-file", str(ready), *extra,
     ]  # fmt: skip
 
 
 def start_daemon_process(
-    data_dir: Path, pki: DevPki, *extra: str, timeout: float = 30
+    data_dir: Path, pki: DevPki, *extra: str, timeout: float = 30, tls: bool = True
 ) -> DaemonProcess:
     """Start `keyquorum server run` and wait until it serves."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +215,7 @@ def start_daemon_process(
     log_path = data_dir.parent / f"{data_dir.name}.{time.monotonic_ns()}.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            server_command(data_dir, pki, ready, *extra),
+            server_command(data_dir, pki, ready, *extra, tls=tls),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=dict(os.environ),
@@ -216,6 +232,26 @@ def start_daemon_process(
     return DaemonProcess(proc, port, data_dir, log_path, pki)
 
 
+#: The installed console script, beside the interpreter running the tests.
+KEYQUORUM = Path(sys.executable).with_name("keyquorum")
+
+
+def console(
+    *args: str, pass_fds: tuple[int, ...] = (), timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed `keyquorum` script; no KEYQUORUM_* settings leak in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYQUORUM_")}
+    return subprocess.run(
+        [str(KEYQUORUM), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        pass_fds=pass_fds,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def run_cli(*args: str) -> tuple[int, str]:
     """Run a `keyquorum` command in this process; (exit code, combined output)."""
     from click.testing import CliRunner
@@ -226,3 +262,72 @@ def run_cli(*args: str) -> tuple[int, str]:
 
 def status(stub: pb_grpc.CustodianServiceStub) -> pb.Status:
     return stub.GetStatus(pb.GetStatusRequest())
+
+
+# -- searching bytes for secrets ---------------------------------------------------
+
+
+def encodings(secret: bytes) -> dict[str, bytes]:
+    """`secret` as raw bytes, hex (both cases) and base64 (standard and URL-safe).
+
+    Base64 of a secret embedded in a longer base64 text depends on where it
+    starts modulo 3, so each of the three alignments is included: the full
+    4-character groups that only the secret's own bytes determine.
+    """
+    out = {"raw": secret, "hex": secret.hex().encode(), "HEX": secret.hex().upper().encode()}
+    for skip in range(3):
+        tail = secret[skip:]
+        groups = 4 * (len(tail) // 3)
+        out[f"base64+{skip}"] = base64.b64encode(tail)[:groups]
+        out[f"base64url+{skip}"] = base64.urlsafe_b64encode(tail)[:groups]
+    return out
+
+
+def find_secrets(haystack: bytes, secrets: dict[str, bytes]) -> list[str]:
+    """The names (with encoding) of the secrets that occur in `haystack`."""
+    return [
+        f"{name} ({how})"
+        for name, secret in secrets.items()
+        for how, needle in encodings(secret).items()
+        if needle in haystack
+    ]
+
+
+def custodian_secrets(
+    stub: pb_grpc.CustodianServiceStub, custodians: list[Custodian], threshold: int
+) -> dict[str, bytes]:
+    """Every secret a custodian or the ceremony holds, rebuilt here as a custodian would.
+
+    Passphrases and private seeds come from the custodians; each share is
+    decrypted locally exactly as the CLI does (`fetch_and_check_share`); the
+    master key is rebuilt from `threshold` shares with `shamir.combine`,
+    which checks it against the logged commitment.
+    """
+    from keyquorum.cli import custodian_actions as actions
+    from keyquorum.quorum.sealing import SealingPrivateKey
+    from keyquorum.quorum.signatures import HybridSigningKey
+
+    found: dict[str, bytes] = {}
+    shares: list[shamir.Share] = []
+    commitments: shamir.SplitCommitments | None = None
+    for c in custodians:
+        public = c.credential.public()
+        signing_seeds, sealing_seeds = c.seeds
+        # The recorded bytes really are this custodian's keys.
+        assert HybridSigningKey.from_seeds(signing_seeds).verify_key() == public.verify_key
+        assert SealingPrivateKey.from_seeds(sealing_seeds).public_key() == public.sealing_key
+        found[f"{c.name} passphrase"] = c.passphrase
+        found[f"{c.name} signing seeds"] = signing_seeds
+        found[f"{c.name} sealing seeds"] = sealing_seeds
+        share, enc = actions.fetch_and_check_share(stub, c.credential)
+        with share.to_bytes() as plain:
+            found[f"{c.name} share"] = bytes(plain.view())
+        found[f"{c.name} share value"] = bytes(share.value.view())
+        commitments = shamir.SplitCommitments.from_json(canonical.decode(enc.split_commitments))
+        shares.append(share)
+    assert commitments is not None
+    with shamir.combine(shares[:threshold], commitments) as master:
+        found["master key"] = bytes(master.view())
+    for share in shares:
+        share.wipe()
+    return found
