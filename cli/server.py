@@ -14,10 +14,11 @@ from types import FrameType
 
 import click
 
-from keyquorum.hsm import custodian_service, hardening, tls
+from keyquorum.hsm import audit_service, custodian_service, hardening, tls
 from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.server import create_server
 from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.quorum.checkpoint import parse_verifier_key
 from keyquorum.quorum.errors import InvalidInputError
 from keyquorum.quorum.limits import DEFAULT_LIMITS
 
@@ -33,9 +34,12 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _write_ready_file(path: Path, port: int) -> None:
+def _write_ready_file(path: Path, port: int, mtls_port: int | None = None) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    info = {"port": port, "pid": os.getpid()}
+    if mtls_port is not None:
+        info["mtls_port"] = mtls_port
+    tmp.write_text(json.dumps(info))
     tmp.replace(path)
 
 
@@ -57,7 +61,17 @@ def server() -> None:
 @click.option(
     "--client-ca",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="CA for backend and auditor client certificates (mTLS).",
+    help="CA for backend and auditor client certificates (required on --listen-mtls).",
+)
+@click.option(
+    "--listen-mtls",
+    help="HOST:PORT of a second listener that requires client certificates (auditors).",
+)
+@click.option(
+    "--auditor-key",
+    multiple=True,
+    help="A C2SP cosignature verifier key whose cosignatures AuditService accepts "
+    "(operator-trusted list, not a quorum decision); repeatable.",
 )
 @click.option(
     "--insecure-dev-plaintext",
@@ -77,6 +91,8 @@ def run(
     tls_cert: Path | None,
     tls_key: Path | None,
     client_ca: Path | None,
+    listen_mtls: str | None,
+    auditor_key: tuple[str, ...],
     insecure_dev_plaintext: bool,
     replica: str,
     ready_file: Path | None,
@@ -109,7 +125,18 @@ def run(
                 "TLS is on by default: give --tls-cert and --tls-key "
                 "(or --insecure-dev-plaintext on loopback)"
             )
-        credentials = tls.server_credentials(tls_cert, tls_key, client_ca=client_ca)
+        credentials = tls.server_credentials(tls_cert, tls_key)
+    # gRPC has no optional client certificate: mTLS clients get a port of their own.
+    mtls_credentials = None
+    if listen_mtls is not None:
+        if tls_cert is None or tls_key is None or client_ca is None:
+            raise InvalidInputError("--listen-mtls needs --tls-cert, --tls-key and --client-ca")
+        mtls_credentials = tls.server_credentials(
+            tls_cert, tls_key, client_ca=client_ca, require_client_auth=True
+        )
+    elif client_ca is not None:
+        raise InvalidInputError("--client-ca is for the --listen-mtls listener: give both")
+    auditor_keys = [parse_verifier_key(k) for k in auditor_key]
     if not hardening.refuse_core_dumps():
         log.warning("could not make the process non-dumpable; core dumps may hold keys")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -129,6 +156,20 @@ def run(
         register=[custodian_service.register(daemon)],
         service_names=[custodian_service.SERVICE_NAME],
     )
+    servers = [grpc_server]
+    mtls_bound: int | None = None
+    if listen_mtls is not None:
+        mtls_host, mtls_port = _split_listen(listen_mtls)
+        audit_log = audit_service.AuditLog(store, auditor_keys)
+        mtls_server, mtls_bound = create_server(
+            host=mtls_host,
+            port=mtls_port,
+            credentials=mtls_credentials,
+            limits=DEFAULT_LIMITS,
+            register=[audit_service.register(audit_log)],
+            service_names=[audit_service.SERVICE_NAME],
+        )
+        servers.append(mtls_server)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -137,7 +178,12 @@ def run(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    grpc_server.start()
+    for s in servers:
+        s.start()
+    if mtls_bound is not None:
+        log.info(
+            "mTLS listener (client certificates required) on port %d: AuditService", mtls_bound
+        )
     log.info(
         "listening on %s:%d (%s), replica %s, %s",
         host,
@@ -147,10 +193,11 @@ def run(
         "initialised, sealed" if daemon.state.initialized else "awaiting ceremony",
     )
     if ready_file is not None:
-        _write_ready_file(ready_file, bound)
+        _write_ready_file(ready_file, bound, mtls_bound)
     stopping.wait()
     # Seal first, so no call served during the grace period gets a key.
     daemon.seal_for_shutdown()
-    grpc_server.stop(grace=2).wait()
+    for s in servers:
+        s.stop(grace=2).wait()
     store.close()
     log.info("stopped")

@@ -1,0 +1,912 @@
+"""`keyquorum audit`: export the log, verify it offline, prove inclusion and consistency.
+
+Everything that judges the log runs offline, in this process, with the
+same replay code the daemon runs (`quorum.audit_report.audit` calls
+`replay.verify_log`). The daemon is only a source of bytes: over the mTLS
+listener with an auditor certificate (`--server`, `--ca`, `--cert`,
+`--key`), or its data directory read directly (`--data-dir`), or an export
+file (`--from`). Nothing it says is believed until checked against the log
+key and a checkpoint the auditor already trusts.
+
+Receipts use the C2SP tlog-proof layout (c2sp.org/tlog-proof): the
+`extra` line carries the entry's exact bytes (base64), so one file proves
+one event to anyone holding the log key, without the rest of the log.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import shlex
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import click
+import grpc
+
+from keyquorum.quorum import export, merkle
+from keyquorum.quorum.audit_report import audit, render_text
+from keyquorum.quorum.checkpoint import (
+    Checkpoint,
+    NoteSigner,
+    VerifiedCheckpoint,
+    cosign_checkpoint,
+    parse_verifier_key,
+    verify_checkpoint,
+)
+from keyquorum.quorum.errors import (
+    DeserializationError,
+    ForkError,
+    InvalidInputError,
+    KeyquorumError,
+    LogIntegrityError,
+    StateError,
+    VerificationError,
+)
+from keyquorum.quorum.log import Entry
+from keyquorum.quorum.note import SignatureType
+from keyquorum.quorum.secret import SecretBytes
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STORE_FILE = "keyquorum.sqlite"
+RECEIPT_HEADER = "c2sp.org/tlog-proof@v1"
+KEY_FILE_HEADER = "keyquorum-cosigner-key v1"
+ENTRY_BATCH = 5000
+
+
+# -- where the bytes come from ---------------------------------------------------------
+
+
+class Source(Protocol):
+    """The log as some party serves it; nothing it returns is trusted unverified."""
+
+    def latest(self) -> tuple[int, str]: ...
+
+    def checkpoints(self) -> list[str]: ...
+
+    def entries(self, start: int, end: int) -> Iterator[bytes]: ...
+
+    def inclusion(self, index: int, size: int) -> tuple[list[bytes], bytes, str]: ...
+
+    def consistency(self, size1: int, size2: int) -> tuple[list[bytes], str]: ...
+
+
+class LocalSource:
+    """An export file or a data directory, held in memory with its Merkle tree."""
+
+    def __init__(self, entries: Sequence[bytes], notes: Sequence[str]) -> None:
+        self._entries = list(entries)
+        self._notes = list(notes)
+        self._tree = merkle.MerkleTree()
+        for raw in self._entries:
+            self._tree.append(merkle.leaf_hash(raw))
+        self._by_size: dict[int, str] = {}
+        for note in self._notes:
+            self._by_size.setdefault(_size_of(note), note)
+
+    @classmethod
+    def from_export(cls, path: Path) -> LocalSource:
+        parsed = read_export(path)
+        return cls(parsed.entries, parsed.checkpoints)
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path) -> LocalSource:
+        from keyquorum.hsm.sqlite_store import SqliteStore
+
+        path = data_dir / STORE_FILE
+        if not path.is_file():
+            raise InvalidInputError(f"no keyquorum store in {data_dir} ({STORE_FILE} is missing)")
+        with SqliteStore.open(path) as store:
+            entries = list(store.read_all())
+            notes = [note for size, note in store.checkpoints() if size <= len(entries)]
+        return cls(entries, notes)
+
+    def latest(self) -> tuple[int, str]:
+        if not self._by_size:
+            raise StateError("there is no signed checkpoint")
+        size = max(self._by_size)
+        return size, self._by_size[size]
+
+    def checkpoints(self) -> list[str]:
+        return list(self._notes)
+
+    def entries(self, start: int, end: int) -> Iterator[bytes]:
+        if not 0 <= start <= end <= len(self._entries):
+            raise InvalidInputError(f"no entries [{start}, {end}) in a log of {len(self._entries)}")
+        return iter(self._entries[start:end])
+
+    def _note(self, size: int) -> str:
+        if size == 0:
+            return self.latest()[1]
+        if size not in self._by_size:
+            raise StateError(f"no checkpoint of tree size {size} here")
+        return self._by_size[size]
+
+    def inclusion(self, index: int, size: int) -> tuple[list[bytes], bytes, str]:
+        note = self._note(size)
+        size = _size_of(note)
+        if not 0 <= index < min(size, self._tree.size):
+            raise InvalidInputError(f"index is beyond the tree size: {index} >= {size}")
+        return self._tree.inclusion_proof(index, size), self._entries[index], note
+
+    def consistency(self, size1: int, size2: int) -> tuple[list[bytes], str]:
+        note = self._note(size2)
+        size2 = _size_of(note)
+        if not 0 < size1 <= size2 <= self._tree.size:
+            raise InvalidInputError(f"size1 must be in [1, {size2}], got {size1}")
+        proof = self._tree.consistency_proof(size1, size2) if size1 < size2 else []
+        return proof, note
+
+
+class RemoteSource:
+    """The daemon's AuditService over mTLS with an auditor certificate."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        from keyquorum.v1 import audit_pb2_grpc
+
+        self._stub = audit_pb2_grpc.AuditServiceStub(channel)
+
+    def latest(self) -> tuple[int, str]:
+        from keyquorum.v1 import audit_pb2 as pb
+
+        with _rpc():
+            cp = self._stub.GetCheckpoint(pb.GetCheckpointRequest(size=0))
+        return cp.size, cp.note
+
+    def checkpoints(self) -> list[str]:
+        from keyquorum.v1 import audit_pb2 as pb
+
+        with _rpc():
+            return [cp.note for cp in self._stub.ListCheckpoints(pb.ListCheckpointsRequest())]
+
+    def entries(self, start: int, end: int) -> Iterator[bytes]:
+        from keyquorum.v1 import audit_pb2 as pb
+
+        for lo in range(start, end, ENTRY_BATCH):
+            hi = min(lo + ENTRY_BATCH, end)
+            with _rpc():
+                for i, e in enumerate(
+                    self._stub.GetEntries(pb.GetEntriesRequest(start=lo, end=hi))
+                ):
+                    if e.seq != lo + i:
+                        raise DeserializationError(f"the daemon sent entry {e.seq}, not {lo + i}")
+                    yield e.data
+
+    def inclusion(self, index: int, size: int) -> tuple[list[bytes], bytes, str]:
+        from keyquorum.v1 import audit_pb2 as pb
+
+        with _rpc():
+            p = self._stub.GetInclusionProof(
+                pb.GetInclusionProofRequest(index=index, tree_size=size)
+            )
+        return list(p.hashes), p.entry, p.checkpoint
+
+    def consistency(self, size1: int, size2: int) -> tuple[list[bytes], str]:
+        from keyquorum.v1 import audit_pb2 as pb
+
+        with _rpc():
+            p = self._stub.GetConsistencyProof(
+                pb.GetConsistencyProofRequest(size1=size1, size2=size2)
+            )
+        return list(p.hashes), p.checkpoint
+
+    def add_cosignature(self, note: str) -> str:
+        from keyquorum.v1 import audit_pb2 as pb
+
+        with _rpc():
+            return self._stub.AddCosignature(pb.AddCosignatureRequest(note=note)).note
+
+
+@contextmanager
+def _rpc() -> Iterator[None]:
+    from keyquorum.cli.connect import rpc_errors
+
+    with rpc_errors():
+        yield
+
+
+def _size_of(note: str) -> int:
+    """The tree size a note claims, before verification (to index notes by size)."""
+    text = note.rpartition("\n\n")[0] + "\n"
+    try:
+        return Checkpoint.parse(text).size
+    except DeserializationError as e:
+        raise DeserializationError(f"not a checkpoint note: {e}") from e
+
+
+@dataclass(frozen=True)
+class Conn:
+    server: str | None
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+    data_dir: Path | None
+    from_file: Path | None
+
+
+def source_options(*, allow_file: bool = True) -> Callable[[F], F]:
+    """Where the log comes from: the daemon over mTLS, a data directory, or an export."""
+
+    def decorate(f: F) -> F:
+        options = [
+            click.option(
+                "--server",
+                envvar="KEYQUORUM_AUDIT_SERVER",
+                help="The daemon's mTLS address HOST:PORT (env KEYQUORUM_AUDIT_SERVER).",
+            ),
+            click.option(
+                "--ca",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                envvar="KEYQUORUM_CA",
+                help="CA of the daemon's certificate (env KEYQUORUM_CA).",
+            ),
+            click.option(
+                "--cert",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                envvar="KEYQUORUM_CLIENT_CERT",
+                help="Your auditor client certificate (keyquorum://auditor/NAME).",
+            ),
+            click.option(
+                "--key",
+                "key_file",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                envvar="KEYQUORUM_CLIENT_KEY",
+                help="The private key of --cert.",
+            ),
+            click.option(
+                "--data-dir",
+                type=click.Path(file_okay=False, path_type=Path),
+                help="Read the daemon's data directory directly instead (offline).",
+            ),
+        ]
+        if allow_file:
+            options.append(
+                click.option(
+                    "--from",
+                    "from_file",
+                    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                    help="Read an export file instead (offline).",
+                )
+            )
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+@contextmanager
+def open_source(conn: Conn) -> Iterator[Source]:
+    chosen = [x for x in (conn.server, conn.data_dir, conn.from_file) if x is not None]
+    if len(chosen) != 1:
+        raise InvalidInputError("give exactly one of --server, --data-dir or --from")
+    if conn.data_dir is not None:
+        yield LocalSource.from_data_dir(conn.data_dir)
+        return
+    if conn.from_file is not None:
+        yield LocalSource.from_export(conn.from_file)
+        return
+    from keyquorum.hsm.tls import channel_credentials
+
+    if conn.ca is None or conn.cert is None or conn.key is None:
+        raise InvalidInputError(
+            "the audit service needs mTLS: give --ca, and your auditor --cert and --key"
+        )
+    assert conn.server is not None
+    creds = channel_credentials(conn.ca, client_cert=conn.cert, client_key=conn.key)
+    with grpc.secure_channel(conn.server, creds) as channel:
+        yield RemoteSource(channel)
+
+
+# -- files and progress ------------------------------------------------------------------
+
+
+def read_export(path: Path) -> export.ExportedLog:
+    try:
+        with path.open("rb") as f:
+            return export.parse(f)
+    except OSError as e:
+        raise InvalidInputError(f"cannot read {path}: {e.strerror}") from e
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInputError(f"cannot read the {what} {path}: {e}") from e
+
+
+def _write_atomically(path: Path, chunks: Iterator[bytes]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def progress_bar(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal (stderr), nothing at all when output is piped."""
+    if not sys.stderr.isatty() or total < 2000:
+        yield lambda _n: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar.update
+
+
+def _log_key(option: str | None, path: Path | None) -> str | None:
+    if option and path:
+        raise InvalidInputError("give --log-key or --log-key-file, not both")
+    if path is not None:
+        return _read_text(path, "log key file").strip()
+    return option
+
+
+def _verified(note: str, log_key: str, what: str) -> VerifiedCheckpoint:
+    try:
+        return verify_checkpoint(note, parse_verifier_key(log_key))
+    except KeyquorumError as e:
+        raise VerificationError(f"{what} does not check under the log key: {e}") from e
+
+
+def _describe(raw: bytes) -> str:
+    entry = Entry.from_bytes(raw)
+    payload = entry.payload.to_json()
+    detail = {k: v for k, v in payload.items() if isinstance(v, str | int) and len(str(v)) < 80}
+    return f"entry {entry.seq}: {entry.type} at {entry.time} {json.dumps(detail, sort_keys=True)}"
+
+
+# -- the commands ------------------------------------------------------------------------
+
+
+@click.group("audit")
+def audit_group() -> None:
+    """Export the quorum log and verify it offline; proofs and receipts."""
+
+
+log_key_options = [
+    click.option("--log-key", help="The log's verifier key (NAME+HASH+KEY) you trust."),
+    click.option(
+        "--log-key-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="A file holding the log's verifier key.",
+    ),
+]
+
+
+def _with(options: list[Callable[[F], F]]) -> Callable[[F], F]:
+    def decorate(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+@audit_group.command("export")
+@source_options(allow_file=False)
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="File to write."
+)
+def export_cmd(
+    server: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key_file: Path | None,
+    data_dir: Path | None,
+    out: Path,
+) -> None:
+    """Write the log and its checkpoints to one export file (docs/audit.md).
+
+    \b
+    Examples:
+      keyquorum audit export --server kq.example:7444 --ca ca.crt \\
+          --cert auditor-alice.crt --key auditor-alice.key --out log.kqexport
+      keyquorum audit export --data-dir /var/lib/keyquorum --out log.kqexport
+    """
+    with open_source(Conn(server, ca, cert, key_file, data_dir, None)) as source:
+        size, _note = source.latest()
+        notes = [n for n in source.checkpoints() if _size_of(n) <= size]
+        with progress_bar(size, "exporting") as advance:
+
+            def entries() -> Iterator[bytes]:
+                for i, raw in enumerate(source.entries(0, size), start=1):
+                    if i % 1000 == 0:
+                        advance(1000)
+                    yield raw
+
+            _write_atomically(out, export.produce(entries(), notes))
+    click.echo(f"exported {size} entries and {len(notes)} checkpoints to {out}")
+
+
+@audit_group.command("verify")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--trusted-checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A checkpoint you trusted before: the log must extend it.",
+)
+@_with(log_key_options)
+@click.option("--cosigner", multiple=True, help="A cosigner (witness) key you trust; repeatable.")
+@click.option("--min-cosigners", default=0, show_default=True, help="Cosigners required.")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON, for machines.")
+@click.option(
+    "--save-checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="After success, write the latest verified checkpoint here (next --trusted-checkpoint).",
+)
+def verify_cmd(
+    file: Path,
+    trusted_checkpoint: Path | None,
+    log_key: str | None,
+    log_key_file: Path | None,
+    cosigner: tuple[str, ...],
+    min_cosigners: int,
+    as_json: bool,
+    save_checkpoint: Path | None,
+) -> None:
+    """Verify an export offline and print who authorised what, and when.
+
+    Runs the daemon's own replay over every entry. Exits 0 only if the whole
+    log verifies; otherwise prints the first bad entry (and, for a fork,
+    both checkpoints as evidence) and exits 1.
+    """
+    key = _log_key(log_key, log_key_file)
+    trusted = None if trusted_checkpoint is None else _read_text(trusted_checkpoint, "checkpoint")
+    try:
+        parsed = read_export(file)
+        with progress_bar(len(parsed.entries), "verifying") as advance:
+            report = audit(
+                parsed,
+                log_key=key,
+                trusted_checkpoint=trusted,
+                cosigners=cosigner,
+                min_cosigners=min_cosigners,
+                progress=advance,
+            )
+    except KeyquorumError as e:
+        _fail(e, as_json)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(render_text(report), nl=False)
+    if save_checkpoint is not None:
+        note = max(parsed.checkpoints, key=_size_of)
+        save_checkpoint.write_text(note, encoding="utf-8")
+
+
+def _fail(error: KeyquorumError, as_json: bool) -> None:
+    seq = error.seq if isinstance(error, LogIntegrityError) else None
+    evidence = error.evidence if isinstance(error, ForkError) else ()
+    if as_json:
+        out = {
+            "verdict": "failed",
+            "error": type(error).__name__,
+            "message": str(error),
+            "seq": seq,
+            "evidence": list(evidence),
+        }
+        click.echo(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        click.echo(f"VERIFICATION FAILED: {error}", err=True)
+        if seq is not None:
+            click.echo(f"first bad entry: {seq}", err=True)
+        for i, note in enumerate(evidence, start=1):
+            click.echo(f"\nevidence {i} (a note signed by the log key):\n{note}", err=True)
+    sys.exit(1)
+
+
+@audit_group.command("checkpoint")
+@source_options()
+@_with(log_key_options)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Save it here.")
+def checkpoint_cmd(
+    server: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key_file: Path | None,
+    data_dir: Path | None,
+    from_file: Path | None,
+    log_key: str | None,
+    log_key_file: Path | None,
+    out: Path | None,
+) -> None:
+    """Fetch the latest signed checkpoint, check its signature, print or save it."""
+    key = _log_key(log_key, log_key_file)
+    if key is None:
+        raise InvalidInputError(
+            "give --log-key or --log-key-file: a checkpoint means nothing alone"
+        )
+    with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
+        _, note = source.latest()
+    cp = _verified(note, key, "the latest checkpoint").checkpoint
+    if out is not None:
+        out.write_text(note, encoding="utf-8")
+    click.echo(note, nl=False)
+    click.echo(f"checkpoint of size {cp.size} verified under the log key", err=True)
+
+
+@audit_group.command("prove-inclusion")
+@click.argument("seq", type=int)
+@source_options()
+@click.option(
+    "--trusted-checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="The checkpoint you trust; the proof is against its root.",
+)
+@_with(log_key_options)
+def prove_inclusion_cmd(
+    seq: int,
+    server: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key_file: Path | None,
+    data_dir: Path | None,
+    from_file: Path | None,
+    trusted_checkpoint: Path,
+    log_key: str | None,
+    log_key_file: Path | None,
+) -> None:
+    """Check that entry SEQ is in the log your trusted checkpoint vouches for."""
+    key = _required_key(log_key, log_key_file)
+    trusted = _verified(_read_text(trusted_checkpoint, "checkpoint"), key, "your checkpoint")
+    cp = trusted.checkpoint
+    with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
+        proof, entry, _note = source.inclusion(seq, cp.size)
+    check_entry_inclusion(seq, entry, proof, cp)
+    click.echo(_describe(entry))
+    click.echo(
+        f"included: entry {seq} is in the tree of size {cp.size} with root {cp.root.hex()} "
+        f"({len(proof)} proof hashes verified)"
+    )
+
+
+def check_entry_inclusion(seq: int, entry: bytes, proof: Sequence[bytes], cp: Checkpoint) -> None:
+    """The entry says it is `seq`, and the RFC 9162 proof leads to the checkpoint's root."""
+    try:
+        decoded = Entry.from_bytes(entry)
+    except DeserializationError as e:
+        raise LogIntegrityError(f"the entry is malformed: {e}", seq=seq) from e
+    if decoded.seq != seq:
+        raise LogIntegrityError(f"the entry served says it is entry {decoded.seq}", seq=seq)
+    try:
+        merkle.verify_inclusion(seq, cp.size, merkle.leaf_hash(entry), proof, cp.root)
+    except KeyquorumError as e:
+        raise LogIntegrityError(
+            f"not included in the tree of size {cp.size} you trust: {e}", seq=seq
+        ) from e
+
+
+@audit_group.command("prove-consistency")
+@source_options()
+@click.option(
+    "--trusted-checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="Yesterday's checkpoint: today's log must extend it.",
+)
+@_with(log_key_options)
+@click.option(
+    "--save",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="After success, write the newer checkpoint here (your next trusted one).",
+)
+def prove_consistency_cmd(
+    server: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key_file: Path | None,
+    data_dir: Path | None,
+    from_file: Path | None,
+    trusted_checkpoint: Path,
+    log_key: str | None,
+    log_key_file: Path | None,
+    save: Path | None,
+) -> None:
+    """Check that the latest checkpoint extends your trusted one (RFC 9162 2.1.4)."""
+    key = _required_key(log_key, log_key_file)
+    old = _verified(_read_text(trusted_checkpoint, "checkpoint"), key, "your checkpoint")
+    with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
+        _, latest_note = source.latest()
+        new = _verified(latest_note, key, "the latest checkpoint")
+        proof: list[bytes] = []
+        if 0 < old.checkpoint.size < new.checkpoint.size:
+            proof, _ = source.consistency(old.checkpoint.size, new.checkpoint.size)
+    check_consistency(old.checkpoint, new.checkpoint, proof)
+    if save is not None:
+        save.write_text(latest_note, encoding="utf-8")
+    click.echo(
+        f"consistent: the checkpoint of size {new.checkpoint.size} extends your checkpoint "
+        f"of size {old.checkpoint.size} ({len(proof)} proof hashes verified)"
+    )
+
+
+def check_consistency(old: Checkpoint, new: Checkpoint, proof: Sequence[bytes]) -> None:
+    """`new` extends `old`: a shorter log or another history raises, with evidence."""
+    if new.size < old.size:
+        raise LogIntegrityError(
+            f"the log's latest checkpoint is of size {new.size}, smaller than your "
+            f"{old.size}: the log was truncated or rolled back",
+            seq=new.size,
+        )
+    if old.size == 0:
+        return
+    try:
+        merkle.verify_consistency(old.size, new.size, proof, old.root, new.root)
+    except KeyquorumError as e:
+        raise LogIntegrityError(
+            f"the log does not extend your checkpoint of size {old.size}: {e}"
+        ) from e
+
+
+@audit_group.command("receipt")
+@click.argument("seq", type=int)
+@source_options()
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--size", default=0, help="Tree size of the checkpoint to prove against (0: latest).")
+def receipt_cmd(
+    seq: int,
+    server: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key_file: Path | None,
+    data_dir: Path | None,
+    from_file: Path | None,
+    out: Path,
+    size: int,
+) -> None:
+    """Write a portable receipt for entry SEQ (C2SP tlog-proof with the entry as extra)."""
+    with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
+        proof, entry, note = source.inclusion(seq, size)
+    out.write_text(make_receipt(seq, entry, proof, note), encoding="utf-8")
+    click.echo(f"receipt for entry {seq} against the checkpoint of size {_size_of(note)}: {out}")
+
+
+def make_receipt(seq: int, entry: bytes, proof: Sequence[bytes], note: str) -> str:
+    """c2sp.org/tlog-proof@v1: extra (the entry), index, proof hashes, blank, checkpoint."""
+    lines = [
+        RECEIPT_HEADER,
+        "extra " + base64.b64encode(entry).decode("ascii"),
+        f"index {seq}",
+        *(base64.b64encode(h).decode("ascii") for h in proof),
+    ]
+    return "\n".join(lines) + "\n\n" + note
+
+
+@dataclass(frozen=True)
+class Receipt:
+    seq: int
+    entry: bytes
+    proof: tuple[bytes, ...]
+    note: str
+
+
+def parse_receipt(text: str) -> Receipt:
+    """Read a receipt strictly (c2sp.org/tlog-proof layout); DeserializationError if not one."""
+    head, sep, note = text.partition("\n\n")
+    if not sep:
+        raise DeserializationError("a receipt has a blank line before its checkpoint")
+    lines = head.split("\n")
+    if len(lines) < 3 or lines[0] != RECEIPT_HEADER:
+        raise DeserializationError(f"a receipt starts with {RECEIPT_HEADER!r}")
+    if not lines[1].startswith("extra "):
+        raise DeserializationError("a keyquorum receipt carries its entry on the 'extra' line")
+    if not lines[2].startswith("index "):
+        raise DeserializationError("the third line must be 'index N'")
+    index = lines[2][len("index ") :]
+    if not index.isdigit() or (index != "0" and index.startswith("0")):
+        raise DeserializationError("the index must be decimal without leading zeros")
+    try:
+        entry = base64.b64decode(lines[1][len("extra ") :], validate=True)
+        proof = tuple(base64.b64decode(h, validate=True) for h in lines[3:])
+    except binascii.Error as e:
+        raise DeserializationError("the receipt's base64 is damaged") from e
+    return Receipt(int(index), entry, proof, note)
+
+
+@audit_group.command("check-receipt")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_with(log_key_options)
+@click.option("--cosigner", multiple=True, help="A cosigner (witness) key you trust; repeatable.")
+@click.option("--min-cosigners", default=0, show_default=True, help="Cosigners required.")
+def check_receipt_cmd(
+    file: Path,
+    log_key: str | None,
+    log_key_file: Path | None,
+    cosigner: tuple[str, ...],
+    min_cosigners: int,
+) -> None:
+    """Check a receipt offline: signed checkpoint, inclusion proof, the entry itself."""
+    key = _required_key(log_key, log_key_file)
+    receipt = parse_receipt(_read_text(file, "receipt"))
+    witnesses = [parse_verifier_key(c) for c in cosigner]
+    try:
+        verified = verify_checkpoint(receipt.note, parse_verifier_key(key), witnesses)
+    except KeyquorumError as e:
+        raise VerificationError(f"the receipt's checkpoint does not check: {e}") from e
+    verified.require_cosigners(min_cosigners)
+    check_entry_inclusion(receipt.seq, receipt.entry, receipt.proof, verified.checkpoint)
+    click.echo(_describe(receipt.entry))
+    cos = ", ".join(sorted(verified.cosigned_by)) or "no cosigner you named"
+    click.echo(
+        f"valid: entry {receipt.seq} is in the log of size {verified.checkpoint.size} "
+        f"signed by the log key; cosigned by {cos}"
+    )
+
+
+def _required_key(option: str | None, path: Path | None) -> str:
+    key = _log_key(option, path)
+    if key is None:
+        raise InvalidInputError("give the log key you trust: --log-key or --log-key-file")
+    return key
+
+
+# -- cosigning -------------------------------------------------------------------------------
+
+
+@audit_group.command("keygen")
+@click.option("--name", required=True, help="Cosigner key name, e.g. auditor.example/alice.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def keygen_cmd(name: str, out: Path) -> None:
+    """Make a C2SP cosignature key; prints the verifier key to give the operator."""
+    signer = NoteSigner.generate(name, sig_type=SignatureType.COSIGNATURE_V1)
+    with signer.export_seed() as seed:
+        body = f"{KEY_FILE_HEADER}\nname {name}\nseed {base64.b64encode(seed.view()).decode()}\n"
+    try:
+        fd = out.open("x", encoding="ascii")
+    except FileExistsError as e:
+        raise StateError(f"refusing to overwrite {out}") from e
+    with fd:
+        out.chmod(0o600)
+        fd.write(body)
+    out.with_name(out.name + ".vkey").write_text(signer.verifier_key() + "\n")
+    click.echo(signer.verifier_key())
+
+
+def load_cosigner(path: Path) -> NoteSigner:
+    lines = _read_text(path, "cosigner key").split("\n")
+    if len(lines) != 4 or lines[0] != KEY_FILE_HEADER or lines[3] != "":
+        raise DeserializationError(f"{path} is not a keyquorum cosigner key file")
+    if not lines[1].startswith("name ") or not lines[2].startswith("seed "):
+        raise DeserializationError(f"{path} is not a keyquorum cosigner key file")
+    try:
+        raw = base64.b64decode(lines[2][len("seed ") :], validate=True)
+    except binascii.Error as e:
+        raise DeserializationError(f"{path}: the seed is not base64") from e
+    with SecretBytes(raw, label="cosigner seed") as seed:
+        return NoteSigner(lines[1][len("name ") :], seed, SignatureType.COSIGNATURE_V1)
+
+
+@audit_group.command("cosign")
+@source_options(allow_file=False)
+@click.option(
+    "--signing-key",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Your cosigner key file (audit keygen).",
+)
+@click.option(
+    "--trusted-checkpoint",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The last checkpoint you cosigned: the new one must extend it.",
+)
+@_with(log_key_options)
+@click.option("--now", type=int, help="Cosignature time (Unix seconds); default: now.")
+def cosign_cmd(
+    server: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key_file: Path | None,
+    data_dir: Path | None,
+    signing_key: Path,
+    trusted_checkpoint: Path | None,
+    log_key: str | None,
+    log_key_file: Path | None,
+    now: int | None,
+) -> None:
+    """Check the latest checkpoint extends yours, cosign it, and send the cosignature."""
+    import time
+
+    if server is None:
+        raise InvalidInputError("cosigning sends the cosignature to the daemon: give --server")
+    key = _required_key(log_key, log_key_file)
+    signer = load_cosigner(signing_key)
+    with open_source(Conn(server, ca, cert, key_file, data_dir, None)) as source:
+        assert isinstance(source, RemoteSource)
+        _, note = source.latest()
+        new = _verified(note, key, "the latest checkpoint").checkpoint
+        if trusted_checkpoint is not None:
+            old = _verified(_read_text(trusted_checkpoint, "checkpoint"), key, "your checkpoint")
+            proof: list[bytes] = []
+            if 0 < old.checkpoint.size < new.size:
+                proof, _ = source.consistency(old.checkpoint.size, new.size)
+            check_consistency(old.checkpoint, new, proof)
+        when = int(time.time()) if now is None else now
+        cosigned = cosign_checkpoint(note, parse_verifier_key(key), signer, when)
+        merged = source.add_cosignature(cosigned)
+    if trusted_checkpoint is not None:
+        trusted_checkpoint.write_text(merged, encoding="utf-8")
+    click.echo(merged, nl=False)
+    click.echo(f"cosigned the checkpoint of size {new.size} as {signer.name}", err=True)
+
+
+# -- the demo's last act -----------------------------------------------------------------------
+
+
+def run_audit_demo_steps(
+    work_dir: Path,
+    data_dir: Path,
+    *,
+    log_key: str | None = None,
+    step: Callable[[str], None] | None = None,
+) -> None:
+    """Export the demo's log, verify it, then flip one byte of a copy and verify again.
+
+    For `keyquorum demo` (it calls this at the end). Runs the real commands
+    in this process, echoing each. The log key is pinned from the daemon's
+    key file in `data_dir` unless given. Raises `click.ClickException` if
+    the intact export does not verify or the tampered one does.
+    """
+    from keyquorum.hsm.logkey import LogKey
+
+    def heading(text: str) -> None:
+        if step is not None:
+            step(text)
+        else:
+            click.secho(f"\n== {text}", bold=True)
+
+    key = log_key if log_key is not None else LogKey.load(data_dir).vkey
+    exported = work_dir / "demo-log.kqexport"
+    tampered = work_dir / "demo-log-tampered.kqexport"
+    heading("The auditor exports the log (offline, from the data directory)")
+    _demo_run(["audit", "export", "--data-dir", str(data_dir), "--out", str(exported)], 0)
+    heading("The auditor verifies it: the daemon's own replay, then the report")
+    _demo_run(["audit", "verify", str(exported), "--log-key", key], 0)
+    heading("One byte of a copy flipped: the verifier names the entry")
+    seq = flip_one_byte(exported, tampered)
+    click.echo(f"(flipped one byte inside entry {seq} of {tampered.name})")
+    _demo_run(["audit", "verify", str(tampered), "--log-key", key], 1)
+
+
+def flip_one_byte(src: Path, dst: Path) -> int:
+    """Copy an export, flipping one bit of one byte of the middle entry; returns its seq.
+
+    The byte is a digit of the entry's `time`, so the result is still
+    canonical JSON and still base64: only the verifier can tell.
+    """
+    parsed = read_export(src)
+    entries = list(parsed.entries)
+    seq = len(entries) // 2
+    raw = bytearray(entries[seq])
+    at = raw.index(b'"time":') + len(b'"time":') + 3
+    raw[at] ^= 0x01
+    entries[seq] = bytes(raw)
+    _write_atomically(dst, export.produce(entries, parsed.checkpoints))
+    return seq
+
+
+def _demo_run(args: list[str], expected: int) -> None:
+    from keyquorum.cli.main import main
+
+    click.secho("$ keyquorum " + " ".join(shlex.quote(a) for a in args), fg="cyan")
+    code: int | str | None = 0
+    try:
+        main.main(args, prog_name="keyquorum", standalone_mode=False)
+    except SystemExit as e:
+        code = e.code
+    except KeyquorumError as e:
+        click.echo(f"error: {e}", err=True)
+        code = 1
+    if (code or 0) != expected:
+        raise click.ClickException(f"`keyquorum {args[0]} {args[1]}` exited {code}, not {expected}")
