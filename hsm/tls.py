@@ -34,7 +34,7 @@ from keyquorum.hsm.pki import URI_SCHEME, ClientIdentity, uri_sans
 from keyquorum.quorum.errors import AccessDeniedError, DeserializationError, InvalidInputError
 
 LOOPBACK_NAMES: Final = ("localhost",)
-INSECURE_FLAG: Final = "--allow-insecure-dev"
+INSECURE_FLAG: Final = "--insecure-dev-plaintext"
 
 
 class HasAuthContext(Protocol):

@@ -369,7 +369,7 @@ def test_grpc_has_no_optional_client_auth(pki: DevPki) -> None:
 
 
 def test_plaintext_on_loopback_only_with_the_flag() -> None:
-    with pytest.raises(InvalidInputError, match="--allow-insecure-dev"):
+    with pytest.raises(InvalidInputError, match="--insecure-dev-plaintext"):
         tls.check_plaintext_allowed("127.0.0.1", False)
     with pytest.raises(InvalidInputError, match="only on loopback"):
         tls.check_plaintext_allowed("0.0.0.0", True)
