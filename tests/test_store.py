@@ -1,26 +1,32 @@
 """Conformance suite of the `Store` contract, run on real databases.
 
-Every test takes `store_factory`, parametrised by backend. Only SQLite
-exists today (real files in tmp_path); a PostgreSQL factory joins the
-`params` list with the same tests. Backend-specific checks (SQLite
-pragmas, raw-file tampering) sit at the end, named as such.
+Every test takes `store_factory`, parametrised by backend: SQLite (real
+files in tmp_path) and PostgreSQL (a fresh database per test on the
+throw-away cluster of tests/pg.py, or on `KEYQUORUM_TEST_PG_DSN`).
+Backend-specific checks (SQLite pragmas and raw files; PostgreSQL
+triggers, durability settings, outages, notifications) sit at the end,
+named as such.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psycopg
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keyquorum.hsm import sqlite_store
+from keyquorum.hsm import postgres_store, sqlite_store
+from keyquorum.hsm.postgres_store import PostgresStore
 from keyquorum.hsm.sqlite_store import SqliteStore
 from keyquorum.hsm.store import LogRecord, ShredSalt, Store, leaf_hash
 from keyquorum.quorum.errors import (
@@ -30,6 +36,7 @@ from keyquorum.quorum.errors import (
     StorageError,
     UnsupportedVersionError,
 )
+from tests.pg import PgServer, Restartable
 
 
 @dataclass
@@ -43,6 +50,7 @@ class StoreFactory:
     set_schema_version: Callable[[int], None]
     """Write a schema_version behind the store's back (simulates a newer build)."""
     expected_durability: dict[str, str]
+    schema_version: int
     opened: list[Store] = field(default_factory=list)
 
 
@@ -64,12 +72,38 @@ def _sqlite_factory(directory: Path) -> StoreFactory:
         files=files,
         set_schema_version=set_schema_version,
         expected_durability={"journal_mode": "wal", "synchronous": "FULL", "secure_delete": "ON"},
+        schema_version=sqlite_store.SCHEMA_VERSION,
     )
 
 
-@pytest.fixture(params=["sqlite"])
+def _postgres_factory(dsn: str) -> StoreFactory:
+    def set_schema_version(version: int) -> None:
+        with psycopg.connect(dsn) as conn:
+            conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(version),))
+
+    return StoreFactory(
+        kind="postgres",
+        open=lambda: PostgresStore.open(dsn, timeout=2.0),
+        files=list,  # the bytes live in the server's data directory; see the PG tests
+        set_schema_version=set_schema_version,
+        expected_durability={
+            "fsync": "on",
+            "synchronous_commit": "on",
+            "full_page_writes": "on",
+        },
+        schema_version=postgres_store.SCHEMA_VERSION,
+    )
+
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
-    factory = _sqlite_factory(tmp_path)
+    if request.param == "sqlite":
+        factory = _sqlite_factory(tmp_path)
+    else:
+        factory = _postgres_factory(request.getfixturevalue("pg_dsn"))
     opened: list[Store] = []
 
     def tracked_open(inner: Callable[[], Store] = factory.open) -> Store:
@@ -251,11 +285,23 @@ def test_reopen_keeps_everything(store_factory: StoreFactory) -> None:
     b.append([rec(4)], expected_size=4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(batches=st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=8))
-@settings(max_examples=20, deadline=None)
-def test_any_batching_reads_back_as_one_log(batches: list[int]) -> None:
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_any_batching_reads_back_as_one_log(
+    backend: str, request: pytest.FixtureRequest, batches: list[int]
+) -> None:
+    # A fresh store per example: tmp_path and pg_dsn are per test, not per example.
     with tempfile.TemporaryDirectory() as d:
-        factory = _sqlite_factory(Path(d))
+        database = None
+        if backend == "sqlite":
+            factory = _sqlite_factory(Path(d))
+        else:
+            server: PgServer = request.getfixturevalue("pg_server")
+            database, dsn = server.create_schema()
+            factory = _postgres_factory(dsn)
         s = factory.open()
         try:
             size = 0
@@ -264,10 +310,13 @@ def test_any_batching_reads_back_as_one_log(batches: list[int]) -> None:
                 size += n
             assert s.size() == size
             assert s.read(0, size) == [rec(i)[2] for i in range(size)]
+            assert s.leaf_hashes() == [rec(i)[1] for i in range(size)]
             mid = size // 2
             assert s.read(0, mid) + s.read(mid, size) == s.read(0, size)
         finally:
             s.close()
+            if database is not None:
+                server.drop_schema(database)
 
 
 # -- concurrency ---------------------------------------------------------
@@ -396,7 +445,10 @@ def _file_bytes(factory: StoreFactory) -> bytes:
 
 
 @pytest.mark.parametrize("via", ["erase_shred_salts", "append"], ids=["erase-call", "in-append"])
-def test_erased_salt_bytes_are_gone_from_the_files(store_factory: StoreFactory, via: str) -> None:
+def test_sqlite_erased_salt_bytes_are_gone_from_the_files(tmp_path: Path, via: str) -> None:
+    """SQLite only: PostgreSQL keeps dead tuples and WAL (docs/postgres.md);
+    its erasure is checked at the SQL level in the PostgreSQL section."""
+    store_factory = _sqlite_factory(tmp_path)
     s = store_factory.open()
     secret_salt = bytes.fromhex("5a17" * 16)
     s.append([rec(0)], expected_size=0, shred_salts=[("doomed", 1, secret_salt)])
@@ -443,16 +495,17 @@ def test_meta(store: Store) -> None:
         store.set_meta("Bad Key", "x")
 
 
-def test_schema_version_is_current(store: Store) -> None:
-    assert store.schema_version() == sqlite_store.SCHEMA_VERSION
-    assert store.get_meta("schema_version") == str(sqlite_store.SCHEMA_VERSION)
+def test_schema_version_is_current(store_factory: StoreFactory) -> None:
+    store = store_factory.open()
+    assert store.schema_version() == store_factory.schema_version
+    assert store.get_meta("schema_version") == str(store_factory.schema_version)
 
 
 def test_newer_schema_is_refused(store_factory: StoreFactory) -> None:
     s = store_factory.open()
     fill(s, 2)
     s.close()
-    newer = sqlite_store.SCHEMA_VERSION + 1
+    newer = store_factory.schema_version + 1
     store_factory.set_schema_version(newer)
     with pytest.raises(UnsupportedVersionError, match=f"schema version {newer}, newer than"):
         store_factory.open()
@@ -570,6 +623,405 @@ def test_sqlite_gap_made_by_hand_is_reported_not_skipped(tmp_path: Path) -> None
 
 def test_sqlite_closed_store_refuses_calls(tmp_path: Path) -> None:
     s = SqliteStore.open(tmp_path / "any-name.sqlite3")
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(StorageError, match="closed"):
+        s.size()
+
+
+# -- PostgreSQL specifics --------------------------------------------------
+
+pg = pytest.mark.postgres
+
+
+def _raw(dsn: str) -> psycopg.Connection[tuple[object, ...]]:
+    """A plain connection outside the store, as psql or another program."""
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def _raw_insert(conn: psycopg.Connection[tuple[object, ...]], seq: int, prev: bytes) -> None:
+    body = b"raw %d" % seq
+    conn.execute(
+        "INSERT INTO log_entries (seq, leaf_hash, prev_leaf_hash, entry) VALUES (%s, %s, %s, %s)",
+        (seq, leaf_hash(body), prev, body),
+    )
+
+
+_H2 = rec(2)[1]
+_BYPASS: list[tuple[str, str, tuple[object, ...], str]] = [
+    ("update-entry", "UPDATE log_entries SET entry = '\\x00' WHERE seq = 1", (), "append-only"),
+    ("delete-entry", "DELETE FROM log_entries WHERE seq = 2", (), "append-only"),
+    ("truncate-log", "TRUNCATE log_entries", (), "append-only"),
+    (
+        "insert-gap",
+        "INSERT INTO log_entries VALUES (5, %s, %s, 'x')",
+        (leaf_hash(b"x"), _H2),
+        "log seq 5 is not the log size 3",
+    ),
+    (
+        "insert-duplicate",
+        "INSERT INTO log_entries VALUES (2, %s, %s, 'x')",
+        (leaf_hash(b"x"), rec(1)[1]),
+        "log seq 2 is not the log size 3",
+    ),
+    (
+        "insert-broken-chain",
+        "INSERT INTO log_entries VALUES (3, %s, %s, 'x')",
+        (leaf_hash(b"x"), bytes(32)),
+        "entry 3 does not chain to the leaf hash of entry 2",
+    ),
+    (
+        "insert-wrong-leaf-hash",
+        "INSERT INTO log_entries VALUES (3, %s, %s, 'x')",
+        (leaf_hash(b"y"), _H2),
+        "leaf_hash_is_rfc9162",
+    ),
+    ("move-head", "UPDATE log_head SET size = 0", (), "moves only by appending"),
+    ("delete-head", "DELETE FROM log_head", (), "one fixed row"),
+    ("replace-salt", "UPDATE shred_salts SET salt = %s", (bytes(32),), "never replaced"),
+]
+
+
+@pg
+@pytest.mark.parametrize(
+    ("sql", "params", "message"), [c[1:] for c in _BYPASS], ids=[c[0] for c in _BYPASS]
+)
+def test_postgres_schema_refuses_writes_that_bypass_the_class(
+    pg_dsn: str, sql: str, params: tuple[object, ...], message: str
+) -> None:
+    with PostgresStore.open(pg_dsn) as s:
+        fill(s, 3)
+        s.put_shred_salt("t", 1, salt(1))
+        with _raw(pg_dsn) as raw, pytest.raises(psycopg.errors.CheckViolation, match=message):
+            raw.execute(sql, params)
+        assert s.size() == 3
+        assert s.read(0, 3) == [rec(i)[2] for i in range(3)]
+        assert s.leaf_hashes() == [rec(i)[1] for i in range(3)]
+        assert s.get_shred_salt("t", 1) == salt(1)
+        s.append([rec(3)], expected_size=3)  # the head still agrees with the rows
+
+
+@pg
+def test_postgres_rows_carry_the_chain_of_leaf_hashes(pg_dsn: str) -> None:
+    with PostgresStore.open(pg_dsn) as s:
+        fill(s, 2)
+        s.append([rec(2), rec(3)], expected_size=2)
+        with _raw(pg_dsn) as raw:
+            rows = raw.execute(
+                "SELECT seq, prev_leaf_hash, leaf_hash FROM log_entries ORDER BY seq"
+            ).fetchall()
+            head = raw.execute("SELECT size, leaf_hash FROM log_head").fetchone()
+    assert [r[1] for r in rows] == [postgres_store.GENESIS_PREV] + [rec(i)[1] for i in range(3)]
+    assert head == (4, rec(3)[1])
+
+
+@pg
+def test_postgres_loser_waits_for_the_head_lock_then_conflicts(pg_dsn: str) -> None:
+    """A writer holding the head (another replica mid-append) makes ours wait;
+    when it commits, ours reads the new head, raises and writes nothing."""
+    with PostgresStore.open(pg_dsn) as s, _raw(pg_dsn) as other:
+        fill(s, 1)
+        outcome: list[BaseException | None] = []
+        with other.transaction():
+            other.execute("SELECT size FROM log_head FOR UPDATE")
+            thread = threading.Thread(target=_append_into, args=(s, rec(1, b"ours"), outcome))
+            thread.start()
+            thread.join(0.5)
+            assert thread.is_alive()  # queued behind the lock, not failed, not written
+            _raw_insert(other, 1, rec(0)[1])
+        thread.join(10)
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], AppendConflictError)
+        assert (outcome[0].expected_size, outcome[0].actual_size) == (1, 2)
+        assert s.read(1, 2) == [b"raw 1"]
+
+
+def _append_into(s: Store, record: LogRecord, outcome: list[BaseException | None]) -> None:
+    try:
+        s.append([record], expected_size=record[0])
+        outcome.append(None)
+    except BaseException as e:
+        outcome.append(e)
+
+
+@pg
+@pytest.mark.parametrize(
+    ("setting", "refused"),
+    [("off", True), ("local", True), ("remote_write", False), ("remote_apply", False)],
+    ids=["off", "local", "remote_write", "remote_apply"],
+)
+def test_postgres_synchronous_commit_in_the_dsn(pg_dsn: str, setting: str, refused: bool) -> None:
+    params = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    params["options"] = f"{params['options']} -c synchronous_commit={setting}"
+    dsn = psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+    if refused:
+        with pytest.raises(StorageError, match=f"synchronous_commit is {setting}: a crash"):
+            PostgresStore.open(dsn)
+    else:
+        with PostgresStore.open(dsn) as s:
+            fill(s, 1)
+            assert s.durability_settings()["synchronous_commit"] == setting
+
+
+@pg
+def test_postgres_synchronous_commit_set_for_the_database_is_refused(pg_server: PgServer) -> None:
+    """`ALTER DATABASE ... SET` reaches every new session of the store;
+    another session's own `SET` does not, and is no reason to refuse."""
+    name, dsn = pg_server.create_database()
+    try:
+        with _raw(dsn) as raw:
+            raw.execute("SET synchronous_commit = off")  # this session only
+            with PostgresStore.open(dsn) as s:
+                fill(s, 1)
+            raw.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = off')
+        with pytest.raises(StorageError, match="synchronous_commit is off"):
+            PostgresStore.open(dsn)
+    finally:
+        pg_server.drop_database(name)
+
+
+@pg
+def test_postgres_fsync_turned_off_by_reload_stops_appends(pg_restartable: Restartable) -> None:
+    """fsync can change under open connections (SIGHUP): each append checks it
+    in its first statement, so nothing is written on an unsafe server."""
+    dsn = pg_restartable.dsn
+    with PostgresStore.open(dsn) as s, _raw(dsn) as admin:
+        fill(s, 1)
+        admin.execute("ALTER SYSTEM SET fsync = off")
+        try:
+            admin.execute("SELECT pg_reload_conf()")
+            _until(lambda: s.durability_settings()["fsync"] == "off")
+            with pytest.raises(StorageError, match="fsync is off"):
+                s.append([rec(1)], expected_size=1)
+            with pytest.raises(StorageError, match="fsync is off"):
+                PostgresStore.open(dsn)
+            assert s.size() == 1
+        finally:
+            admin.execute("ALTER SYSTEM RESET fsync")
+            admin.execute("SELECT pg_reload_conf()")
+        _until(lambda: s.durability_settings()["fsync"] == "on")
+        s.append([rec(1)], expected_size=1)
+
+
+@pg
+def test_postgres_server_started_with_fsync_off_is_refused(pg_restartable: Restartable) -> None:
+    cluster, dsn = pg_restartable.cluster, pg_restartable.dsn
+    with PostgresStore.open(dsn, timeout=1.0) as s:
+        fill(s, 1)
+        cluster.restart(["fsync=off"])
+        with pytest.raises(StorageError, match="fsync is off"):
+            PostgresStore.open(dsn)
+        with pytest.raises(StorageError, match="fsync is off"):  # the pool refuses too
+            s.append([rec(1)], expected_size=1)
+        cluster.restart()
+        _until(lambda: _succeeds(s.size))
+        assert s.size() == 1
+        s.append([rec(1)], expected_size=1)
+
+
+@pg
+def test_postgres_stopped_under_the_store_fails_clearly_and_recovers(
+    pg_restartable: Restartable, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster, dsn = pg_restartable.cluster, pg_restartable.dsn
+    caplog.set_level(logging.WARNING, logger="keyquorum.hsm.postgres_store")
+    with PostgresStore.open(dsn, timeout=1.0, min_connections=2) as s:
+        fill(s, 2)
+        s.put_shred_salt("t", 1, salt(1))
+        cluster.stop()
+        for call in (
+            s.size,
+            lambda: s.append([rec(2)], expected_size=2),
+            lambda: s.read(0, 2),
+            lambda: s.get_shred_salt("t", 1),
+        ):
+            started = time.monotonic()
+            with pytest.raises(StorageError, match="is unavailable"):
+                call()
+            assert time.monotonic() - started < 5  # the pool timeout, not a hang
+        warnings = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+        assert len(warnings) == 1  # logged once per outage, not once per call
+        cluster.start()
+        started = time.monotonic()
+        _until(lambda: _succeeds(s.size))
+        assert time.monotonic() - started < 10
+        assert s.read(0, 2) == [rec(0)[2], rec(1)[2]]
+        assert s.get_shred_salt("t", 1) == salt(1)
+        s.append([rec(2)], expected_size=2)
+        assert any("available again" in r.getMessage() for r in caplog.records)
+
+
+def _succeeds(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except StorageError:
+        return False
+    return True
+
+
+def _until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+@pg
+def test_postgres_follower_is_woken_by_notify(pg_dsn: str) -> None:
+    """Two stores on two connections; the poll interval is far beyond the
+    test, so only the notification can wake the follower this fast."""
+    with (
+        PostgresStore.open(pg_dsn, poll_interval=60) as follower,
+        PostgresStore.open(pg_dsn) as leader,
+    ):
+        fill(leader, 1)
+        timer = threading.Timer(0.3, lambda: leader.append([rec(1)], expected_size=1))
+        started = time.monotonic()
+        timer.start()
+        assert follower.wait_for_append(1, timeout=20) == 2
+        assert time.monotonic() - started < 3
+        timer.join()
+
+
+@pg
+def test_postgres_follower_polls_when_no_notification_comes(pg_dsn: str) -> None:
+    """A writer that does not NOTIFY (raw SQL) still reaches the follower
+    within the poll interval."""
+    with PostgresStore.open(pg_dsn, poll_interval=0.2) as follower, _raw(pg_dsn) as writer:
+        fill(follower, 1)
+        timer = threading.Timer(0.3, lambda: _raw_insert(writer, 1, rec(0)[1]))
+        started = time.monotonic()
+        timer.start()
+        assert follower.wait_for_append(1, timeout=20) == 2
+        assert time.monotonic() - started < 2
+        timer.join()
+
+
+@pg
+def test_postgres_follower_survives_losing_its_listen_connection(pg_dsn: str) -> None:
+    with (
+        PostgresStore.open(pg_dsn, poll_interval=0.2) as follower,
+        PostgresStore.open(pg_dsn) as leader,
+        _raw(pg_dsn) as admin,
+    ):
+        fill(leader, 1)
+        assert follower.wait_for_append(0, timeout=1) == 1  # listening now
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE query LIKE 'LISTEN keyquorum_log%%' AND pid <> pg_backend_pid()"
+        ).fetchone()
+        assert killed == (1,)
+        timer = threading.Timer(0.3, lambda: leader.append([rec(1)], expected_size=1))
+        timer.start()
+        assert follower.wait_for_append(1, timeout=20) == 2
+        timer.join()
+        leader.append([rec(2)], expected_size=2)
+        assert follower.wait_for_append(2, timeout=20) == 3  # listening again
+
+
+@pg
+def test_postgres_wait_for_append_times_out_with_the_size(pg_dsn: str) -> None:
+    with PostgresStore.open(pg_dsn) as s:
+        fill(s, 2)
+        assert s.wait_for_append(1, timeout=0) == 2  # already longer: no wait
+        started = time.monotonic()
+        assert s.wait_for_append(2, timeout=0.3) == 2
+        assert 0.25 < time.monotonic() - started < 2
+        with pytest.raises(InvalidInputError, match="after_size must be a non-negative"):
+            s.wait_for_append(-1, timeout=1)
+        with pytest.raises(InvalidInputError, match="timeout must be non-negative"):
+            s.wait_for_append(0, timeout=-1)
+
+
+@pg
+def test_postgres_replicas_starting_together_migrate_once(pg_dsn: str) -> None:
+    stores: list[PostgresStore] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            stores.append(PostgresStore.open(pg_dsn))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        assert [s.schema_version() for s in stores] == [postgres_store.SCHEMA_VERSION] * 4
+        stores[0].append([rec(0)], expected_size=0)
+        assert [s.size() for s in stores] == [1] * 4
+    finally:
+        for s in stores:
+            s.close()
+
+
+@pg
+def test_postgres_erased_salt_is_gone_for_every_session(pg_dsn: str) -> None:
+    """What PostgreSQL can promise: after the commit no session sees the salt.
+    (Dead tuples and WAL keep the bytes for a while: docs/postgres.md.)"""
+    with PostgresStore.open(pg_dsn) as s, _raw(pg_dsn) as raw:
+        secret_salt = bytes.fromhex("5a17" * 16)
+        s.append([rec(0)], expected_size=0, shred_salts=[("doomed", 1, secret_salt)])
+        s.append([rec(1, b"shred")], expected_size=1, erase_tenants=["doomed"])
+        found = raw.execute("SELECT count(*) FROM shred_salts WHERE salt = %s", (secret_salt,))
+        assert found.fetchone() == (0,)
+        assert s.get_shred_salt("doomed", 1) is None
+
+
+@pg
+def test_postgres_text_with_nul_is_refused_as_input(pg_dsn: str) -> None:
+    with PostgresStore.open(pg_dsn) as s:
+        fill(s, 1)
+        with pytest.raises(InvalidInputError, match="must not contain NUL"):
+            s.put_checkpoint(1, "note\x00")
+        with pytest.raises(InvalidInputError, match="must not contain NUL"):
+            s.set_meta("deployment", "a\x00b")
+        with pytest.raises(InvalidInputError, match="PostgreSQL refused a value"):
+            s.put_shred_salt("t", 2**31, salt(1))
+        assert s.latest_checkpoint() is None
+
+
+@pg
+def test_postgres_dsn_secrets_stay_out_of_repr_and_errors(pg_dsn: str) -> None:
+    params = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    params["password"] = "hunter2-not-shown"  # trust auth ignores it
+    dsn = psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+    with PostgresStore.open(dsn) as s:
+        assert "hunter2" not in repr(s)
+        assert repr(s).startswith("<PostgresStore 127.0.0.1:")
+    params["port"] = "1"  # nothing listens there
+    with pytest.raises(StorageError, match="cannot open the store") as info:
+        PostgresStore.open(psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()}))
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dsn": ""}, "non-empty string"),
+        ({"dsn": "host='unterminated"}, "does not parse"),
+        ({"dsn": "host=x", "min_connections": 0}, "min_connections"),
+        ({"dsn": "host=x", "min_connections": 3, "max_connections": 2}, "min_connections"),
+        ({"dsn": "host=x", "timeout": 0}, "positive"),
+    ],
+    ids=["empty", "unparsable", "no-connections", "min-above-max", "zero-timeout"],
+)
+def test_postgres_bad_arguments_are_refused_before_connecting(
+    kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        PostgresStore.open(**kwargs)  # type: ignore[arg-type]
+
+
+@pg
+def test_postgres_closed_store_refuses_calls(pg_dsn: str) -> None:
+    s = PostgresStore.open(pg_dsn)
     s.close()
     s.close()  # idempotent
     with pytest.raises(StorageError, match="closed"):

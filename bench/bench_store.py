@@ -1,0 +1,219 @@
+"""Log appends on both stores against their database's own insert-and-commit.
+
+Each store row appends one entry per call through the `Store` (checks,
+conflict detection, triggers, NOTIFY) and its baseline inserts the same
+bytes into a plain table with the same durability settings and commits:
+SQLite with WAL and synchronous=FULL, PostgreSQL with fsync and
+synchronous_commit on. So the ratio is the price of the store's
+guarantees, not of the disk. Rounds alternate store and baseline, so
+drift in the machine hits both. Names carry the median and 99th
+percentile latency of one append.
+
+The concurrent PostgreSQL row has four replicas (four stores, four pools)
+appending as fast as they can, each re-reading the size and retrying on
+`AppendConflictError`; its baseline is four plain connections inserting
+rows that never collide. PostgreSQL comes from tests/pg.py: a throw-away
+cluster, or `KEYQUORUM_TEST_PG_DSN`; without either its rows are left out.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+
+from bench.harness import Row
+from keyquorum.hsm.postgres_store import PostgresStore
+from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.hsm.store import leaf_hash
+from keyquorum.quorum.errors import AppendConflictError
+from tests.pg import PgServer, PostgresUnavailableError, server_from_environment
+
+ENTRY_SIZE = 7000
+"""About one approval entry: its hybrid ML-DSA-65 + Ed25519 signature in hex."""
+
+WRITERS = 4
+
+
+def _entry(seq: int) -> tuple[int, bytes, bytes]:
+    body = seq.to_bytes(8, "big") + b"e" * (ENTRY_SIZE - 8)
+    return seq, leaf_hash(body), body
+
+
+def _timed(step: Callable[[int], None], start: int, n: int, latencies: list[float]) -> float:
+    began = time.perf_counter()
+    for seq in range(start, start + n):
+        t0 = time.perf_counter()
+        step(seq)
+        latencies.append(time.perf_counter() - t0)
+    return time.perf_counter() - began
+
+
+def _paired(
+    name: str,
+    store_step: Callable[[int], None],
+    baseline_name: str,
+    raw_step: Callable[[int], None],
+    *,
+    per_round: int,
+    rounds: int,
+) -> Row:
+    store_lat: list[float] = []
+    raw_lat: list[float] = []
+    store_time = raw_time = 0.0
+    store_step(0)  # warm up both, and give each its first row
+    raw_step(0)
+    for r in range(rounds):
+        start = 1 + r * per_round
+        store_time += _timed(store_step, start, per_round, store_lat)
+        raw_time += _timed(raw_step, start, per_round, raw_lat)
+    total = per_round * rounds
+    return Row(
+        f"{name} ({_percentiles(store_lat)})",
+        total / store_time,
+        f"{baseline_name} ({_percentiles(raw_lat)})",
+        total / raw_time,
+        "appends/s",
+    )
+
+
+def _percentiles(latencies: list[float]) -> str:
+    cuts = statistics.quantiles(latencies, n=100)
+    return f"p50 {statistics.median(latencies) * 1e3:.2f} ms, p99 {cuts[98] * 1e3:.2f} ms"
+
+
+def _sqlite_row(directory: Path, per_round: int, rounds: int) -> Row:
+    s = SqliteStore.in_directory(directory)
+    raw = sqlite3.connect(directory / "raw.sqlite3", isolation_level=None)
+    raw.execute("PRAGMA journal_mode=WAL")
+    raw.execute("PRAGMA synchronous=FULL")
+    raw.execute("CREATE TABLE raw (seq INTEGER PRIMARY KEY, leaf_hash BLOB, entry BLOB)")
+
+    def raw_step(seq: int) -> None:
+        raw.execute("BEGIN IMMEDIATE")
+        raw.execute("INSERT INTO raw VALUES (?, ?, ?)", _entry(seq))
+        raw.execute("COMMIT")
+
+    try:
+        return _paired(
+            f"sqlite append, 1 x {ENTRY_SIZE:,} B (WAL, synchronous=FULL)",
+            lambda seq: s.append([_entry(seq)], expected_size=seq),
+            "raw sqlite3 INSERT + COMMIT, same bytes and pragmas",
+            raw_step,
+            per_round=per_round,
+            rounds=rounds,
+        )
+    finally:
+        raw.close()
+        s.close()
+
+
+def _postgres_rows(server: PgServer, per_round: int, rounds: int, seconds: float) -> list[Row]:
+    schema, dsn = server.create_schema("kq_bench")
+    try:
+        with PostgresStore.open(dsn) as s, psycopg.connect(dsn) as raw:
+            raw.execute("CREATE TABLE raw (seq bigint PRIMARY KEY, leaf_hash bytea, entry bytea)")
+            raw.commit()
+
+            def raw_step(seq: int) -> None:
+                raw.execute("INSERT INTO raw VALUES (%s, %s, %s)", _entry(seq))
+                raw.commit()
+
+            single = _paired(
+                f"postgres append, 1 x {ENTRY_SIZE:,} B (fsync, synchronous_commit=on)",
+                lambda seq: s.append([_entry(seq)], expected_size=seq),
+                "raw psycopg INSERT + COMMIT, same bytes and server",
+                raw_step,
+                per_round=per_round,
+                rounds=rounds,
+            )
+            base = s.size()
+        racing = _racing(dsn, base, seconds)
+        plain = _plain_writers(dsn, seconds)
+        return [
+            single,
+            Row(
+                f"postgres append, {WRITERS} replicas racing (retry on conflict)",
+                racing,
+                f"{WRITERS} raw connections, INSERT + COMMIT, no collisions",
+                plain,
+                "appends/s",
+            ),
+        ]
+    finally:
+        server.drop_schema(schema)
+
+
+def _racing(dsn: str, base: int, seconds: float) -> float:
+    stores = [PostgresStore.open(dsn) for _ in range(WRITERS)]
+    done = [0] * WRITERS
+    stop = time.perf_counter() + seconds
+
+    def writer(i: int) -> None:
+        s = stores[i]
+        while time.perf_counter() < stop:
+            size = s.size()
+            try:
+                s.append([_entry(size)], expected_size=size)
+            except AppendConflictError:
+                continue
+            done[i] += 1
+
+    began = time.perf_counter()
+    _run_threads(writer)
+    elapsed = time.perf_counter() - began
+    final = stores[0].size()
+    for s in stores:
+        s.close()
+    if final != base + sum(done):  # every acknowledged append is there, once
+        raise RuntimeError(f"log size {final} after {sum(done)} appends on {base}")
+    return sum(done) / elapsed
+
+
+def _plain_writers(dsn: str, seconds: float) -> float:
+    conns = [psycopg.connect(dsn) for _ in range(WRITERS)]
+    done = [0] * WRITERS
+    stop = time.perf_counter() + seconds
+
+    def writer(i: int) -> None:
+        conn = conns[i]
+        seq = 1_000_000 * (i + 1)
+        while time.perf_counter() < stop:
+            conn.execute("INSERT INTO raw VALUES (%s, %s, %s)", _entry(seq))
+            conn.commit()
+            seq += 1
+            done[i] += 1
+
+    began = time.perf_counter()
+    _run_threads(writer)
+    elapsed = time.perf_counter() - began
+    for conn in conns:
+        conn.close()
+    return sum(done) / elapsed
+
+
+def _run_threads(target: Callable[[int], None]) -> None:
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(WRITERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def run(quick: bool) -> list[Row]:
+    per_round, rounds, seconds = (100, 2, 1.0) if quick else (400, 5, 3.0)
+    with tempfile.TemporaryDirectory() as d:
+        rows = [_sqlite_row(Path(d), per_round, rounds)]
+    try:
+        with server_from_environment() as server:
+            rows += _postgres_rows(server, per_round, rounds, seconds)
+    except PostgresUnavailableError as e:
+        print(f"# bench_store: PostgreSQL rows left out: {e}", file=sys.stderr)
+    return rows
