@@ -1026,3 +1026,26 @@ def test_postgres_closed_store_refuses_calls(pg_dsn: str) -> None:
     s.close()  # idempotent
     with pytest.raises(StorageError, match="closed"):
         s.size()
+
+
+@pg
+def test_postgres_connection_lost_during_commit_says_the_outcome_is_unknown(pg_dsn: str) -> None:
+    """A deferred trigger kills the session inside COMMIT (before the commit
+    record), as a crash or a network cut there would: the caller is told to
+    re-read, and the store goes on working once the cause is gone."""
+    with PostgresStore.open(pg_dsn) as s, _raw(pg_dsn) as admin:
+        fill(s, 1)
+        admin.execute(
+            "CREATE FUNCTION die_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$"
+        )
+        admin.execute(
+            "CREATE CONSTRAINT TRIGGER die_at_commit AFTER INSERT ON log_entries "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION die_at_commit()"
+        )
+        with pytest.raises(StorageError, match="failed during COMMIT, so the write may or may not"):
+            s.append([rec(1)], expected_size=1)
+        admin.execute("DROP TRIGGER die_at_commit ON log_entries")
+        assert s.size() == 1  # re-read: this one did not commit
+        s.append([rec(1)], expected_size=1)
+        assert s.read(1, 2) == [rec(1)[2]]
