@@ -37,7 +37,17 @@ def _register() -> None:
     from keyquorum.cli.proposal import proposal, tenant
     from keyquorum.cli.server import server
 
-    for command in (admin, audit_group, ceremony, custodian, demo, proposal, server, status, tenant):
+    for command in (
+        admin,
+        audit_group,
+        ceremony,
+        custodian,
+        demo,
+        proposal,
+        server,
+        status,
+        tenant,
+    ):
         main.add_command(command)
 
 

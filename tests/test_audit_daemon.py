@@ -1,7 +1,8 @@
 """The auditor's side against a real daemon: AuditService over mTLS, export, verify, proofs.
 
 One daemon (module scope) runs the story: ceremony, seven confirmations,
-an unseal by five custodians, a seal by one. An AuditService listener that
+an unseal by five custodians, a tenant proposed, refused by one custodian
+and approved by five (executed), a grant, and a seal by one custodian. An AuditService listener that
 requires client certificates serves the same store. The export made over
 mTLS with an auditor certificate is the file every tamper case starts
 from; each case is run through the real `keyquorum audit verify` command
@@ -45,6 +46,14 @@ from tests.harness import (
 )
 
 THRESHOLD = 5
+#: genesis, 7 confirms, unseal, create-tenant (proposal, refusal, 5 approvals,
+#: execution), grant (proposal, 5 approvals, execution), seal.
+ENTRIES = 25
+#: The daemon checkpoints after each append; an approval and the execution it
+#: makes due are one append, so sizes 16 and 23 have no checkpoint.
+CHECKPOINTS = 23
+#: Line index of the first checkpoint (line 0 is the header, entry i is line i + 1).
+CP = ENTRIES + 1
 
 
 @dataclass
@@ -120,6 +129,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
                 actions.confirm(d.stub, c.fingerprint, lambda _t, c=c: c.credential)
             for c in custodians[:THRESHOLD]:
                 actions.submit_share(d.stub, c.credential)
+            governance(d, custodians)
             d.clock.advance(60)
             actions.seal(
                 d.stub,
@@ -133,6 +143,32 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
             yield dep
         finally:
             server.stop(grace=None).wait()
+
+
+def _decide(d: InProcessDaemon, custodians: list[Custodian], op: str, **params: str) -> str:
+    proposal = d.stub.Propose(
+        pb.ProposeRequest(
+            operation=op,
+            parameters=[pb.Parameter(key=k, value=v) for k, v in params.items()],
+            proposer="audit test operator",
+        )
+    )
+    if op == "create-tenant":
+        frank = custodians[5]
+        actions.verdict(
+            d.stub, proposal.id, frank.fingerprint, lambda _t: frank.credential, verdict="refuse"
+        )
+    for c in custodians[: proposal.required]:
+        d.clock.advance(1)
+        actions.verdict(d.stub, proposal.id, c.fingerprint, lambda _t, c=c: c.credential,
+                        verdict="approve")  # fmt: skip
+    return proposal.id
+
+
+def governance(d: InProcessDaemon, custodians: list[Custodian]) -> None:
+    """A tenant created (one refusal, five approvals) and granted to a backend."""
+    _decide(d, custodians, "create-tenant", tenant="patients")
+    _decide(d, custodians, "grant", tenant="patients", backend="booking")
 
 
 def verify(path: Path, *args: str) -> tuple[int, str]:
@@ -153,9 +189,14 @@ def test_export_over_mtls_verifies_and_names_who_took_part(dep: Deployment) -> N
     assert "'end of audit test'" in out
     assert out.count("share ") == 7
     assert "pinned by you" in out
-    # 1 genesis + 7 confirms + unseal + seal, a checkpoint after each append.
-    assert "Entries:     10 (0..9)" in out
-    assert "10 checkpoint(s), tree sizes 1..10" in out
+    assert f"Entries:     {ENTRIES} (0..{ENTRIES - 1})" in out
+    assert f"{CHECKPOINTS} checkpoint(s), tree sizes 1..15, 17..22, 24..25" in out
+    assert "REFUSED by frank" in out
+    assert "approved by alice" in out
+    assert "outcome: executed at entry 16" in out
+    assert "operation: create-tenant" in out  # the statement they signed
+    assert "patients: inactive, 1 key version(s)" in out
+    assert "booking -> patients: granted at entry 23, in force" in out
 
 
 def test_same_file_gives_the_same_report_twice(dep: Deployment) -> None:
@@ -222,9 +263,9 @@ def _flip(dep: Deployment, tmp: Path) -> list[bytes]:
     return out.read_bytes().splitlines(keepends=True)
 
 
-# line 1 is the header: entry i is on line index i + 1; 10 entries then 10 checkpoints.
+# Line 0 is the header, entry i is line i + 1, the checkpoints start at line CP.
 TAMPER: list[tuple[str, Callable[[Deployment, Path], list[bytes]], str]] = [
-    ("edited-entry-one-byte", _flip, "entry 6: prev is not the hash"),
+    ("edited-entry-one-byte", _flip, "entry 1[23]: "),
     ("deleted-entry", lambda d, t: _lines(d)[:4] + _lines(d)[5:], "entry 3: sequence number 4"),
     (
         "inserted-entry",
@@ -236,15 +277,15 @@ TAMPER: list[tuple[str, Callable[[Deployment, Path], list[bytes]], str]] = [
         lambda d, t: [*_lines(d)[:3], _lines(d)[4], _lines(d)[3], *_lines(d)[5:]],
         "entry 2: sequence number 3, expected 2",
     ),
-    ("truncated", lambda d, t: _lines(d)[:9] + _lines(d)[11:], "entry 8: .*truncated"),
+    ("truncated", lambda d, t: _lines(d)[:9] + _lines(d)[CP:], "entry 8: .*truncated"),
     (
         "checkpoint-by-another-key",
         lambda d, t: [*_lines(d)[:-1], _forged(d)],
-        "checkpoint 10 of the export does not check under the log key",
+        f"checkpoint {CHECKPOINTS} of the export does not check under the log key",
     ),
     (
         "fork-same-size-two-roots",
-        lambda d, t: [*_lines(d)[:14], _resign(d, [], 3, b"\x07" * 32), *_lines(d)[14:]],
+        lambda d, t: [*_lines(d)[: CP + 3], _resign(d, [], 3, b"\x07" * 32), *_lines(d)[CP + 3 :]],
         "fork: .* tree size 3 with different roots",
     ),
 ]
@@ -265,7 +306,9 @@ def test_tampered_daemon_export_fails_naming_the_first_bad_entry(
 def test_fork_shows_both_checkpoints_as_evidence(dep: Deployment, tmp_path: Path) -> None:
     lines = _lines(dep)
     bad = tmp_path / "fork.kqexport"
-    bad.write_bytes(b"".join([*lines[:14], _resign(dep, [], 3, b"\x07" * 32), *lines[14:]]))
+    bad.write_bytes(
+        b"".join([*lines[: CP + 3], _resign(dep, [], 3, b"\x07" * 32), *lines[CP + 3 :]])
+    )
     code, out = verify(bad, "--log-key", dep.log_key)
     assert code == 1
     assert out.count("(a note signed by the log key)") == 2
@@ -278,10 +321,12 @@ def test_shorter_than_the_trusted_checkpoint_is_truncated(dep: Deployment, tmp_p
     assert code == 0
     lines = _lines(dep)
     short = tmp_path / "short.kqexport"
-    short.write_bytes(b"".join([*lines[:8], *lines[11:18]]))  # 7 entries, checkpoints 1..7
+    short.write_bytes(b"".join([*lines[:8], *lines[CP : CP + 7]]))  # 7 entries, checkpoints 1..7
     code, out = verify(short, "--log-key", dep.log_key, "--trusted-checkpoint", str(trusted))
     assert code == 1
-    assert "entry 7: the export holds 7 entries, your trusted checkpoint vouches for 10" in out
+    assert (
+        f"entry 7: the export holds 7 entries, your trusted checkpoint vouches for {ENTRIES}" in out
+    )
 
 
 def test_log_not_extending_the_trusted_checkpoint_is_refused(
@@ -293,7 +338,7 @@ def test_log_not_extending_the_trusted_checkpoint_is_refused(
     other = _resign(dep, [], 4, b"\x05" * 32)
     trusted.write_text(json.loads(other)["checkpoint"])
     latest_only = tmp_path / "latest-only.kqexport"
-    latest_only.write_bytes(b"".join([*lines[:11], lines[-1]]))
+    latest_only.write_bytes(b"".join([*lines[:CP], lines[-1]]))
     code, out = verify(latest_only, "--log-key", dep.log_key, "--trusted-checkpoint", str(trusted))
     assert code == 1
     assert "does not extend your trusted checkpoint (size 4)" in out
@@ -316,42 +361,42 @@ def test_prove_inclusion_and_consistency_against_trusted_checkpoints(
         "--trusted-checkpoint", str(dep.early_checkpoint), "--save", str(latest),
     )  # fmt: skip
     assert code == 0, out
-    assert "size 10 extends your checkpoint of size 1" in out
+    assert f"size {ENTRIES} extends your checkpoint of size 1" in out
     code, out = run_cli(
         "audit", "prove-inclusion", "8", *dep.conn(), "--log-key", dep.log_key,
         "--trusted-checkpoint", str(latest),
     )  # fmt: skip
     assert code == 0, out
     assert "entry 8: unseal" in out
-    assert "included: entry 8 is in the tree of size 10" in out
+    assert f"included: entry 8 is in the tree of size {ENTRIES}" in out
 
 
 def test_receipt_checks_offline_and_a_tampered_one_does_not(
     dep: Deployment, tmp_path: Path
 ) -> None:
     receipt = tmp_path / "seal.tlog-proof"
-    code, out = run_cli("audit", "receipt", "9", *dep.conn(), "--out", str(receipt))
+    code, out = run_cli("audit", "receipt", "24", *dep.conn(), "--out", str(receipt))
     assert code == 0, out
     text = receipt.read_text()
     assert text.startswith("c2sp.org/tlog-proof@v1\nextra ")
-    assert "\nindex 9\n" in text
+    assert "\nindex 24\n" in text
     code, out = run_cli("audit", "check-receipt", str(receipt), "--log-key", dep.log_key)
     assert code == 0, out
-    assert "entry 9: seal" in out
-    assert "valid: entry 9 is in the log of size 10" in out
+    assert "entry 24: seal" in out
+    assert f"valid: entry 24 is in the log of size {ENTRIES}" in out
     # The same receipt claiming another index, and one with a proof hash altered.
     other_index = tmp_path / "moved.tlog-proof"
-    other_index.write_text(text.replace("\nindex 9\n", "\nindex 8\n"))
+    other_index.write_text(text.replace("\nindex 24\n", "\nindex 23\n"))
     code, out = run_cli("audit", "check-receipt", str(other_index), "--log-key", dep.log_key)
     assert code == 1
-    assert "entry 8: the entry served says it is entry 9" in out
+    assert "entry 23: the entry served says it is entry 24" in out
     lines = text.split("\n")
     lines[3] = ("A" if lines[3][0] != "A" else "B") + lines[3][1:]
     altered = tmp_path / "altered.tlog-proof"
     altered.write_text("\n".join(lines))
     code, out = run_cli("audit", "check-receipt", str(altered), "--log-key", dep.log_key)
     assert code == 1
-    assert "not included in the tree of size 10" in out
+    assert f"not included in the tree of size {ENTRIES}" in out
 
 
 def test_receipt_from_an_export_file_is_the_same(dep: Deployment, tmp_path: Path) -> None:
@@ -367,7 +412,7 @@ def test_receipt_from_an_export_file_is_the_same(dep: Deployment, tmp_path: Path
 def test_audit_service_requires_an_auditor_certificate(dep: Deployment) -> None:
     request = apb.GetCheckpointRequest()
     with dep.channel() as ch:
-        assert apb_grpc.AuditServiceStub(ch).GetCheckpoint(request).size == 10
+        assert apb_grpc.AuditServiceStub(ch).GetCheckpoint(request).size == ENTRIES
     with dep.channel("backend/booking") as ch:
         with pytest.raises(grpc.RpcError) as info:
             apb_grpc.AuditServiceStub(ch).GetCheckpoint(request)
@@ -382,7 +427,7 @@ def test_audit_service_requires_an_auditor_certificate(dep: Deployment) -> None:
 
 @pytest.mark.parametrize(
     ("start", "end", "code"),
-    [(0, 11, grpc.StatusCode.INVALID_ARGUMENT), (5, 4, grpc.StatusCode.INVALID_ARGUMENT)],
+    [(0, ENTRIES + 1, grpc.StatusCode.INVALID_ARGUMENT), (5, 4, grpc.StatusCode.INVALID_ARGUMENT)],
     ids=["beyond-the-log", "start-after-end"],
 )
 def test_entry_ranges_are_checked(dep: Deployment, start: int, end: int, code: object) -> None:
