@@ -14,6 +14,8 @@ from keyquorum.quorum import errors as e
 
 # Most specific classes first: the first isinstance match wins.
 _CODES: tuple[tuple[type[e.KeyquorumError], grpc.StatusCode], ...] = (
+    # The store cannot be used right now (I/O error, database down): retry later.
+    (e.StorageError, grpc.StatusCode.UNAVAILABLE),
     (e.SealedError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.AccessDeniedError, grpc.StatusCode.PERMISSION_DENIED),
