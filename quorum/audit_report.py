@@ -484,8 +484,15 @@ def build_report(
         for c in epoch.roster:
             people.setdefault(c.fingerprint, Person(c.name, c.fingerprint))
 
+    # Roster order (share index, first roster first), for listing people.
+    rank = {p: i for i, p in enumerate(people.values())}
+
     def person(fingerprint: str) -> Person:
-        return people.get(fingerprint, Person("?", fingerprint))
+        found = people.get(fingerprint)
+        if found is None:
+            found = people[fingerprint] = Person("?", fingerprint)
+            rank[found] = len(rank)
+        return found
 
     times: list[int] = []
     confirmations: list[Confirmation] = []
@@ -503,7 +510,7 @@ def build_report(
             confirmations.append(Confirmation(seq, time, person(confirmed.custodian)))
         elif kind == UnsealPayload.TYPE:
             u = UnsealPayload.from_json(obj["payload"])
-            who = tuple(person(s.custodian) for s in u.shares)
+            who = tuple(sorted((person(s.custodian) for s in u.shares), key=rank.__getitem__))
             unseals.append(UnsealRecord(seq, time, u.replica, u.session.hex(), who))
         elif kind == SealPayload.TYPE:
             z = SealPayload.from_json(obj["payload"])

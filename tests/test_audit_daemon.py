@@ -183,8 +183,7 @@ def test_export_over_mtls_verifies_and_names_who_took_part(dep: Deployment) -> N
     assert code == 0, out
     assert "VERIFIED" in out
     assert "5-of-7 (genesis)" in out
-    unseal = next(line for line in out.splitlines() if "unsealed by 5:" in line)
-    assert sorted(unseal.split(": ")[-1].split(", ")) == ["alice", "bob", "carol", "dave", "erin"]
+    assert "unsealed by 5: alice, bob, carol, dave, erin" in out  # in share order
     assert "sealed by grace" in out
     assert "'end of audit test'" in out
     assert out.count("share ") == 7
