@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,11 +26,14 @@ from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli.connect import make_endpoint, open_channel
 from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.errors import KeyquorumError
+from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
 CUSTODIANS = ("alice", "bob", "carol", "dave", "erin", "frank", "grace")
 THRESHOLD = 5
 DEPLOYMENT = "demo-health"
+TENANT = "acme-health"
+BACKEND = "keyquorum://backend/booking"
 
 
 def _step(text: str) -> None:
@@ -88,7 +91,7 @@ def _daemon(work: Path, env: dict[str, str]) -> Iterator[int]:
     help="Work in this directory and keep it, instead of a temporary one.",
 )
 def demo(keep: Path | None) -> None:
-    """Run the full story: ceremony, confirm, unseal (with a wrong share), seal."""
+    """Run the full story: ceremony, confirm, unseal, a quorum-approved tenant key, seal."""
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         _story(keep)
@@ -167,8 +170,68 @@ def _story(work: Path) -> None:
         _run(["custodian", "unseal", *conn, *cred("erin")])
         _run(["status", *conn])
 
-        _step("9. One custodian seals in an emergency")
+        with open_channel(endpoint) as channel:
+            stub = pb_grpc.CustodianServiceStub(channel)
+            _quorum_story(stub, conn, cred)
+
+        _step("13. One custodian seals in an emergency: the master key and tenant keys are wiped")
         _run(["custodian", "seal", *conn, *cred("grace"), "--reason", "end of demo"])
         _run(["status", *conn])
+        _run(["tenant", "list", *conn])
 
     _step("Done. Every step above is in the quorum log, signed by the custodians.")
+
+
+def _latest(stub: pb_grpc.CustodianServiceStub) -> str:
+    """The id of the proposal just made (the newest open one)."""
+    proposals = stub.ListProposals(pb.ListProposalsRequest()).proposals
+    if not proposals:
+        raise click.ClickException("the proposal was not logged")
+    return proposals[-1].id
+
+
+def _quorum_story(
+    stub: pb_grpc.CustodianServiceStub,
+    conn: list[str],
+    cred: Callable[[str], list[str]],
+) -> None:
+    """Steps 9 to 12: a tenant key created, granted and activated by the quorum."""
+    _step(f"9. Create tenant {TENANT}: the key is made inside the daemon, stored only wrapped")
+    _run(["proposal", "new", "create-tenant", *conn, "--param", f"tenant={TENANT}"])
+    pid = _latest(stub)
+    for name in CUSTODIANS[:THRESHOLD]:
+        _run(["custodian", "approve", pid, *conn, *cred(name)])
+
+    _step(f"10. Grant the booking backend ({BACKEND}, its certificate identity)")
+    _run(
+        ["proposal", "new", "grant", *conn,
+         "--param", f"tenant={TENANT}", "--param", f"backend={BACKEND}"]
+    )  # fmt: skip
+    pid = _latest(stub)
+    for name in CUSTODIANS[2 : 2 + THRESHOLD]:
+        _run(["custodian", "approve", pid, *conn, *cred(name)])
+
+    _step(f"11. Activate {TENANT} for 8 hours: four approvals, not active yet")
+    _run(
+        ["proposal", "new", "activate-tenant", *conn, "--expires-in", "1h",
+         "--param", f"tenant={TENANT}", "--param", "duration_seconds=28800"]
+    )  # fmt: skip
+    pid = _latest(stub)
+    for name in CUSTODIANS[:4]:
+        _run(["custodian", "approve", pid, *conn, *cred(name)])
+    _run(["tenant", "list", *conn])
+
+    _step("    alice approves again: refused, a custodian counts once")
+    try:
+        _run(["custodian", "approve", pid, *conn, *cred("alice")])
+    except click.ClickException:
+        click.secho("refused, as it must be (see the error above)", fg="yellow")
+    else:
+        raise click.ClickException("the daemon counted alice twice")
+
+    _step("12. The fifth approval (frank): executed, the key is unwrapped in memory")
+    _run(["custodian", "approve", pid, *conn, *cred("frank")])
+    _run(["tenant", "list", *conn])
+    proposal = stub.GetProposal(pb.GetProposalRequest(id=pid))
+    click.secho("\nThe statement each of the five custodians read and signed:", bold=True)
+    click.echo(proposal.approve_statement, nl=False)
