@@ -967,3 +967,27 @@ def test_daemon_state_is_the_replay_of_its_store(
     refuse(daemon, custodians[1], propose(daemon, "rotate-tenant", tenant=TENANT).id)
     state, raws = daemon.daemon.snapshot()
     assert replay(raws) == state
+
+
+def test_new_key_salt_is_stored_in_the_same_append_as_its_execution(
+    daemon: InProcessDaemon, custodians: list[Custodian], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = propose(daemon, "create-tenant", tenant=TENANT)
+    for c in custodians[: K - 1]:
+        approve(daemon, c, p.id)
+    real_append = daemon.store.append
+    calls: list[tuple[list[str], list[tuple[str, int]]]] = []
+
+    def recording_append(records: list[tuple[int, bytes, bytes]], **kw: object) -> None:
+        salts = kw.get("shred_salts", ())
+        calls.append(
+            (
+                [Entry.from_bytes(raw).type for _seq, _h, raw in records],
+                [(t, v) for t, v, _s in salts],  # type: ignore[attr-defined]
+            )
+        )
+        real_append(records, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon.store, "append", recording_append)
+    assert approve(daemon, custodians[K - 1], p.id).executed
+    assert calls == [(["approval", "execution"], [(TENANT, 1)])]
