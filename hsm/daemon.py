@@ -97,7 +97,14 @@ from keyquorum.quorum.operations import (
     operation,
     request_for,
 )
-from keyquorum.quorum.replay import LogState, Proposal, Replayer, Tenant, verify_log
+from keyquorum.quorum.replay import (
+    LogState,
+    Proposal,
+    Replayer,
+    Tenant,
+    seal_request_digest,
+    verify_log,
+)
 from keyquorum.quorum.sealing import SealingPrivateKey
 from keyquorum.quorum.secret import SecretBytes
 from keyquorum.quorum.signatures import HybridSignature
@@ -293,7 +300,6 @@ class Daemon:
         self._master: SecretBytes | None = None
         self._session: _UnsealSession | None = None
         self._log_key: LogKey | None = None
-        self._seal_requests_seen: set[bytes] = set()
         self._keyring = TenantKeyring()
         # Public credentials of custodians a change-roster proposal adds
         # (the log names them only by fingerprint until it executes).
@@ -691,8 +697,9 @@ class Daemon:
                     f"(more than {self._limits.seal_request_skew_seconds} s)"
                 )
             sig = HybridSignature.from_bytes(signature)
-            digest = hashlib.sha256(sig.to_bytes()).digest()
-            if digest in self._seal_requests_seen:
+            # Single use is a rule of the log (replay), so it holds across
+            # restarts and replicas; checked here first for a clear answer.
+            if seal_request_digest(sig.to_bytes()) in st.seal_requests:
                 raise ReplayError("this seal request was already used")
             custodian = st.epoch.credential(fingerprint)
             statement = statements.seal_statement(
@@ -705,7 +712,6 @@ class Daemon:
             statements.verify_statement(
                 statement, statements.SignedStatement(fingerprint, sig), custodian.verify_key
             )
-            self._seal_requests_seen.add(digest)
             # Wipe first: sealing must not depend on the store being writable.
             self._wipe_keys()
             self._append(

@@ -44,6 +44,7 @@ the same state from the same log.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -115,6 +116,7 @@ __all__ = [
     "TenantVersion",
     "Unsealed",
     "replay",
+    "seal_request_digest",
     "verify_log",
 ]
 
@@ -274,6 +276,8 @@ class LogState:
     confirmations: dict[str, int] = field(default_factory=dict)
     unsealed: dict[str, Unsealed] = field(default_factory=dict)
     sessions: set[bytes] = field(default_factory=set)
+    #: SHA-256 of every custodian seal request's signature: each counts once.
+    seal_requests: set[bytes] = field(default_factory=set)
     tenants: dict[str, Tenant] = field(default_factory=dict)
     grants: dict[tuple[str, str], int] = field(default_factory=dict)
     proposals: dict[bytes, Proposal] = field(default_factory=dict)
@@ -336,11 +340,17 @@ class LogState:
             confirmations=dict(self.confirmations),
             unsealed=dict(self.unsealed),
             sessions=set(self.sessions),
+            seal_requests=set(self.seal_requests),
             tenants=dict(self.tenants),
             grants=dict(self.grants),
             proposals=dict(self.proposals),
             executions=list(self.executions),
         )
+
+
+def seal_request_digest(signature: bytes) -> bytes:
+    """What identifies a custodian's seal request: each is logged once, ever."""
+    return hashlib.sha256(signature).digest()
 
 
 # Replay ----------------------------------------------------------------------
@@ -583,7 +593,12 @@ class _Check:
         state = self.state
         if p.requested_at > self.entry.time:
             raise _RefusedError(f"seal requested at {p.requested_at}, after the entry's time")
+        digest = None
         if p.custodian is not None and p.signature is not None:
+            digest = seal_request_digest(p.signature)
+            if digest in state.seal_requests:
+                message = f"seal request by {p.custodian[:16]} was already used"
+                raise _RefusedError(message) from ReplayError(message)
             statement = seal_statement(
                 deployment=state.deployment,
                 custodian=p.custodian,
@@ -594,6 +609,8 @@ class _Check:
             self._signed(statement, p.custodian, p.signature)
 
         def commit(state: LogState) -> None:
+            if digest is not None:
+                state.seal_requests.add(digest)
             if p.replica == SealPayload.ALL_REPLICAS:
                 state.unsealed.clear()
             else:

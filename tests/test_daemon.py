@@ -369,6 +369,42 @@ def test_seal_request_replayed_is_refused(
     )
 
 
+def test_seal_request_replayed_after_restart_is_refused(
+    tmp_path: Path, pki: DevPki, custodians: list[Custodian]
+) -> None:
+    """Single use is a rule of the log, not of one process's memory."""
+    captured: list[pb.SealRequest] = []
+    clock = FakeClock()
+    with in_process_daemon(tmp_path / "data", pki, clock=clock) as d:
+        ceremony(d, custodians)
+        unseal(d, custodians)
+
+        class Recorder:
+            def __getattr__(self, name: str) -> object:
+                return getattr(d.stub, name)
+
+            def Seal(self, request: pb.SealRequest) -> pb.SealResponse:
+                captured.append(request)
+                return d.stub.Seal(request)
+
+        actions.seal(
+            Recorder(),  # type: ignore[arg-type]
+            custodians[0].fingerprint,
+            lambda _t: custodians[0].credential,
+            reason="x",
+            now=clock.now,
+        )
+    with in_process_daemon(tmp_path / "data", pki, clock=clock) as d:
+        unseal(d, custodians)
+        refused(
+            d,
+            lambda: d.stub.Seal(captured[0]),
+            code=grpc.StatusCode.ALREADY_EXISTS,
+            match="already used",
+        )
+        assert not status(d.stub).sealed
+
+
 def test_stale_seal_request_is_refused(
     daemon: InProcessDaemon, custodians: list[Custodian]
 ) -> None:

@@ -305,6 +305,13 @@ def _seal_forged(f: LogFactory) -> bytes:
     return f.build("seal", dataclasses.replace(good, reason="another reason"))
 
 
+def _seal_request_replayed(f: LogFactory) -> bytes:
+    """A captured, signed seal request sent again (after a restart, to another replica)."""
+    payload = f.make_seal("replica-a", C[0])
+    f.append("seal", payload)
+    return f.build("seal", payload)
+
+
 def _seal_by_outsider(f: LogFactory) -> bytes:
     return f.build("seal", f.make_seal("replica-a", outsider()))
 
@@ -428,6 +435,7 @@ ATTACKS: list[tuple[str, Attack, str, type[Exception] | None]] = [
     ),
     ("seal-altered-reason", _seal_forged, "does not verify", SignatureError),
     ("seal-by-non-custodian", _seal_by_outsider, "not on the roster", NotOnRosterError),
+    ("seal-request-replayed", _seal_request_replayed, "already used", ReplayError),
     (
         "seal-requested-in-future",
         lambda f: f.build(
