@@ -460,6 +460,11 @@ def verify_cmd(
     Runs the daemon's own replay over every entry. Exits 0 only if the whole
     log verifies; otherwise prints the first bad entry (and, for a fork,
     both checkpoints as evidence) and exits 1.
+
+    \b
+    Example:
+      keyquorum audit verify kq-export.jsonl --log-key 'keyquorum/acme-prod+1a2b3c4d+AW...' \\
+          --trusted-checkpoint yesterday.checkpoint
     """
     key = _log_key(log_key, log_key_file)
     trusted = None if trusted_checkpoint is None else _read_text(trusted_checkpoint, "checkpoint")
@@ -521,7 +526,13 @@ def checkpoint_cmd(
     log_key_file: Path | None,
     out: Path | None,
 ) -> None:
-    """Fetch the latest signed checkpoint, check its signature, print or save it."""
+    """Fetch the latest signed checkpoint, check its signature, print or save it.
+
+    \b
+    Example:
+      keyquorum audit checkpoint --server kq.example:7444 --ca ca.crt \\
+          --cert auditor.crt --key auditor.key --out today.checkpoint
+    """
     key = _log_key(log_key, log_key_file)
     if key is None:
         raise InvalidInputError(
@@ -558,7 +569,13 @@ def prove_inclusion_cmd(
     log_key: str | None,
     log_key_file: Path | None,
 ) -> None:
-    """Check that entry SEQ is in the log your trusted checkpoint vouches for."""
+    """Check that entry SEQ is in the log your trusted checkpoint vouches for.
+
+    \b
+    Example:
+      keyquorum audit prove-inclusion 42 --server kq.example:7444 --ca ca.crt \\
+          --cert auditor.crt --key auditor.key --trusted-checkpoint today.checkpoint
+    """
     key = _required_key(log_key, log_key_file)
     trusted = _verified(_read_text(trusted_checkpoint, "checkpoint"), key, "your checkpoint")
     cp = trusted.checkpoint
@@ -614,7 +631,13 @@ def prove_consistency_cmd(
     log_key_file: Path | None,
     save: Path | None,
 ) -> None:
-    """Check that the latest checkpoint extends your trusted one (RFC 9162 2.1.4)."""
+    """Check that the latest checkpoint extends your trusted one (RFC 9162 2.1.4).
+
+    \b
+    Example:
+      keyquorum audit prove-consistency --server kq.example:7444 --ca ca.crt \\
+          --cert auditor.crt --key auditor.key --trusted-checkpoint yesterday.checkpoint
+    """
     key = _required_key(log_key, log_key_file)
     old = _verified(_read_text(trusted_checkpoint, "checkpoint"), key, "your checkpoint")
     with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
@@ -666,7 +689,13 @@ def receipt_cmd(
     out: Path,
     size: int,
 ) -> None:
-    """Write a portable receipt for entry SEQ (C2SP tlog-proof with the entry as extra)."""
+    """Write a portable receipt for entry SEQ (C2SP tlog-proof with the entry as extra).
+
+    \b
+    Example:
+      keyquorum audit receipt 42 --out entry-42.receipt --server kq.example:7444 \\
+          --ca ca.crt --cert auditor.crt --key auditor.key
+    """
     with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
         proof, entry, note = source.inclusion(seq, size)
     out.write_text(make_receipt(seq, entry, proof, note), encoding="utf-8")
@@ -727,7 +756,12 @@ def check_receipt_cmd(
     cosigner: tuple[str, ...],
     min_cosigners: int,
 ) -> None:
-    """Check a receipt offline: signed checkpoint, inclusion proof, the entry itself."""
+    """Check a receipt offline: signed checkpoint, inclusion proof, the entry itself.
+
+    \b
+    Example:
+      keyquorum audit check-receipt entry-42.receipt --log-key 'keyquorum/acme-prod+...'
+    """
     key = _required_key(log_key, log_key_file)
     receipt = parse_receipt(_read_text(file, "receipt"))
     witnesses = [parse_verifier_key(c) for c in cosigner]
@@ -759,7 +793,12 @@ def _required_key(option: str | None, path: Path | None) -> str:
 @click.option("--name", required=True, help="Cosigner key name, e.g. auditor.example/alice.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def keygen_cmd(name: str, out: Path) -> None:
-    """Make a C2SP cosignature key; prints the verifier key to give the operator."""
+    """Make a C2SP cosignature key; prints the verifier key to give the operator.
+
+    \b
+    Example:
+      keyquorum audit keygen --name auditor.example/alice --out alice.cosigner
+    """
     signer = NoteSigner.generate(name, sig_type=SignatureType.COSIGNATURE_V1)
     with signer.export_seed() as seed:
         body = f"{KEY_FILE_HEADER}\nname {name}\nseed {base64.b64encode(seed.view()).decode()}\n"
@@ -815,7 +854,14 @@ def cosign_cmd(
     log_key_file: Path | None,
     now: int | None,
 ) -> None:
-    """Check the latest checkpoint extends yours, cosign it, and send the cosignature."""
+    """Check the latest checkpoint extends yours, cosign it, and send the cosignature.
+
+    \b
+    Example:
+      keyquorum audit cosign --server kq.example:7444 --ca ca.crt --cert auditor.crt \\
+          --key auditor.key --signing-key alice.cosigner \\
+          --trusted-checkpoint yesterday.checkpoint
+    """
     import time
 
     if server is None:

@@ -64,7 +64,12 @@ def init(
 @click.command("status")
 @endpoint_options
 def status(server: str, ca: Path | None, insecure_dev_plaintext: bool) -> None:
-    """Show whether the daemon is sealed, unseal progress and the ceremony."""
+    """Show whether the daemon is sealed, unseal progress and the ceremony.
+
+    \b
+    Example:
+      keyquorum status --server kq.example:7443 --ca ca.crt
+    """
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
     with open_channel(endpoint) as channel, rpc_errors():
         s = pb_grpc.CustodianServiceStub(channel).GetStatus(pb.GetStatusRequest())

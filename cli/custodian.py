@@ -18,6 +18,7 @@ from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
 PRIVATE_SUFFIX = ".kqcred"
+STATEMENT_HEADER = "keyquorum statement v1: "
 PUBLIC_SUFFIX = ".pub.json"
 
 
@@ -47,8 +48,9 @@ def _unlocker(
     path: Path, passphrase_file: Path | None, passphrase_fd: int | None
 ) -> actions.Unlock:
     def unlock(statement: str) -> CustodianCredential:
-        click.echo("You are about to sign exactly this statement:", err=True)
-        click.echo("", err=True)
+        if statement.startswith(STATEMENT_HEADER):
+            click.echo("You are about to sign exactly this statement:", err=True)
+            click.echo("", err=True)
         click.echo(statement, err=True)
         data = path.read_bytes()
         with read_passphrase(
@@ -57,6 +59,12 @@ def _unlocker(
             return CustodianCredential.decrypt(data, passphrase)
 
     return unlock
+
+
+def _show_signing(statement: str) -> None:
+    click.echo("Signing exactly this statement:", err=True)
+    click.echo("", err=True)
+    click.echo(statement, err=True)
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
@@ -120,7 +128,12 @@ def new(name: str, out_dir: Path, passphrase_file: Path | None, passphrase_fd: i
 @custodian.command("show")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def show(path: Path) -> None:
-    """Show the name and fingerprint of a public credential file."""
+    """Show the name and fingerprint of a public credential file.
+
+    \b
+    Example:
+      keyquorum custodian show ~/.keyquorum/alice.pub.json
+    """
     public = PublicCredential.from_bytes(path.read_bytes())
     click.echo(f"name:        {public.name}")
     click.echo(f"fingerprint: {public.short_fingerprint}")
@@ -143,6 +156,11 @@ def confirm_cmd(
 
     Your share is decrypted on this machine and compared with the commitment
     in the log; nothing secret is sent.
+
+    \b
+    Example:
+      keyquorum custodian confirm --server kq.example:7443 --ca ca.crt \\
+          --credential ~/.keyquorum/alice.kqcred
     """
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
     with open_channel(endpoint) as channel:
@@ -191,7 +209,7 @@ def unseal_cmd(
             f"session {session.session_id[:16]}, log size {session.log_size}: your share, "
             "decrypted here, re-encrypted to this session's key and signed."
         )
-        progress = actions.submit_share(stub, credential)
+        progress = actions.submit_share(stub, credential, show=_show_signing)
     if progress.sealed:
         click.echo(f"share accepted: {progress.have} of {progress.need}; still sealed")
     else:
@@ -215,6 +233,11 @@ def seal_cmd(
     """Seal the daemon now: it wipes the master key and every tenant key.
 
     One custodian is enough; the request is signed and logged.
+
+    \b
+    Example:
+      keyquorum custodian seal --server kq.example:7443 --ca ca.crt \\
+          --credential ~/.keyquorum/alice.kqcred --reason "suspected compromise"
     """
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
     with open_channel(endpoint) as channel:

@@ -96,9 +96,14 @@ def submit_share(
     stub: pb_grpc.CustodianServiceStub,
     credential: CustodianCredential,
     *,
+    show: Callable[[str], None] | None = None,
     tamper: Callable[[bytearray], None] | None = None,
 ) -> pb.UnsealProgress:
     """Send this custodian's share to the daemon's open unseal session.
+
+    The unseal-share statement names the hash of the re-encrypted share, so
+    it exists only after the credential is unlocked; `show` is called with
+    its exact text before it is signed.
 
     `tamper` exists for the demo and the tests only: it alters the share
     bytes after the local commitment check, to show the daemon refusing a
@@ -132,6 +137,8 @@ def submit_share(
         index=index,
         ciphertext_sha256=hashlib.sha256(ciphertext).digest(),
     )
+    if show is not None:
+        show(statement.render())
     signed = statements.sign_statement(statement, credential)
     with rpc_errors():
         return stub.SubmitShare(

@@ -91,7 +91,13 @@ def _daemon(work: Path, env: dict[str, str]) -> Iterator[int]:
     help="Work in this directory and keep it, instead of a temporary one.",
 )
 def demo(keep: Path | None) -> None:
-    """Run the full story: ceremony, confirm, unseal, a quorum-approved tenant key, seal."""
+    """Run the full story: ceremony, confirm, unseal, a quorum-approved tenant key, seal.
+
+    \b
+    Example:
+      keyquorum demo            # in a temporary directory
+      keyquorum demo --keep ./demo-run
+    """
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         _story(keep)

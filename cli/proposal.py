@@ -174,7 +174,12 @@ def new(
 def list_cmd(
     server: str, ca: Path | None, insecure_dev_plaintext: bool, include_closed: bool
 ) -> None:
-    """List proposals open for approval (or all of them)."""
+    """List proposals open for approval (or all of them).
+
+    \b
+    Example:
+      keyquorum proposal list --server kq.example:7443 --ca ca.crt --all
+    """
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
     with open_channel(endpoint) as channel, rpc_errors():
         response = pb_grpc.CustodianServiceStub(channel).ListProposals(
@@ -191,7 +196,12 @@ def list_cmd(
 @endpoint_options
 @click.argument("proposal_id")
 def show(server: str, ca: Path | None, insecure_dev_plaintext: bool, proposal_id: str) -> None:
-    """Show one proposal and the exact statement an approval signs."""
+    """Show one proposal and the exact statement an approval signs.
+
+    \b
+    Example:
+      keyquorum proposal show 3f2a9c0d1e2b4a5f --server kq.example:7443 --ca ca.crt
+    """
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
     with open_channel(endpoint) as channel, rpc_errors():
         p = pb_grpc.CustodianServiceStub(channel).GetProposal(
@@ -217,7 +227,12 @@ def tenant() -> None:
 @tenant.command("list")
 @endpoint_options
 def tenant_list(server: str, ca: Path | None, insecure_dev_plaintext: bool) -> None:
-    """List tenants: versions, activation, grants, destruction."""
+    """List tenants: versions, activation, grants, destruction.
+
+    \b
+    Example:
+      keyquorum tenant list --server kq.example:7443 --ca ca.crt
+    """
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
     with open_channel(endpoint) as channel, rpc_errors():
         response = pb_grpc.CustodianServiceStub(channel).ListTenants(pb.ListTenantsRequest())

@@ -63,7 +63,9 @@ from keyquorum.quorum.errors import (
     ReplayError,
     SealedError,
     ShareError,
+    SignatureError,
     StateError,
+    VerificationError,
 )
 from keyquorum.quorum.limits import Limits
 from keyquorum.quorum.log import (
@@ -304,6 +306,7 @@ class Daemon:
         # Public credentials of custodians a change-roster proposal adds
         # (the log names them only by fingerprint until it executes).
         self._offered: dict[str, PublicCredential] = {}
+        self._seal_observers: list[Callable[[bool], None]] = []
         self._replayer, self._tree = self._load()
         self._stop_sweeper = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -330,7 +333,15 @@ class Daemon:
         if latest is None:
             raise LogIntegrityError("the store holds entries but no signed checkpoint", seq=0)
         self._log_key = LogKey.load(self._data_dir)
-        state = verify_log(entries, latest[1], self._log_key.vkey)
+        try:
+            state = verify_log(entries, latest[1], self._log_key.vkey)
+        except SignatureError as e:
+            # The stored checkpoint is not signed by the key file beside the
+            # store: one of the two was replaced.
+            raise VerificationError(
+                f"the latest stored checkpoint (size {latest[0]}) is not signed by the log key "
+                f"in {self._log_key.path}: the key file or the store was replaced ({e})"
+            ) from None
         for raw in entries:
             tree.append(merkle.leaf_hash(raw))
         log.info("log verified: %d entries, checkpoint at %d", len(entries), latest[0])
@@ -681,6 +692,7 @@ class Daemon:
             self._session = None
         self._master = master
         log.info("unsealed")
+        self._notify_seal_state()
         self._restore_activations()
         return Progress(st.threshold, st.threshold, False, self._tree.size)
 
@@ -757,9 +769,28 @@ class Daemon:
         if self._master is not None:
             self._master.wipe()
             self._master = None
+            self._notify_seal_state()
         if self._session is not None:
             self._session.wipe()
             self._session = None
+
+    def add_seal_observer(self, observer: Callable[[bool], None]) -> None:
+        """Call `observer(sealed)` now and after every unseal and seal.
+
+        For the edge (gRPC health, the data plane's seal epoch). Observers
+        run under the daemon's lock, after the keys are wiped or the master
+        key is in place, so they must be quick and must not call back in.
+        """
+        with self._lock:
+            self._seal_observers.append(observer)
+            observer(self.sealed)
+
+    def _notify_seal_state(self) -> None:
+        for observer in self._seal_observers:
+            try:
+                observer(self.sealed)
+            except Exception:
+                log.exception("seal observer failed")
 
     def master_key_buffer_for_test(self) -> bytearray | None:
         """The master key's buffer, so tests can check that seal zeroes it."""

@@ -39,6 +39,10 @@ class LogKey:
         return self._signer.verifier_key()
 
     @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
     def origin(self) -> str:
         return self._signer.name
 

@@ -293,6 +293,9 @@ def test_ceremony_confirm_unseal_seal_from_the_command_line(
         state = "still sealed" if n < 5 else "UNSEALED"
         assert r.stdout.strip() == f"share accepted: {n} of 5; {state}"
         assert c.passphrase.decode() not in r.stdout + r.stderr
+        # The exact statement is shown before it is signed.
+        assert "keyquorum statement v1: UNSEAL-SHARE" in r.stderr
+        assert f"custodian: {c.fingerprint}" in r.stderr
         if n < 5:
             assert f"unseal progress: {n} of 5" in status_lines(daemon)
     assert f"deployment {DEPLOYMENT}, replica proc-1: UNSEALED" in status_lines(daemon)

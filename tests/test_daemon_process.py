@@ -265,7 +265,7 @@ def remove_log_key(data: Path) -> None:
     [
         (edit_one_byte, r"entry 2\b"),
         (delete_last_entry, r"entry 4: the log has 4 entries, its checkpoint vouches for 5"),
-        (replace_log_key, r"no signature from a trusted key"),
+        (replace_log_key, r"not signed by the log key in .*log-signing-key"),
         (remove_log_key, r"log-signing-key is missing"),
     ],
     ids=["edited-byte-in-entry-2", "last-entry-deleted", "log-key-replaced", "log-key-removed"],
