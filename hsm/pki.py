@@ -56,7 +56,9 @@ LEAF_DAYS: Final = 90
 CLOCK_SKEW: Final = datetime.timedelta(minutes=5)
 DEFAULT_SERVER_NAMES: Final = ("localhost", "127.0.0.1", "::1")
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+# A subset of the log's backend-name rule (quorum.operations.BACKEND_RE), so
+# that every client certificate this module makes can be granted a tenant.
+_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from hypothesis import given
+from hypothesis import strategies as st
 
 from keyquorum.cli.admin import admin
 from keyquorum.hsm import tls
@@ -553,3 +555,20 @@ def test_cli_dev_pki(tmp_path: Path) -> None:
     assert isinstance(again.exception, StateError)  # main turns it into "error: ..." and exit 1
     bad = runner.invoke(admin, ["dev-pki", "--out", str(tmp_path / "b"), "--client", "booking"])
     assert isinstance(bad.exception, InvalidInputError)
+
+
+@given(st.from_regex(r"[a-z0-9._-]{1,70}", fullmatch=True))
+def test_every_client_name_the_pki_accepts_can_be_granted(name: str) -> None:
+    from keyquorum.quorum.operations import BACKEND_RE
+
+    try:
+        ClientIdentity("backend", name)
+    except InvalidInputError:
+        return
+    assert BACKEND_RE.fullmatch(name), name
+
+
+@pytest.mark.parametrize("name", ["under_score", "trailing-", "trailing.", "-leading"])
+def test_names_the_log_could_never_grant_are_refused(name: str) -> None:
+    with pytest.raises(InvalidInputError, match="client name must match"):
+        ClientIdentity("backend", name)
