@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from keyquorum.cli import custodian_actions as actions
+from keyquorum.cli.audit import run_audit_demo_steps
 from keyquorum.cli.connect import make_endpoint, open_channel
 from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.errors import KeyquorumError
@@ -184,6 +185,9 @@ def _story(work: Path) -> None:
         _run(["custodian", "seal", *conn, *cred("grace"), "--reason", "end of demo"])
         _run(["status", *conn])
         _run(["tenant", "list", *conn])
+
+    # The daemon has stopped: the auditor works from the log alone.
+    run_audit_demo_steps(work, work / "data", step=_step)
 
     _step("Done. Every step above is in the quorum log, signed by the custodians.")
 
