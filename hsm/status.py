@@ -18,6 +18,7 @@ _CODES: tuple[tuple[type[e.KeyquorumError], grpc.StatusCode], ...] = (
     (e.StorageError, grpc.StatusCode.UNAVAILABLE),
     (e.SealedError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (e.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (e.AccessDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (e.ReplayError, grpc.StatusCode.ALREADY_EXISTS),
     (e.ExpiredError, grpc.StatusCode.FAILED_PRECONDITION),

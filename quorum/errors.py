@@ -109,6 +109,16 @@ class ForkError(VerificationError):
         self.evidence = evidence
 
 
+class RollbackError(VerificationError):
+    """The log does not extend a checkpoint this machine saw before: it is
+    shorter, or an RFC 9162 consistency proof from that checkpoint fails. A
+    store restored from an older snapshot, or a daemon showing another history."""
+
+
+class NotFoundError(KeyquorumError):
+    """The thing asked for does not exist (an unknown proposal id)."""
+
+
 class StateError(KeyquorumError):
     """The operation is not valid in the current state (e.g. already initialised)."""
 

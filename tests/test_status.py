@@ -35,6 +35,7 @@ EXPECTED: dict[type[e.KeyquorumError], grpc.StatusCode] = {
     e.LimitExceededError: C.RESOURCE_EXHAUSTED,
     e.LogIntegrityError: C.DATA_LOSS,
     e.StorageError: C.UNAVAILABLE,
+    e.NotFoundError: C.NOT_FOUND,
 }
 
 
