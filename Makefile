@@ -44,19 +44,20 @@ $(TYPES)/keyquorum: proto
 	ln -s $(CURDIR)/quorum $@/quorum
 	ln -s $(CURDIR)/hsm $@/hsm
 	ln -s $(CURDIR)/cli $@/cli
+	ln -s $(CURDIR)/client $@/client
 	ln -s $(CURDIR)/$(GEN)/keyquorum/v1 $@/v1
 
 lint: install
-	$(BIN)/ruff check quorum hsm cli tests bench
-	$(BIN)/ruff format --check quorum hsm cli tests bench
+	$(BIN)/ruff check quorum hsm cli client tests bench
+	$(BIN)/ruff format --check quorum hsm cli client tests bench
 
 typecheck: install $(TYPES)/keyquorum
 	cd $(TYPES) && MYPYPATH=. $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
-	  -p keyquorum.quorum -p keyquorum.hsm -p keyquorum.cli
+	  -p keyquorum.quorum -p keyquorum.hsm -p keyquorum.cli -p keyquorum.client
 
 fix: install
-	$(BIN)/ruff check --fix quorum hsm cli tests bench
-	$(BIN)/ruff format quorum hsm cli tests bench
+	$(BIN)/ruff check --fix quorum hsm cli client tests bench
+	$(BIN)/ruff format quorum hsm cli client tests bench
 
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)

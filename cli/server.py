@@ -9,13 +9,19 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 import click
+from grpc_health.v1 import health
 
-from keyquorum.hsm import audit_service, custodian_service, hardening, tls
+from keyquorum.hsm import audit_service, custodian_service, hardening, key_service, tls
+from keyquorum.hsm.access_log import AccessLog
 from keyquorum.hsm.daemon import Daemon
+from keyquorum.hsm.dataplane import DataPlane, UsageSink
+from keyquorum.hsm.metrics import Metrics, MetricsServer
+from keyquorum.hsm.ratelimit import RateLimiter
 from keyquorum.hsm.server import create_server
 from keyquorum.hsm.sqlite_store import SqliteStore
 from keyquorum.quorum.checkpoint import parse_verifier_key
@@ -34,11 +40,15 @@ def _split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _write_ready_file(path: Path, port: int, mtls_port: int | None = None) -> None:
+def _write_ready_file(
+    path: Path, port: int, mtls_port: int | None = None, metrics_port: int | None = None
+) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     info = {"port": port, "pid": os.getpid()}
     if mtls_port is not None:
         info["mtls_port"] = mtls_port
+    if metrics_port is not None:
+        info["metrics_port"] = metrics_port
     tmp.write_text(json.dumps(info))
     tmp.replace(path)
 
@@ -65,7 +75,22 @@ def server() -> None:
 )
 @click.option(
     "--listen-mtls",
-    help="HOST:PORT of a second listener that requires client certificates (auditors).",
+    help="HOST:PORT of a second listener that requires client certificates "
+    "(backends: KeyService; auditors: AuditService).",
+)
+@click.option(
+    "--metrics-listen",
+    help="HOST:PORT serving Prometheus metrics over plain HTTP (a port of its own).",
+)
+@click.option(
+    "--access-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append one JSON line per KeyService item here (no context, no key material).",
+)
+@click.option(
+    "--rate-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    help="KeyService items per second per backend (bucket of one second); default: none.",
 )
 @click.option(
     "--auditor-key",
@@ -92,6 +117,9 @@ def run(
     tls_key: Path | None,
     client_ca: Path | None,
     listen_mtls: str | None,
+    metrics_listen: str | None,
+    access_log: Path | None,
+    rate_limit: float | None,
     auditor_key: tuple[str, ...],
     insecure_dev_plaintext: bool,
     replica: str,
@@ -136,6 +164,10 @@ def run(
         )
     elif client_ca is not None:
         raise InvalidInputError("--client-ca is for the --listen-mtls listener: give both")
+    if listen_mtls is None and (access_log is not None or rate_limit is not None):
+        raise InvalidInputError(
+            "--access-log and --rate-limit are for KeyService: give --listen-mtls too"
+        )
     auditor_keys = [parse_verifier_key(k) for k in auditor_key]
     if not hardening.refuse_core_dumps():
         log.warning("could not make the process non-dumpable; core dumps may hold keys")
@@ -158,17 +190,39 @@ def run(
     )
     servers = [grpc_server]
     mtls_bound: int | None = None
+    usage: list[UsageSink] = []
+    closing: list[Callable[[], None]] = []
+    metrics_server: MetricsServer | None = None
+    if metrics_listen is not None:
+        metrics = Metrics()
+        daemon.add_seal_observer(metrics.set_sealed)
+        usage.append(metrics)
+        metrics_server = metrics.serve(*_split_listen(metrics_listen))
+        closing.append(metrics_server.close)
     if listen_mtls is not None:
         mtls_host, mtls_port = _split_listen(listen_mtls)
         audit_log = audit_service.AuditLog(store, auditor_keys)
+        if access_log is not None:
+            access = AccessLog.in_data_dir(access_log, data_dir)
+            usage.append(access)
+            closing.append(access.close)
+        plane = DataPlane(
+            daemon,
+            store,
+            usage=usage,
+            rate_limit=None if rate_limit is None else RateLimiter(rate_limit),
+        )
+        mtls_health = health.HealthServicer()
         mtls_server, mtls_bound = create_server(
             host=mtls_host,
             port=mtls_port,
             credentials=mtls_credentials,
             limits=DEFAULT_LIMITS,
-            register=[audit_service.register(audit_log)],
-            service_names=[audit_service.SERVICE_NAME],
+            register=[audit_service.register(audit_log), key_service.register(plane)],
+            service_names=[audit_service.SERVICE_NAME, key_service.SERVICE_NAME],
+            health_servicer=mtls_health,
         )
+        key_service.watch_health(daemon, mtls_health)
         servers.append(mtls_server)
     stopping = threading.Event()
 
@@ -182,8 +236,11 @@ def run(
         s.start()
     if mtls_bound is not None:
         log.info(
-            "mTLS listener (client certificates required) on port %d: AuditService", mtls_bound
+            "mTLS listener (client certificates required) on port %d: KeyService, AuditService",
+            mtls_bound,
         )
+    if metrics_server is not None:
+        log.info("Prometheus metrics on port %d (plain HTTP)", metrics_server.port)
     log.info(
         "listening on %s:%d (%s), replica %s, %s",
         host,
@@ -193,11 +250,18 @@ def run(
         "initialised, sealed" if daemon.state.initialized else "awaiting ceremony",
     )
     if ready_file is not None:
-        _write_ready_file(ready_file, bound, mtls_bound)
+        _write_ready_file(
+            ready_file,
+            bound,
+            mtls_bound,
+            None if metrics_server is None else metrics_server.port,
+        )
     stopping.wait()
     # Seal first, so no call served during the grace period gets a key.
     daemon.seal_for_shutdown()
     for s in servers:
         s.stop(grace=2).wait()
+    for close in closing:
+        close()
     store.close()
     log.info("stopped")

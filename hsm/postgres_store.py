@@ -204,6 +204,19 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """CREATE TRIGGER shred_salts_write_once BEFORE UPDATE ON shred_salts
            FOR EACH ROW EXECUTE FUNCTION keyquorum_refuse('a shred salt is never replaced')""",
     ),
+    (
+        """CREATE TABLE counters (
+             name text PRIMARY KEY,
+             next bigint NOT NULL CHECK (next >= 0)
+           )""",
+        """CREATE TRIGGER counters_only_grow BEFORE UPDATE ON counters
+           FOR EACH ROW WHEN (NEW.next < OLD.next)
+           EXECUTE FUNCTION keyquorum_refuse('a counter never goes back')""",
+        """CREATE TRIGGER counters_kept BEFORE DELETE ON counters
+           FOR EACH ROW EXECUTE FUNCTION keyquorum_refuse('a counter is never deleted')""",
+        """CREATE TRIGGER counters_no_truncate BEFORE TRUNCATE ON counters
+           FOR EACH STATEMENT EXECUTE FUNCTION keyquorum_refuse('a counter is never deleted')""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -662,6 +675,29 @@ class PostgresStore:
 
         def body(conn: _Conn) -> int:
             return conn.execute("DELETE FROM shred_salts WHERE tenant = %s", (tenant,)).rowcount
+
+        return self._run(body, write=True)
+
+    # -- counters --------------------------------------------------------
+
+    def reserve_block(self, counter: str, block: int, limit: int) -> tuple[int, int]:
+        store.check_reserve(counter, block, limit)
+
+        def body(conn: _Conn) -> tuple[int, int]:
+            # The row lock queues reservations of one counter across replicas.
+            conn.execute(
+                "INSERT INTO counters (name, next) VALUES (%s, 0) ON CONFLICT DO NOTHING",
+                (counter,),
+            )
+            row = conn.execute(
+                "SELECT next FROM counters WHERE name = %s FOR UPDATE", (counter,)
+            ).fetchone()
+            if row is None:
+                raise StorageError(f"counter {counter} vanished inside its transaction")
+            start = int(row[0])
+            end = store.next_block(counter, start, block, limit)
+            conn.execute("UPDATE counters SET next = %s WHERE name = %s", (end, counter))
+            return start, end
 
         return self._run(body, write=True)
 

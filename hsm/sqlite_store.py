@@ -92,6 +92,17 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """CREATE TRIGGER shred_salts_write_once BEFORE UPDATE ON shred_salts
            BEGIN SELECT RAISE(ABORT, 'keyquorum: a shred salt is never replaced'); END""",
     ),
+    (
+        """CREATE TABLE counters (
+             name TEXT PRIMARY KEY NOT NULL,
+             next INTEGER NOT NULL CHECK (next >= 0)
+           ) STRICT""",
+        """CREATE TRIGGER counters_only_grow BEFORE UPDATE ON counters
+           WHEN NEW.next < OLD.next
+           BEGIN SELECT RAISE(ABORT, 'keyquorum: a counter never goes back'); END""",
+        """CREATE TRIGGER counters_kept BEFORE DELETE ON counters
+           BEGIN SELECT RAISE(ABORT, 'keyquorum: a counter is never deleted'); END""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 _SYNCHRONOUS: Final = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
@@ -447,6 +458,26 @@ class SqliteStore:
                     "(another connection holds it open); call again to finish"
                 )
         return erased
+
+    # -- counters --------------------------------------------------------
+
+    def reserve_block(self, counter: str, block: int, limit: int) -> tuple[int, int]:
+        store.check_reserve(counter, block, limit)
+
+        def body(cur: sqlite3.Cursor) -> tuple[int, int]:
+            row = cur.execute("SELECT next FROM counters WHERE name = ?", (counter,)).fetchone()
+            start = 0 if row is None else int(row[0])
+            end = store.next_block(counter, start, block, limit)
+            cur.execute(
+                "INSERT INTO counters (name, next) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET next = excluded.next",
+                (counter, end),
+            )
+            return start, end
+
+        # BEGIN IMMEDIATE holds SQLite's write lock from the read to the commit.
+        with self._lock:
+            return self._write(body)
 
     # -- meta ------------------------------------------------------------
 

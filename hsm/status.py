@@ -19,6 +19,7 @@ _CODES: tuple[tuple[type[e.KeyquorumError], grpc.StatusCode], ...] = (
     (e.SealedError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (e.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (e.AccessDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (e.ReplayError, grpc.StatusCode.ALREADY_EXISTS),
     (e.ExpiredError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -13,6 +13,9 @@ A `Store` keeps four things and nothing else:
    logged wrapped keys unopenable for good (crypto-shredding, see
    docs/ARCHITECTURE.md). Erasing must remove the bytes, not just the row.
 4. A small key-value `meta` table (schema version, deployment id).
+5. Named counters that only grow, reserved in blocks (`reserve_block`):
+   the data plane's per-key-version encryption counts, so the NIST SP
+   800-38D random-nonce bound holds across restarts and replicas.
 
 Append is the one write that matters, so its rules are part of the
 contract, and every backend runs the same conformance suite
@@ -46,7 +49,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Final, Protocol
 
-from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.quorum.errors import InvalidInputError, LimitExceededError
 
 SCHEMA_VERSION_KEY: Final = "schema_version"
 """The `meta` key holding the schema version; `set_meta` refuses to write it."""
@@ -61,6 +64,9 @@ READ_BATCH: Final = 512
 """Entries fetched per query by `read_all`, bounding memory on large logs."""
 
 _META_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+_COUNTER = re.compile(r"[a-z0-9][a-z0-9_./-]{0,254}")
+#: Counters are SQL BIGINT / SQLite INTEGER: signed 64-bit.
+MAX_COUNTER: Final = 2**63 - 1
 
 LogRecord = tuple[int, bytes, bytes]
 """(seq, leaf_hash, entry bytes) as passed to `Store.append`."""
@@ -122,6 +128,12 @@ class Store(Protocol):
 
     def erase_shred_salts(self, tenant: str) -> int:
         """Erase every salt of `tenant` so the bytes are gone; returns how many."""
+        ...
+
+    def reserve_block(self, counter: str, block: int, limit: int) -> tuple[int, int]:
+        """Atomically reserve [start, end) of a named counter (0 when new):
+        end = min(start + block, limit), durable when the call returns;
+        `LimitExceededError` once start >= limit, writing nothing."""
         ...
 
     def get_meta(self, key: str) -> str | None: ...
@@ -234,6 +246,22 @@ def check_checkpoint(size: int, note_text: str) -> None:
         note_text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InvalidInputError("checkpoint note is not valid UTF-8 text") from e
+
+
+def check_reserve(counter: str, block: int, limit: int) -> None:
+    """Preconditions of `Store.reserve_block`, shared by every backend."""
+    if not isinstance(counter, str) or not _COUNTER.fullmatch(counter):
+        raise InvalidInputError(f"counter name must match {_COUNTER.pattern}, got {counter!r}")
+    for name, value in (("block", block), ("limit", limit)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNTER:
+            raise InvalidInputError(f"{name} must be an int in [1, 2**63 - 1], got {value!r}")
+
+
+def next_block(counter: str, start: int, block: int, limit: int) -> int:
+    """The end of the block that starts at `start`; refuses a counter at its limit."""
+    if start >= limit:
+        raise LimitExceededError(f"counter {counter} reached its limit of {limit}")
+    return min(start + block, limit)
 
 
 def check_meta(key: str, value: str | None = None) -> None:

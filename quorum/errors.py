@@ -131,6 +131,10 @@ class AccessDeniedError(KeyquorumError):
     """The caller is authenticated but not allowed to do this."""
 
 
+class UnauthenticatedError(KeyquorumError):
+    """The caller presented no identity at all (no client certificate naming one)."""
+
+
 class LimitExceededError(KeyquorumError):
     """A size or rate limit was exceeded."""
 

@@ -27,6 +27,7 @@ EXPECTED: dict[type[e.KeyquorumError], grpc.StatusCode] = {
     e.SignatureError: C.PERMISSION_DENIED,
     e.NotOnRosterError: C.PERMISSION_DENIED,
     e.AccessDeniedError: C.PERMISSION_DENIED,
+    e.UnauthenticatedError: C.UNAUTHENTICATED,
     e.ReplayError: C.ALREADY_EXISTS,
     e.ExpiredError: C.FAILED_PRECONDITION,
     e.ThresholdError: C.FAILED_PRECONDITION,

@@ -32,6 +32,7 @@ from keyquorum.hsm.store import LogRecord, ShredSalt, Store, leaf_hash
 from keyquorum.quorum.errors import (
     AppendConflictError,
     InvalidInputError,
+    LimitExceededError,
     StateError,
     StorageError,
     UnsupportedVersionError,
@@ -481,6 +482,92 @@ def test_search_detects_a_salt_after_a_plain_delete(tmp_path: Path) -> None:
     assert secret_salt in path.read_bytes()
 
 
+# -- counters ------------------------------------------------------------
+
+
+def test_reserve_block_hands_out_consecutive_blocks(store: Store) -> None:
+    assert store.reserve_block("enc/acme/v1", 100, 2**32) == (0, 100)
+    assert store.reserve_block("enc/acme/v1", 100, 2**32) == (100, 200)
+    assert store.reserve_block("enc/acme/v1", 7, 2**32) == (200, 207)
+    # Counters are independent of each other.
+    assert store.reserve_block("enc/acme/v2", 100, 2**32) == (0, 100)
+
+
+def test_reserve_block_stops_at_the_limit_and_writes_nothing(store: Store) -> None:
+    assert store.reserve_block("c", 4, 10) == (0, 4)
+    assert store.reserve_block("c", 4, 10) == (4, 8)
+    assert store.reserve_block("c", 4, 10) == (8, 10)  # clamped to the limit
+    for _ in range(2):
+        with pytest.raises(LimitExceededError, match="counter c reached its limit of 10"):
+            store.reserve_block("c", 4, 10)
+    # A higher limit (e.g. for another key) continues where the counter stood.
+    assert store.reserve_block("c", 4, 20) == (10, 14)
+
+
+def test_reserved_blocks_survive_reopen(store_factory: StoreFactory) -> None:
+    a = store_factory.open()
+    assert a.reserve_block("enc/t/v1", 1000, 2**32) == (0, 1000)
+    a.close()
+    b = store_factory.open()
+    assert b.reserve_block("enc/t/v1", 1000, 2**32) == (1000, 2000)
+
+
+def test_concurrent_reservations_are_disjoint(store_factory: StoreFactory) -> None:
+    stores = [store_factory.open(), store_factory.open()]
+    got: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def reserve(s: Store) -> None:
+        for _ in range(10):
+            block = s.reserve_block("shared", 3, 2**32)
+            with lock:
+                got.append(block)
+
+    threads = [threading.Thread(target=reserve, args=(s,)) for s in stores for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == [(i, i + 3) for i in range(0, 120, 3)]
+
+
+@pytest.mark.parametrize(
+    ("counter", "block", "limit", "message"),
+    [
+        ("", 1, 1, "counter name"),
+        ("Upper", 1, 1, "counter name"),
+        ("x" * 256, 1, 1, "counter name"),
+        ("c", 0, 10, "block must be"),
+        ("c", True, 10, "block must be"),
+        ("c", 1, 0, "limit must be"),
+        ("c", 1, 2**63, "limit must be"),
+    ],
+    ids=["empty", "uppercase", "too-long", "zero-block", "bool-block", "zero-limit", "huge-limit"],
+)
+def test_reserve_block_preconditions(
+    store: Store, counter: str, block: int, limit: int, message: str
+) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        store.reserve_block(counter, block, limit)
+    assert store.reserve_block("c", 1, 10) == (0, 1)
+
+
+def test_sqlite_version_1_store_migrates_to_counters(tmp_path: Path) -> None:
+    path = tmp_path / sqlite_store.FILE_NAME
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    for statement in sqlite_store.MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+    conn.close()
+    s = SqliteStore.in_directory(tmp_path)
+    try:
+        assert s.schema_version() == sqlite_store.SCHEMA_VERSION
+        assert s.reserve_block("c", 5, 10) == (0, 5)
+    finally:
+        s.close()
+
+
 # -- meta and schema -----------------------------------------------------
 
 
@@ -589,13 +676,19 @@ def test_sqlite_failed_write_rolls_back_and_stops_the_store(tmp_path: Path) -> N
         "INSERT INTO log_entries VALUES (5, zeroblob(32), x'01')",
         "INSERT INTO log_entries VALUES (2, zeroblob(32), x'01')",
         "UPDATE shred_salts SET salt = zeroblob(32)",
+        "UPDATE counters SET next = 0",
+        "DELETE FROM counters",
     ],
-    ids=["update-entry", "delete-entry", "insert-gap", "insert-duplicate", "replace-salt"],
-)
+    ids=[
+        "update-entry", "delete-entry", "insert-gap", "insert-duplicate", "replace-salt",
+        "counter-back", "delete-counter",
+    ],
+)  # fmt: skip
 def test_sqlite_schema_refuses_writes_that_bypass_the_class(tmp_path: Path, sql: str) -> None:
     with SqliteStore.in_directory(tmp_path) as s:
         fill(s, 3)
         s.put_shred_salt("t", 1, salt(1))
+        s.reserve_block("c", 5, 100)
         raw = sqlite3.connect(s.path)
         with pytest.raises(sqlite3.IntegrityError):
             raw.execute(sql)
@@ -603,6 +696,7 @@ def test_sqlite_schema_refuses_writes_that_bypass_the_class(tmp_path: Path, sql:
         raw.close()
         assert s.read(0, 3) == [rec(i)[2] for i in range(3)]
         assert s.get_shred_salt("t", 1) == salt(1)
+        assert s.reserve_block("c", 5, 100) == (5, 10)
 
 
 def test_sqlite_gap_made_by_hand_is_reported_not_skipped(tmp_path: Path) -> None:
@@ -679,6 +773,9 @@ _BYPASS: list[tuple[str, str, tuple[object, ...], str]] = [
     ("move-head", "UPDATE log_head SET size = 0", (), "moves only by appending"),
     ("delete-head", "DELETE FROM log_head", (), "one fixed row"),
     ("replace-salt", "UPDATE shred_salts SET salt = %s", (bytes(32),), "never replaced"),
+    ("counter-back", "UPDATE counters SET next = 0", (), "never goes back"),
+    ("delete-counter", "DELETE FROM counters", (), "never deleted"),
+    ("truncate-counters", "TRUNCATE counters", (), "never deleted"),
 ]
 
 
@@ -692,8 +789,10 @@ def test_postgres_schema_refuses_writes_that_bypass_the_class(
     with PostgresStore.open(pg_dsn) as s:
         fill(s, 3)
         s.put_shred_salt("t", 1, salt(1))
+        s.reserve_block("c", 5, 100)
         with _raw(pg_dsn) as raw, pytest.raises(psycopg.errors.CheckViolation, match=message):
             raw.execute(sql, params)
+        assert s.reserve_block("c", 5, 100) == (5, 10)
         assert s.size() == 3
         assert s.read(0, 3) == [rec(i)[2] for i in range(3)]
         assert s.leaf_hashes() == [rec(i)[1] for i in range(3)]

@@ -1,0 +1,63 @@
+"""Per-backend rate limits: one token bucket per client certificate name.
+
+`server run --rate-limit N` gives every backend N tokens per second and a
+bucket of N (one second of burst); each Wrap, Unwrap, GenerateDataKey or
+Rewrap item takes one token, a batch takes one per item at once. A call
+that finds too few tokens is refused whole with RESOURCE_EXHAUSTED and
+takes none; a batch larger than the bucket can never pass and says so.
+The clock is monotonic and injectable for tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from keyquorum.quorum.errors import InvalidInputError, LimitExceededError
+
+
+class RateLimiter:
+    """Token buckets by backend name; thread-safe."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not rate > 0:
+            raise InvalidInputError(f"the rate limit must be positive, got {rate!r}")
+        self._rate = float(rate)
+        self._burst = float(burst if burst is not None else rate)
+        if not self._burst >= 1:
+            raise InvalidInputError(f"the burst must be at least 1, got {self._burst!r}")
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    def take(self, backend: str, count: int = 1) -> None:
+        """Take `count` tokens from `backend`'s bucket, or raise LimitExceededError."""
+        if count < 1:
+            raise InvalidInputError("take at least one token")
+        if count > self._burst:
+            raise LimitExceededError(
+                f"{count} items at once exceed the per-backend burst of {self._burst:g} "
+                f"(rate limit {self._rate:g}/s): send smaller batches"
+            )
+        now = self._clock()
+        with self._lock:
+            tokens, then = self._buckets.get(backend, (self._burst, now))
+            tokens = min(self._burst, tokens + (now - then) * self._rate)
+            if tokens < count:
+                self._buckets[backend] = (tokens, now)
+                raise LimitExceededError(
+                    f"backend {backend} is over its rate limit of {self._rate:g} calls/s; "
+                    "retry later"
+                )
+            self._buckets[backend] = (tokens - count, now)
