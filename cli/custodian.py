@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
 from keyquorum.cli import custodian_actions as actions
+from keyquorum.cli import seen_checkpoints
 from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
 from keyquorum.cli.passphrase import passphrase_options, read_passphrase
 from keyquorum.cli.proposal import describe_result
@@ -177,43 +179,80 @@ def confirm_cmd(
 
 
 @custodian.command("unseal")
-@endpoint_options
+@click.option(
+    "--server",
+    "servers",
+    multiple=True,
+    envvar="KEYQUORUM_SERVER",
+    default=("127.0.0.1:7443",),
+    show_default=True,
+    help="Daemon address HOST:PORT; repeat it to unseal several replicas in one go "
+    "(env KEYQUORUM_SERVER, space-separated).",
+)
+@click.option(
+    "--ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="KEYQUORUM_CA",
+    help="CA certificate that signed the daemons' certificates (env KEYQUORUM_CA).",
+)
+@click.option(
+    "--insecure-dev-plaintext",
+    is_flag=True,
+    help="Plaintext gRPC, for development on loopback only.",
+)
 @credential_option
 @passphrase_options
 def unseal_cmd(
-    server: str,
+    servers: tuple[str, ...],
     ca: Path | None,
     insecure_dev_plaintext: bool,
     credential_path: Path,
     passphrase_file: Path | None,
     passphrase_fd: int | None,
 ) -> None:
-    """Submit your share to unseal the daemon.
+    """Submit your share to unseal the daemon (or several replicas).
 
-    The share is decrypted here, re-encrypted to the daemon's fresh
-    unseal-session key (HPKE), and signed; a proxy never sees it.
+    The share is decrypted here, re-encrypted to each daemon's fresh
+    unseal-session key (HPKE), and signed; a proxy never sees it. Each
+    replica has its own session, so each gets its own encryption and
+    signature; the passphrase is asked once.
+
+    Before anything is unlocked, each daemon must show a log that extends
+    the last checkpoint this machine saw for the deployment (an RFC 9162
+    consistency proof); a rolled-back log is refused.
 
     \b
     Example:
       keyquorum custodian unseal --server kq.example:7443 --ca ca.pem \\
           --credential ~/.keyquorum/alice.kqcred
+    Two replicas in one go (one passphrase prompt):
+      keyquorum custodian unseal --server kq-1.example:7443 \\
+          --server kq-2.example:7443 --ca ca.pem --credential ~/.keyquorum/alice.kqcred
     """
-    endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
+    if len(set(servers)) != len(servers):
+        raise InvalidInputError("the same --server is given twice")
+    endpoints = [make_endpoint(server, ca, insecure_dev_plaintext) for server in servers]
     unlock = _unlocker(credential_path, passphrase_file, passphrase_fd)
-    with open_channel(endpoint) as channel:
-        stub = pb_grpc.CustodianServiceStub(channel)
-        with rpc_errors():
-            session = stub.OpenUnsealSession(pb.OpenUnsealSessionRequest())
-        credential = unlock(
-            f"(unseal) deployment {session.deployment}, replica {session.replica}, "
-            f"session {session.session_id[:16]}, log size {session.log_size}: your share, "
-            "decrypted here, re-encrypted to this session's key and signed."
-        )
-        progress = actions.submit_share(stub, credential, show=_show_signing)
-    if progress.sealed:
-        click.echo(f"share accepted: {progress.have} of {progress.need}; still sealed")
-    else:
-        click.echo(f"share accepted: {progress.have} of {progress.need}; UNSEALED")
+    with ExitStack() as stack:
+        stubs: list[pb_grpc.CustodianServiceStub] = []
+        lines = []
+        for endpoint in endpoints:
+            stub = pb_grpc.CustodianServiceStub(stack.enter_context(open_channel(endpoint)))
+            seen_checkpoints.require_extension(stub)
+            with rpc_errors():
+                session = stub.OpenUnsealSession(pb.OpenUnsealSessionRequest())
+            stubs.append(stub)
+            lines.append(
+                f"(unseal) deployment {session.deployment}, replica {session.replica}, "
+                f"session {session.session_id[:16]}, log size {session.log_size}: your share, "
+                "decrypted here, re-encrypted to this session's key and signed."
+            )
+        credential = unlock("\n".join(lines))
+        for endpoint, stub in zip(endpoints, stubs, strict=True):
+            progress = actions.submit_share(stub, credential, show=_show_signing)
+            where = f"{endpoint.target}: " if len(endpoints) > 1 else ""
+            state = "still sealed" if progress.sealed else "UNSEALED"
+            click.echo(f"{where}share accepted: {progress.have} of {progress.need}; {state}")
 
 
 @custodian.command("seal")
@@ -221,6 +260,12 @@ def unseal_cmd(
 @credential_option
 @passphrase_options
 @click.option("--reason", default="emergency seal", show_default=True, help="Logged reason.")
+@click.option(
+    "--all-replicas",
+    is_flag=True,
+    help='Seal every replica of the deployment (the statement names replica "*"); '
+    "each replica wipes its keys when it follows the logged seal.",
+)
 def seal_cmd(
     server: str,
     ca: Path | None,
@@ -229,6 +274,7 @@ def seal_cmd(
     passphrase_file: Path | None,
     passphrase_fd: int | None,
     reason: str,
+    all_replicas: bool,
 ) -> None:
     """Seal the daemon now: it wipes the master key and every tenant key.
 
@@ -248,8 +294,9 @@ def seal_cmd(
             _unlocker(credential_path, passphrase_file, passphrase_fd),
             reason=reason,
             now=int(time.time()),
+            replica="*" if all_replicas else None,
         )
-    click.echo("sealed")
+    click.echo("every replica sealed" if all_replicas else "sealed")
 
 
 def _verdict_command(verdict: str) -> click.Command:
@@ -279,6 +326,7 @@ def _verdict_command(verdict: str) -> click.Command:
         endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
         with open_channel(endpoint) as channel:
             stub = pb_grpc.CustodianServiceStub(channel)
+            seen_checkpoints.require_extension(stub)
             response = actions.verdict(
                 stub,
                 proposal_id,

@@ -159,8 +159,12 @@ def seal(
     *,
     reason: str,
     now: int,
+    replica: str | None = None,
 ) -> pb.SealResponse:
     """Seal the replica behind `stub` by one custodian's signed request.
+
+    `replica` is `"*"` to seal every replica of the deployment (or another
+    replica's name); by default the one behind `stub`.
 
     The exact statement is shown (through `unlock`) before the credential is
     unlocked: what you see is what you sign.
@@ -170,7 +174,7 @@ def seal(
     statement = statements.seal_statement(
         deployment=status.deployment,
         custodian=fingerprint,
-        replica=status.replica,
+        replica=replica or status.replica,
         reason=reason,
         requested_at=now,
     )
@@ -185,6 +189,7 @@ def seal(
                 requested_at=now,
                 reason=reason,
                 signature=signed.signature.to_bytes(),
+                replica=replica or "",
             )
         )
 

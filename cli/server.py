@@ -21,9 +21,11 @@ from keyquorum.hsm.access_log import AccessLog
 from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.dataplane import DataPlane, UsageSink
 from keyquorum.hsm.metrics import Metrics, MetricsServer
+from keyquorum.hsm.postgres_store import PostgresStore
 from keyquorum.hsm.ratelimit import RateLimiter
 from keyquorum.hsm.server import create_server
 from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.hsm.store import Store
 from keyquorum.quorum.checkpoint import parse_verifier_key
 from keyquorum.quorum.errors import InvalidInputError
 from keyquorum.quorum.limits import DEFAULT_LIMITS
@@ -51,6 +53,17 @@ def _write_ready_file(
         info["metrics_port"] = metrics_port
     tmp.write_text(json.dumps(info))
     tmp.replace(path)
+
+
+def _open_store(kind: str, dsn: str | None, data_dir: Path) -> Store:
+    """The store `--store` names; each refuses unsafe durability settings at open."""
+    if kind == "postgres":
+        if not dsn:
+            raise InvalidInputError("--store postgres needs --dsn (or the env KEYQUORUM_DSN)")
+        return PostgresStore.open(dsn)
+    if dsn:
+        raise InvalidInputError("--dsn is for --store postgres")
+    return SqliteStore.open(data_dir / STORE_FILE)
 
 
 @click.group()
@@ -105,6 +118,21 @@ def server() -> None:
 )
 @click.option("--replica", default=socket.gethostname(), show_default=True, help="Replica name.")
 @click.option(
+    "--store",
+    "store_kind",
+    type=click.Choice(["sqlite", "postgres"]),
+    default="sqlite",
+    show_default=True,
+    help="sqlite: one file in --data-dir (one replica); postgres: a database several "
+    "replicas share (--dsn). See docs/replicas.md.",
+)
+@click.option(
+    "--dsn",
+    envvar="KEYQUORUM_DSN",
+    help="PostgreSQL connection string for --store postgres (libpq DSN or URI). Prefer the "
+    "environment variable KEYQUORUM_DSN, so that a password is not on the command line.",
+)
+@click.option(
     "--ready-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write {port, pid} as JSON here once serving (for scripts and tests).",
@@ -123,6 +151,8 @@ def run(
     auditor_key: tuple[str, ...],
     insecure_dev_plaintext: bool,
     replica: str,
+    store_kind: str,
+    dsn: str | None,
     ready_file: Path | None,
     log_level: str,
 ) -> None:
@@ -172,7 +202,8 @@ def run(
     if not hardening.refuse_core_dumps():
         log.warning("could not make the process non-dumpable; core dumps may hold keys")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = SqliteStore.open(data_dir / STORE_FILE)
+    store = _open_store(store_kind, dsn, data_dir)
+    log.info("store: %r", store)
     daemon = Daemon(
         store,
         data_dir=data_dir,

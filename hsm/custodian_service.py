@@ -183,10 +183,22 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
         size = self._call(
             context,
             lambda: self._daemon.seal(
-                request.custodian, request.requested_at, request.reason, request.signature
+                request.custodian,
+                request.requested_at,
+                request.reason,
+                request.signature,
+                replica=request.replica or None,
             ),
         )
         return pb.SealResponse(log_size=size)
+
+    def GetLogExtension(
+        self, request: pb.GetLogExtensionRequest, context: grpc.ServicerContext
+    ) -> pb.LogExtension:
+        note, proof = self._call(
+            context, lambda: self._daemon.checkpoint_with_proof(request.first_size)
+        )
+        return pb.LogExtension(checkpoint=note, proof=proof)
 
     def Propose(self, request: pb.ProposeRequest, context: grpc.ServicerContext) -> pb.Proposal:
         view = self._call(

@@ -30,6 +30,20 @@ Contract:
   background sweeper), deactivation, destruction and seal wipe them. The
   sweeper also appends the `shred` entry, erasing the tenant's shred
   salts in the same transaction, once a destroy wait is over.
+- Replicas (docs/replicas.md): several daemons may share one store. Every
+  request that decides something first reads the entries other replicas
+  appended and applies them through the same replay (`catch_up`); a
+  follower thread (hsm/follower.py) does the same as entries commit and
+  carries out what they mean for the keys held here (a seal wipes them,
+  an activation unwraps them). A write decided on a state another replica
+  changed meanwhile fails the store's size check (`AppendConflictError`);
+  the daemon re-reads and decides again, so two replicas racing the k-th
+  approval produce one execution.
+- Rollback: the last checkpoint this daemon signed is also kept outside
+  the store (hsm/rollback.py); at start the log must extend it.
+- A write that fails after its entries committed (the checkpoint outside
+  the store could not be made durable) reports no success: the replica
+  wipes its keys and refuses writes until it is restarted.
 """
 
 from __future__ import annotations
@@ -44,16 +58,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keyquorum.hsm import tenant_keys
+from keyquorum.hsm import follower, rollback, tenant_keys
 from keyquorum.hsm.logkey import LogKey
 from keyquorum.hsm.pki import ClientIdentity
 from keyquorum.hsm.store import ShredSalt, Store
 from keyquorum.hsm.tenant_keys import TenantKeyring
 from keyquorum.quorum import log as qlog
 from keyquorum.quorum import merkle, shamir, statements
+from keyquorum.quorum.checkpoint import parse_verifier_key
 from keyquorum.quorum.credentials import PublicCredential
 from keyquorum.quorum.errors import (
     AccessDeniedError,
+    AppendConflictError,
     DeserializationError,
     ExpiredError,
     InvalidInputError,
@@ -61,10 +77,12 @@ from keyquorum.quorum.errors import (
     LogIntegrityError,
     NotOnRosterError,
     ReplayError,
+    RollbackError,
     SealedError,
     ShareError,
     SignatureError,
     StateError,
+    StorageError,
     VerificationError,
 )
 from keyquorum.quorum.limits import Limits
@@ -126,6 +144,9 @@ SWEEP_SECONDS = 1.0
 #: Parameters carried as integers; every other parameter is text.
 INTEGER_PARAMETERS = frozenset({"duration_seconds", "threshold", "version"})
 _DECIMAL = re.compile(r"[0-9]{1,16}")
+#: Times a write decided on a state another replica changed first is
+#: re-decided (after catching up) before the caller is told to retry.
+MAX_CONFLICT_RETRIES = 8
 #: Operations whose execution needs the master key in memory.
 NEEDS_MASTER_KEY = frozenset({"create-tenant", "rotate-tenant", "activate-tenant", "change-roster"})
 
@@ -291,6 +312,7 @@ class Daemon:
         clock: Clock,
         random_bytes: RandomBytes = os.urandom,
         sweep_seconds: float | None = SWEEP_SECONDS,
+        follow_seconds: float | None = follower.POLL_SECONDS,
     ) -> None:
         self._store = store
         self._data_dir = data_dir
@@ -307,7 +329,17 @@ class Daemon:
         # (the log names them only by fingerprint until it executes).
         self._offered: dict[str, PublicCredential] = {}
         self._seal_observers: list[Callable[[bool], None]] = []
+        # Set when a write failed after its entries committed: the daemon
+        # sealed itself and refuses writes until it is restarted.
+        self._failed: str | None = None
         self._replayer, self._tree = self._load()
+        self._follower: follower.Follower | None = None
+        if follow_seconds is not None:
+            wait = getattr(store, "wait_for_append", None)
+            self._follower = follower.Follower(
+                self, wait_for_append=wait, size=store.size, poll_seconds=follow_seconds
+            )
+            self._follower.start()
         self._stop_sweeper = threading.Event()
         self._sweeper: threading.Thread | None = None
         if sweep_seconds is not None:
@@ -327,6 +359,11 @@ class Daemon:
         """
         tree = merkle.MerkleTree()
         if self._store.size() == 0:
+            if rollback.load(self._data_dir) is not None:
+                raise RollbackError(
+                    f"the store is empty, but this daemon published a checkpoint "
+                    f"({rollback.path_in(self._data_dir)}): the store was replaced or rolled back"
+                )
             return Replayer(), tree
         entries = list(self._store.read_all())
         latest = self._store.latest_checkpoint()
@@ -344,8 +381,37 @@ class Daemon:
             ) from None
         for raw in entries:
             tree.append(merkle.leaf_hash(raw))
+        self._check_not_rolled_back(tree)
         log.info("log verified: %d entries, checkpoint at %d", len(entries), latest[0])
         return Replayer(state), tree
+
+    def _check_not_rolled_back(self, tree: merkle.MerkleTree) -> None:
+        """Refuse a log that does not extend the checkpoint kept outside the store.
+
+        `verify_log` proves the store agrees with itself; a store restored
+        from an older snapshot does too. The last checkpoint this daemon
+        signed, in its data directory, is what such a store cannot match
+        (`hsm/rollback.py`; RFC 9162 consistency proof).
+        """
+        assert self._log_key is not None
+        current = self._log_key.sign_checkpoint(tree.size, tree.root())
+        trusted = rollback.load(self._data_dir)
+        if trusted is None:
+            log.warning(
+                "no checkpoint outside the store yet (%s): trusting this log of %d entries "
+                "on first use",
+                rollback.path_in(self._data_dir),
+                tree.size,
+            )
+        else:
+            verifier = parse_verifier_key(self._log_key.vkey)
+            rollback.check_tree_extends(trusted, tree, current, verifier)
+        rollback.save(self._data_dir, current)
+
+    @property
+    def log_size(self) -> int:
+        """Entries applied so far (the follower compares it with the store's size)."""
+        return self._tree.size
 
     @property
     def initialized(self) -> bool:
@@ -363,7 +429,34 @@ class Daemon:
 
     def _append(self, payload: Payload, *, not_before: int = 0) -> bytes:
         """Check, durably append and apply one entry; sign a new checkpoint."""
-        return self._append_all([payload], time=max(self._now(), not_before))[0]
+        return self._append_retrying([payload], time=max(self._now(), not_before))[0]
+
+    def _append_retrying(
+        self,
+        payloads: Sequence[Payload],
+        *,
+        time: int,
+        erase_tenants: Sequence[str] = (),
+    ) -> list[bytes]:
+        """`_append_all` for entries whose content does not depend on the state.
+
+        A confirmation, an unseal, a seal, a proposal or a shred means the
+        same whatever another replica appended first; after a conflict the
+        daemon has caught up, and replay checks the entries again against
+        the new state (a shred already done, a confirmation already given,
+        are then refused as they would be on a single replica).
+        """
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            try:
+                return self._append_all(
+                    payloads,
+                    time=max(time, self._replayer.state.time),
+                    erase_tenants=erase_tenants,
+                )
+            except AppendConflictError:
+                if attempt == MAX_CONFLICT_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _append_all(
         self,
@@ -380,6 +473,10 @@ class Daemon:
         copy become the daemon's state. A refusal (`LogIntegrityError`) or a
         failed write leaves the state, the tree and the store as they were.
         """
+        if self._failed is not None:
+            raise StorageError(
+                f"this replica stopped writing after a failed write ({self._failed}); restart it"
+            )
         scratch = Replayer(self._replayer.state.copy())
         raws: list[bytes] = []
         for payload in payloads:
@@ -388,22 +485,146 @@ class Daemon:
             scratch.apply(raw)
             raws.append(raw)
         size = self._tree.size
-        self._store.append(
-            [(size + i, merkle.leaf_hash(raw), raw) for i, raw in enumerate(raws)],
-            expected_size=size,
-            shred_salts=shred_salts,
-            erase_tenants=erase_tenants,
-        )
+        try:
+            self._store.append(
+                [(size + i, merkle.leaf_hash(raw), raw) for i, raw in enumerate(raws)],
+                expected_size=size,
+                shred_salts=shred_salts,
+                erase_tenants=erase_tenants,
+            )
+        except AppendConflictError as e:
+            # Another replica appended first: re-read and replay its entries,
+            # so the caller decides again on the state as it now is.
+            log.info("another writer appended first (%s): re-reading the log", e)
+            self._catch_up_locked()
+            raise
+        except StorageError as e:
+            # Nothing of it is in force here; the caller is told it failed.
+            log.error("append failed, nothing was applied: %s", e)
+            raise
         self._replayer = scratch
         for raw in raws:
             self._tree.append(merkle.leaf_hash(raw))
-        self._publish_checkpoint()
+        try:
+            self._publish_checkpoint()
+        except StorageError as e:
+            # The entries are committed, but what vouches for them is not
+            # durable: report no success, seal, and stop writing (fail closed).
+            self._fail(str(e))
+            raise
         return raws
 
     def _publish_checkpoint(self) -> None:
+        """Sign the tree head; store it, and keep it outside the store (rollback).
+
+        In the store, a replica that lost a race to a later checkpoint
+        (another replica's) leaves it be. The copy outside the store must be
+        durable before the append counts as done.
+        """
         assert self._log_key is not None
         note = self._log_key.sign_checkpoint(self._tree.size, self._tree.root())
-        self._store.put_checkpoint(self._tree.size, note)
+        try:
+            self._store.put_checkpoint(self._tree.size, note)
+        except StateError as e:
+            if isinstance(e, StorageError):
+                raise
+            log.debug("a later checkpoint is already stored: %s", e)
+        rollback.save(self._data_dir, note)
+
+    def _fail(self, reason: str) -> None:
+        """After a failed durable write: wipe every key and refuse further writes."""
+        self._failed = reason
+        self._wipe_keys()
+        log.critical(
+            "a write failed after its entries were committed (%s): this replica sealed itself "
+            "and refuses writes until it is restarted",
+            reason,
+        )
+
+    # -- following other replicas ---------------------------------------------
+
+    def catch_up(self) -> int:
+        """Apply entries other replicas appended; returns how many (see hsm/follower.py)."""
+        with self._lock:
+            return self._catch_up_locked()
+
+    def _catch_up_locked(self) -> int:
+        """Read the store past our tree, replay each entry, act on it.
+
+        The one replay path (`Replayer.apply`) checks every entry as at
+        start. A refused entry, or a store shorter than what this replica
+        already applied, is tampering or a rollback under a running daemon:
+        it seals itself and stops writing (fail closed).
+        """
+        size = self._store.size()
+        known = self._tree.size
+        if size == known:
+            return 0
+        if size < known:
+            reason = f"the store has {size} entries, this replica applied {known}: rolled back"
+            self._fail(reason)
+            raise RollbackError(reason)
+        raws = self._store.read(known, size)
+        for raw in raws:
+            try:
+                entry = self._replayer.apply(raw)
+            except LogIntegrityError as e:
+                self._fail(f"an entry another writer appended is refused by replay: {e}")
+                raise
+            self._tree.append(merkle.leaf_hash(raw))
+            if entry.seq == 0 and self._log_key is None:
+                self._log_key = LogKey.load(self._data_dir)
+            for effect in follower.effects(entry, self._replica):
+                self._act(effect)
+        if self._log_key is not None:
+            note = self._log_key.sign_checkpoint(self._tree.size, self._tree.root())
+            try:
+                rollback.save(self._data_dir, note)
+            except StorageError as e:
+                self._fail(str(e))
+                raise
+        return len(raws)
+
+    def _act(self, effect: follower.Effect) -> None:
+        """Carry out what another replica's entry means for the keys held here."""
+        if isinstance(effect, follower.WipeAll):
+            was_unsealed = not self.sealed
+            self._wipe_keys()
+            if was_unsealed:
+                log.warning("sealed: %s", effect.reason)
+            return
+        if isinstance(effect, follower.WipeTenant):
+            if self._keyring.deactivate(effect.tenant):
+                log.info("tenant %s: key wiped (logged through another replica)", effect.tenant)
+            return
+        if isinstance(effect, follower.DropVersion):
+            self._keyring.drop_version(effect.tenant, effect.version)
+            return
+        master = self._master
+        record = self._replayer.state.tenants.get(effect.tenant)
+        if master is None or record is None:
+            return
+        try:
+            if isinstance(effect, follower.Activate):
+                keys = self._unwrap_versions(record, master, enabled_only=True)
+                self._keyring.activate(effect.tenant, effect.until, keys)
+                log.info(
+                    "tenant %s activated through another replica, until %d",
+                    effect.tenant,
+                    effect.until,
+                )
+            elif effect.tenant in self._keyring.active(self._now()):
+                version = record.versions[effect.version - 1]
+                key = tenant_keys.unwrap(
+                    master,
+                    self._salt(record, effect.version),
+                    record.name,
+                    effect.version,
+                    version.wrapped_key,
+                )
+                self._keyring.add_version(effect.tenant, effect.version, key)
+        except KeyquorumError as e:
+            log.error("tenant %s: key not unwrapped here: %s", effect.tenant, e)
 
     def _now(self) -> int:
         # Entry times never go backwards, even if the wall clock does.
@@ -413,6 +634,7 @@ class Daemon:
 
     def status(self) -> StatusView:
         with self._lock:
+            self._catch_up_locked()
             self._sweep_locked()
             st = self._replayer.state
             latest = self._store.latest_checkpoint()
@@ -500,7 +722,14 @@ class Daemon:
             )
             self._log_key = log_key
             try:
-                self._append(payload)
+                self._append_all([payload], time=self._now())
+            except AppendConflictError:
+                self._log_key = None
+                log_key.remove()
+                raise StateError(
+                    "another replica ran the ceremony first: copy its log key file into this "
+                    "replica's data directory and restart it (docs/replicas.md)"
+                ) from None
             except KeyquorumError:
                 self._log_key = None
                 log_key.remove()
@@ -529,6 +758,7 @@ class Daemon:
     ) -> StatusView:
         """Log a custodian's signed acknowledgement that their share checks out."""
         with self._lock:
+            self._catch_up_locked()
             st = self._require_initialized()
             st.epoch.credential(fingerprint)
             HybridSignature.from_bytes(signature)
@@ -551,6 +781,7 @@ class Daemon:
     def open_unseal_session(self) -> SessionView:
         """The current unseal session, or a fresh one (a new HPKE key)."""
         with self._lock:
+            self._catch_up_locked()
             st = self._require_initialized()
             if not self.sealed:
                 raise StateError("already unsealed")
@@ -598,6 +829,7 @@ class Daemon:
         took part, and hold the key.
         """
         with self._lock:
+            self._catch_up_locked()
             st = self._require_initialized()
             if not self.sealed:
                 raise StateError("already unsealed")
@@ -698,9 +930,25 @@ class Daemon:
 
     # -- seal ----------------------------------------------------------------
 
-    def seal(self, fingerprint: str, requested_at: int, reason: str, signature: bytes) -> int:
-        """Seal on one custodian's signed request: log it, then wipe every key."""
+    def seal(
+        self,
+        fingerprint: str,
+        requested_at: int,
+        reason: str,
+        signature: bytes,
+        *,
+        replica: str | None = None,
+    ) -> int:
+        """Seal on one custodian's signed request: log it, then wipe every key.
+
+        `replica` is the replica the request names: this one (the default),
+        `"*"` for every replica of the deployment, or another replica's
+        name. Other replicas wipe their keys when they follow the entry
+        (hsm/follower.py, within its documented bound).
+        """
+        target = replica if replica else self._replica
         with self._lock:
+            self._catch_up_locked()
             st = self._require_initialized()
             now = self._clock()
             if abs(now - requested_at) > self._limits.seal_request_skew_seconds:
@@ -717,7 +965,7 @@ class Daemon:
             statement = statements.seal_statement(
                 deployment=st.deployment,
                 custodian=fingerprint,
-                replica=self._replica,
+                replica=target,
                 reason=reason,
                 requested_at=requested_at,
             )
@@ -725,10 +973,11 @@ class Daemon:
                 statement, statements.SignedStatement(fingerprint, sig), custodian.verify_key
             )
             # Wipe first: sealing must not depend on the store being writable.
-            self._wipe_keys()
+            if target in (self._replica, SealPayload.ALL_REPLICAS):
+                self._wipe_keys()
             self._append(
                 SealPayload(
-                    replica=self._replica,
+                    replica=target,
                     custodian=fingerprint,
                     reason=reason,
                     requested_at=requested_at,
@@ -741,7 +990,10 @@ class Daemon:
             return self._tree.size
 
     def seal_for_shutdown(self, reason: str = "daemon shutdown") -> None:
-        """Stop the sweeper, wipe keys and, if unsealed, log that the daemon sealed itself."""
+        """Stop the sweeper and follower, wipe keys and, if unsealed, log that the daemon
+        sealed itself."""
+        if self._follower is not None:
+            self._follower.stop()
         self._stop_sweeper.set()
         sweeper = self._sweeper
         if sweeper is not None and sweeper is not threading.current_thread():
@@ -818,6 +1070,7 @@ class Daemon:
         custodians the roster adds (the log names them by fingerprint).
         """
         with self._lock:
+            self._catch_up_locked()
             self._sweep_locked()
             st = self._require_initialized()
             policy = self._policy(st)
@@ -848,7 +1101,7 @@ class Daemon:
                 proposer=proposer,
             )
             try:
-                self._append_all([payload], time=now)
+                self._append_retrying([payload], time=now)
             except LogIntegrityError as e:
                 raise _refusal(e, StateError) from None
             log.info("proposal %s: %s %s", payload.id.hex(), name, dict(params))
@@ -857,6 +1110,7 @@ class Daemon:
     def list_proposals(self, *, include_closed: bool = False) -> list[ProposalView]:
         """Proposals open for verdicts (or every proposal), oldest first."""
         with self._lock:
+            self._catch_up_locked()
             self._sweep_locked()
             st = self._require_initialized()
             now = self._now()
@@ -869,6 +1123,7 @@ class Daemon:
     def get_proposal(self, proposal_id: bytes) -> ProposalView:
         """One proposal, with the exact approve and refuse statements."""
         with self._lock:
+            self._catch_up_locked()
             self._sweep_locked()
             st = self._require_initialized()
             return self._proposal_view(self._find_proposal(st, proposal_id), self._now())
@@ -888,11 +1143,35 @@ class Daemon:
         operation takes effect. Refused, with nothing logged: see `_check_verdict`;
         and, for an operation that needs the master key, a sealed daemon.
         """
-        return self._verdict("approve", proposal_id, fingerprint, signature, public_credentials)
+        return self._redeciding(
+            lambda: self._verdict(
+                "approve", proposal_id, fingerprint, signature, public_credentials
+            )
+        )
 
     def refuse(self, proposal_id: bytes, fingerprint: str, signature: bytes) -> VerdictView:
         """Log one custodian's signed refusal (it counts against nothing, but is on record)."""
-        return self._verdict("refuse", proposal_id, fingerprint, signature, ())
+        return self._redeciding(
+            lambda: self._verdict("refuse", proposal_id, fingerprint, signature, ())
+        )
+
+    @staticmethod
+    def _redeciding(decide: Callable[[], VerdictView]) -> VerdictView:
+        """Run a verdict; if another replica appended first, decide it again.
+
+        Whether an approval executes depends on the approvals already in the
+        log, so after a conflict (the daemon has caught up by then) the whole
+        decision runs again: two replicas racing the k-th approval give one
+        execution, and the loser answers as the log now stands (already
+        executed, or this custodian's approval already counted).
+        """
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            try:
+                return decide()
+            except AppendConflictError:
+                if attempt == MAX_CONFLICT_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _verdict(
         self,
@@ -903,6 +1182,7 @@ class Daemon:
         public_credentials: Sequence[bytes],
     ) -> VerdictView:
         with self._lock:
+            self._catch_up_locked()
             self._sweep_locked()
             st = self._require_initialized()
             now = self._now()
@@ -1296,6 +1576,7 @@ class Daemon:
     def tenants(self) -> list[TenantView]:
         """Every tenant the log knows, with whether its key is unwrapped here."""
         with self._lock:
+            self._catch_up_locked()
             self._sweep_locked()
             st = self._require_initialized()
             now = self._now()
@@ -1315,6 +1596,27 @@ class Daemon:
                 )
                 for t in sorted(st.tenants.values(), key=lambda t: t.name)
             ]
+
+    def checkpoint_with_proof(self, first_size: int) -> tuple[str, list[bytes]]:
+        """The signed checkpoint of the log as it is now, and a proof from `first_size`.
+
+        For custodians' CLIs, which remember the last checkpoint they saw and
+        refuse a log that does not extend it (cli/seen_checkpoints.py). The
+        proof is RFC 9162 section 2.1.4's from `first_size` to the current
+        size; it is empty when `first_size` is 0, equal to the size, or
+        larger (the caller then sees a shorter log: a rollback). This
+        replica catches up first, so a follower never looks rolled back.
+        """
+        if isinstance(first_size, bool) or not isinstance(first_size, int) or first_size < 0:
+            raise InvalidInputError(f"first_size must be a non-negative int, got {first_size!r}")
+        with self._lock:
+            self._catch_up_locked()
+            self._require_initialized()
+            assert self._log_key is not None
+            size = self._tree.size
+            note = self._log_key.sign_checkpoint(size, self._tree.root())
+            proof = self._tree.consistency_proof(first_size, size) if 0 < first_size < size else []
+            return note, proof
 
     def tenant_key_buffers_for_test(self, tenant: str) -> list[bytearray]:
         """The buffers of a tenant's unwrapped keys, so tests can check wiping."""
@@ -1351,6 +1653,10 @@ class Daemon:
                 continue
             try:
                 self._append_all([ShredPayload(record.name)], time=now, erase_tenants=[record.name])
+            except AppendConflictError:
+                # Caught up by now (perhaps another replica shredded it);
+                # the next sweep decides again.
+                continue
             except KeyquorumError as e:
                 log.error("could not shred tenant %s: %s", record.name, e)
                 continue
