@@ -25,6 +25,7 @@ import click
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli.audit import run_audit_demo_steps
 from keyquorum.cli.connect import make_endpoint, open_channel
+from keyquorum.client import KeyClient, KeyServiceError, decrypt_record, encrypt_record
 from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.errors import KeyquorumError
 from keyquorum.v1 import custodian_pb2 as pb
@@ -54,7 +55,7 @@ def _run(args: Sequence[str]) -> None:
 
 
 @contextmanager
-def _daemon(work: Path, env: dict[str, str]) -> Iterator[int]:
+def _daemon(work: Path, env: dict[str, str]) -> Iterator[tuple[int, int]]:
     data_dir, pki = work / "data", work / "pki"
     ready = work / "daemon.ready"
     log_path = work / "daemon.log"
@@ -63,8 +64,13 @@ def _daemon(work: Path, env: dict[str, str]) -> Iterator[int]:
         "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
         "--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"),
         "--replica", "demo-1", "--ready-file", str(ready),
+        "--listen-mtls", "127.0.0.1:0", "--client-ca", str(pki / "ca.crt"),
     ]  # fmt: skip
-    click.secho("$ keyquorum server run --data-dir ... --listen 127.0.0.1:0 ...", fg="cyan")
+    click.secho(
+        "$ keyquorum server run --data-dir ... --listen 127.0.0.1:0 "
+        "--listen-mtls 127.0.0.1:0 --client-ca ca.crt ...",
+        fg="cyan",
+    )
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         try:
@@ -75,9 +81,13 @@ def _daemon(work: Path, env: dict[str, str]) -> Iterator[int]:
                         "the daemon did not start:\n" + log_path.read_text(errors="replace")
                     )
                 time.sleep(0.05)
-            port = int(json.loads(ready.read_text())["port"])
-            click.echo(f"daemon pid {proc.pid} listening on 127.0.0.1:{port} (TLS)")
-            yield port
+            info = json.loads(ready.read_text())
+            port, mtls_port = int(info["port"]), int(info["mtls_port"])
+            click.echo(
+                f"daemon pid {proc.pid} listening on 127.0.0.1:{port} (TLS) and "
+                f"127.0.0.1:{mtls_port} (mTLS: backends, auditors)"
+            )
+            yield port, mtls_port
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -110,8 +120,11 @@ def demo(keep: Path | None) -> None:
 def _story(work: Path) -> None:
     env = dict(os.environ)
     creds, pki = work / "custodians", work / "pki"
-    _step("1. A development PKI (CA, server certificate) for TLS")
-    _run(["admin", "dev-pki", "--out", str(pki), "--client", "backend/booking"])
+    _step("1. A development PKI: CA, server certificate, two backend certificates")
+    _run(
+        ["admin", "dev-pki", "--out", str(pki),
+         "--client", "backend/booking", "--client", "backend/messaging"]
+    )  # fmt: skip
 
     _step(f"2. Seven custodians each make a credential ({len(CUSTODIANS)} people, 7 laptops)")
     passphrases = {}
@@ -124,7 +137,7 @@ def _story(work: Path) -> None:
             ["custodian", "new", "--name", name, "--out", str(creds), "--passphrase-file", str(pf)]
         )
 
-    with _daemon(work, env) as port:
+    with _daemon(work, env) as (port, mtls_port):
         server = f"127.0.0.1:{port}"
         conn = ["--server", server, "--ca", str(pki / "ca.crt")]
 
@@ -180,8 +193,9 @@ def _story(work: Path) -> None:
         with open_channel(endpoint) as channel:
             stub = pb_grpc.CustodianServiceStub(channel)
             _quorum_story(stub, conn, cred)
+            _data_plane_story(stub, conn, cred, pki, f"127.0.0.1:{mtls_port}")
 
-        _step("13. One custodian seals in an emergency: the master key and tenant keys are wiped")
+        _step("17. One custodian seals in an emergency: the master key and tenant keys are wiped")
         _run(["custodian", "seal", *conn, *cred("grace"), "--reason", "end of demo"])
         _run(["status", *conn])
         _run(["tenant", "list", *conn])
@@ -245,3 +259,81 @@ def _quorum_story(
     proposal = stub.GetProposal(pb.GetProposalRequest(id=pid))
     click.secho("\nThe statement each of the five custodians read and signed:", bold=True)
     click.echo(proposal.approve_statement, nl=False)
+
+
+def _backend(pki: Path, target: str, name: str) -> KeyClient:
+    return KeyClient(
+        target,
+        ca=pki / "ca.crt",
+        cert=pki / f"backend-{name}.crt",
+        key=pki / f"backend-{name}.key",
+    )
+
+
+def _refused(call: Callable[[], object], code: str) -> None:
+    """`call` must fail with gRPC status `code`; show the refusal."""
+    try:
+        call()
+    except KeyServiceError as e:
+        if e.code.name != code:
+            raise click.ClickException(f"expected {code}, got: {e}") from None
+        click.secho(f"refused: {e}", fg="yellow")
+        return
+    raise click.ClickException(f"the daemon accepted a call it must refuse ({code})")
+
+
+def _data_plane_story(
+    stub: pb_grpc.CustodianServiceStub,
+    conn: list[str],
+    cred: Callable[[str], list[str]],
+    pki: Path,
+    target: str,
+) -> None:
+    """Steps 13 to 16: backends call KeyService through keyquorum.client over mTLS."""
+    context = {"patient": "p-4711", "record": "appointment-2026-05-01"}
+    _step(
+        f"13. The booking backend (mTLS, {BACKEND}) wraps, unwraps and generates data keys "
+        f"for {TENANT}"
+    )
+    with _backend(pki, target, "booking") as booking:
+        wrapped = booking.wrap(TENANT, b"a small secret", context)
+        click.echo(
+            f"Wrap: {len(wrapped.ciphertext)}-byte ciphertext under key version "
+            f"{wrapped.key_version}, bound to the context {context}"
+        )
+        with booking.unwrap(wrapped.ciphertext, context) as plain:
+            click.echo(f"Unwrap with the same context: {plain.reveal()!r}")
+        with booking.generate_data_key(TENANT, context) as data_key:
+            click.echo(
+                f"GenerateDataKey: a {len(data_key.plaintext)}-byte data key and its "
+                f"{len(data_key.ciphertext)}-byte wrapped form to store beside the data"
+            )
+            with booking.unwrap(data_key.ciphertext, context) as again:
+                if not again.equals(data_key.plaintext):
+                    raise click.ClickException("the unwrapped data key differs")
+            click.echo("Unwrap of the wrapped data key: the same key")
+        record = b"appointment 2026-05-01 09:30, dermatology, patient p-4711"
+        envelope = encrypt_record(booking, TENANT, record, context)
+        click.echo(
+            f"Envelope encryption: a {len(record)}-byte record encrypted locally under a "
+            f"fresh data key, {len(envelope)} bytes stored with the wrapped key beside it"
+        )
+        with decrypt_record(booking, envelope, context) as opened:
+            click.echo(f"... and opened again: {opened.reveal()!r}")
+
+        _step("14. Unwrap with a wrong context (another patient): refused")
+        _refused(
+            lambda: booking.unwrap(wrapped.ciphertext, {**context, "patient": "p-4712"}),
+            "INVALID_ARGUMENT",
+        )
+
+        _step("15. The messaging backend has a valid certificate but no grant: refused")
+        with _backend(pki, target, "messaging") as messaging:
+            _refused(lambda: messaging.wrap(TENANT, b"x", context), "PERMISSION_DENIED")
+            _refused(lambda: messaging.unwrap(wrapped.ciphertext, context), "PERMISSION_DENIED")
+
+        _step(f"16. One custodian (grace) deactivates {TENANT}: the key is wiped, calls fail")
+        _run(["proposal", "new", "deactivate-tenant", *conn, "--param", f"tenant={TENANT}"])
+        _run(["custodian", "approve", _latest(stub), *conn, *cred("grace")])
+        _refused(lambda: booking.unwrap(wrapped.ciphertext, context), "FAILED_PRECONDITION")
+        _refused(lambda: booking.generate_data_key(TENANT, context), "FAILED_PRECONDITION")

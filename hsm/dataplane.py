@@ -3,9 +3,12 @@
 `KeyService` (`key_service.py`) is a thin layer over `DataPlane`; this
 module decides everything: the ciphertext format, what is checked and in
 which order, the per-key-version encryption counter, the HPKE option, the
-batch rules. Tenant keys come from `Daemon.tenant_key` (a copy, wiped here
-as soon as the AEAD call returns) and grants from `Daemon.authorize_backend`;
-both read the state the quorum log replays to.
+batch rules. Tenant keys come from `Daemon.tenant_key` (a copy, wiped when
+the call ends) and grants from `Daemon.authorize_backend`; both read the
+state the quorum log replays to. A batch checks each tenant's grant and
+activation once, at the first item that names it, and holds that key copy
+until the batch ends (at most 1000 items, milliseconds); a seal during a
+batch still stops every later item that would return a key (step 4).
 
 Ciphertext (format 0x01), every field before the nonce is the header:
 
@@ -44,6 +47,7 @@ plaintext, a key or the context):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -130,13 +134,33 @@ def encode_context(
             raise InvalidInputError("encryption context keys and values must be strings")
         if not key:
             raise InvalidInputError("an encryption context key is empty")
-    encoded = canonical.encode(dict(context))
+    encoded = _flat_canonical(context)
     if len(encoded) > limits.max_context_bytes:
         raise LimitExceededError(
             f"the encryption context is {len(encoded)} bytes encoded; "
             f"at most {limits.max_context_bytes}"
         )
     return encoded
+
+
+def _flat_canonical(context: Mapping[str, str]) -> bytes:
+    """RFC 8785 of a flat string map, fast when every key is ASCII.
+
+    For such keys, code-point order is the UTF-16 order RFC 8785 section
+    3.2.3 sorts by, and Python's JSON string escaping with ensure_ascii off is
+    ECMAScript's (section 3.2.2.2: the two-character escapes, other control
+    characters as lowercase \\u00xx, everything else as is). Other keys go
+    through the general encoder. tests/test_dataplane.py checks both agree.
+    """
+    if all(key.isascii() for key in context):
+        try:
+            text = json.dumps(
+                dict(sorted(context.items())), ensure_ascii=False, separators=(",", ":")
+            )
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError("the encryption context is not valid Unicode") from None
+    return canonical.encode(dict(context))
 
 
 def header(tenant: str, version: int) -> bytes:
@@ -451,6 +475,29 @@ class EncryptionCounters:
 # -- the data plane ---------------------------------------------------------------
 
 
+class _Scope:
+    """What one call learned once: the tenants granted and the tenant key copies.
+
+    A batch checks each tenant's grant and takes each key once, at the first
+    item that needs it, and reuses them for the rest of the batch; every
+    copy is wiped when the call ends.
+    """
+
+    __slots__ = ("granted", "keys")
+
+    def __init__(self) -> None:
+        self.granted: set[str] = set()
+        self.keys: dict[tuple[str, int | None], tuple[int, SecretBytes]] = {}
+
+    def wipe(self) -> None:
+        for _version, key in self.keys.values():
+            key.wipe()
+        self.keys.clear()
+
+    def __repr__(self) -> str:
+        return f"<scope: {len(self.granted)} tenants, {len(self.keys)} keys>"
+
+
 class DataPlane:
     """Wrap, Unwrap, GenerateDataKey and Rewrap for authenticated backends.
 
@@ -527,7 +574,9 @@ class DataPlane:
 
     # -- the shared frame -------------------------------------------------------
 
-    def _single(self, identity: str, operation: str, item: T, one: Callable[[str, str, T], R]) -> R:
+    def _single(
+        self, identity: str, operation: str, item: T, one: Callable[[str, str, T, _Scope], R]
+    ) -> R:
         backend = _backend_name(identity)
         try:
             if self._rate is not None:
@@ -535,10 +584,18 @@ class DataPlane:
         except KeyquorumError as e:
             self._record(backend, UNKNOWN, operation, e, None)
             raise
-        return one(identity, operation, item)
+        scope = _Scope()
+        try:
+            return one(identity, operation, item, scope)
+        finally:
+            scope.wipe()
 
     def _batch(
-        self, identity: str, operation: str, items: Sequence[T], one: Callable[[str, str, T], R]
+        self,
+        identity: str,
+        operation: str,
+        items: Sequence[T],
+        one: Callable[[str, str, T, _Scope], R],
     ) -> list[R | KeyquorumError]:
         """Call-level checks once, then each item on its own (errors become results)."""
         backend = _backend_name(identity)
@@ -557,11 +614,15 @@ class DataPlane:
             self._record(backend, UNKNOWN, operation, e, None)
             raise
         results: list[R | KeyquorumError] = []
-        for item in items:
-            try:
-                results.append(one(identity, operation, item))
-            except KeyquorumError as e:
-                results.append(e)
+        scope = _Scope()
+        try:
+            for item in items:
+                try:
+                    results.append(one(identity, operation, item, scope))
+                except KeyquorumError as e:
+                    results.append(e)
+        finally:
+            scope.wipe()
         return results
 
     def _record(
@@ -589,8 +650,18 @@ class DataPlane:
                 "(wrap a data key and encrypt larger data locally)"
             )
 
-    def _authorize(self, identity: str, tenant: str) -> None:
-        self._daemon.authorize_backend(identity, tenant)
+    def _authorize(self, identity: str, tenant: str, scope: _Scope) -> None:
+        if tenant not in scope.granted:
+            self._daemon.authorize_backend(identity, tenant)
+            scope.granted.add(tenant)
+
+    def _key(self, scope: _Scope, tenant: str, version: int | None) -> tuple[int, SecretBytes]:
+        """A tenant key copy for this call (the current version for None); wiped at its end."""
+        held = scope.keys.get((tenant, version))
+        if held is None:
+            held = self._daemon.tenant_key(tenant, version)
+            scope.keys[(tenant, version)] = held
+        return held
 
     def _check_version_exists(self, parsed: Parsed) -> None:
         """A header naming a version the tenant never had is malformed input."""
@@ -602,19 +673,17 @@ class DataPlane:
             )
 
     def _encrypt_current(
-        self, tenant: str, plaintext: bytes | memoryview, context: bytes
+        self, scope: _Scope, tenant: str, plaintext: bytes | memoryview, context: bytes
     ) -> Wrapped:
-        version, key = self._daemon.tenant_key(tenant)
-        with key:
-            self._counters.take(tenant, version)
-            nonce = self._random(aead.NONCE_SIZE)
-            return Wrapped(encrypt(key, tenant, version, plaintext, context, nonce), version)
+        version, key = self._key(scope, tenant, None)
+        self._counters.take(tenant, version)
+        nonce = self._random(aead.NONCE_SIZE)
+        return Wrapped(encrypt(key, tenant, version, plaintext, context, nonce), version)
 
-    def _open(self, parsed: Parsed, context: bytes) -> SecretBytes:
+    def _open(self, scope: _Scope, parsed: Parsed, context: bytes) -> SecretBytes:
         self._check_version_exists(parsed)
-        _version, key = self._daemon.tenant_key(parsed.tenant, parsed.version)
-        with key:
-            return decrypt(key, parsed, context)
+        _version, key = self._key(scope, parsed.tenant, parsed.version)
+        return decrypt(key, parsed, context)
 
     def _reveal(
         self,
@@ -640,7 +709,7 @@ class DataPlane:
 
     # -- the four operations ------------------------------------------------------
 
-    def _wrap(self, identity: str, operation: str, item: WrapItem) -> Wrapped:
+    def _wrap(self, identity: str, operation: str, item: WrapItem, scope: _Scope) -> Wrapped:
         backend = _backend_name(identity)
         tenant, context = UNKNOWN, None
         try:
@@ -648,17 +717,17 @@ class DataPlane:
             self._check_plaintext(item.plaintext)
             context = self._context(item.context)
             # 1.
-            self._authorize(identity, item.tenant)
+            self._authorize(identity, item.tenant, scope)
             tenant = item.tenant
             # 2. and 3.
-            result = self._encrypt_current(tenant, item.plaintext, context)
+            result = self._encrypt_current(scope, tenant, item.plaintext, context)
         except KeyquorumError as e:
             self._record(backend, tenant, operation, e, context)
             raise
         self._record(backend, tenant, operation, None, context)
         return result
 
-    def _unwrap(self, identity: str, operation: str, item: UnwrapItem) -> Revealed:
+    def _unwrap(self, identity: str, operation: str, item: UnwrapItem, scope: _Scope) -> Revealed:
         backend = _backend_name(identity)
         tenant, context = UNKNOWN, None
         try:
@@ -667,11 +736,11 @@ class DataPlane:
             context = self._context(item.context)
             recipient = _recipient(item.recipient)
             # 1.
-            self._authorize(identity, parsed.tenant)
+            self._authorize(identity, parsed.tenant, scope)
             tenant = parsed.tenant
             # 2. and 3.
             epoch = self._epoch
-            plaintext = self._open(parsed, context)
+            plaintext = self._open(scope, parsed, context)
             # 4.
             result = self._reveal(
                 epoch, (tenant, parsed.version), item.ciphertext, plaintext, recipient
@@ -682,7 +751,9 @@ class DataPlane:
         self._record(backend, tenant, operation, None, context)
         return result
 
-    def _generate(self, identity: str, operation: str, item: GenerateItem) -> Revealed:
+    def _generate(
+        self, identity: str, operation: str, item: GenerateItem, scope: _Scope
+    ) -> Revealed:
         backend = _backend_name(identity)
         tenant, context = UNKNOWN, None
         try:
@@ -695,13 +766,13 @@ class DataPlane:
             context = self._context(item.context)
             recipient = _recipient(item.recipient)
             # 1.
-            self._authorize(identity, item.tenant)
+            self._authorize(identity, item.tenant, scope)
             tenant = item.tenant
             # 2. and 3.
             epoch = self._epoch
             plaintext = SecretBytes.adopt(bytearray(self._random(size)), label="data key")
             try:
-                wrapped = self._encrypt_current(tenant, plaintext.view(), context)
+                wrapped = self._encrypt_current(scope, tenant, plaintext.view(), context)
             except BaseException:
                 plaintext.wipe()
                 raise
@@ -715,7 +786,7 @@ class DataPlane:
         self._record(backend, tenant, operation, None, context)
         return result
 
-    def _rewrap(self, identity: str, operation: str, item: RewrapItem) -> Wrapped:
+    def _rewrap(self, identity: str, operation: str, item: RewrapItem, scope: _Scope) -> Wrapped:
         backend = _backend_name(identity)
         tenant, context = UNKNOWN, None
         try:
@@ -723,11 +794,11 @@ class DataPlane:
             parsed = parse(item.ciphertext)
             context = self._context(item.context)
             # 1.
-            self._authorize(identity, parsed.tenant)
+            self._authorize(identity, parsed.tenant, scope)
             tenant = parsed.tenant
             # 2. and 3.
-            with self._open(parsed, context) as plaintext:
-                result = self._encrypt_current(tenant, plaintext.view(), context)
+            with self._open(scope, parsed, context) as plaintext:
+                result = self._encrypt_current(scope, tenant, plaintext.view(), context)
         except KeyquorumError as e:
             self._record(backend, tenant, operation, e, context)
             raise

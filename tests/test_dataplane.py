@@ -130,6 +130,34 @@ def _open(data: bytes) -> SecretBytes:
     return dataplane.decrypt(key(), dataplane.parse(data), dataplane.encode_context(CTX))
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    context=st.dictionaries(
+        st.one_of(st.text(max_size=8), st.text(alphabet=st.characters(max_codepoint=127))),
+        st.text(max_size=12),
+        max_size=6,
+    )
+)
+def test_context_fast_path_is_rfc_8785(context: dict[str, str]) -> None:
+    """The ASCII-key fast path and the general encoder give the same bytes."""
+    context = {k: v for k, v in context.items() if k}
+    assert dataplane.encode_context(context) == canonical.encode(context)
+
+
+@pytest.mark.parametrize(
+    "context",
+    [{"k": '\x00\x1f\x7f\u2028"\\/'}, {"\U0001f600": "a", "\uffff": "b"}, {"b": "1", "a": "\n"}],
+    ids=["control-characters", "astral-vs-bmp-key-order", "key-order"],
+)
+def test_context_encoding_edge_cases(context: dict[str, str]) -> None:
+    assert dataplane.encode_context(context) == canonical.encode(context)
+
+
+def test_context_with_a_lone_surrogate_is_refused() -> None:
+    with pytest.raises(InvalidInputError):
+        dataplane.encode_context({"k": "\ud800"})
+
+
 @pytest.mark.parametrize(
     ("context", "error", "match"),
     [

@@ -1,0 +1,348 @@
+"""KeyService against a bare gRPC echo service: what the data plane costs over gRPC.
+
+The benchmark starts one server process itself (`python -m
+bench.bench_dataplane --serve DIR`): a real daemon (ceremony, unseal, a
+tenant created, granted and activated by five custodians), the KeyService
+on an mTLS listener, and beside it an echo service on a second mTLS
+listener. Both listeners come from the same `create_server` (same thread
+pool, same message limits) with the same server certificate and client CA,
+and the echo answers the same protobuf messages with responses of the same
+size (a precomputed WrapResponse, UnwrapResponse or BatchWrapResponse),
+doing nothing else. The client is this process: one mTLS channel per
+service made by `keyquorum.client.KeyClient`, calls kept in flight with
+gRPC futures. Rounds alternate echo and KeyService so machine drift hits
+both; each figure is the median round.
+
+Rows: Wrap and Unwrap (32-byte data key, a two-pair context) at 1, 8 and
+64 calls in flight, and BatchWrap of 100 items at 8 in flight (items/s),
+each against its echo; plus the raw in-process AES-GCM rate against the
+data plane's own format code (no gRPC). Names carry p50/p99 latency and,
+where the issue sets one, the target and whether this run met it:
+Wrap at 64 in flight >= 80 % of the echo's ops/s, batch >= 60 % of the
+echo's items/s, p99 within 1.5x of the echo's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from bench.harness import Row, ops_per_second
+from keyquorum.client import KeyClient
+from keyquorum.hsm import dataplane
+from keyquorum.quorum import aead
+from keyquorum.quorum.secret import SecretBytes
+from keyquorum.v1 import key_pb2 as pb
+
+TENANT = "acme-health"
+CONTEXT = {"patient": "p-4711", "record": "appointment-2026-05-01"}
+PLAINTEXT = bytes(range(32))
+BATCH = 100
+ECHO = "keyquorum.bench.Echo"
+
+
+# -- the server process -----------------------------------------------------------
+
+
+def _serve(work: Path) -> None:
+    """Daemon + KeyService + echo; writes {key_port, echo_port} and waits for SIGTERM."""
+    from grpc_health.v1 import health
+
+    from keyquorum.hsm import key_service, tls
+    from keyquorum.hsm.dataplane import DataPlane
+    from keyquorum.hsm.pki import make_dev_pki
+    from keyquorum.hsm.server import create_server
+    from keyquorum.quorum.limits import DEFAULT_LIMITS
+    from tests.harness import in_process_daemon, make_custodians
+    from tests.test_approvals import ceremony, run, unseal
+
+    pki = make_dev_pki(work / "pki", clients=["backend/booking"])
+    custodians = make_custodians(work / "custodians")
+    credentials = tls.server_credentials(
+        pki.server_cert, pki.server_key, client_ca=pki.ca_cert, require_client_auth=True
+    )
+    with in_process_daemon(work / "data", pki) as d:
+        ceremony(d, custodians)
+        unseal(d, custodians[:5])
+        run(d, custodians, "create-tenant", tenant=TENANT)
+        run(d, custodians, "grant", tenant=TENANT, backend="booking")
+        run(d, custodians, "activate-tenant", tenant=TENANT, duration_seconds=24 * 3600)
+        plane = DataPlane(d.daemon, d.store)
+        key_server, key_port = create_server(
+            host="127.0.0.1",
+            port=0,
+            credentials=credentials,
+            limits=DEFAULT_LIMITS,
+            register=[key_service.register(plane)],
+            service_names=[key_service.SERVICE_NAME],
+            health_servicer=health.HealthServicer(),
+        )
+        echo_server, echo_port = create_server(
+            host="127.0.0.1",
+            port=0,
+            credentials=credentials,
+            limits=DEFAULT_LIMITS,
+            register=[_echo_registration()],
+            service_names=[ECHO],
+        )
+        key_server.start()
+        echo_server.start()
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        ready = {"key_port": key_port, "echo_port": echo_port, "ca": str(pki.ca_cert)}
+        files = pki.client("backend/booking")
+        ready |= {"cert": str(files.cert), "key": str(files.key)}
+        (work / "ready.tmp").write_text(json.dumps(ready))
+        (work / "ready.tmp").replace(work / "ready.json")
+        stop.wait()
+        key_server.stop(grace=None).wait()
+        echo_server.stop(grace=None).wait()
+
+
+def _echo_registration() -> Callable[[grpc.Server], None]:
+    """The echo: KeyService's messages in, a same-size precomputed answer out."""
+    ciphertext = bytes(2 + len(TENANT) + 4 + 12 + len(PLAINTEXT) + 16)
+    wrap = pb.WrapResponse(ciphertext=ciphertext, key_version=1)
+    unwrap = pb.UnwrapResponse(plaintext=PLAINTEXT, tenant=TENANT, key_version=1)
+    batch = pb.BatchWrapResponse(results=[pb.WrapResult(ok=wrap) for _ in range(BATCH)])
+
+    def handler(
+        answer: object, request_type: type[pb.WrapRequest | pb.UnwrapRequest | pb.BatchWrapRequest]
+    ) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            lambda _request, _context: answer,
+            request_deserializer=request_type.FromString,
+            response_serializer=lambda m: m.SerializeToString(),
+        )
+
+    handlers = grpc.method_handlers_generic_handler(
+        ECHO,
+        {
+            "Wrap": handler(wrap, pb.WrapRequest),
+            "Unwrap": handler(unwrap, pb.UnwrapRequest),
+            "BatchWrap": handler(batch, pb.BatchWrapRequest),
+        },
+    )
+
+    def add(server: grpc.Server) -> None:
+        server.add_generic_rpc_handlers((handlers,))
+
+    return add
+
+
+# -- the client ------------------------------------------------------------------------
+
+
+class _Load:
+    """Keep `inflight` calls of one method busy for `seconds`; ops/s and latencies."""
+
+    def __init__(
+        self, method: grpc.UnaryUnaryMultiCallable, request: object, inflight: int
+    ) -> None:
+        self._method = method
+        self._request = request
+        self._inflight = inflight
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    def run(self, seconds: float) -> float:
+        self._deadline = time.perf_counter() + seconds
+        self._outstanding = 0
+        start = time.perf_counter()
+        for _ in range(self._inflight):
+            self._submit()
+        self._done.wait()
+        elapsed = time.perf_counter() - start
+        if self.errors:
+            raise RuntimeError(f"{self.errors} calls failed during the benchmark")
+        return len(self.latencies) / elapsed
+
+    def _submit(self) -> None:
+        with self._lock:
+            self._outstanding += 1
+        began = time.perf_counter()
+        future = self._method.future(self._request, timeout=30)
+        future.add_done_callback(lambda f: self._finished(f, began))
+
+    def _finished(self, future: grpc.Future, began: float) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            self._outstanding -= 1
+            if future.exception() is not None:
+                self.errors += 1
+            else:
+                self.latencies.append(now - began)
+            more = now < self._deadline and not self.errors
+            last = not more and self._outstanding == 0
+        if more:
+            self._submit()
+        elif last:
+            self._done.set()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _paired(
+    key: Callable[[], _Load], echo: Callable[[], _Load], seconds: float, rounds: int
+) -> tuple[float, float, list[float], list[float]]:
+    """Median ops/s of each over alternating rounds, and all latencies."""
+    key_rates, echo_rates = [], []
+    key_lat: list[float] = []
+    echo_lat: list[float] = []
+    for _ in range(rounds):
+        e = echo()
+        echo_rates.append(e.run(seconds))
+        echo_lat += e.latencies
+        k = key()
+        key_rates.append(k.run(seconds))
+        key_lat += k.latencies
+    return statistics.median(key_rates), statistics.median(echo_rates), key_lat, echo_lat
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def _client_rows(ready: dict[str, str], quick: bool) -> list[Row]:
+    seconds, rounds = (0.6, 2) if quick else (1.5, 3)
+    files = {"ca": ready["ca"], "cert": ready["cert"], "key": ready["key"]}
+    key_client = KeyClient(f"127.0.0.1:{ready['key_port']}", **files)
+    echo_client = KeyClient(f"127.0.0.1:{ready['echo_port']}", **files)
+    rows: list[Row] = []
+    try:
+        ct = key_client.wrap(TENANT, PLAINTEXT, CONTEXT).ciphertext
+        wrap_req = pb.WrapRequest(tenant=TENANT, plaintext=PLAINTEXT, context=CONTEXT)
+        unwrap_req = pb.UnwrapRequest(ciphertext=ct, context=CONTEXT)
+        batch_req = pb.BatchWrapRequest(items=[wrap_req] * BATCH)
+
+        def method(client: KeyClient, service: str, name: str) -> grpc.UnaryUnaryMultiCallable:
+            return client.channel.unary_unary(
+                f"/{service}/{name}",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=lambda b: b,
+            )
+
+        key_svc, echo_svc = "keyquorum.v1.KeyService", ECHO
+        for name, request in (("Wrap", wrap_req), ("Unwrap", unwrap_req)):
+            for inflight in (1, 8, 64):
+                key_call = method(key_client, key_svc, name)
+                echo_call = method(echo_client, echo_svc, name)
+                k_rate, e_rate, k_lat, e_lat = _paired(
+                    lambda c=key_call, r=request, i=inflight: _Load(c, r, i),
+                    lambda c=echo_call, r=request, i=inflight: _Load(c, r, i),
+                    seconds,
+                    rounds,
+                )
+                k99, e99 = _percentile(k_lat, 0.99), _percentile(e_lat, 0.99)
+                verdict = ""
+                if name == "Wrap" and inflight == 64:
+                    met = k_rate >= 0.8 * e_rate and k99 <= 1.5 * e99
+                    verdict = (
+                        f"; target >=0.80x ops/s and p99 <=1.5x: {'MET' if met else 'NOT MET'}"
+                        f" (p99 ratio {k99 / e99:.2f})"
+                    )
+                rows.append(
+                    Row(
+                        f"KeyService {name}, {inflight} in flight "
+                        f"(p50 {_ms(_percentile(k_lat, 0.5))}, p99 {_ms(k99)}{verdict})",
+                        k_rate,
+                        f"echo {name} (p50 {_ms(_percentile(e_lat, 0.5))}, p99 {_ms(e99)})",
+                        e_rate,
+                    )
+                )
+        k_rate, e_rate, k_lat, e_lat = _paired(
+            lambda: _Load(method(key_client, key_svc, "BatchWrap"), batch_req, 8),
+            lambda: _Load(method(echo_client, echo_svc, "BatchWrap"), batch_req, 8),
+            seconds,
+            rounds,
+        )
+        k99, e99 = _percentile(k_lat, 0.99), _percentile(e_lat, 0.99)
+        met = k_rate >= 0.6 * e_rate
+        rows.append(
+            Row(
+                f"KeyService BatchWrap of {BATCH}, 8 in flight (p99 {_ms(k99)}; "
+                f"target >=0.60x items/s: {'MET' if met else 'NOT MET'})",
+                k_rate * BATCH,
+                f"echo BatchWrap (p99 {_ms(e99)})",
+                e_rate * BATCH,
+                unit="items/s",
+            )
+        )
+    finally:
+        key_client.close()
+        echo_client.close()
+    return rows
+
+
+def _aead_row(quick: bool) -> Row:
+    """The data plane's format code in process against raw AES-GCM (no gRPC, no daemon)."""
+    key = SecretBytes(bytes(32), label="bench key")
+    context = dataplane.encode_context(CONTEXT)
+    nonce = os.urandom(12)
+    rounds = 3 if quick else 5
+    raw = ops_per_second(lambda: aead.encrypt(key, nonce, PLAINTEXT, context), rounds=rounds)
+    framed = ops_per_second(
+        lambda: dataplane.encrypt(
+            key, TENANT, 1, PLAINTEXT, dataplane.encode_context(CONTEXT), nonce
+        ),
+        rounds=rounds,
+    )
+    return Row(
+        "dataplane.encrypt in process (context encoding, header, AES-GCM)",
+        framed,
+        "raw AES-256-GCM, 32 B (quorum.aead.encrypt)",
+        raw,
+    )
+
+
+def run(quick: bool) -> list[Row]:
+    with tempfile.TemporaryDirectory(prefix="kq-bench-dataplane-") as tmp:
+        work = Path(tmp)
+        root = Path(__file__).resolve().parent.parent
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.bench_dataplane", "--serve", str(work)],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=(work / "server.log").open("wb"),
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not (work / "ready.json").exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "benchmark server did not start:\n" + (work / "server.log").read_text()
+                    )
+                time.sleep(0.1)
+            ready = json.loads((work / "ready.json").read_text())
+            rows = _client_rows(ready, quick)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return [*rows, _aead_row(quick)]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve":
+        _serve(Path(sys.argv[2]))
+    else:
+        for row in run("--quick" in sys.argv):
+            print(f"{row.name}: {row.rate:,.0f} vs {row.baseline_rate:,.0f} = {row.ratio:.2f}")
