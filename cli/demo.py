@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import click
@@ -25,6 +26,7 @@ import click
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli.audit import run_audit_demo_steps
 from keyquorum.cli.connect import make_endpoint, open_channel
+from keyquorum.cli.demo_postgres import throwaway_cluster
 from keyquorum.client import KeyClient, KeyServiceError, decrypt_record, encrypt_record
 from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.errors import KeyquorumError
@@ -55,20 +57,25 @@ def _run(args: Sequence[str]) -> None:
 
 
 @contextmanager
-def _daemon(work: Path, env: dict[str, str]) -> Iterator[tuple[int, int]]:
-    data_dir, pki = work / "data", work / "pki"
-    ready = work / "daemon.ready"
-    log_path = work / "daemon.log"
+def _daemon(
+    work: Path, env: dict[str, str], replica: str = "demo-1", store: str = "sqlite"
+) -> Iterator[tuple[int, int]]:
+    """One replica: its own data directory; with PostgreSQL, the shared database
+    (the DSN comes from the environment, KEYQUORUM_DSN, not the command line)."""
+    name = "data" if replica == "demo-1" else f"data-{replica}"
+    data_dir, pki = work / name, work / "pki"
+    ready = work / f"{replica}.ready"
+    log_path = work / ("daemon.log" if replica == "demo-1" else f"daemon-{replica}.log")
     cmd = [
         sys.executable, "-m", "keyquorum.cli.main", "server", "run",
         "--data-dir", str(data_dir), "--listen", "127.0.0.1:0",
         "--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key"),
-        "--replica", "demo-1", "--ready-file", str(ready),
+        "--replica", replica, "--ready-file", str(ready), "--store", store,
         "--listen-mtls", "127.0.0.1:0", "--client-ca", str(pki / "ca.crt"),
     ]  # fmt: skip
     click.secho(
-        "$ keyquorum server run --data-dir ... --listen 127.0.0.1:0 "
-        "--listen-mtls 127.0.0.1:0 --client-ca ca.crt ...",
+        f"$ keyquorum server run --data-dir {name} --replica {replica} --store {store} "
+        "--listen 127.0.0.1:0 --listen-mtls 127.0.0.1:0 --client-ca ca.crt ...",
         fg="cyan",
     )
     with log_path.open("wb") as log_file:
@@ -101,23 +108,50 @@ def _daemon(work: Path, env: dict[str, str]) -> Iterator[tuple[int, int]]:
     type=click.Path(file_okay=False, path_type=Path),
     help="Work in this directory and keep it, instead of a temporary one.",
 )
-def demo(keep: Path | None) -> None:
+@click.option(
+    "--store",
+    type=click.Choice(["sqlite", "postgres"]),
+    default="sqlite",
+    show_default=True,
+    help="postgres: a throw-away PostgreSQL cluster and TWO replicas over it.",
+)
+def demo(keep: Path | None, store: str) -> None:
     """Run the full story: ceremony, confirm, unseal, a quorum-approved tenant key, seal.
 
     \b
     Example:
       keyquorum demo            # in a temporary directory
       keyquorum demo --keep ./demo-run
+      keyquorum demo --store postgres   # two replicas over one database
     """
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
-        _story(keep)
+        _story(keep, store)
     else:
         with tempfile.TemporaryDirectory(prefix="keyquorum-demo-") as tmp:
-            _story(Path(tmp))
+            _story(Path(tmp), store)
 
 
-def _story(work: Path) -> None:
+def _story(work: Path, store: str = "sqlite") -> None:
+    # The custodians' CLIs remember checkpoints (cli/seen_checkpoints.py):
+    # here, in the demo's directory rather than the user's home.
+    saved_config = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(work / "custodians-config")
+    try:
+        with ExitStack() as stack:
+            if store == "postgres":
+                _step("0. A throw-away PostgreSQL cluster for the replicas' shared database")
+                os.environ["KEYQUORUM_DSN"] = stack.enter_context(throwaway_cluster())
+                stack.callback(os.environ.pop, "KEYQUORUM_DSN", None)
+            _chapters(work, store)
+    finally:
+        if saved_config is None:
+            os.environ.pop("XDG_CONFIG_HOME", None)
+        else:
+            os.environ["XDG_CONFIG_HOME"] = saved_config
+
+
+def _chapters(work: Path, store: str) -> None:
     env = dict(os.environ)
     creds, pki = work / "custodians", work / "pki"
     _step("1. A development PKI: CA, server certificate, two backend certificates")
@@ -137,9 +171,13 @@ def _story(work: Path) -> None:
             ["custodian", "new", "--name", name, "--out", str(creds), "--passphrase-file", str(pf)]
         )
 
-    with _daemon(work, env) as (port, mtls_port):
+    with ExitStack() as replicas:
+        port, mtls_port = replicas.enter_context(_daemon(work, env, store=store))
         server = f"127.0.0.1:{port}"
         conn = ["--server", server, "--ca", str(pki / "ca.crt")]
+        # Unseal goes to every replica in one command; the rest through demo-1.
+        every = ["--server", server]
+        conn_b: list[str] = []
 
         def cred(name: str) -> list[str]:
             return [
@@ -159,14 +197,25 @@ def _story(work: Path) -> None:
             ]
         )  # fmt: skip
 
+        if store == "postgres":
+            _step("4b. A second replica, demo-2, over the same database")
+            click.echo("The operator gives it the log signing key (docs/replicas.md):")
+            (work / "data-demo-2").mkdir(mode=0o700)
+            shutil.copy2(work / "data" / "log-signing-key", work / "data-demo-2")
+            port_b, _mtls_b = replicas.enter_context(_daemon(work, env, "demo-2", store))
+            conn_b = ["--server", f"127.0.0.1:{port_b}", "--ca", str(pki / "ca.crt")]
+            every += ["--server", f"127.0.0.1:{port_b}"]
+            _run(["status", *conn_b])
+        every += ["--ca", str(pki / "ca.crt")]
+
         _step("5. Each custodian checks their share and confirms it")
         for name in CUSTODIANS:
             _run(["custodian", "confirm", *conn, *cred(name)])
         _run(["status", *conn])
 
-        _step("6. Unseal: four shares, still sealed")
+        _step("6. Unseal: four shares, still sealed" + (" (each replica)" if conn_b else ""))
         for name in CUSTODIANS[:4]:
-            _run(["custodian", "unseal", *conn, *cred(name)])
+            _run(["custodian", "unseal", *every, *cred(name)])
 
         _step("7. A wrong share (erin's, one byte altered): refused, custodian named")
         endpoint = make_endpoint(server, pki / "ca.crt", False)
@@ -187,23 +236,58 @@ def _story(work: Path) -> None:
                 click.secho(f"refused: {e}", fg="yellow")
 
         _step("8. The fifth share: unsealed")
-        _run(["custodian", "unseal", *conn, *cred("erin")])
+        _run(["custodian", "unseal", *every, *cred("erin")])
         _run(["status", *conn])
+        if conn_b:
+            _run(["status", *conn_b])
 
         with open_channel(endpoint) as channel:
             stub = pb_grpc.CustodianServiceStub(channel)
             _quorum_story(stub, conn, cred)
+            if conn_b:
+                _step("12b. demo-2 followed the log: the activation approved through demo-1")
+                time.sleep(1.5)  # at most the follower's bound (docs/replicas.md)
+                _run(["tenant", "list", *conn_b])
             _data_plane_story(stub, conn, cred, pki, f"127.0.0.1:{mtls_port}")
 
         _step("17. One custodian seals in an emergency: the master key and tenant keys are wiped")
-        _run(["custodian", "seal", *conn, *cred("grace"), "--reason", "end of demo"])
+        seal_all = ["--all-replicas"] if conn_b else []
+        _run(["custodian", "seal", *conn, *cred("grace"), *seal_all, "--reason", "end of demo"])
         _run(["status", *conn])
+        if conn_b:
+            time.sleep(1.5)  # demo-2 follows the logged seal of every replica
+            _run(["status", *conn_b])
         _run(["tenant", "list", *conn])
 
     # The daemon has stopped: the auditor works from the log alone.
-    run_audit_demo_steps(work, work / "data", step=_step)
+    if store == "postgres":
+        _verify_postgres_log(work / "data")
+    else:
+        run_audit_demo_steps(work, work / "data", step=_step)
 
     _step("Done. Every step above is in the quorum log, signed by the custodians.")
+
+
+def _verify_postgres_log(data_dir: Path) -> None:
+    """The replicas have stopped: replay the shared log as an auditor's verifier does."""
+    from keyquorum.hsm.logkey import LogKey
+    from keyquorum.hsm.postgres_store import PostgresStore
+    from keyquorum.quorum.replay import verify_log
+
+    _step("The log both replicas wrote, replayed from PostgreSQL by the verifier")
+    store = PostgresStore.open(os.environ["KEYQUORUM_DSN"])
+    try:
+        entries = list(store.read_all())
+        latest = store.latest_checkpoint()
+    finally:
+        store.close()
+    if latest is None:
+        raise click.ClickException("the shared log has no checkpoint")
+    state = verify_log(entries, latest[1], LogKey.load(data_dir).vkey)
+    click.echo(
+        f"verified: {state.size} entries written through two replicas, one history, "
+        f"checkpoint at {latest[0]}"
+    )
 
 
 def _latest(stub: pb_grpc.CustodianServiceStub) -> str:

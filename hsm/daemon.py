@@ -51,8 +51,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import re
 import threading
+import time as _time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,8 +147,11 @@ SWEEP_SECONDS = 1.0
 INTEGER_PARAMETERS = frozenset({"duration_seconds", "threshold", "version"})
 _DECIMAL = re.compile(r"[0-9]{1,16}")
 #: Times a write decided on a state another replica changed first is
-#: re-decided (after catching up) before the caller is told to retry.
-MAX_CONFLICT_RETRIES = 8
+#: re-decided (after catching up) before the caller is told to retry
+#: (UNAVAILABLE); between attempts a short random pause (at most
+#: CONFLICT_PAUSE_SECONDS) keeps one replica from winning every race.
+MAX_CONFLICT_RETRIES = 32
+CONFLICT_PAUSE_SECONDS = 0.02
 #: Operations whose execution needs the master key in memory.
 NEEDS_MASTER_KEY = frozenset({"create-tenant", "rotate-tenant", "activate-tenant", "change-roster"})
 
@@ -442,7 +447,7 @@ class Daemon:
 
         A confirmation, an unseal, a seal, a proposal or a shred means the
         same whatever another replica appended first; after a conflict the
-        daemon has caught up, and replay checks the entries again against
+        daemon catches up, and replay checks the entries again against
         the new state (a shred already done, a confirmation already given,
         are then refused as they would be on a single replica).
         """
@@ -453,9 +458,9 @@ class Daemon:
                     time=max(time, self._replayer.state.time),
                     erase_tenants=erase_tenants,
                 )
-            except AppendConflictError:
-                if attempt == MAX_CONFLICT_RETRIES - 1:
-                    raise
+            except AppendConflictError as e:
+                _after_conflict(attempt, e)
+                self._catch_up_locked()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _append_all(
@@ -493,10 +498,9 @@ class Daemon:
                 erase_tenants=erase_tenants,
             )
         except AppendConflictError as e:
-            # Another replica appended first: re-read and replay its entries,
-            # so the caller decides again on the state as it now is.
+            # Another replica appended first: the caller re-reads the log
+            # (`_catch_up_locked`) and decides again on the state as it is.
             log.info("another writer appended first (%s): re-reading the log", e)
-            self._catch_up_locked()
             raise
         except StorageError as e:
             # Nothing of it is in force here; the caller is told it failed.
@@ -526,8 +530,6 @@ class Daemon:
         try:
             self._store.put_checkpoint(self._tree.size, note)
         except StateError as e:
-            if isinstance(e, StorageError):
-                raise
             log.debug("a later checkpoint is already stored: %s", e)
         rollback.save(self._data_dir, note)
 
@@ -726,6 +728,7 @@ class Daemon:
             except AppendConflictError:
                 self._log_key = None
                 log_key.remove()
+                self._catch_up_locked()
                 raise StateError(
                     "another replica ran the ceremony first: copy its log key file into this "
                     "replica's data directory and restart it (docs/replicas.md)"
@@ -1160,17 +1163,16 @@ class Daemon:
         """Run a verdict; if another replica appended first, decide it again.
 
         Whether an approval executes depends on the approvals already in the
-        log, so after a conflict (the daemon has caught up by then) the whole
-        decision runs again: two replicas racing the k-th approval give one
+        log, so after a conflict the whole decision runs again, starting
+        from the log as it now is: two replicas racing the k-th approval give one
         execution, and the loser answers as the log now stands (already
         executed, or this custodian's approval already counted).
         """
         for attempt in range(MAX_CONFLICT_RETRIES):
             try:
                 return decide()
-            except AppendConflictError:
-                if attempt == MAX_CONFLICT_RETRIES - 1:
-                    raise
+            except AppendConflictError as e:
+                _after_conflict(attempt, e)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _verdict(
@@ -1654,8 +1656,9 @@ class Daemon:
             try:
                 self._append_all([ShredPayload(record.name)], time=now, erase_tenants=[record.name])
             except AppendConflictError:
-                # Caught up by now (perhaps another replica shredded it);
-                # the next sweep decides again.
+                # Perhaps another replica shredded it: re-read, and the next
+                # sweep decides again.
+                self._catch_up_locked()
                 continue
             except KeyquorumError as e:
                 log.error("could not shred tenant %s: %s", record.name, e)
@@ -1721,6 +1724,23 @@ class Daemon:
         if self._master is None:
             raise SealedError("the service is sealed")
         return self._master
+
+
+def _after_conflict(attempt: int, error: AppendConflictError) -> None:
+    """Between two decisions that lost the race for the log: pause, or give up.
+
+    The pause is random and grows with the attempts, so two busy replicas
+    do not keep colliding in step; the caller re-reads the log after it.
+    After MAX_CONFLICT_RETRIES losses the caller gets UNAVAILABLE (a
+    StorageError): transient, retry with a back-off, as gRPC means it.
+    """
+    if attempt + 1 >= MAX_CONFLICT_RETRIES:
+        raise StorageError(
+            f"the log is busy: {MAX_CONFLICT_RETRIES} appends by other replicas came first "
+            f"({error}); try again"
+        ) from error
+    pause = min(CONFLICT_PAUSE_SECONDS, 0.0005 * 2**attempt)
+    _time.sleep(random.uniform(0, pause))  # noqa: S311 (jitter, not a secret)
 
 
 def origin_for(deployment: str) -> str:
