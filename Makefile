@@ -69,8 +69,11 @@ test-fast: install
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
+# make demo STORE=postgres: the same story on PostgreSQL with two replicas.
+STORE ?= sqlite
+
 demo: install
-	$(PY) -m keyquorum.cli.main demo
+	$(PY) -m keyquorum.cli.main demo --store $(STORE)
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -77,6 +77,7 @@ from keyquorum.quorum.errors import (
     InvalidInputError,
     KeyquorumError,
     LogIntegrityError,
+    NotFoundError,
     NotOnRosterError,
     ReplayError,
     RollbackError,
@@ -1673,7 +1674,7 @@ class Daemon:
             raise InvalidInputError(f"a proposal id is {PROPOSAL_ID_SIZE} bytes (32 hex digits)")
         proposal = st.proposals.get(proposal_id)
         if proposal is None:
-            raise InvalidInputError(f"unknown proposal {proposal_id.hex()}")
+            raise NotFoundError(f"unknown proposal {proposal_id.hex()}")
         return proposal
 
     def _proposal_view(self, p: Proposal, now: int) -> ProposalView:

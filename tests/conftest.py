@@ -1,5 +1,24 @@
-"""Shared pytest fixtures: the PostgreSQL servers of tests/pg.py."""
+"""Shared pytest fixtures: the PostgreSQL servers of tests/pg.py, and a
+private configuration directory for every test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from tests.pg import pg_cluster, pg_dsn, pg_restartable, pg_server
 
 __all__ = ["pg_cluster", "pg_dsn", "pg_restartable", "pg_server"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_config_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The custodian CLI remembers checkpoints under $XDG_CONFIG_HOME; tests
+    (and the daemons they start, which inherit the environment) must never
+    write into the real home directory."""
+    home = tmp_path_factory.mktemp("xdg-config")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CONFIG_HOME", str(home))
+        yield home

@@ -477,7 +477,7 @@ REFUSALS = [
     (
         "unknown-proposal",
         lambda d, cs, out, pid, other: approve(d, cs[3], "00" * 16),
-        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
         "unknown proposal",
     ),
     (
