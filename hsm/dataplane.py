@@ -47,17 +47,20 @@ plaintext, a key or the context):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
+import weakref
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import Final, Protocol, TypeVar
 
 from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.pki import ClientIdentity
 from keyquorum.hsm.store import Store
+from keyquorum.hsm.tenant_keys import TenantKey
 from keyquorum.quorum import aead, canonical
 from keyquorum.quorum.errors import (
     AccessDeniedError,
@@ -67,6 +70,7 @@ from keyquorum.quorum.errors import (
     KeyquorumError,
     LimitExceededError,
     SealedError,
+    StateError,
     UnsupportedVersionError,
 )
 from keyquorum.quorum.operations import TENANT_RE
@@ -125,16 +129,25 @@ def encode_context(
     context: Mapping[str, str], limits: DataPlaneLimits = DEFAULT_DATA_LIMITS
 ) -> bytes:
     """The RFC 8785 JSON of a context map: the bytes bound as associated data."""
-    if len(context) > limits.max_context_pairs:
+    return encode_context_pairs(tuple(context.items()), limits)
+
+
+def encode_context_pairs(
+    pairs: tuple[tuple[str, str], ...], limits: DataPlaneLimits = DEFAULT_DATA_LIMITS
+) -> bytes:
+    """`encode_context` of a map's items (distinct keys, any order), read once."""
+    if len(pairs) > limits.max_context_pairs:
         raise LimitExceededError(
-            f"the encryption context has {len(context)} pairs; at most {limits.max_context_pairs}"
+            f"the encryption context has {len(pairs)} pairs; at most {limits.max_context_pairs}"
         )
-    for key, value in context.items():
+    ascii_keys = True
+    for key, value in pairs:
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidInputError("encryption context keys and values must be strings")
         if not key:
             raise InvalidInputError("an encryption context key is empty")
-    encoded = _flat_canonical(context)
+        ascii_keys = ascii_keys and key.isascii()
+    encoded = _flat_canonical(pairs) if ascii_keys else canonical.encode(dict(pairs))
     if len(encoded) > limits.max_context_bytes:
         raise LimitExceededError(
             f"the encryption context is {len(encoded)} bytes encoded; "
@@ -143,24 +156,25 @@ def encode_context(
     return encoded
 
 
-def _flat_canonical(context: Mapping[str, str]) -> bytes:
-    """RFC 8785 of a flat string map, fast when every key is ASCII.
+def _flat_canonical(pairs: tuple[tuple[str, str], ...]) -> bytes:
+    """RFC 8785 of a flat string map whose keys are all ASCII, without the general encoder.
 
     For such keys, code-point order is the UTF-16 order RFC 8785 section
-    3.2.3 sorts by, and Python's JSON string escaping with ensure_ascii off is
+    3.2.3 sorts by (keys are distinct, so values are never compared), and
+    the standard library's JSON string escaping without ensure_ascii
+    (`json.encoder.encode_basestring`, the C function json.dumps uses) is
     ECMAScript's (section 3.2.2.2: the two-character escapes, other control
-    characters as lowercase \\u00xx, everything else as is). Other keys go
-    through the general encoder. tests/test_dataplane.py checks both agree.
+    characters as lowercase \\u00xx, everything else as is); the object is
+    "{", members "key":"value" joined by ",", "}" (section 3.2.1, no
+    whitespace). tests/test_dataplane.py checks it against the general
+    encoder (the rfc8785 package) byte for byte.
     """
-    if all(key.isascii() for key in context):
-        try:
-            text = json.dumps(
-                dict(sorted(context.items())), ensure_ascii=False, separators=(",", ":")
-            )
-            return text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidInputError("the encryption context is not valid Unicode") from None
-    return canonical.encode(dict(context))
+    quote = encode_basestring
+    text = "{" + ",".join([quote(k) + ":" + quote(v) for k, v in sorted(pairs)]) + "}"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError("the encryption context is not valid Unicode") from None
 
 
 def header(tenant: str, version: int) -> bytes:
@@ -174,7 +188,7 @@ def header(tenant: str, version: int) -> bytes:
 
 
 def encrypt(
-    key: SecretBytes,
+    key: SecretBytes | aead.Cipher,
     tenant: str,
     version: int,
     plaintext: bytes | memoryview,
@@ -183,7 +197,10 @@ def encrypt(
 ) -> bytes:
     """A format-0x01 ciphertext of `plaintext` (see the module docstring)."""
     head = header(tenant, version)
-    return head + nonce + aead.encrypt(key, nonce, plaintext, AAD_LABEL + head + context)
+    aad = AAD_LABEL + head + context
+    if isinstance(key, aead.Cipher):
+        return head + nonce + key.encrypt(nonce, plaintext, aad)
+    return head + nonce + aead.encrypt(key, nonce, plaintext, aad)
 
 
 class Parsed:
@@ -244,10 +261,14 @@ def parse(data: bytes) -> Parsed:
     )
 
 
-def decrypt(key: SecretBytes, parsed: Parsed, context: bytes) -> SecretBytes:
+def decrypt(key: SecretBytes | aead.Cipher, parsed: Parsed, context: bytes) -> SecretBytes:
     """The plaintext of a parsed ciphertext; DecryptionError if it does not authenticate."""
+    aad = AAD_LABEL + parsed.header + context
     try:
-        plain = aead.decrypt(key, parsed.nonce, parsed.body, AAD_LABEL + parsed.header + context)
+        if isinstance(key, aead.Cipher):
+            plain = key.decrypt(parsed.nonce, parsed.body, aad)
+        else:
+            plain = aead.decrypt(key, parsed.nonce, parsed.body, aad)
     except DecryptionError:
         raise DecryptionError(
             "the ciphertext does not authenticate: another encryption context, "
@@ -306,6 +327,30 @@ class Revealed:
     def __repr__(self) -> str:
         how = "sealed" if self.sealed is not None else "clear"
         return f"<Revealed {self.tenant} v{self.version} ({how})>"
+
+
+class WrapInput(Protocol):
+    """What Wrap reads of an item: a `WrapItem`, or KeyService's `WrapRequest` as it came.
+
+    The servicer hands request messages over unconverted (no copy of the
+    plaintext or the context per item); the data plane only reads them.
+    """
+
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def plaintext(self) -> bytes: ...
+    @property
+    def context(self) -> Mapping[str, str]: ...
+
+
+class RewrapInput(Protocol):
+    """What Rewrap reads of an item: a `RewrapItem` or a `RewrapRequest`."""
+
+    @property
+    def ciphertext(self) -> bytes: ...
+    @property
+    def context(self) -> Mapping[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -396,6 +441,22 @@ class EncryptionCounters:
         return f"enc/{tenant}/v{version}"
 
     def take(self, tenant: str, version: int) -> int:
+        """The number of one encryption."""
+        return self._take(tenant, version, 1)[0]
+
+    def take_many(self, tenant: str, version: int, wanted: int) -> int:
+        """Reserve 1 to `wanted` encryptions at once (fewer at a block's end); how many.
+
+        For a batch: one lock round per block instead of one per item. The
+        caller may leave some unused (an item that fails later); those
+        numbers are skipped, so the count only over-states, as after a restart.
+        """
+        if wanted < 1:
+            raise InvalidInputError("take_many needs at least one encryption")
+        return self._take(tenant, version, wanted)[1]
+
+    def _take(self, tenant: str, version: int, wanted: int) -> tuple[int, int]:
+        """(first number, how many) of up to `wanted` consecutive numbers."""
         name = self.name(tenant, version)
         with self._cond:
             count = self._counts.get(name)
@@ -404,10 +465,11 @@ class EncryptionCounters:
             while True:
                 if count.next < count.end:
                     number = count.next
-                    count.next += 1
+                    taken = min(wanted, count.end - number)
+                    count.next += taken
                     if count.end - count.next <= self._block // 4:
                         self._prefetch(name, count)
-                    return number
+                    return number, taken
                 if count.spare is not None:
                     count.next, count.end = count.spare
                     count.spare = None
@@ -472,27 +534,133 @@ class EncryptionCounters:
         )
 
 
+# -- nonces -------------------------------------------------------------------------
+
+#: Nonces drawn from the random source at once (one getrandom call per 256 Wraps).
+NONCES_PER_DRAW: Final = 256
+
+_POOLS: weakref.WeakSet[NoncePool] = weakref.WeakSet()
+
+
+def _forget_drawn_nonces() -> None:
+    """In a forked child: drop every nonce drawn before the fork (the parent uses them)."""
+    for pool in list(_POOLS):
+        pool.forget()
+
+
+os.register_at_fork(after_in_child=_forget_drawn_nonces)
+
+
+class NoncePool:
+    """Fresh random 96-bit nonces (SP 800-38D, section 8.2.2), drawn in blocks.
+
+    One read of the random source gives `per_draw` nonces, handed out one
+    each, never twice (`deque.popleft` is atomic; refills take a lock). This
+    takes a system call, which releases the interpreter lock and makes the
+    calling thread queue for it again, off the path of nearly every Wrap.
+    Nonces are not secret (each is written into its ciphertext); what
+    matters is that none repeats, so a forked child forgets the parent's
+    drawn nonces (`os.register_at_fork`). Data keys are never drawn here.
+    """
+
+    __slots__ = ("__weakref__", "_lock", "_per_draw", "_pool", "_random")
+
+    def __init__(
+        self, random_bytes: Callable[[int], bytes], per_draw: int = NONCES_PER_DRAW
+    ) -> None:
+        if per_draw < 1:
+            raise InvalidInputError("per_draw must be at least 1")
+        self._random = random_bytes
+        self._per_draw = per_draw
+        self._pool: deque[bytes] = deque()
+        self._lock = threading.Lock()
+        _POOLS.add(self)
+
+    def take(self) -> bytes:
+        """One nonce no other call got."""
+        while True:
+            try:
+                return self._pool.popleft()
+            except IndexError:
+                self._refill()
+
+    def _refill(self) -> None:
+        with self._lock:
+            if self._pool:
+                return
+            size = aead.NONCE_SIZE
+            block = self._random(size * self._per_draw)
+            if not isinstance(block, bytes) or len(block) != size * self._per_draw:
+                raise InvalidInputError("the random source returned the wrong number of bytes")
+            self._pool.extend(block[i : i + size] for i in range(0, len(block), size))
+
+    def forget(self) -> None:
+        self._pool.clear()
+
+    def __repr__(self) -> str:
+        return f"<NoncePool: {len(self._pool)} drawn>"
+
+
 # -- the data plane ---------------------------------------------------------------
+
+#: Headers remembered per (tenant, version) before the cache starts over.
+HEADER_CACHE: Final = 4096
+#: Backend identities remembered (their parsed names) before the cache starts over.
+IDENTITY_CACHE: Final = 1024
+
+
+class _Key:
+    """One tenant key version as a call uses it: the copy, its cipher, the header."""
+
+    __slots__ = ("aad", "allowance", "cipher", "copy", "head", "owned", "version")
+
+    def __init__(
+        self, version: int, copy: SecretBytes, cipher: aead.Cipher, owned: bool, head: bytes
+    ) -> None:
+        self.version = version
+        self.copy = copy
+        self.cipher = cipher
+        #: True when this call made the cipher (a plain copy) and must close it.
+        self.owned = owned
+        self.head = head
+        self.aad = AAD_LABEL + head
+        #: Encryptions reserved for this call and not used yet.
+        self.allowance = 0
+
+    def wipe(self) -> None:
+        if self.owned:
+            self.cipher.close()
+        self.copy.wipe()
+
+    def __repr__(self) -> str:
+        return f"<call key v{self.version}>"
 
 
 class _Scope:
-    """What one call learned once: the tenants granted and the tenant key copies.
+    """What one call learned once: the grants, the key copies, the encoded contexts.
 
     A batch checks each tenant's grant and takes each key once, at the first
     item that needs it, and reuses them for the rest of the batch; every
-    copy is wiped when the call ends.
+    copy is wiped when the call ends. Identical contexts in one batch are
+    encoded once (`contexts`, dropped with the scope).
     """
 
-    __slots__ = ("granted", "keys")
+    __slots__ = ("backend", "contexts", "granted", "keys", "left")
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str, *, batch: bool) -> None:
+        self.backend = backend
         self.granted: set[str] = set()
-        self.keys: dict[tuple[str, int | None], tuple[int, SecretBytes]] = {}
+        self.keys: dict[tuple[str, int | None], _Key] = {}
+        self.contexts: dict[tuple[tuple[str, str], ...], bytes] | None = {} if batch else None
+        #: Items of the call from the current one on (sizes counter reservations).
+        self.left = 1
 
     def wipe(self) -> None:
-        for _version, key in self.keys.values():
+        for key in self.keys.values():
             key.wipe()
         self.keys.clear()
+        if self.contexts is not None:
+            self.contexts.clear()
 
     def __repr__(self) -> str:
         return f"<scope: {len(self.granted)} tenants, {len(self.keys)} keys>"
@@ -520,7 +688,10 @@ class DataPlane:
         self._usage = tuple(usage)
         self._rate = rate_limit
         self._random = random_bytes
+        self._nonces = NoncePool(random_bytes)
         self._counters = EncryptionCounters(store, limits)
+        self._headers: dict[tuple[str, int], bytes] = {}
+        self._backends: dict[str, str] = {}
         self._epoch = 0
         daemon.add_seal_observer(self._on_seal_state)
 
@@ -534,7 +705,7 @@ class DataPlane:
 
     # -- single calls ---------------------------------------------------------
 
-    def wrap(self, identity: str, item: WrapItem) -> Wrapped:
+    def wrap(self, identity: str, item: WrapInput) -> Wrapped:
         return self._single(identity, "wrap", item, self._wrap)
 
     def unwrap(self, identity: str, item: UnwrapItem) -> Revealed:
@@ -543,13 +714,13 @@ class DataPlane:
     def generate_data_key(self, identity: str, item: GenerateItem) -> Revealed:
         return self._single(identity, "generate_data_key", item, self._generate)
 
-    def rewrap(self, identity: str, item: RewrapItem) -> Wrapped:
+    def rewrap(self, identity: str, item: RewrapInput) -> Wrapped:
         return self._single(identity, "rewrap", item, self._rewrap)
 
     # -- batches --------------------------------------------------------------
 
     def batch_wrap(
-        self, identity: str, items: Sequence[WrapItem]
+        self, identity: str, items: Sequence[WrapInput]
     ) -> list[Wrapped | KeyquorumError]:
         return self._batch(identity, "batch_wrap", items, self._wrap)
 
@@ -564,7 +735,7 @@ class DataPlane:
         return self._batch(identity, "batch_generate_data_key", items, self._generate)
 
     def batch_rewrap(
-        self, identity: str, items: Sequence[RewrapItem]
+        self, identity: str, items: Sequence[RewrapInput]
     ) -> list[Wrapped | KeyquorumError]:
         return self._batch(identity, "batch_rewrap", items, self._rewrap)
 
@@ -574,17 +745,27 @@ class DataPlane:
 
     # -- the shared frame -------------------------------------------------------
 
+    def _backend(self, identity: str) -> str:
+        """The backend's name from its identity URI, parsed once per identity."""
+        name = self._backends.get(identity)
+        if name is None:
+            name = _backend_name(identity)
+            if len(self._backends) >= IDENTITY_CACHE:
+                self._backends.clear()
+            self._backends[identity] = name
+        return name
+
     def _single(
         self, identity: str, operation: str, item: T, one: Callable[[str, str, T, _Scope], R]
     ) -> R:
-        backend = _backend_name(identity)
+        backend = self._backend(identity)
         try:
             if self._rate is not None:
                 self._rate.take(backend, 1)
         except KeyquorumError as e:
             self._record(backend, UNKNOWN, operation, e, None)
             raise
-        scope = _Scope()
+        scope = _Scope(backend, batch=False)
         try:
             return one(identity, operation, item, scope)
         finally:
@@ -598,7 +779,7 @@ class DataPlane:
         one: Callable[[str, str, T, _Scope], R],
     ) -> list[R | KeyquorumError]:
         """Call-level checks once, then each item on its own (errors become results)."""
-        backend = _backend_name(identity)
+        backend = self._backend(identity)
         try:
             if not items:
                 raise InvalidInputError("a batch needs at least one item")
@@ -614,13 +795,17 @@ class DataPlane:
             self._record(backend, UNKNOWN, operation, e, None)
             raise
         results: list[R | KeyquorumError] = []
-        scope = _Scope()
+        append = results.append
+        scope = _Scope(backend, batch=True)
+        left = len(items)
         try:
             for item in items:
+                scope.left = left
+                left -= 1
                 try:
-                    results.append(one(identity, operation, item, scope))
+                    append(one(identity, operation, item, scope))
                 except KeyquorumError as e:
-                    results.append(e)
+                    append(e)
         finally:
             scope.wipe()
         return results
@@ -633,11 +818,26 @@ class DataPlane:
         error: KeyquorumError | None,
         context: bytes | None,
     ) -> None:
-        for sink in self._usage:
-            sink.record(backend, tenant, operation, error, context)
+        if self._usage:
+            for sink in self._usage:
+                sink.record(backend, tenant, operation, error, context)
 
-    def _context(self, context: Mapping[str, str]) -> bytes:
-        return encode_context(context, self._limits)
+    def _context(self, context: Mapping[str, str], scope: _Scope) -> bytes:
+        """The canonical context; in a batch, each distinct context is encoded once."""
+        if type(context) is dict:
+            pairs = tuple(context.items())
+        else:  # a request's map: indexing is quicker than its items() view
+            pairs = tuple([(k, context[k]) for k in context])
+        cache = scope.contexts
+        if cache is None:
+            return encode_context_pairs(pairs, self._limits)
+        try:
+            encoded = cache.get(pairs)
+        except TypeError:  # an unhashable value: encode_context_pairs names the problem
+            return encode_context_pairs(pairs, self._limits)
+        if encoded is None:
+            encoded = cache[pairs] = encode_context_pairs(pairs, self._limits)
+        return encoded
 
     def _check_plaintext(self, plaintext: bytes) -> None:
         if not isinstance(plaintext, bytes):
@@ -655,13 +855,41 @@ class DataPlane:
             self._daemon.authorize_backend(identity, tenant)
             scope.granted.add(tenant)
 
-    def _key(self, scope: _Scope, tenant: str, version: int | None) -> tuple[int, SecretBytes]:
+    def _key(self, scope: _Scope, tenant: str, version: int | None) -> _Key:
         """A tenant key copy for this call (the current version for None); wiped at its end."""
         held = scope.keys.get((tenant, version))
         if held is None:
-            held = self._daemon.tenant_key(tenant, version)
+            number, copy = self._daemon.tenant_key(tenant, version)
+            try:
+                if isinstance(copy, TenantKey):
+                    try:
+                        cipher, owned = copy.cipher(), False
+                    except StateError:
+                        raise self._wiped_during_call(tenant) from None
+                else:
+                    cipher, owned = aead.Cipher(copy), True
+                held = _Key(number, copy, cipher, owned, self._header(tenant, number))
+            except BaseException:
+                copy.wipe()
+                raise
             scope.keys[(tenant, version)] = held
         return held
+
+    def _wiped_during_call(self, tenant: str) -> StateError:
+        """The key was wiped between taking it and using it: a seal, or the tenant ended."""
+        if self._daemon.sealed:
+            return SealedError("the service was sealed during the call")
+        return StateError(f"tenant {tenant!r} stopped being active during the call")
+
+    def _header(self, tenant: str, version: int) -> bytes:
+        """`header()` of a tenant the daemon just handed a key of, remembered."""
+        head = self._headers.get((tenant, version))
+        if head is None:
+            head = header(tenant, version)
+            if len(self._headers) >= HEADER_CACHE:
+                self._headers.clear()
+            self._headers[(tenant, version)] = head
+        return head
 
     def _check_version_exists(self, parsed: Parsed) -> None:
         """A header naming a version the tenant never had is malformed input."""
@@ -675,15 +903,24 @@ class DataPlane:
     def _encrypt_current(
         self, scope: _Scope, tenant: str, plaintext: bytes | memoryview, context: bytes
     ) -> Wrapped:
-        version, key = self._key(scope, tenant, None)
-        self._counters.take(tenant, version)
-        nonce = self._random(aead.NONCE_SIZE)
-        return Wrapped(encrypt(key, tenant, version, plaintext, context, nonce), version)
+        key = self._key(scope, tenant, None)
+        if key.allowance < 1:
+            key.allowance = self._counters.take_many(tenant, key.version, scope.left)
+        key.allowance -= 1
+        nonce = self._nonces.take()
+        try:
+            body = key.cipher.encrypt(nonce, plaintext, key.aad + context)
+        except StateError:
+            raise self._wiped_during_call(tenant) from None
+        return Wrapped(key.head + nonce + body, key.version)
 
     def _open(self, scope: _Scope, parsed: Parsed, context: bytes) -> SecretBytes:
         self._check_version_exists(parsed)
-        _version, key = self._key(scope, parsed.tenant, parsed.version)
-        return decrypt(key, parsed, context)
+        key = self._key(scope, parsed.tenant, parsed.version)
+        try:
+            return decrypt(key.cipher, parsed, context)
+        except StateError:
+            raise self._wiped_during_call(parsed.tenant) from None
 
     def _reveal(
         self,
@@ -709,18 +946,20 @@ class DataPlane:
 
     # -- the four operations ------------------------------------------------------
 
-    def _wrap(self, identity: str, operation: str, item: WrapItem, scope: _Scope) -> Wrapped:
-        backend = _backend_name(identity)
+    def _wrap(self, identity: str, operation: str, item: WrapInput, scope: _Scope) -> Wrapped:
+        backend = scope.backend
         tenant, context = UNKNOWN, None
         try:
-            # 0.
-            self._check_plaintext(item.plaintext)
-            context = self._context(item.context)
+            # 0. (each field read once: a request message makes a new object per read)
+            plaintext = item.plaintext
+            self._check_plaintext(plaintext)
+            context = self._context(item.context, scope)
             # 1.
-            self._authorize(identity, item.tenant, scope)
-            tenant = item.tenant
+            named = item.tenant
+            self._authorize(identity, named, scope)
+            tenant = named
             # 2. and 3.
-            result = self._encrypt_current(scope, tenant, item.plaintext, context)
+            result = self._encrypt_current(scope, tenant, plaintext, context)
         except KeyquorumError as e:
             self._record(backend, tenant, operation, e, context)
             raise
@@ -728,12 +967,12 @@ class DataPlane:
         return result
 
     def _unwrap(self, identity: str, operation: str, item: UnwrapItem, scope: _Scope) -> Revealed:
-        backend = _backend_name(identity)
+        backend = scope.backend
         tenant, context = UNKNOWN, None
         try:
             # 0.
             parsed = parse(item.ciphertext)
-            context = self._context(item.context)
+            context = self._context(item.context, scope)
             recipient = _recipient(item.recipient)
             # 1.
             self._authorize(identity, parsed.tenant, scope)
@@ -754,7 +993,7 @@ class DataPlane:
     def _generate(
         self, identity: str, operation: str, item: GenerateItem, scope: _Scope
     ) -> Revealed:
-        backend = _backend_name(identity)
+        backend = scope.backend
         tenant, context = UNKNOWN, None
         try:
             # 0.
@@ -763,7 +1002,7 @@ class DataPlane:
                 raise InvalidInputError(
                     f"a data key is {MIN_DATA_KEY_SIZE} to {MAX_DATA_KEY_SIZE} bytes, got {size}"
                 )
-            context = self._context(item.context)
+            context = self._context(item.context, scope)
             recipient = _recipient(item.recipient)
             # 1.
             self._authorize(identity, item.tenant, scope)
@@ -786,13 +1025,13 @@ class DataPlane:
         self._record(backend, tenant, operation, None, context)
         return result
 
-    def _rewrap(self, identity: str, operation: str, item: RewrapItem, scope: _Scope) -> Wrapped:
-        backend = _backend_name(identity)
+    def _rewrap(self, identity: str, operation: str, item: RewrapInput, scope: _Scope) -> Wrapped:
+        backend = scope.backend
         tenant, context = UNKNOWN, None
         try:
             # 0.
             parsed = parse(item.ciphertext)
-            context = self._context(item.context)
+            context = self._context(item.context, scope)
             # 1.
             self._authorize(identity, parsed.tenant, scope)
             tenant = parsed.tenant

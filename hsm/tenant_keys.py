@@ -26,6 +26,13 @@ a new KEK from the new master key).
 unwrapped versions in `SecretBytes` and the time the activation ends. It
 is never persisted; every removal (expiry, deactivation, disable, destroy,
 seal) wipes the buffers. The daemon owns one and calls it under its lock.
+
+Beside each held version the keyring keeps its prepared AES-256-GCM key
+(`aead.Cipher`, made once at activation), so the data plane does not build
+a cipher (a key copy and a key schedule) per call. The cipher lives and
+dies with the buffer: every removal above closes it in the same step that
+wipes the key, after which no copy handed out earlier can encrypt or
+decrypt any more (tests/test_tenant_key_cache.py).
 """
 
 from __future__ import annotations
@@ -144,18 +151,71 @@ def unwrap(
     return SecretBytes.adopt(plain, label=f"tenant key {tenant} v{version}")
 
 
+class TenantKey(SecretBytes):
+    """A copy of one tenant key version for one call, with its keyring's cipher.
+
+    The copy is what `Daemon.tenant_key` promises (the caller wipes it);
+    `cipher()` is the keyring's prepared AES-256-GCM key for that version,
+    shared, not owned: wiping the copy only lets go of it, and the keyring
+    closes it when it wipes the version, so it refuses use from then on
+    (StateError), whoever still holds a reference.
+    """
+
+    __slots__ = ("_cipher",)
+
+    _cipher: aead.Cipher | None
+
+    def cipher(self) -> aead.Cipher:
+        """The prepared key; StateError once this copy or the held version was wiped."""
+        self._check()
+        cipher = self._cipher
+        if cipher is None or cipher.closed:
+            raise StateError(f"{self._label} was wiped")
+        return cipher
+
+    def wipe(self) -> None:
+        self._cipher = None
+        super().wipe()
+
+
+class _Held:
+    """One unwrapped version: the key, its prepared cipher and the label of its copies."""
+
+    __slots__ = ("cipher", "key", "label")
+
+    def __init__(self, tenant: str, version: int, key: SecretBytes) -> None:
+        self.key = key
+        self.cipher = aead.Cipher(key)
+        self.label = f"tenant key {tenant} v{version}"
+
+    def copy(self) -> TenantKey:
+        copy = TenantKey(self.key.view(), label=self.label)
+        copy._cipher = self.cipher
+        return copy
+
+    def wipe(self) -> None:
+        self.cipher.close()
+        self.key.wipe()
+
+    def __repr__(self) -> str:
+        return f"<held {self.label}>"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("a held tenant key cannot be pickled")
+
+
 class _Activation:
     """One active tenant: when the activation ends and its unwrapped versions."""
 
     __slots__ = ("keys", "until")
 
-    def __init__(self, until: int, keys: dict[int, SecretBytes]) -> None:
+    def __init__(self, until: int, keys: dict[int, _Held]) -> None:
         self.until = until
         self.keys = keys
 
     def wipe(self) -> None:
-        for key in self.keys.values():
-            key.wipe()
+        for held in self.keys.values():
+            held.wipe()
         self.keys.clear()
 
     def __repr__(self) -> str:
@@ -181,7 +241,13 @@ class TenantKeyring:
         old = self._active.pop(tenant, None)
         if old is not None:
             old.wipe()
-        self._active[tenant] = _Activation(until, dict(keys))
+        try:
+            held = {version: _Held(tenant, version, key) for version, key in keys.items()}
+        except BaseException:
+            for key in keys.values():
+                key.wipe()
+            raise
+        self._active[tenant] = _Activation(until, held)
 
     def add_version(self, tenant: str, version: int, key: SecretBytes) -> bool:
         """Add a new version to an active tenant; otherwise wipe `key`. True if kept."""
@@ -189,19 +255,24 @@ class TenantKeyring:
         if activation is None:
             key.wipe()
             return False
+        try:
+            held = _Held(tenant, version, key)
+        except BaseException:
+            key.wipe()
+            raise
         old = activation.keys.pop(version, None)
         if old is not None:
             old.wipe()
-        activation.keys[version] = key
+        activation.keys[version] = held
         return True
 
     def drop_version(self, tenant: str, version: int) -> None:
         """Wipe one version of an active tenant (disable-version)."""
         activation = self._active.get(tenant)
         if activation is not None:
-            key = activation.keys.pop(version, None)
-            if key is not None:
-                key.wipe()
+            held = activation.keys.pop(version, None)
+            if held is not None:
+                held.wipe()
 
     def deactivate(self, tenant: str) -> bool:
         """Wipe a tenant's activation; True if it had one."""
@@ -226,22 +297,29 @@ class TenantKeyring:
         """Tenant -> activation end, for the activations still open at `now`."""
         return {t: a.until for t, a in self._active.items() if now < a.until}
 
-    def key(self, tenant: str, version: int, now: int) -> SecretBytes:
-        """A copy of one unwrapped version (the caller wipes it); StateError if not held."""
+    def key(self, tenant: str, version: int, now: int) -> TenantKey:
+        """A copy of one unwrapped version (the caller wipes it); StateError if not held.
+
+        The copy carries the version's prepared cipher (`TenantKey.cipher`).
+        """
         activation = self._active.get(tenant)
         if activation is None or now >= activation.until:
             raise StateError(f"tenant {tenant!r} is not active")
-        key = activation.keys.get(version)
-        if key is None:
+        held = activation.keys.get(version)
+        if held is None:
             raise StateError(f"version {version} of tenant {tenant!r} is not usable")
-        return SecretBytes(key.view(), label=f"tenant key {tenant} v{version}")
+        return held.copy()
 
     def buffers_for_test(self, tenant: str) -> list[bytearray]:
         """The buffers held for `tenant`, so tests can check that wiping zeroes them."""
         activation = self._active.get(tenant)
         if activation is None:
             return []
-        return [k.buffer_for_test() for k in activation.keys.values()]
+        return [h.key.buffer_for_test() for h in activation.keys.values()]
+
+    def ciphers_for_test(self) -> list[aead.Cipher]:
+        """Every prepared cipher the keyring holds, so tests can check they go with the keys."""
+        return [h.cipher for a in self._active.values() for h in a.keys.values()]
 
     def __repr__(self) -> str:
         return f"<TenantKeyring: {len(self._active)} active tenants>"

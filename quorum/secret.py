@@ -46,9 +46,14 @@ class SecretBytes:
         return memoryview(self._buf).toreadonly()
 
     def wipe(self) -> None:
-        """Overwrite the buffer with zeros; the object is unusable afterwards."""
-        for i in range(len(self._buf)):
-            self._buf[i] = 0
+        """Overwrite the buffer with zeros in place; the object is unusable afterwards.
+
+        A same-length slice assignment writes into the existing storage (one
+        memset-like copy, not a new buffer), so views taken earlier see the
+        zeros and the length never changes (which a bytearray with exported
+        views would refuse). tests/test_secret.py holds a view across it.
+        """
+        self._buf[:] = bytes(len(self._buf))
         self._wiped = True
 
     @property

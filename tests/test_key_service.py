@@ -377,6 +377,55 @@ def test_unauthenticated_certificate_without_identity(world: World, tmp_path: Pa
         refused(world, lambda: c.batch_wrap([(TENANT, b"x", CONTEXT)]), C.UNAUTHENTICATED, "")
 
 
+def test_identity_cache_never_admits_a_certificate_naming_two_identities(
+    world: World, booking: KeyClient, tmp_path: Path
+) -> None:
+    """The identity cache is keyed on the names gRPC verified, and only holds unambiguous ones.
+
+    The booking backend's own certificate is cached first; a certificate of
+    the same CA naming booking and a second identity is refused on every
+    call (never cached, never taken for booking), and one naming booking
+    beside a DNS name works as booking.
+    """
+    assert not isinstance(booking.wrap(TENANT, b"x", CONTEXT), KeyServiceError)
+    both = [
+        x509.UniformResourceIdentifier("keyquorum://backend/booking"),
+        x509.UniformResourceIdentifier("keyquorum://backend/messaging"),
+    ]
+    cert, key = issue_client_cert(world.kp.pki, tmp_path / "two", both)
+    with KeyClient(world.kp.target, ca=world.kp.pki.ca_cert, cert=cert, key=key, attempts=1) as c:
+        for _ in range(3):
+            refused(
+                world, lambda: c.wrap(TENANT, b"x", CONTEXT), C.PERMISSION_DENIED, "2 keyquorum"
+            )
+    plus_dns = [x509.DNSName("booking.example"), both[0]]
+    cert, key = issue_client_cert(world.kp.pki, tmp_path / "dns", plus_dns)
+    with KeyClient(world.kp.target, ca=world.kp.pki.ca_cert, cert=cert, key=key, attempts=1) as c:
+        for _ in range(3):
+            assert c.unwrap(c.wrap(TENANT, b"y", CONTEXT).ciphertext, CONTEXT).reveal() == b"y"
+
+
+@pytest.mark.parametrize(
+    ("names", "uri", "cached"),
+    [
+        ((b"keyquorum://backend/booking",), "keyquorum://backend/booking", True),
+        ((b"booking.example", b"keyquorum://backend/booking"), "keyquorum://backend/booking", True),
+        (
+            (b"keyquorum://backend/booking", b"keyquorum://backend/messaging"),
+            "keyquorum://backend/booking",
+            False,
+        ),
+        ((b"booking.example",), "keyquorum://backend/booking", False),
+        ((b"keyquorum://backend/other",), "keyquorum://backend/booking", False),
+    ],
+    ids=["only-it", "beside-a-dns-name", "two-identities", "not-among-them", "another-one"],
+)
+def test_identity_cache_keys_only_unambiguous_names(
+    names: tuple[bytes, ...], uri: str, cached: bool
+) -> None:
+    assert key_service._names_only(names, uri) is cached
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [
@@ -656,6 +705,22 @@ def test_batch_generate_and_rewrap(world: World, booking: KeyClient) -> None:
         assert not isinstance(r, KeyServiceError)
         with booking.unwrap(r.ciphertext, CONTEXT) as plain:
             assert plain.equals(k.plaintext)
+
+
+def test_batch_contexts_encoded_once_still_bind_each_item(booking: KeyClient) -> None:
+    """A batch encodes each distinct context once; every item stays bound to its own."""
+    a, b, a_reordered = {"p": "1", "q": "2"}, {"p": "1", "q": "3"}, {"q": "2", "p": "1"}
+    contexts = [a, b, a_reordered, a, b]
+    results = booking.batch_wrap([(TENANT, bytes([i]) * 8, c) for i, c in enumerate(contexts)])
+    for i, (result, own) in enumerate(zip(results, contexts, strict=True)):
+        assert not isinstance(result, KeyServiceError)
+        other = b if own is not b else a
+        opened = booking.batch_unwrap([(result.ciphertext, own), (result.ciphertext, other)])
+        assert not isinstance(opened[0], KeyServiceError)
+        assert opened[0].reveal() == bytes([i]) * 8
+        assert isinstance(opened[1], KeyServiceError)
+        assert opened[1].code == C.INVALID_ARGUMENT
+    assert len({r.ciphertext[-28:-16] for r in results if not isinstance(r, KeyServiceError)}) == 5
 
 
 def test_batch_call_level_refusals(world: World, booking: KeyClient) -> None:

@@ -24,7 +24,8 @@ from keyquorum.client import KeyServiceError
 from keyquorum.hsm import key_service
 from keyquorum.hsm.dataplane import UnwrapItem, WrapItem
 from keyquorum.hsm.pki import DevPki
-from keyquorum.quorum.errors import KeyquorumError, SealedError
+from keyquorum.hsm.tenant_keys import TenantKey
+from keyquorum.quorum.errors import KeyquorumError, SealedError, StateError
 from tests.harness import Custodian, InProcessDaemon, in_process_daemon, make_custodians
 from tests.test_approvals import ceremony, unseal
 from tests.test_key_service import (
@@ -109,6 +110,37 @@ def test_sealed_is_failed_precondition_for_every_call(served: Served) -> None:
                 fn()
             assert info.value.code == C.FAILED_PRECONDITION
             assert "sealed" in info.value.details
+
+
+def test_a_seal_closes_the_prepared_keys_even_for_copies_taken_before(served: Served) -> None:
+    """The keyring's cached AES-GCM key goes with the seal: a copy taken earlier cannot use it.
+
+    And a wrap whose key copy was taken before the seal fails cleanly as
+    sealed, instead of encrypting under a key the daemon already wiped.
+    """
+    unseal(served.d, served.custodians[:K])
+    ready_tenant(served.d, served.custodians, TENANT)
+    daemon, plane = served.d.daemon, served.kp.plane
+    _version, early = daemon.tenant_key(TENANT)
+    assert isinstance(early, TenantKey)
+    cipher = early.cipher()
+    assert not cipher.closed
+    original = daemon.tenant_key
+
+    def tenant_key_then_seal(tenant: str, version: int | None = None) -> object:
+        taken = original(tenant, version)
+        daemon.seal_for_shutdown("a seal races the wrap")
+        return taken
+
+    daemon.tenant_key = tenant_key_then_seal  # type: ignore[assignment,method-assign]
+    with pytest.raises(SealedError, match="sealed during the call"):
+        plane.wrap("keyquorum://backend/booking", WrapItem(TENANT, MARKER, CONTEXT))
+    assert cipher.closed
+    with pytest.raises(StateError, match="wiped"):
+        early.cipher()
+    with pytest.raises(StateError, match="wiped"):
+        cipher.encrypt(bytes(12), b"x", b"")
+    early.wipe()
 
 
 def test_a_seal_between_taking_the_key_and_answering_releases_nothing(served: Served) -> None:

@@ -53,3 +53,21 @@ def test_equals_is_by_value_and_eq_is_identity() -> None:
     assert a.equals(SECRET)
     assert not a.equals(b"x" * len(SECRET))
     assert a != b
+
+
+@pytest.mark.parametrize("size", [1, 32, 4096], ids=["one-byte", "key-sized", "page-sized"])
+def test_wipe_overwrites_in_place_under_a_held_view(size: int) -> None:
+    """A view taken before the wipe reads zeros after it: the storage itself was overwritten.
+
+    A wipe that swapped in a new buffer would leave the old bytes visible
+    here, and one that resized it would raise BufferError (a bytearray with
+    an exported view cannot change its length).
+    """
+    secret = bytes((i % 255) + 1 for i in range(size))
+    s = SecretBytes(secret)
+    held = memoryview(s.buffer_for_test())
+    assert held.tobytes() == secret
+    s.wipe()
+    assert held.tobytes() == bytes(size)
+    assert len(s.buffer_for_test()) == size
+    held.release()
