@@ -14,8 +14,13 @@ gRPC futures. Rounds alternate echo and KeyService so machine drift hits
 both; each figure is the median round.
 
 Both services are registered the same way (one generic handler each; the
-KeyService's handlers come from `key_service.register`, as in the daemon)
-on servers with the daemon's default thread pool.
+KeyService's handlers come from `key_service.register`, as in the daemon).
+Server model: every figure is KeyService against an echo on a server with
+the same thread pool, `key_service.SERVER_WORKERS` (4) threads; one more
+row repeats Wrap at 64 in flight with both on `create_server`'s default
+pool (16 threads, what `keyquorum server run` uses until it passes
+SERVER_WORKERS), since the pool size moves both figures, and the
+KeyService's far more.
 
 Rows: Wrap and Unwrap (32-byte data key, a two-pair context) at 1, 8 and
 64 calls in flight, and BatchWrap of 100 items at 8 in flight (items/s),
@@ -64,7 +69,9 @@ ECHO = "keyquorum.bench.Echo"
 
 
 def _serve(work: Path) -> None:
-    """Daemon + KeyService + echo; writes {key_port, echo_port} and waits for SIGTERM."""
+    """Daemon, and KeyService + echo servers for each pool size; writes their ports; waits."""
+    import inspect
+
     from grpc_health.v1 import health
 
     from keyquorum.hsm import key_service, tls
@@ -87,35 +94,42 @@ def _serve(work: Path) -> None:
         run(d, custodians, "grant", tenant=TENANT, backend="booking")
         run(d, custodians, "activate-tenant", tenant=TENANT, duration_seconds=24 * 3600)
         plane = DataPlane(d.daemon, d.store)
-        key_server, key_port = create_server(
-            host="127.0.0.1",
-            port=0,
-            credentials=credentials,
-            limits=DEFAULT_LIMITS,
-            register=[key_service.register(plane)],
-            service_names=[key_service.SERVICE_NAME],
-            health_servicer=health.HealthServicer(),
-        )
-        echo_server, echo_port = create_server(
-            host="127.0.0.1",
-            port=0,
-            credentials=credentials,
-            limits=DEFAULT_LIMITS,
-            register=[_echo_registration()],
-            service_names=[ECHO],
-        )
-        key_server.start()
-        echo_server.start()
+        default_pool = inspect.signature(create_server).parameters["max_workers"].default
+        servers: list[grpc.Server] = []
+        ready: dict[str, object] = {"ca": str(pki.ca_cert)}
+        for suffix, workers in (("", key_service.SERVER_WORKERS), ("_default", default_pool)):
+            key_server, ready[f"key_port{suffix}"] = create_server(
+                host="127.0.0.1",
+                port=0,
+                credentials=credentials,
+                limits=DEFAULT_LIMITS,
+                register=[key_service.register(plane)],
+                service_names=[key_service.SERVICE_NAME],
+                health_servicer=health.HealthServicer(),
+                max_workers=workers,
+            )
+            echo_server, ready[f"echo_port{suffix}"] = create_server(
+                host="127.0.0.1",
+                port=0,
+                credentials=credentials,
+                limits=DEFAULT_LIMITS,
+                register=[_echo_registration()],
+                service_names=[ECHO],
+                max_workers=workers,
+            )
+            ready[f"workers{suffix}"] = workers
+            servers += [key_server, echo_server]
+        for server in servers:
+            server.start()
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        ready = {"key_port": key_port, "echo_port": echo_port, "ca": str(pki.ca_cert)}
         files = pki.client("backend/booking")
         ready |= {"cert": str(files.cert), "key": str(files.key)}
         (work / "ready.tmp").write_text(json.dumps(ready))
         (work / "ready.tmp").replace(work / "ready.json")
         stop.wait()
-        key_server.stop(grace=None).wait()
-        echo_server.stop(grace=None).wait()
+        for server in servers:
+            server.stop(grace=None).wait()
 
 
 def _echo_registration() -> Callable[[grpc.Server], None]:
@@ -227,14 +241,62 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
+def _method(client: KeyClient, service: str, name: str) -> grpc.UnaryUnaryMultiCallable:
+    """A raw call: the request serialised, the answer left as bytes (the same for both)."""
+    return client.channel.unary_unary(
+        f"/{service}/{name}",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=lambda b: b,
+    )
+
+
+def _single_row(
+    clients: tuple[KeyClient, KeyClient],
+    name: str,
+    request: object,
+    inflight: int,
+    timing: tuple[float, int],
+    pool: str,
+) -> Row:
+    """One single-call row: KeyService `name` against the echo's, `inflight` kept busy."""
+    key_call = _method(clients[0], "keyquorum.v1.KeyService", name)
+    echo_call = _method(clients[1], ECHO, name)
+    k_rate, e_rate, k_lat, e_lat = _paired(
+        lambda: _Load(key_call, request, inflight),
+        lambda: _Load(echo_call, request, inflight),
+        *timing,
+    )
+    k99, e99 = _percentile(k_lat, 0.99), _percentile(e_lat, 0.99)
+    verdict = ""
+    if name == "Wrap" and inflight == 64:
+        met = k_rate >= 0.8 * e_rate and k99 <= 1.5 * e99
+        verdict = (
+            f"; target >=0.80x ops/s and p99 <=1.5x: {'MET' if met else 'NOT MET'}"
+            f" (p99 ratio {k99 / e99:.2f})"
+        )
+    return Row(
+        f"KeyService {name}, {inflight} in flight{pool} "
+        f"(p50 {_ms(_percentile(k_lat, 0.5))}, p99 {_ms(k99)}{verdict})",
+        k_rate,
+        f"echo {name} (p50 {_ms(_percentile(e_lat, 0.5))}, p99 {_ms(e99)})",
+        e_rate,
+    )
+
+
 def _client_rows(ready: dict[str, str], quick: bool) -> list[Row]:
-    seconds, rounds = (0.6, 2) if quick else (1.5, 3)
+    timing = (0.6, 2) if quick else (1.5, 3)
     files = {"ca": ready["ca"], "cert": ready["cert"], "key": ready["key"]}
-    key_client = KeyClient(f"127.0.0.1:{ready['key_port']}", **files)
-    echo_client = KeyClient(f"127.0.0.1:{ready['echo_port']}", **files)
+    clients = {
+        suffix: (
+            KeyClient(f"127.0.0.1:{ready[f'key_port{suffix}']}", **files),
+            KeyClient(f"127.0.0.1:{ready[f'echo_port{suffix}']}", **files),
+        )
+        for suffix in ("", "_default")
+    }
+    pools = clients[""]
     rows: list[Row] = []
     try:
-        ct = key_client.wrap(TENANT, PLAINTEXT, CONTEXT).ciphertext
+        ct = pools[0].wrap(TENANT, PLAINTEXT, CONTEXT).ciphertext
         wrap_req = pb.WrapRequest(tenant=TENANT, plaintext=PLAINTEXT, context=CONTEXT)
         unwrap_req = pb.UnwrapRequest(ciphertext=ct, context=CONTEXT)
         batch_req = pb.BatchWrapRequest(items=[wrap_req] * BATCH)
@@ -247,55 +309,34 @@ def _client_rows(ready: dict[str, str], quick: bool) -> list[Row]:
                 for i in range(BATCH)
             ]
         )
-
-        def method(client: KeyClient, service: str, name: str) -> grpc.UnaryUnaryMultiCallable:
-            return client.channel.unary_unary(
-                f"/{service}/{name}",
-                request_serializer=lambda m: m.SerializeToString(),
-                response_deserializer=lambda b: b,
-            )
-
-        key_svc, echo_svc = "keyquorum.v1.KeyService", ECHO
+        pool = f", {ready['workers']}-thread pool"
         for name, request in (("Wrap", wrap_req), ("Unwrap", unwrap_req)):
             for inflight in (1, 8, 64):
-                key_call = method(key_client, key_svc, name)
-                echo_call = method(echo_client, echo_svc, name)
-                k_rate, e_rate, k_lat, e_lat = _paired(
-                    lambda c=key_call, r=request, i=inflight: _Load(c, r, i),
-                    lambda c=echo_call, r=request, i=inflight: _Load(c, r, i),
-                    seconds,
-                    rounds,
-                )
-                k99, e99 = _percentile(k_lat, 0.99), _percentile(e_lat, 0.99)
-                verdict = ""
-                if name == "Wrap" and inflight == 64:
-                    met = k_rate >= 0.8 * e_rate and k99 <= 1.5 * e99
-                    verdict = (
-                        f"; target >=0.80x ops/s and p99 <=1.5x: {'MET' if met else 'NOT MET'}"
-                        f" (p99 ratio {k99 / e99:.2f})"
-                    )
-                rows.append(
-                    Row(
-                        f"KeyService {name}, {inflight} in flight "
-                        f"(p50 {_ms(_percentile(k_lat, 0.5))}, p99 {_ms(k99)}{verdict})",
-                        k_rate,
-                        f"echo {name} (p50 {_ms(_percentile(e_lat, 0.5))}, p99 {_ms(e99)})",
-                        e_rate,
-                    )
-                )
+                rows.append(_single_row(pools, name, request, inflight, timing, pool))
+        rows.append(
+            _single_row(
+                clients["_default"],
+                "Wrap",
+                wrap_req,
+                64,
+                timing,
+                f", {ready['workers_default']}-thread pool (create_server's default)",
+            )
+        )
         for label, request in (("one context", batch_req), ("100 contexts", distinct_req)):
+            key_call = _method(pools[0], "keyquorum.v1.KeyService", "BatchWrap")
+            echo_call = _method(pools[1], ECHO, "BatchWrap")
             k_rate, e_rate, k_lat, e_lat = _paired(
-                lambda r=request: _Load(method(key_client, key_svc, "BatchWrap"), r, 8),
-                lambda r=request: _Load(method(echo_client, echo_svc, "BatchWrap"), r, 8),
-                seconds,
-                rounds,
+                lambda c=key_call, r=request: _Load(c, r, 8),
+                lambda c=echo_call, r=request: _Load(c, r, 8),
+                *timing,
             )
             k99, e99 = _percentile(k_lat, 0.99), _percentile(e_lat, 0.99)
             met = k_rate >= 0.6 * e_rate
             rows.append(
                 Row(
-                    f"KeyService BatchWrap of {BATCH}, {label}, 8 in flight (p99 {_ms(k99)}; "
-                    f"target >=0.60x items/s: {'MET' if met else 'NOT MET'})",
+                    f"KeyService BatchWrap of {BATCH}, {label}, 8 in flight{pool} "
+                    f"(p99 {_ms(k99)}; target >=0.60x items/s: {'MET' if met else 'NOT MET'})",
                     k_rate * BATCH,
                     f"echo BatchWrap (p99 {_ms(e99)})",
                     e_rate * BATCH,
@@ -303,8 +344,9 @@ def _client_rows(ready: dict[str, str], quick: bool) -> list[Row]:
                 )
             )
     finally:
-        key_client.close()
-        echo_client.close()
+        for pair in clients.values():
+            for client in pair:
+                client.close()
     return rows
 
 

@@ -58,6 +58,12 @@ SERVICE_NAME: Final = "keyquorum.v1.KeyService"
 BACKEND_ROLE: Final = "backend"
 #: Distinct client certificates remembered; the cache starts over past this.
 IDENTITY_CACHE: Final = 1024
+#: Threads for a server whose calls are the KeyService's (`create_server(max_workers=)`).
+#: The handlers run Python under one interpreter lock, so threads beyond a few add
+#: no throughput, only lock hand-offs: measured on 2 cores at 64 calls in flight,
+#: 16 threads serve about half the Wraps/s that 3 or 4 do (docs/dataplane.md,
+#: "Performance"). A handler that waits (a counter block from the store) holds one.
+SERVER_WORKERS: Final = 4
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")

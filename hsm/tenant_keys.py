@@ -168,7 +168,7 @@ class TenantKey(SecretBytes):
     def cipher(self) -> aead.Cipher:
         """The prepared key; StateError once this copy or the held version was wiped."""
         self._check()
-        cipher = self._cipher
+        cipher: aead.Cipher | None = getattr(self, "_cipher", None)  # unset: not a keyring's
         if cipher is None or cipher.closed:
             raise StateError(f"{self._label} was wiped")
         return cipher

@@ -177,3 +177,8 @@ def test_seal_leaves_the_cache_empty() -> None:
     ring.wipe_all()
     assert ring.ciphers_for_test() == []
     assert all(c.closed for c in ciphers)
+
+
+def test_a_copy_not_made_by_a_keyring_has_no_prepared_key() -> None:
+    with pytest.raises(StateError):
+        TenantKey(KEY, label="stray copy").cipher()
