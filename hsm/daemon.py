@@ -695,21 +695,7 @@ class Daemon:
                 )
             log_key = LogKey.create(self._data_dir, origin=origin_for(deployment))
             with SecretBytes(self._random(MASTER_KEY_SIZE), label="master key") as master:
-                shares, commitments = shamir.split(
-                    master, threshold, len(roster), random_bytes=self._random
-                )
-            try:
-                encrypted = []
-                for custodian, share in zip(roster, shares, strict=True):
-                    info = qlog.share_info(
-                        deployment, commitments.split_id, custodian.fingerprint, share.index
-                    )
-                    with share.to_bytes() as plain:
-                        ciphertext = custodian.sealing_key.seal(plain, info)
-                    encrypted.append(EncryptedShare(custodian.fingerprint, share.index, ciphertext))
-            finally:
-                for share in shares:
-                    share.wipe()
+                commitments, encrypted = self._split_to(master, deployment, threshold, roster)
             payload = GenesisPayload(
                 deployment=deployment,
                 threshold=threshold,
@@ -746,6 +732,35 @@ class Daemon:
                 commitments.split_id.hex()[:8],
             )
             return self.status()
+
+    def _split_to(
+        self,
+        master: SecretBytes,
+        deployment: str,
+        threshold: int,
+        roster: Sequence[PublicCredential],
+    ) -> tuple[shamir.SplitCommitments, list[EncryptedShare]]:
+        """Split `master` k-of-n and HPKE-encrypt share i to custodian i.
+
+        Used by the ceremony and by a roster change; the plaintext shares are
+        wiped before this returns, whatever happens.
+        """
+        shares, commitments = shamir.split(
+            master, threshold, len(roster), random_bytes=self._random
+        )
+        try:
+            encrypted = []
+            for custodian, share in zip(roster, shares, strict=True):
+                info = qlog.share_info(
+                    deployment, commitments.split_id, custodian.fingerprint, share.index
+                )
+                with share.to_bytes() as plain:
+                    ciphertext = custodian.sealing_key.seal(plain, info)
+                encrypted.append(EncryptedShare(custodian.fingerprint, share.index, ciphertext))
+        finally:
+            for share in shares:
+                share.wipe()
+        return commitments, encrypted
 
     def encrypted_share(self, fingerprint: str) -> EncryptedShareView:
         with self._lock:
@@ -1385,21 +1400,7 @@ class Daemon:
         deployment = st.deployment
         new_master = SecretBytes(self._random(MASTER_KEY_SIZE), label="master key")
         try:
-            shares, commitments = shamir.split(
-                new_master, threshold, len(roster), random_bytes=self._random
-            )
-            try:
-                encrypted = []
-                for custodian, share in zip(roster, shares, strict=True):
-                    info = qlog.share_info(
-                        deployment, commitments.split_id, custodian.fingerprint, share.index
-                    )
-                    with share.to_bytes() as plain:
-                        ciphertext = custodian.sealing_key.seal(plain, info)
-                    encrypted.append(EncryptedShare(custodian.fingerprint, share.index, ciphertext))
-            finally:
-                for share in shares:
-                    share.wipe()
+            commitments, encrypted = self._split_to(new_master, deployment, threshold, roster)
             rewrapped = []
             for record in sorted(st.tenants.values(), key=lambda t: t.name):
                 if record.destroyed:
