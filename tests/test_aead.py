@@ -40,3 +40,18 @@ def test_every_bit_flip_and_wrong_aad_fail() -> None:
         aead.decrypt(KEY, NONCE, ct, b"other")
     with pytest.raises(DecryptionError, match="shorter"):
         aead.decrypt(KEY, NONCE, ct[:15], b"ad")
+
+
+def test_prepared_cipher_never_prints_or_leaves_its_box() -> None:
+    import copy
+    import pickle
+
+    cipher = aead.Cipher(SecretBytes(KEY))
+    for text in (repr(cipher), str(cipher), f"{cipher!r}"):
+        assert KEY.hex() not in text
+        assert "open" in text
+    for attempt in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError):
+            attempt(cipher)
+    cipher.close()
+    assert "closed" in repr(cipher)
