@@ -51,7 +51,6 @@ import logging
 import os
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
@@ -76,6 +75,15 @@ from keyquorum.quorum.errors import (
 from keyquorum.quorum.operations import TENANT_RE
 from keyquorum.quorum.sealing import SealingPublicKey
 from keyquorum.quorum.secret import SecretBytes
+
+try:  # the C accelerator for BatchWrap (hsm/_wrapfast.c); optional, see batch_wrap_serialized
+    from keyquorum.hsm import _wrapfast
+
+    #: True when the BatchWrap fast path is built (`make install` builds it where
+    #: OpenSSL's headers are; tests require it on CI: KEYQUORUM_REQUIRE_NATIVE).
+    NATIVE_BATCH_WRAP = True
+except ImportError:  # pragma: no cover
+    NATIVE_BATCH_WRAP = False
 
 log = logging.getLogger(__name__)
 
@@ -554,16 +562,17 @@ os.register_at_fork(after_in_child=_forget_drawn_nonces)
 class NoncePool:
     """Fresh random 96-bit nonces (SP 800-38D, section 8.2.2), drawn in blocks.
 
-    One read of the random source gives `per_draw` nonces, handed out one
-    each, never twice (`deque.popleft` is atomic; refills take a lock). This
-    takes a system call, which releases the interpreter lock and makes the
-    calling thread queue for it again, off the path of nearly every Wrap.
-    Nonces are not secret (each is written into its ciphertext); what
-    matters is that none repeats, so a forked child forgets the parent's
-    drawn nonces (`os.register_at_fork`). Data keys are never drawn here.
+    One read of the random source gives `per_draw` nonces; they are handed
+    out in order, one for a Wrap or many at once for a batch, never twice
+    (a lock guards the offset). Drawing in blocks keeps the system call,
+    which releases the interpreter lock and makes the calling thread queue
+    for it again, off the path of nearly every Wrap. Nonces are not secret
+    (each is written into its ciphertext); what matters is that none
+    repeats, so a forked child forgets the parent's drawn nonces
+    (`os.register_at_fork`). Data keys are never drawn here.
     """
 
-    __slots__ = ("__weakref__", "_lock", "_per_draw", "_pool", "_random")
+    __slots__ = ("__weakref__", "_buffer", "_lock", "_offset", "_per_draw", "_random")
 
     def __init__(
         self, random_bytes: Callable[[int], bytes], per_draw: int = NONCES_PER_DRAW
@@ -572,33 +581,53 @@ class NoncePool:
             raise InvalidInputError("per_draw must be at least 1")
         self._random = random_bytes
         self._per_draw = per_draw
-        self._pool: deque[bytes] = deque()
+        self._buffer = b""
+        self._offset = 0
         self._lock = threading.Lock()
         _POOLS.add(self)
 
     def take(self) -> bytes:
         """One nonce no other call got."""
-        while True:
-            try:
-                return self._pool.popleft()
-            except IndexError:
-                self._refill()
+        return self.take_many(1)
 
-    def _refill(self) -> None:
+    def take_many(self, count: int) -> bytes:
+        """`count` nonces no other call got, concatenated (12 bytes each).
+
+        The same stream `take` hands out, in the same order, so a batch
+        sealed at once gets the nonces its items would have got one by one.
+        """
+        if count < 1:
+            raise InvalidInputError("take_many needs at least one nonce")
+        size = aead.NONCE_SIZE * count
         with self._lock:
-            if self._pool:
-                return
-            size = aead.NONCE_SIZE
-            block = self._random(size * self._per_draw)
-            if not isinstance(block, bytes) or len(block) != size * self._per_draw:
+            start = self._offset
+            if start + size > len(self._buffer):
+                self._buffer = self._buffer[start:] + self._draw(size - (len(self._buffer) - start))
+                start = 0
+            self._offset = start + size
+            return self._buffer[start : start + size]
+
+    def _draw(self, at_least: int) -> bytes:
+        """Whole blocks of `per_draw` nonces, at least `at_least` bytes (the lock is held)."""
+        block = aead.NONCE_SIZE * self._per_draw
+        drawn: list[bytes] = []
+        total = 0
+        while total < at_least:
+            fresh = self._random(block)
+            if not isinstance(fresh, bytes) or len(fresh) != block:
                 raise InvalidInputError("the random source returned the wrong number of bytes")
-            self._pool.extend(block[i : i + size] for i in range(0, len(block), size))
+            drawn.append(fresh)
+            total += block
+        return b"".join(drawn)
 
     def forget(self) -> None:
-        self._pool.clear()
+        """Drop every drawn nonce (in a forked child: a new lock, the old one may be held)."""
+        self._lock = threading.Lock()
+        self._buffer = b""
+        self._offset = 0
 
     def __repr__(self) -> str:
-        return f"<NoncePool: {len(self._pool)} drawn>"
+        return f"<NoncePool: {(len(self._buffer) - self._offset) // aead.NONCE_SIZE} drawn>"
 
 
 # -- the data plane ---------------------------------------------------------------
@@ -692,6 +721,14 @@ class DataPlane:
         self._counters = EncryptionCounters(store, limits)
         self._headers: dict[tuple[str, int], bytes] = {}
         self._backends: dict[str, str] = {}
+        # What `_wrapfast` checks step 0 against (it takes values up to 2**30; no
+        # gRPC message comes near that, and anything larger goes the Python way).
+        self._wire_limits = (
+            min(limits.max_batch_items, 2**30),
+            min(limits.max_plaintext, 2**30),
+            min(limits.max_context_pairs, 2**30),
+            min(limits.max_context_bytes, 2**30),
+        )
         self._epoch = 0
         daemon.add_seal_observer(self._on_seal_state)
 
@@ -738,6 +775,74 @@ class DataPlane:
         self, identity: str, items: Sequence[RewrapInput]
     ) -> list[Wrapped | KeyquorumError]:
         return self._batch(identity, "batch_rewrap", items, self._rewrap)
+
+    def batch_wrap_serialized(self, identity: str, request: bytes) -> bytes | None:
+        """BatchWrap of a serialised BatchWrapRequest in one C call, or None.
+
+        The fast path for a batch whose every item succeeds (docs/dataplane.md,
+        "The BatchWrap fast path"): `_wrapfast.scan` checks each item's step 0
+        over the wire bytes; here each distinct tenant gets its steps 1 to 3
+        once (grant, key, a counter reservation for all its items); then the
+        call-level checks `_batch` makes (rate limit, seal) and one
+        `_wrapfast.seal`, which encrypts every item and writes the serialised
+        BatchWrapResponse. None, with nothing charged or recorded, whenever
+        any of that would not succeed for every item (or the extension is not
+        built): the caller then parses the request and calls `batch_wrap`,
+        the reference, which decides each item's result. A call-level refusal
+        (rate limit, sealed) raises as `batch_wrap` does. The answer is the
+        bytes `batch_wrap` and `encode_wrap_results` would give with the
+        same nonces (tests/test_wrapfast.py).
+        """
+        if not NATIVE_BATCH_WRAP:
+            return None
+        limits = self._wire_limits
+        tenants = _wrapfast.scan(request, limits)
+        if tenants is None:
+            return None
+        backend = self._backend(identity)
+        operation = "batch_wrap"
+        scope = _Scope(backend, batch=True)
+        try:
+            keys: list[_Key] = []
+            for tenant, count in tenants:
+                if not TENANT_RE.fullmatch(tenant):
+                    return None
+                try:
+                    self._authorize(identity, tenant, scope)
+                    key = self._key(scope, tenant, None)
+                    reserved = 0
+                    while reserved < count:
+                        reserved += self._counters.take_many(tenant, key.version, count - reserved)
+                except KeyquorumError:
+                    return None
+                keys.append(key)
+            items = sum(count for _, count in tenants)
+            try:
+                if self._rate is not None:
+                    self._rate.take(backend, items)
+                if self._daemon.sealed:
+                    raise SealedError("the service is sealed")
+            except KeyquorumError as e:
+                self._record(backend, UNKNOWN, operation, e, None)
+                raise
+            response, contexts = _wrapfast.seal(
+                request,
+                limits,
+                [(key.copy.view(), key.head, key.version) for key in keys],
+                AAD_LABEL,
+                self._nonces.take_many(items),
+                bool(self._usage),
+            )
+            # A seal or a deactivation while sealing: the items would have failed one by
+            # one; let the reference path say so (this call's tokens stay taken).
+            if any(key.cipher.closed or key.copy.wiped for key in keys):
+                return None
+        finally:
+            scope.wipe()
+        if contexts is not None:
+            for index, context in contexts:
+                self._record(backend, tenants[index][0], operation, None, context)
+        return response
 
     def refused(self, operation: str, error: KeyquorumError) -> None:
         """Count a call refused before it reached here (no backend identity)."""

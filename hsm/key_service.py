@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2
 
 from keyquorum.hsm import tls
@@ -51,7 +51,12 @@ from keyquorum.hsm.dataplane import (
 )
 from keyquorum.hsm.pki import URI_SCHEME, ClientIdentity
 from keyquorum.hsm.status import abort_with, code_for
-from keyquorum.quorum.errors import AccessDeniedError, KeyquorumError, UnauthenticatedError
+from keyquorum.quorum.errors import (
+    AccessDeniedError,
+    DeserializationError,
+    KeyquorumError,
+    UnauthenticatedError,
+)
 from keyquorum.v1 import key_pb2 as pb
 
 SERVICE_NAME: Final = "keyquorum.v1.KeyService"
@@ -215,8 +220,16 @@ def encode_wrap_results(results: Sequence[Wrapped | KeyquorumError]) -> bytes:
 
 
 def _raw(data: bytes) -> bytes:
-    """The serialiser of a handler whose behaviour already returns wire bytes."""
+    """The (de)serialiser of a handler that reads or writes wire bytes itself."""
     return data
+
+
+def _parse_batch_wrap(request: bytes) -> pb.BatchWrapRequest:
+    """The request message; a malformed one is INVALID_ARGUMENT (DeserializationError)."""
+    try:
+        return pb.BatchWrapRequest.FromString(request)
+    except DecodeError:
+        raise DeserializationError("the request is not a valid BatchWrapRequest") from None
 
 
 class KeyServicer:
@@ -287,10 +300,14 @@ class KeyServicer:
         except KeyquorumError as e:
             abort_with(context, e)
 
-    def BatchWrap(self, request: pb.BatchWrapRequest, context: grpc.ServicerContext) -> bytes:
+    def BatchWrap(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Takes the request serialised: the data plane's C fast path reads the wire bytes."""
         who = self._backend(context, "batch_wrap")
         try:
-            results = self._plane.batch_wrap(who, request.items)
+            answer = self._plane.batch_wrap_serialized(who, request)
+            if answer is not None:
+                return answer
+            results = self._plane.batch_wrap(who, _parse_batch_wrap(request).items)
         except KeyquorumError as e:
             abort_with(context, e)
         return encode_wrap_results(results)
@@ -363,7 +380,7 @@ def method_handlers(servicer: KeyServicer) -> dict[str, grpc.RpcMethodHandler[An
             servicer.GenerateDataKey, pb.GenerateDataKeyRequest.FromString, _serialize
         ),
         "Rewrap": _handler(servicer.Rewrap, pb.RewrapRequest.FromString, _serialize),
-        "BatchWrap": _handler(servicer.BatchWrap, pb.BatchWrapRequest.FromString, _raw),
+        "BatchWrap": _handler(servicer.BatchWrap, _raw, _raw),
         "BatchUnwrap": _handler(servicer.BatchUnwrap, pb.BatchUnwrapRequest.FromString, _serialize),
         "BatchGenerateDataKey": _handler(
             servicer.BatchGenerateDataKey, pb.BatchGenerateDataKeyRequest.FromString, _serialize

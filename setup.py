@@ -1,0 +1,22 @@
+"""The one compiled part: BatchWrap's per-item loop (hsm/_wrapfast.c).
+
+Everything else is in pyproject.toml. The extension links OpenSSL's
+libcrypto (the library CPython's ssl and hashlib modules already load) and
+needs its headers to build (Debian: libssl-dev). It is optional: where it
+cannot be built, install still succeeds and the data plane runs its Python
+path, which is the reference for every result anyway (docs/dataplane.md).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "keyquorum.hsm._wrapfast",
+            sources=["hsm/_wrapfast.c"],
+            libraries=["crypto"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-std=c11"],
+            optional=True,
+        )
+    ]
+)
