@@ -29,7 +29,11 @@ Contract:
   still valid in the log. Expiry (checked at every call and by a
   background sweeper), deactivation, destruction and seal wipe them. The
   sweeper also appends the `shred` entry, erasing the tenant's shred
-  salts in the same transaction, once a destroy wait is over.
+  salts in the same transaction, once a destroy wait is over. A
+  data-plane call sweeps too, but only when something is due: the
+  keyring's earliest activation end or the log's earliest destroy
+  deadline has come (`_sweep_due`), so its cost does not grow with the
+  number of tenants.
 - Replicas (docs/replicas.md): several daemons may share one store. Every
   request that decides something first reads the entries other replicas
   appended and applies them through the same replay (`catch_up`); a
@@ -339,6 +343,10 @@ class Daemon:
         # sealed itself and refuses writes until it is restarted.
         self._failed: str | None = None
         self._replayer, self._tree = self._load()
+        # The earliest destroy deadline of a tenant not yet shredded, from
+        # the log state; recomputed after every change of that state.
+        self._next_shred: int | None = None
+        self._track_destroy_deadlines()
         self._follower: follower.Follower | None = None
         if follow_seconds is not None:
             wait = getattr(store, "wait_for_append", None)
@@ -508,6 +516,7 @@ class Daemon:
             log.error("append failed, nothing was applied: %s", e)
             raise
         self._replayer = scratch
+        self._track_destroy_deadlines()
         for raw in raws:
             self._tree.append(merkle.leaf_hash(raw))
         try:
@@ -568,17 +577,21 @@ class Daemon:
             self._fail(reason)
             raise RollbackError(reason)
         raws = self._store.read(known, size)
-        for raw in raws:
-            try:
-                entry = self._replayer.apply(raw)
-            except LogIntegrityError as e:
-                self._fail(f"an entry another writer appended is refused by replay: {e}")
-                raise
-            self._tree.append(merkle.leaf_hash(raw))
-            if entry.seq == 0 and self._log_key is None:
-                self._log_key = LogKey.load(self._data_dir)
-            for effect in follower.effects(entry, self._replica):
-                self._act(effect)
+        try:
+            for raw in raws:
+                try:
+                    entry = self._replayer.apply(raw)
+                except LogIntegrityError as e:
+                    self._fail(f"an entry another writer appended is refused by replay: {e}")
+                    raise
+                self._tree.append(merkle.leaf_hash(raw))
+                if entry.seq == 0 and self._log_key is None:
+                    self._log_key = LogKey.load(self._data_dir)
+                for effect in follower.effects(entry, self._replica):
+                    self._act(effect)
+        finally:
+            # Even when an entry was refused, the ones before it are applied.
+            self._track_destroy_deadlines()
         if self._log_key is not None:
             note = self._log_key.sign_checkpoint(self._tree.size, self._tree.root())
             try:
@@ -1539,7 +1552,10 @@ class Daemon:
         version does not exist or is disabled.
         """
         with self._lock:
-            self._sweep_locked()
+            # Sweep only when an activation may have ended or a destroy wait
+            # be over; the checks below refuse an ended activation either way.
+            if self._sweep_due(self._now()):
+                self._sweep_locked()
             self._require_unsealed()
             st = self._replayer.state
             record = st.tenants.get(tenant)
@@ -1645,6 +1661,33 @@ class Daemon:
                 self.sweep()
             except Exception:
                 log.exception("sweeper failed")
+
+    def _track_destroy_deadlines(self) -> None:
+        """Recompute `_next_shred`; called after every change of the log state."""
+        self._next_shred = min(
+            (
+                t.destroy_at
+                for t in self._replayer.state.tenants.values()
+                if t.destroy_at is not None and not t.destroyed
+            ),
+            default=None,
+        )
+
+    def _sweep_due(self, now: int) -> bool:
+        """Whether `_sweep_locked` could do anything at `now`.
+
+        The keyring's `next_end` is never later than the earliest end of an
+        activation it holds, and `_next_shred` is the earliest destroy
+        deadline of the log state as it is now, so a sweep that would wipe
+        or shred something is never skipped. A sweep run early (the bound
+        of a tenant deactivated since) costs one walk and makes the bound
+        exact again; a shred that failed stays due and is retried at the
+        next call, as before.
+        """
+        for due in (self._keyring.next_end, self._next_shred):
+            if due is not None and now >= due:
+                return True
+        return False
 
     def _sweep_locked(self) -> None:
         if not self.initialized:

@@ -33,6 +33,11 @@ a cipher (a key copy and a key schedule) per call. The cipher lives and
 dies with the buffer: every removal above closes it in the same step that
 wipes the key, after which no copy handed out earlier can encrypt or
 decrypt any more (tests/test_tenant_key_cache.py).
+
+The keyring also keeps `next_end`, a time no later than the earliest end
+of the activations it holds, so the daemon can tell in O(1) whether an
+expiry sweep is due (`Daemon.tenant_key`) instead of walking every tenant
+on every data-plane call.
 """
 
 from __future__ import annotations
@@ -231,10 +236,23 @@ class TenantKeyring:
     Not thread-safe on its own: the daemon calls it under its lock.
     """
 
-    __slots__ = ("_active",)
+    __slots__ = ("_active", "_next_end")
 
     def __init__(self) -> None:
         self._active: dict[str, _Activation] = {}
+        # Never later than the earliest `until` in `_active` (None: nothing
+        # held). Activating lowers it; only `expire` and `wipe_all` set it
+        # exactly, so after a deactivation it may be early, never late.
+        self._next_end: int | None = None
+
+    @property
+    def next_end(self) -> int | None:
+        """No later than the earliest end of a held activation; None when none is held.
+
+        A lower bound, so `now >= next_end` is false only when no held
+        activation has ended at `now`: skipping `expire` then skips nothing.
+        """
+        return self._next_end
 
     def activate(self, tenant: str, until: int, keys: Mapping[int, SecretBytes]) -> None:
         """Hold `keys` for `tenant` until `until`; a previous activation is wiped."""
@@ -248,6 +266,8 @@ class TenantKeyring:
                 key.wipe()
             raise
         self._active[tenant] = _Activation(until, held)
+        if self._next_end is None or until < self._next_end:
+            self._next_end = until
 
     def add_version(self, tenant: str, version: int, key: SecretBytes) -> bool:
         """Add a new version to an active tenant; otherwise wipe `key`. True if kept."""
@@ -287,11 +307,13 @@ class TenantKeyring:
         ended = [t for t, a in self._active.items() if now >= a.until]
         for tenant in ended:
             self.deactivate(tenant)
+        self._next_end = min((a.until for a in self._active.values()), default=None)
         return ended
 
     def wipe_all(self) -> None:
         for tenant in list(self._active):
             self.deactivate(tenant)
+        self._next_end = None
 
     def active(self, now: int) -> dict[str, int]:
         """Tenant -> activation end, for the activations still open at `now`."""
