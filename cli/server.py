@@ -1,4 +1,15 @@
-"""`keyquorum server run`: the daemon process."""
+"""`keyquorum server run`: the daemon process.
+
+The mTLS listener serves KeyService and AuditService from one thread pool
+(gRPC's sync server runs every handler on a worker thread). KeyService is
+fastest on a small pool (`key_service.SERVER_WORKERS`, docs/dataplane.md
+"Performance"), but an AuditService stream (`GetEntries`, `ListCheckpoints`:
+an export) holds its thread for as long as the auditor takes to read it. So
+the pool has `AUDIT_STREAMS` threads more than KeyService's, and at most
+`AUDIT_STREAMS` audit streams run at once; a further one is refused with
+RESOURCE_EXHAUSTED at its start instead of taking a KeyService thread
+(docs/ARCHITECTURE.md, "The mTLS listener's threads").
+"""
 
 from __future__ import annotations
 
@@ -9,11 +20,13 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 import click
+import grpc
 from grpc_health.v1 import health
 
 from keyquorum.hsm import audit_service, custodian_service, hardening, key_service, tls
@@ -23,16 +36,27 @@ from keyquorum.hsm.dataplane import DataPlane, UsageSink
 from keyquorum.hsm.metrics import Metrics, MetricsServer
 from keyquorum.hsm.postgres_store import PostgresStore
 from keyquorum.hsm.ratelimit import RateLimiter
-from keyquorum.hsm.server import create_server
+from keyquorum.hsm.server import Registration, create_server
 from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.hsm.status import abort_with
 from keyquorum.hsm.store import Store
 from keyquorum.quorum.checkpoint import parse_verifier_key
-from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.quorum.errors import InvalidInputError, LimitExceededError
 from keyquorum.quorum.limits import DEFAULT_LIMITS
+from keyquorum.v1 import audit_pb2 as apb
+from keyquorum.v1 import audit_pb2_grpc as apb_grpc
 
 log = logging.getLogger("keyquorum.server")
 
+T = TypeVar("T")
+
 STORE_FILE = "keyquorum.sqlite"
+#: AuditService streams served at once on the mTLS listener; each holds one
+#: worker thread for its whole length (module docstring).
+AUDIT_STREAMS = 2
+#: The mTLS listener's pool: KeyService's measured best plus one thread per
+#: audit stream, so audit streams can never occupy a thread KeyService needs.
+MTLS_WORKERS = key_service.SERVER_WORKERS + AUDIT_STREAMS
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -64,6 +88,75 @@ def _open_store(kind: str, dsn: str | None, data_dir: Path) -> Store:
     if dsn:
         raise InvalidInputError("--dsn is for --store postgres")
     return SqliteStore.open(data_dir / STORE_FILE)
+
+
+class CappedAuditServicer(audit_service.AuditServicer):
+    """AuditService with at most `streams` streaming calls at once (see AUDIT_STREAMS).
+
+    The slot is taken on the handler's worker thread when the stream starts
+    and given back when the stream's generator ends (finished, aborted, or
+    dropped by gRPC after the client went away), i.e. when the thread is
+    free again. Unary AuditService calls are short and are not counted.
+    """
+
+    def __init__(self, audit_log: audit_service.AuditLog, streams: int = AUDIT_STREAMS) -> None:
+        super().__init__(audit_log)
+        self._max_streams = streams
+        self._streams = threading.BoundedSemaphore(streams)
+
+    def _capped(self, context: grpc.ServicerContext, stream: Iterator[T]) -> Iterator[T]:
+        if not self._streams.acquire(blocking=False):
+            abort_with(
+                context,
+                LimitExceededError(
+                    f"this listener serves at most {self._max_streams} audit streams at once: "
+                    "retry when an export has finished"
+                ),
+            )
+        try:
+            yield from stream
+        finally:
+            self._streams.release()
+
+    def ListCheckpoints(  # noqa: N802 (the gRPC method name)
+        self, request: apb.ListCheckpointsRequest, context: grpc.ServicerContext
+    ) -> Iterator[apb.SignedCheckpoint]:
+        return self._capped(context, super().ListCheckpoints(request, context))
+
+    def GetEntries(  # noqa: N802 (the gRPC method name)
+        self, request: apb.GetEntriesRequest, context: grpc.ServicerContext
+    ) -> Iterator[apb.LogEntry]:
+        return self._capped(context, super().GetEntries(request, context))
+
+
+def mtls_server(
+    daemon: Daemon,
+    plane: DataPlane,
+    audit_log: audit_service.AuditLog,
+    *,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials,
+) -> tuple[grpc.Server, int]:
+    """The mTLS listener (not yet started): KeyService and capped AuditService on MTLS_WORKERS."""
+
+    def register_audit(server: grpc.Server) -> None:
+        apb_grpc.add_AuditServiceServicer_to_server(CappedAuditServicer(audit_log), server)
+
+    register: list[Registration] = [register_audit, key_service.register(plane)]
+    mtls_health = health.HealthServicer()
+    server, bound = create_server(
+        host=host,
+        port=port,
+        credentials=credentials,
+        limits=DEFAULT_LIMITS,
+        register=register,
+        service_names=[audit_service.SERVICE_NAME, key_service.SERVICE_NAME],
+        health_servicer=mtls_health,
+        max_workers=MTLS_WORKERS,
+    )
+    key_service.watch_health(daemon, mtls_health)
+    return server, bound
 
 
 @click.group()
@@ -243,18 +336,11 @@ def run(
             usage=usage,
             rate_limit=None if rate_limit is None else RateLimiter(rate_limit),
         )
-        mtls_health = health.HealthServicer()
-        mtls_server, mtls_bound = create_server(
-            host=mtls_host,
-            port=mtls_port,
-            credentials=mtls_credentials,
-            limits=DEFAULT_LIMITS,
-            register=[audit_service.register(audit_log), key_service.register(plane)],
-            service_names=[audit_service.SERVICE_NAME, key_service.SERVICE_NAME],
-            health_servicer=mtls_health,
+        assert mtls_credentials is not None
+        listener, mtls_bound = mtls_server(
+            daemon, plane, audit_log, host=mtls_host, port=mtls_port, credentials=mtls_credentials
         )
-        key_service.watch_health(daemon, mtls_health)
-        servers.append(mtls_server)
+        servers.append(listener)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -267,8 +353,11 @@ def run(
         s.start()
     if mtls_bound is not None:
         log.info(
-            "mTLS listener (client certificates required) on port %d: KeyService, AuditService",
+            "mTLS listener (client certificates required) on port %d: KeyService, AuditService "
+            "(%d threads, at most %d audit streams)",
             mtls_bound,
+            MTLS_WORKERS,
+            AUDIT_STREAMS,
         )
     if metrics_server is not None:
         log.info("Prometheus metrics on port %d (plain HTTP)", metrics_server.port)

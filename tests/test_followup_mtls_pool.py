@@ -1,0 +1,254 @@
+"""The mTLS listener's threads: audit streams cannot starve KeyService.
+
+`keyquorum server run` builds the mTLS listener with `cli.server.mtls_server`:
+`key_service.SERVER_WORKERS` threads for KeyService plus `AUDIT_STREAMS`
+for AuditService streams, which are capped at `AUDIT_STREAMS` at once. Here
+the listener is that same function over an in-process daemon, and the
+auditor "reads slowly": the store under its `AuditLog` holds every read
+until the test lets it go, so each export stream keeps its worker thread.
+With the cap full, further streams are refused (RESOURCE_EXHAUSTED), and
+KeyService calls, as many at once as it has threads, still complete. The
+call deadlines below only turn a hang into a failure; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from keyquorum.cli import server as cli_server
+from keyquorum.hsm import audit_service, key_service, tls
+from keyquorum.hsm.dataplane import DataPlane
+from keyquorum.hsm.pki import DevPki, make_dev_pki
+from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.v1 import audit_pb2 as apb
+from keyquorum.v1 import audit_pb2_grpc as apb_grpc
+from keyquorum.v1 import custodian_pb2 as pb
+from keyquorum.v1 import key_pb2 as kpb
+from keyquorum.v1 import key_pb2_grpc as kpb_grpc
+from tests.harness import InProcessDaemon, in_process_daemon, make_custodians
+from tests.test_approvals import run, unseal
+
+TENANT = "acme-health"
+BACKEND, AUDITOR = "backend/booking", "auditor/alice"
+#: Only a hang reaches this; every call here normally ends at once.
+HANG_GUARD_S = 30.0
+
+
+class HeldStore:
+    """The store an `AuditLog` reads, whose every `read` waits until `release_all`."""
+
+    def __init__(self, inner: SqliteStore) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+        self._gates: list[threading.Event] = []
+        #: One release per read that is waiting at its gate.
+        self.entered = threading.Semaphore(0)
+
+    def read(self, start: int, end: int) -> list[bytes]:
+        gate = threading.Event()
+        with self._lock:
+            self._gates.append(gate)
+        self.entered.release()
+        gate.wait(timeout=2 * HANG_GUARD_S)
+        return self.inner.read(start, end)
+
+    def release_all(self) -> None:
+        with self._lock:
+            gates, self._gates = self._gates, []
+        for gate in gates:
+            gate.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@dataclass
+class Listener:
+    d: InProcessDaemon
+    held: HeldStore
+    port: int
+    pki: DevPki
+
+    def channel(self, who: str) -> grpc.Channel:
+        files = self.pki.client(who)
+        creds = tls.channel_credentials(
+            self.pki.ca_cert, client_cert=files.cert, client_key=files.key
+        )
+        return grpc.secure_channel(f"127.0.0.1:{self.port}", creds)
+
+
+@pytest.fixture(scope="module")
+def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listener]:
+    base = tmp_path_factory.mktemp("mtls-pool")
+    dev_pki = make_dev_pki(base / "pki", clients=[BACKEND, AUDITOR])
+    custodians = make_custodians(base / "custodians", names=("alice", "bob", "carol"))
+    with in_process_daemon(base / "data", dev_pki) as d:
+        d.stub.InitCeremony(
+            pb.InitCeremonyRequest(
+                deployment="mtls-pool",
+                threshold=2,
+                public_credentials=[c.public_path.read_bytes() for c in custodians],
+            )
+        )
+        unseal(d, custodians[:2])
+        run(d, custodians, "create-tenant", tenant=TENANT)
+        run(d, custodians, "grant", tenant=TENANT, backend="booking")
+        run(d, custodians, "activate-tenant", tenant=TENANT, duration_seconds=3600)
+        held = HeldStore(d.store)
+        server, port = cli_server.mtls_server(
+            d.daemon,
+            DataPlane(d.daemon, d.store, usage=()),
+            audit_service.AuditLog(held),  # type: ignore[arg-type]
+            host="127.0.0.1",
+            port=0,
+            credentials=tls.server_credentials(
+                dev_pki.server_cert,
+                dev_pki.server_key,
+                client_ca=dev_pki.ca_cert,
+                require_client_auth=True,
+            ),
+        )
+        server.start()
+        try:
+            yield Listener(d, held, port, dev_pki)
+        finally:
+            held.release_all()
+            server.stop(grace=None).wait()
+
+
+def export(stub: apb_grpc.AuditServiceStub, size: int) -> Any:
+    """Start a GetEntries stream of the whole log (the call starts without reading)."""
+    return stub.GetEntries(apb.GetEntriesRequest(start=0, end=size), timeout=HANG_GUARD_S)
+
+
+def hold_streams(listener: Listener, stub: apb_grpc.AuditServiceStub, size: int) -> list[Any]:
+    """AUDIT_STREAMS export streams, each holding its worker thread at the store."""
+    streams = [export(stub, size) for _ in range(cli_server.AUDIT_STREAMS)]
+    for _ in streams:
+        assert listener.held.entered.acquire(timeout=HANG_GUARD_S), "a stream never started"
+    return streams
+
+
+def started(listener: Listener, call: Any) -> bool:
+    """True once `call` holds its thread at the store, False if it ended first (refused)."""
+    ended = threading.Event()
+    call.add_callback(ended.set)
+    deadline = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline:
+        if listener.held.entered.acquire(timeout=0.05):
+            return True
+        if ended.is_set():
+            return False
+    raise AssertionError("a stream neither started nor ended")
+
+
+def refused_code(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        next(iter(call))
+    code: grpc.StatusCode = info.value.code()
+    return code
+
+
+def wrap(stub: kpb_grpc.KeyServiceStub, i: int) -> kpb.WrapResponse:
+    response: kpb.WrapResponse = stub.Wrap(
+        kpb.WrapRequest(tenant=TENANT, plaintext=b"x" * i, context={"n": str(i)}),
+        timeout=HANG_GUARD_S,
+    )
+    return response
+
+
+def test_the_listener_has_keyservice_threads_plus_one_per_audit_stream(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    built: dict[str, Any] = {}
+    real = cli_server.create_server
+
+    def recording(**kwargs: Any) -> tuple[grpc.Server, int]:
+        built.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(cli_server, "create_server", recording)
+    dev_pki = make_dev_pki(tmp_path / "pki")
+    with in_process_daemon(tmp_path / "data", dev_pki) as d:
+        server, _port = cli_server.mtls_server(
+            d.daemon,
+            DataPlane(d.daemon, d.store, usage=()),
+            audit_service.AuditLog(d.store),
+            host="127.0.0.1",
+            port=0,
+            credentials=tls.server_credentials(
+                dev_pki.server_cert,
+                dev_pki.server_key,
+                client_ca=dev_pki.ca_cert,
+                require_client_auth=True,
+            ),
+        )
+        server.stop(grace=None).wait()
+    assert cli_server.AUDIT_STREAMS >= 1
+    assert built["max_workers"] == key_service.SERVER_WORKERS + cli_server.AUDIT_STREAMS
+    assert set(built["service_names"]) == {
+        audit_service.SERVICE_NAME,
+        key_service.SERVICE_NAME,
+    }
+
+
+def test_full_audit_streams_refuse_more_and_keyservice_still_serves(listener: Listener) -> None:
+    audit = apb_grpc.AuditServiceStub(listener.channel(AUDITOR))
+    keys = kpb_grpc.KeyServiceStub(listener.channel(BACKEND))
+    size = listener.d.store.size()
+    streams = hold_streams(listener, audit, size)
+    try:
+        # Every further stream, of either streaming method, is refused at its start.
+        for _ in range(key_service.SERVER_WORKERS):
+            assert refused_code(export(audit, size)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        listing = audit.ListCheckpoints(apb.ListCheckpointsRequest(), timeout=HANG_GUARD_S)
+        assert refused_code(listing) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # KeyService: as many calls at once as it has threads, all served.
+        with futures.ThreadPoolExecutor(key_service.SERVER_WORKERS) as pool:
+            wrapped = list(
+                pool.map(lambda i: wrap(keys, i), range(1, 4 * key_service.SERVER_WORKERS))
+            )
+        assert all(w.ciphertext and w.key_version == 1 for w in wrapped)
+        # Unary audit calls are not streams and are not counted.
+        checkpoint = audit.GetCheckpoint(apb.GetCheckpointRequest(), timeout=HANG_GUARD_S)
+        assert checkpoint.size == size
+    finally:
+        listener.held.release_all()
+    expected = list(listener.d.store.read(0, size))
+    for stream in streams:
+        assert [e.data for e in stream] == expected
+
+
+def test_a_cancelled_stream_gives_its_slot_back(listener: Listener) -> None:
+    audit = apb_grpc.AuditServiceStub(listener.channel(AUDITOR))
+    size = listener.d.store.size()
+    for stream in hold_streams(listener, audit, size):
+        stream.cancel()
+    listener.held.release_all()
+    # The threads return once released; then the slots are free again.
+    reopened: list[Any] = []
+    deadline = time.monotonic() + HANG_GUARD_S
+    while len(reopened) < cli_server.AUDIT_STREAMS:
+        assert time.monotonic() < deadline, "the cancelled streams' slots never came back"
+        call = export(audit, size)
+        if started(listener, call):
+            reopened.append(call)
+        else:
+            assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            time.sleep(0.05)
+    try:
+        # Exactly AUDIT_STREAMS again: nothing leaked, nothing given back twice.
+        assert refused_code(export(audit, size)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        listener.held.release_all()
+    for call in reopened:
+        assert len(list(call)) == size
