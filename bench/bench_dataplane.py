@@ -17,17 +17,17 @@ Both services are registered the same way (one generic handler each; the
 KeyService's handlers come from `key_service.register`, as in the daemon).
 Server model: every figure is KeyService against an echo on a server with
 the same thread pool, `key_service.SERVER_WORKERS` (4) threads; one more
-row repeats Wrap at 64 in flight with both on `create_server`'s default
-pool (16 threads, what `keyquorum server run` uses until it passes
-SERVER_WORKERS), since the pool size moves both figures, and the
+row repeats Wrap at 64 in flight with both on the pool `keyquorum server
+run` gives its mTLS listener (`cli.server.MTLS_WORKERS`: those 4 plus 2
+for audit streams), since the pool size moves both figures, and the
 KeyService's far more.
 
 Rows: Wrap and Unwrap (32-byte data key, a two-pair context) at 1, 8 and
 64 calls in flight, and BatchWrap of 100 items at 8 in flight (items/s),
 each against its echo. The batch runs twice: 100 items with one context
-(the data plane encodes it once per call) and 100 items with 100
-different contexts (encoded one by one), so the context cache does not
-flatter the figure. Plus, in process, the data plane's format code
+and 100 items with 100 different contexts. BatchWrap takes the C fast
+path (hsm/_wrapfast.c, docs/dataplane.md) where it is built; the row
+names the path that ran. Plus, in process, the data plane's format code
 (context encoding, header, AES-GCM with the prepared key the keyring
 keeps) against bare AES-256-GCM with a prepared key (`aead.Cipher`).
 Names carry p50/p99 latency and, where the issue sets one, the target and
@@ -70,8 +70,6 @@ ECHO = "keyquorum.bench.Echo"
 
 def _serve(work: Path) -> None:
     """Daemon, and KeyService + echo servers for each pool size; writes their ports; waits."""
-    import inspect
-
     from grpc_health.v1 import health
 
     from keyquorum.hsm import key_service, tls
@@ -94,10 +92,14 @@ def _serve(work: Path) -> None:
         run(d, custodians, "grant", tenant=TENANT, backend="booking")
         run(d, custodians, "activate-tenant", tenant=TENANT, duration_seconds=24 * 3600)
         plane = DataPlane(d.daemon, d.store)
-        default_pool = inspect.signature(create_server).parameters["max_workers"].default
+        from keyquorum.cli.server import MTLS_WORKERS
+
         servers: list[grpc.Server] = []
-        ready: dict[str, object] = {"ca": str(pki.ca_cert)}
-        for suffix, workers in (("", key_service.SERVER_WORKERS), ("_default", default_pool)):
+        ready: dict[str, object] = {
+            "ca": str(pki.ca_cert),
+            "batch_path": "C fast path" if dataplane.NATIVE_BATCH_WRAP else "Python path",
+        }
+        for suffix, workers in (("", key_service.SERVER_WORKERS), ("_default", MTLS_WORKERS)):
             key_server, ready[f"key_port{suffix}"] = create_server(
                 host="127.0.0.1",
                 port=0,
@@ -320,7 +322,7 @@ def _client_rows(ready: dict[str, str], quick: bool) -> list[Row]:
                 wrap_req,
                 64,
                 timing,
-                f", {ready['workers_default']}-thread pool (create_server's default)",
+                f", {ready['workers_default']}-thread pool (keyquorum server run's mTLS listener)",
             )
         )
         for label, request in (("one context", batch_req), ("100 contexts", distinct_req)):
@@ -335,7 +337,8 @@ def _client_rows(ready: dict[str, str], quick: bool) -> list[Row]:
             met = k_rate >= 0.6 * e_rate
             rows.append(
                 Row(
-                    f"KeyService BatchWrap of {BATCH}, {label}, 8 in flight{pool} "
+                    f"KeyService BatchWrap of {BATCH}, {label}, 8 in flight{pool}, "
+                    f"{ready['batch_path']} "
                     f"(p99 {_ms(k99)}; target >=0.60x items/s: {'MET' if met else 'NOT MET'})",
                     k_rate * BATCH,
                     f"echo BatchWrap (p99 {_ms(e99)})",
