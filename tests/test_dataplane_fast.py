@@ -5,7 +5,8 @@
   characters, any values: controls, quotes, non-BMP, U+2028);
 - BatchWrap's hand-written wire format against the protobuf library's own
   serialisation, byte for byte, and parsed back;
-- nonces drawn in blocks: none repeats, across threads and after a fork;
+- nonces drawn in blocks: none repeats, across threads and after a fork, and a
+  batch's `take_many` is the stream `take` gives one by one, across refills;
 - counter reservations for a batch never hand out a number twice and stop
   at the bound.
 
@@ -15,8 +16,11 @@ A batch's context cache over real gRPC is in tests/test_key_service.py
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -180,6 +184,113 @@ def test_nonces_come_from_the_random_source_in_order_and_a_fork_forgets_them() -
 def test_nonce_pool_refuses_a_bad_source(source: object, per_draw: int) -> None:
     with pytest.raises(InvalidInputError):
         NoncePool(source, per_draw=per_draw).take()  # type: ignore[arg-type]
+
+
+class Numbered:
+    """A random source whose k-th 12-byte nonce is k: where each handed-out nonce came from."""
+
+    def __init__(self) -> None:
+        self.drawn = 0
+        self.draws: list[int] = []
+
+    def __call__(self, size: int) -> bytes:
+        assert size % 12 == 0
+        self.draws.append(size)
+        first, self.drawn = self.drawn, self.drawn + size // 12
+        return b"".join(n.to_bytes(12, "big") for n in range(first, self.drawn))
+
+
+def numbers(nonces: bytes) -> list[int]:
+    assert len(nonces) % 12 == 0
+    return [int.from_bytes(nonces[i : i + 12], "big") for i in range(0, len(nonces), 12)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    per_draw=st.integers(1, 9),
+    seed=st.binary(min_size=1, max_size=8),
+)
+def test_take_many_is_the_stream_take_gives_one_by_one(
+    sizes: list[int], per_draw: int, seed: bytes
+) -> None:
+    """A batch's nonces are the ones its items would have got one by one, across refills."""
+
+    def source() -> Callable[[int], bytes]:
+        drawn = 0
+
+        def random_bytes(size: int) -> bytes:
+            nonlocal drawn
+            drawn += size
+            return hashlib.shake_256(seed).digest(drawn)[drawn - size :]
+
+        return random_bytes
+
+    batched, single = NoncePool(source(), per_draw=per_draw), NoncePool(source(), per_draw=per_draw)
+    many = [batched.take_many(n) for n in sizes]
+    assert [len(m) for m in many] == [12 * n for n in sizes]
+    assert b"".join(many) == b"".join(single.take() for _ in range(sum(sizes)))
+    assert b"".join(many) == hashlib.shake_256(seed).digest(12 * sum(sizes))
+
+
+def test_take_many_spans_refills_in_whole_draws() -> None:
+    source = Numbered()
+    pool = NoncePool(source, per_draw=4)
+    assert numbers(pool.take_many(3)) == [0, 1, 2]
+    assert numbers(pool.take_many(6)) == [3, 4, 5, 6, 7, 8]  # the rest of one draw, then two more
+    assert source.draws == [48, 48, 48]
+    assert numbers(pool.take()) == [9]
+    assert numbers(pool.take_many(10)) == list(range(10, 20))
+    assert source.draws == [48] * 5
+    assert numbers(pool.take_many(1)) == [20]
+
+
+@pytest.mark.parametrize("count", [0, -1, -12])
+def test_take_many_refuses_no_nonces(count: int) -> None:
+    source = Numbered()
+    pool = NoncePool(source, per_draw=4)
+    with pytest.raises(InvalidInputError, match="at least one nonce"):
+        pool.take_many(count)
+    assert source.draws == []
+    assert numbers(pool.take()) == [0]
+
+
+def test_forget_drops_the_drawn_nonces() -> None:
+    source = Numbered()
+    pool = NoncePool(source, per_draw=4)
+    assert numbers(pool.take_many(2)) == [0, 1]
+    pool.forget()
+    assert "0 drawn" in repr(pool)
+    assert numbers(pool.take_many(3)) == [4, 5, 6]  # 2 and 3 are never handed out
+    assert numbers(pool.take()) == [7]
+    assert source.draws == [48, 48]
+
+
+def test_take_and_take_many_across_threads_never_repeat_or_skip() -> None:
+    """Six threads mixing single nonces and batches: every nonce drawn is handed out once."""
+    source = Numbered()
+    pool = NoncePool(source, per_draw=7)
+    got: list[list[int]] = [[] for _ in range(6)]
+
+    def draw(mine: list[int], seed: int) -> None:
+        sizes = random.Random(seed)
+        for _ in range(300):
+            mine.extend(
+                numbers(
+                    pool.take_many(sizes.randint(1, 30)) if sizes.random() < 0.5 else pool.take()
+                )
+            )
+
+    threads = [threading.Thread(target=draw, args=(g, i)) for i, g in enumerate(got)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = sorted(n for g in got for n in g)
+    assert every == list(range(len(every)))  # none twice, none skipped
+    assert source.drawn - len(every) < 7  # what is left is less than one draw
+    for mine in got:
+        assert mine == sorted(mine)  # each thread's nonces come in stream order
 
 
 # -- counter reservations -------------------------------------------------------------
