@@ -7,6 +7,9 @@ module knows nothing of the daemon's logic.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 
@@ -18,6 +21,54 @@ from keyquorum.quorum.errors import InvalidInputError
 from keyquorum.quorum.limits import Limits
 
 Registration = Callable[[grpc.Server], None]
+
+#: Seconds between two log lines about requests gRPC could not parse.
+UNPARSEABLE_REPORT_INTERVAL = 60.0
+
+
+class UnparseableRequestLog(logging.Filter):
+    """Turns gRPC's traceback per unparseable request into a line a minute.
+
+    gRPC logs "Exception deserializing message!" with a full traceback for
+    every request its deserializer rejects (and answers INTERNAL). Anyone who
+    reaches the custodian port, which needs no client certificate, could grow
+    the daemon's log at will that way. This filter, on gRPC's `grpc._common`
+    logger, lets through the first such record of each interval without its
+    traceback, saying how many were dropped since the last one; every other
+    record passes unchanged.
+    """
+
+    def __init__(
+        self,
+        interval: float = UNPARSEABLE_REPORT_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Exception deserializing"):
+            return True
+        now = self._clock()
+        with self._lock:
+            if self._last is not None and now - self._last < self._interval:
+                self._dropped += 1
+                return False
+            dropped, self._dropped, self._last = self._dropped, 0, now
+        error = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else "?"
+        record.msg = "gRPC could not parse a request (%s); %d more not logged since the last line"
+        record.args = (error, dropped)
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+_UNPARSEABLE = UnparseableRequestLog()
+logging.getLogger("grpc._common").addFilter(_UNPARSEABLE)
 
 
 def create_server(
