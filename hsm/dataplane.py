@@ -9,6 +9,9 @@ state the quorum log replays to. A batch checks each tenant's grant and
 activation once, at the first item that names it, and holds that key copy
 until the batch ends (at most 1000 items, milliseconds); a seal during a
 batch still stops every later item that would return a key (step 4).
+BatchWrap has a C fast path for batches whose every item succeeds
+(`batch_wrap_serialized`, hsm/_wrapfast.c); the Python path here stays the
+reference it is tested against, and decides every other batch.
 
 Ciphertext (format 0x01), every field before the nonce is the header:
 
@@ -785,11 +788,13 @@ class DataPlane:
         once (grant, key, a counter reservation for all its items); then the
         call-level checks `_batch` makes (rate limit, seal) and one
         `_wrapfast.seal`, which encrypts every item and writes the serialised
-        BatchWrapResponse. None, with nothing charged or recorded, whenever
-        any of that would not succeed for every item (or the extension is not
-        built): the caller then parses the request and calls `batch_wrap`,
-        the reference, which decides each item's result. A call-level refusal
-        (rate limit, sealed) raises as `batch_wrap` does. The answer is the
+        BatchWrapResponse. None, with nothing recorded, whenever any of that
+        would not succeed for every item (or the extension is not built): the
+        caller then parses the request and calls `batch_wrap`, the reference,
+        which decides each item's result. Counter numbers reserved before a
+        None are skipped (the count only over-states); after the seal step's
+        None (a key closed during the call) the rate-limit tokens stay taken.
+        A call-level refusal (rate limit, sealed) raises as `batch_wrap` does. The answer is the
         bytes `batch_wrap` and `encode_wrap_results` would give with the
         same nonces (tests/test_wrapfast.py).
         """

@@ -17,13 +17,16 @@ identity and no other keyquorum URI; so a busy backend's calls neither
 re-parse X.509 nor copy the auth context each time.
 
 The hot paths avoid per-item Python work that is not a check: Wrap and
-Rewrap requests go to the data plane as they came (it only reads them), and
-BatchWrap and BatchRewrap answers are written straight in the protobuf wire
-format (`encode_wrap_results`, tested byte for byte against the protobuf
-library's own serialisation) instead of building one message object per
-item. The handlers are registered here, as the generated
-`add_KeyServiceServicer_to_server` would (one generic handler), with
-those two serialisers replaced.
+Rewrap requests go to the data plane as they came (it only reads them).
+BatchWrap takes the request as wire bytes: `DataPlane.batch_wrap_serialized`
+answers a batch whose every item succeeds with one C call (hsm/_wrapfast.c,
+docs/dataplane.md); any other batch is parsed here and goes the Python way.
+BatchWrap's Python path and BatchRewrap write their answers straight in the
+protobuf wire format (`encode_wrap_results`, tested byte for byte against
+the protobuf library's own serialisation) instead of building one message
+object per item. The handlers are registered here, as the generated
+`add_KeyServiceServicer_to_server` would (one generic handler), with those
+(de)serialisers replaced.
 
 `watch_health` ties the standard health service to the seal state: the
 KeyService reports NOT_SERVING while sealed and SERVING when unsealed, so
