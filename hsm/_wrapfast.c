@@ -690,7 +690,11 @@ static PyObject *wrapfast_seal(PyObject *self, PyObject *args)
         span_t body;
         size_t ct_len, ok_len, inner_len;
         while (p < end && read_len_field(&p, end, &number, &body)) {
-            parse_item(body, &limits, item);
+            /* The bytes are immutable and scan_batch accepted them; checked anyway. */
+            if (index >= batch.items || !parse_item(body, &limits, item)) {
+                failed = 3;
+                break;
+            }
             const tenant_key_t *key = &keys[sizes[index].tenant];
             memcpy(aad, label.buf, (size_t)label.len);
             memcpy(aad + label.len, key->head, key->head_len);
