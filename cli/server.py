@@ -20,10 +20,9 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
 
 import click
 import grpc
@@ -38,17 +37,13 @@ from keyquorum.hsm.postgres_store import PostgresStore
 from keyquorum.hsm.ratelimit import RateLimiter
 from keyquorum.hsm.server import Registration, create_server
 from keyquorum.hsm.sqlite_store import SqliteStore
-from keyquorum.hsm.status import abort_with
 from keyquorum.hsm.store import Store
 from keyquorum.quorum.checkpoint import parse_verifier_key
-from keyquorum.quorum.errors import InvalidInputError, LimitExceededError
+from keyquorum.quorum.errors import InvalidInputError
 from keyquorum.quorum.limits import DEFAULT_LIMITS
-from keyquorum.v1 import audit_pb2 as apb
 from keyquorum.v1 import audit_pb2_grpc as apb_grpc
 
 log = logging.getLogger("keyquorum.server")
-
-T = TypeVar("T")
 
 STORE_FILE = "keyquorum.sqlite"
 #: AuditService streams served at once on the mTLS listener; each holds one
@@ -90,45 +85,6 @@ def _open_store(kind: str, dsn: str | None, data_dir: Path) -> Store:
     return SqliteStore.open(data_dir / STORE_FILE)
 
 
-class CappedAuditServicer(audit_service.AuditServicer):
-    """AuditService with at most `streams` streaming calls at once (see AUDIT_STREAMS).
-
-    The slot is taken on the handler's worker thread when the stream starts
-    and given back when the stream's generator ends (finished, aborted, or
-    dropped by gRPC after the client went away), i.e. when the thread is
-    free again. Unary AuditService calls are short and are not counted.
-    """
-
-    def __init__(self, audit_log: audit_service.AuditLog, streams: int = AUDIT_STREAMS) -> None:
-        super().__init__(audit_log)
-        self._max_streams = streams
-        self._streams = threading.BoundedSemaphore(streams)
-
-    def _capped(self, context: grpc.ServicerContext, stream: Iterator[T]) -> Iterator[T]:
-        if not self._streams.acquire(blocking=False):
-            abort_with(
-                context,
-                LimitExceededError(
-                    f"this listener serves at most {self._max_streams} audit streams at once: "
-                    "retry when an export has finished"
-                ),
-            )
-        try:
-            yield from stream
-        finally:
-            self._streams.release()
-
-    def ListCheckpoints(  # noqa: N802 (the gRPC method name)
-        self, request: apb.ListCheckpointsRequest, context: grpc.ServicerContext
-    ) -> Iterator[apb.SignedCheckpoint]:
-        return self._capped(context, super().ListCheckpoints(request, context))
-
-    def GetEntries(  # noqa: N802 (the gRPC method name)
-        self, request: apb.GetEntriesRequest, context: grpc.ServicerContext
-    ) -> Iterator[apb.LogEntry]:
-        return self._capped(context, super().GetEntries(request, context))
-
-
 def mtls_server(
     daemon: Daemon,
     plane: DataPlane,
@@ -141,7 +97,9 @@ def mtls_server(
     """The mTLS listener (not yet started): KeyService and capped AuditService on MTLS_WORKERS."""
 
     def register_audit(server: grpc.Server) -> None:
-        apb_grpc.add_AuditServiceServicer_to_server(CappedAuditServicer(audit_log), server)
+        apb_grpc.add_AuditServiceServicer_to_server(
+            audit_service.AuditServicer(audit_log, max_streams=AUDIT_STREAMS), server
+        )
 
     register: list[Registration] = [register_audit, key_service.register(plane)]
     mtls_health = health.HealthServicer()

@@ -224,10 +224,42 @@ def _signer(line: str) -> tuple[str, bytes] | None:
 
 
 class AuditServicer(pb_grpc.AuditServiceServicer):
-    """Auditor-facing RPCs; every call requires an auditor's client certificate."""
+    """Auditor-facing RPCs; every call requires an auditor's client certificate.
 
-    def __init__(self, audit_log: AuditLog) -> None:
+    With `max_streams`, at most that many streaming calls (`ListCheckpoints`,
+    `GetEntries`: an export) run at once; a further one is refused at its
+    start with RESOURCE_EXHAUSTED. Each stream holds a worker thread of the
+    gRPC server for as long as the auditor reads, so on a listener shared
+    with KeyService (`keyquorum server run`) the cap keeps exports off the
+    threads KeyService needs. The slot is given back when the stream's
+    generator ends (finished, aborted, or dropped after the client left),
+    i.e. when its thread is free. Unary calls are short and not counted.
+    """
+
+    def __init__(self, audit_log: AuditLog, *, max_streams: int | None = None) -> None:
+        if max_streams is not None and max_streams < 1:
+            raise InvalidInputError("max_streams must be at least 1")
         self._log = audit_log
+        self._max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams) if max_streams else None
+
+    def _capped(self, context: grpc.ServicerContext, stream: Iterator[T]) -> Iterator[T]:
+        """`stream`, holding one of the `max_streams` slots while it runs."""
+        if self._streams is None:
+            yield from stream
+            return
+        if not self._streams.acquire(blocking=False):
+            abort_with(
+                context,
+                LimitExceededError(
+                    f"this listener serves at most {self._max_streams} audit streams at once: "
+                    "retry when an export has finished"
+                ),
+            )
+        try:
+            yield from stream
+        finally:
+            self._streams.release()
 
     @staticmethod
     def _call(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
@@ -264,11 +296,19 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
     def ListCheckpoints(
         self, request: pb.ListCheckpointsRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.SignedCheckpoint]:
+        return self._capped(context, self._list_checkpoints(context))
+
+    def _list_checkpoints(self, context: grpc.ServicerContext) -> Iterator[pb.SignedCheckpoint]:
         self._auditor(context)
         for size, note in self._call(context, self._log.checkpoints):
             yield pb.SignedCheckpoint(size=size, note=note)
 
     def GetEntries(
+        self, request: pb.GetEntriesRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.LogEntry]:
+        return self._capped(context, self._get_entries(request, context))
+
+    def _get_entries(
         self, request: pb.GetEntriesRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.LogEntry]:
         self._auditor(context)

@@ -29,6 +29,7 @@ from keyquorum.hsm import audit_service, key_service, tls
 from keyquorum.hsm.dataplane import DataPlane
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.quorum.errors import InvalidInputError
 from keyquorum.v1 import audit_pb2 as apb
 from keyquorum.v1 import audit_pb2_grpc as apb_grpc
 from keyquorum.v1 import custodian_pb2 as pb
@@ -252,3 +253,13 @@ def test_a_cancelled_stream_gives_its_slot_back(listener: Listener) -> None:
         listener.held.release_all()
     for call in reopened:
         assert len(list(call)) == size
+
+
+@pytest.mark.parametrize("streams", [0, -1])
+def test_audit_stream_cap_must_admit_one_stream(tmp_path: Path, streams: int) -> None:
+    store = SqliteStore.open(tmp_path / "store.sqlite")
+    try:
+        with pytest.raises(InvalidInputError, match="max_streams"):
+            audit_service.AuditServicer(audit_service.AuditLog(store), max_streams=streams)
+    finally:
+        store.close()
