@@ -68,7 +68,7 @@ from keyquorum.hsm import follower, rollback, tenant_keys
 from keyquorum.hsm.logkey import LogKey
 from keyquorum.hsm.pki import ClientIdentity
 from keyquorum.hsm.store import ShredSalt, Store
-from keyquorum.hsm.tenant_keys import TenantKeyring
+from keyquorum.hsm.tenant_keys import HeldKey, TenantKey, TenantKeyring
 from keyquorum.quorum import log as qlog
 from keyquorum.quorum import merkle, shamir, statements
 from keyquorum.quorum.checkpoint import parse_verifier_key
@@ -1542,7 +1542,7 @@ class Daemon:
             self._keyring.activate(record.name, record.active_until, keys)
             log.info("activation of tenant %s restored until %d", record.name, record.active_until)
 
-    def tenant_key(self, tenant: str, version: int | None = None) -> tuple[int, SecretBytes]:
+    def tenant_key(self, tenant: str, version: int | None = None) -> tuple[int, TenantKey]:
         """For the data plane: an active tenant's key (the current version by default).
 
         Returns (version, a copy of the key); the caller wipes the copy
@@ -1552,27 +1552,60 @@ class Daemon:
         version does not exist or is disabled.
         """
         with self._lock:
-            # Sweep only when an activation may have ended or a destroy wait
-            # be over; the checks below refuse an ended activation either way.
-            if self._sweep_due(self._now()):
-                self._sweep_locked()
-            self._require_unsealed()
-            st = self._replayer.state
-            record = st.tenants.get(tenant)
-            if record is None:
-                raise StateError(f"unknown tenant {tenant!r}")
-            if record.destroyed:
-                raise StateError(f"tenant {tenant!r} was destroyed")
-            now = self._now()
-            if not record.is_active(now):
-                raise StateError(f"tenant {tenant!r} is not active")
-            number = record.current.version if version is None else version
-            held = record.version(number)
-            if held is None:
-                raise StateError(f"tenant {tenant!r} has no version {number}")
-            if held.disabled_seq is not None:
-                raise StateError(f"version {number} of tenant {tenant!r} is disabled")
+            number, now = self._usable_locked(tenant, version)
             return number, self._keyring.key(tenant, number, now)
+
+    def data_key(
+        self, backend: str, tenant: str, version: int | None = None
+    ) -> tuple[int, HeldKey]:
+        """For the data plane: `backend`'s grant of `tenant`, then its key, in one lock.
+
+        `backend` is a backend's name, which the data plane read once from its
+        verified certificate's URI (`authorize_backend` parses the URI on each
+        call). Refusals in the data plane's order (dataplane.py): not granted,
+        AccessDeniedError (also for a tenant that does not exist, so names
+        cannot be probed); a `version` the tenant never had, DeserializationError
+        (only a forged ciphertext header names one); then `tenant_key`'s.
+        Returns the version number and the keyring's held version, not a copy
+        (`TenantKeyring.held`): its cipher refuses use once a seal or the
+        activation's end wiped the version.
+        """
+        with self._lock:
+            if not self._replayer.state.granted(backend, tenant):
+                raise AccessDeniedError(f"backend {backend} is not granted tenant {tenant!r}")
+            if version is not None:
+                record = self._replayer.state.tenants.get(tenant)
+                if record is not None and version > len(record.versions):
+                    raise DeserializationError(
+                        f"the ciphertext names key version {version} of tenant "
+                        f"{tenant!r}, which has {len(record.versions)}"
+                    )
+            number, now = self._usable_locked(tenant, version)
+            return number, self._keyring.held(tenant, number, now)
+
+    def _usable_locked(self, tenant: str, version: int | None) -> tuple[int, int]:
+        """The version number (the current one for None) if usable now, and now."""
+        now = self._now()
+        # Sweep only when an activation may have ended or a destroy wait be
+        # over; the checks below refuse an ended activation either way.
+        if self._sweep_due(now):
+            self._sweep_locked()
+            now = self._now()  # a shred appended an entry, which may move the log's time
+        self._require_unsealed()
+        record = self._replayer.state.tenants.get(tenant)
+        if record is None:
+            raise StateError(f"unknown tenant {tenant!r}")
+        if record.destroyed:
+            raise StateError(f"tenant {tenant!r} was destroyed")
+        if not record.is_active(now):
+            raise StateError(f"tenant {tenant!r} is not active")
+        number = record.current.version if version is None else version
+        held = record.version(number)
+        if held is None:
+            raise StateError(f"tenant {tenant!r} has no version {number}")
+        if held.disabled_seq is not None:
+            raise StateError(f"version {number} of tenant {tenant!r} is disabled")
+        return number, now
 
     def authorize_backend(self, identity: str, tenant: str) -> str:
         """For the data plane: the backend name if `identity` is granted `tenant`.

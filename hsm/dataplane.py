@@ -3,12 +3,13 @@
 `KeyService` (`key_service.py`) is a thin layer over `DataPlane`; this
 module decides everything: the ciphertext format, what is checked and in
 which order, the per-key-version encryption counter, the HPKE option, the
-batch rules. Tenant keys come from `Daemon.tenant_key` (a copy, wiped when
-the call ends) and grants from `Daemon.authorize_backend`; both read the
-state the quorum log replays to. A batch checks each tenant's grant and
-activation once, at the first item that names it, and holds that key copy
-until the batch ends (at most 1000 items, milliseconds); a seal during a
-batch still stops every later item that would return a key (step 4).
+batch rules. Grants and tenant keys come from `Daemon.data_key` (the grant
+check, then the keyring's held key version, under one lock), which reads
+the state the quorum log replays to. A batch checks each tenant's grant
+and activation once per key version, at the first item that names it, and
+uses that key until the batch ends (at most 1000 items, milliseconds); a
+seal during a call closes the key's cipher, so no later item encrypts or
+decrypts with it, and step 4 stops every result that would carry a key.
 BatchWrap has a C fast path for batches whose every item succeeds
 (`batch_wrap_serialized`, hsm/_wrapfast.c); the Python path here stays the
 reference it is tested against, and decides every other batch.
@@ -62,7 +63,7 @@ from typing import Final, Protocol, TypeVar
 from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.pki import ClientIdentity
 from keyquorum.hsm.store import Store
-from keyquorum.hsm.tenant_keys import TenantKey
+from keyquorum.hsm.tenant_keys import HeldKey
 from keyquorum.quorum import aead, canonical
 from keyquorum.quorum.errors import (
     AccessDeniedError,
@@ -642,60 +643,48 @@ IDENTITY_CACHE: Final = 1024
 
 
 class _Key:
-    """One tenant key version as a call uses it: the copy, its cipher, the header."""
+    """One tenant key version as a call uses it: the keyring's held key, the header.
 
-    __slots__ = ("aad", "allowance", "cipher", "copy", "head", "owned", "version")
+    Nothing here is a copy: the cipher is the keyring's, closed when it
+    wipes the version (a seal, the activation's end), after which any use
+    raises StateError.
+    """
 
-    def __init__(
-        self, version: int, copy: SecretBytes, cipher: aead.Cipher, owned: bool, head: bytes
-    ) -> None:
+    __slots__ = ("aad", "allowance", "cipher", "head", "held", "version")
+
+    def __init__(self, version: int, held: HeldKey, head: bytes) -> None:
         self.version = version
-        self.copy = copy
-        self.cipher = cipher
-        #: True when this call made the cipher (a plain copy) and must close it.
-        self.owned = owned
+        self.held = held
+        self.cipher = held.cipher
         self.head = head
         self.aad = AAD_LABEL + head
         #: Encryptions reserved for this call and not used yet.
         self.allowance = 0
-
-    def wipe(self) -> None:
-        if self.owned:
-            self.cipher.close()
-        self.copy.wipe()
 
     def __repr__(self) -> str:
         return f"<call key v{self.version}>"
 
 
 class _Scope:
-    """What one call learned once: the grants, the key copies, the encoded contexts.
+    """What one call learned once: the keys (grant checked), the encoded contexts.
 
-    A batch checks each tenant's grant and takes each key once, at the first
-    item that needs it, and reuses them for the rest of the batch; every
-    copy is wiped when the call ends. Identical contexts in one batch are
-    encoded once (`contexts`, dropped with the scope).
+    A batch checks a tenant's grant and takes a key version once, at the
+    first item that needs it, and reuses them for the rest of the batch.
+    Identical contexts in one batch are encoded once (`contexts`). A scope
+    lives for one call: nothing in it outlives the call's stack frame.
     """
 
-    __slots__ = ("backend", "contexts", "granted", "keys", "left")
+    __slots__ = ("backend", "contexts", "keys", "left")
 
     def __init__(self, backend: str, *, batch: bool) -> None:
         self.backend = backend
-        self.granted: set[str] = set()
         self.keys: dict[tuple[str, int | None], _Key] = {}
         self.contexts: dict[tuple[tuple[str, str], ...], bytes] | None = {} if batch else None
         #: Items of the call from the current one on (sizes counter reservations).
         self.left = 1
 
-    def wipe(self) -> None:
-        for key in self.keys.values():
-            key.wipe()
-        self.keys.clear()
-        if self.contexts is not None:
-            self.contexts.clear()
-
     def __repr__(self) -> str:
-        return f"<scope: {len(self.granted)} tenants, {len(self.keys)} keys>"
+        return f"<scope: {len(self.keys)} keys>"
 
 
 class DataPlane:
@@ -807,43 +796,37 @@ class DataPlane:
         backend = self._backend(identity)
         operation = "batch_wrap"
         scope = _Scope(backend, batch=True)
-        try:
-            keys: list[_Key] = []
-            for tenant, count in tenants:
-                if not TENANT_RE.fullmatch(tenant):
-                    return None
-                try:
-                    self._authorize(identity, tenant, scope)
-                    key = self._key(scope, tenant, None)
-                    reserved = 0
-                    while reserved < count:
-                        reserved += self._counters.take_many(tenant, key.version, count - reserved)
-                except KeyquorumError:
-                    return None
-                keys.append(key)
-            items = sum(count for _, count in tenants)
-            try:
-                if self._rate is not None:
-                    self._rate.take(backend, items)
-                if self._daemon.sealed:
-                    raise SealedError("the service is sealed")
-            except KeyquorumError as e:
-                self._record(backend, UNKNOWN, operation, e, None)
-                raise
-            response, contexts = _wrapfast.seal(
-                request,
-                limits,
-                [(key.copy.view(), key.head, key.version) for key in keys],
-                AAD_LABEL,
-                self._nonces.take_many(items),
-                bool(self._usage),
-            )
-            # A seal or a deactivation while sealing: the items would have failed one by
-            # one; let the reference path say so (this call's tokens stay taken).
-            if any(key.cipher.closed or key.copy.wiped for key in keys):
+        keys: list[_Key] = []
+        views: list[tuple[memoryview, bytes, int]] = []
+        for tenant, count in tenants:
+            if not TENANT_RE.fullmatch(tenant):
                 return None
-        finally:
-            scope.wipe()
+            try:
+                key = self._key(scope, tenant, None)
+                views.append((key.held.view(), key.head, key.version))
+                reserved = 0
+                while reserved < count:
+                    reserved += self._counters.take_many(tenant, key.version, count - reserved)
+            except KeyquorumError:
+                return None
+            keys.append(key)
+        items = sum(count for _, count in tenants)
+        try:
+            if self._rate is not None:
+                self._rate.take(backend, items)
+            if self._daemon.sealed:
+                raise SealedError("the service is sealed")
+        except KeyquorumError as e:
+            self._record(backend, UNKNOWN, operation, e, None)
+            raise
+        response, contexts = _wrapfast.seal(
+            request, limits, views, AAD_LABEL, self._nonces.take_many(items), bool(self._usage)
+        )
+        # A seal or a deactivation while sealing (the keyring closes a version's
+        # cipher before it zeroes the bytes): the items would have failed one by
+        # one; let the reference path say so (this call's tokens stay taken).
+        if any(key.cipher.closed for key in keys):
+            return None
         if contexts is not None:
             for index, context in contexts:
                 self._record(backend, tenants[index][0], operation, None, context)
@@ -866,7 +849,7 @@ class DataPlane:
         return name
 
     def _single(
-        self, identity: str, operation: str, item: T, one: Callable[[str, str, T, _Scope], R]
+        self, identity: str, operation: str, item: T, one: Callable[[str, T, _Scope], R]
     ) -> R:
         backend = self._backend(identity)
         try:
@@ -875,18 +858,14 @@ class DataPlane:
         except KeyquorumError as e:
             self._record(backend, UNKNOWN, operation, e, None)
             raise
-        scope = _Scope(backend, batch=False)
-        try:
-            return one(identity, operation, item, scope)
-        finally:
-            scope.wipe()
+        return one(operation, item, _Scope(backend, batch=False))
 
     def _batch(
         self,
         identity: str,
         operation: str,
         items: Sequence[T],
-        one: Callable[[str, str, T, _Scope], R],
+        one: Callable[[str, T, _Scope], R],
     ) -> list[R | KeyquorumError]:
         """Call-level checks once, then each item on its own (errors become results)."""
         backend = self._backend(identity)
@@ -908,16 +887,13 @@ class DataPlane:
         append = results.append
         scope = _Scope(backend, batch=True)
         left = len(items)
-        try:
-            for item in items:
-                scope.left = left
-                left -= 1
-                try:
-                    append(one(identity, operation, item, scope))
-                except KeyquorumError as e:
-                    append(e)
-        finally:
-            scope.wipe()
+        for item in items:
+            scope.left = left
+            left -= 1
+            try:
+                append(one(operation, item, scope))
+            except KeyquorumError as e:
+                append(e)
         return results
 
     def _record(
@@ -931,6 +907,24 @@ class DataPlane:
         if self._usage:
             for sink in self._usage:
                 sink.record(backend, tenant, operation, error, context)
+
+    def _refused(
+        self,
+        scope: _Scope,
+        tenant: str,
+        operation: str,
+        error: KeyquorumError,
+        context: bytes | None,
+    ) -> None:
+        """Record an item's refusal; one for want of a grant does not name the tenant.
+
+        The data plane learns whether a tenant exists only after the grant
+        check passed, so metrics and the access log carry a name the backend
+        sent only if it is granted that name.
+        """
+        if isinstance(error, AccessDeniedError):
+            tenant = UNKNOWN
+        self._record(scope.backend, tenant, operation, error, context)
 
     def _context(self, context: Mapping[str, str], scope: _Scope) -> bytes:
         """The canonical context; in a batch, each distinct context is encoded once."""
@@ -960,30 +954,20 @@ class DataPlane:
                 "(wrap a data key and encrypt larger data locally)"
             )
 
-    def _authorize(self, identity: str, tenant: str, scope: _Scope) -> None:
-        if tenant not in scope.granted:
-            self._daemon.authorize_backend(identity, tenant)
-            scope.granted.add(tenant)
-
     def _key(self, scope: _Scope, tenant: str, version: int | None) -> _Key:
-        """A tenant key copy for this call (the current version for None); wiped at its end."""
-        held = scope.keys.get((tenant, version))
-        if held is None:
-            number, copy = self._daemon.tenant_key(tenant, version)
-            try:
-                if isinstance(copy, TenantKey):
-                    try:
-                        cipher, owned = copy.cipher(), False
-                    except StateError:
-                        raise self._wiped_during_call(tenant) from None
-                else:
-                    cipher, owned = aead.Cipher(copy), True
-                held = _Key(number, copy, cipher, owned, self._header(tenant, number))
-            except BaseException:
-                copy.wipe()
-                raise
-            scope.keys[(tenant, version)] = held
-        return held
+        """Steps 1 and 2: the grant, then the key version (the current one for None).
+
+        One daemon call (`Daemon.data_key`) checks the grant, that a named
+        version exists, and the key's state; a call asks once per tenant and
+        version. The key is the keyring's, not a copy: a seal or the
+        activation's end closes its cipher, and `_wiped_during_call` names
+        that when the call then uses it.
+        """
+        key = scope.keys.get((tenant, version))
+        if key is None:
+            number, held = self._daemon.data_key(scope.backend, tenant, version)
+            key = scope.keys[(tenant, version)] = _Key(number, held, self._header(tenant, number))
+        return key
 
     def _wiped_during_call(self, tenant: str) -> StateError:
         """The key was wiped between taking it and using it: a seal, or the tenant ended."""
@@ -1001,15 +985,6 @@ class DataPlane:
             self._headers[(tenant, version)] = head
         return head
 
-    def _check_version_exists(self, parsed: Parsed) -> None:
-        """A header naming a version the tenant never had is malformed input."""
-        record = self._daemon.state.tenants.get(parsed.tenant)
-        if record is not None and parsed.version > len(record.versions):
-            raise DeserializationError(
-                f"the ciphertext names key version {parsed.version} of tenant "
-                f"{parsed.tenant!r}, which has {len(record.versions)}"
-            )
-
     def _encrypt_current(
         self, scope: _Scope, tenant: str, plaintext: bytes | memoryview, context: bytes
     ) -> Wrapped:
@@ -1025,7 +1000,6 @@ class DataPlane:
         return Wrapped(key.head + nonce + body, key.version)
 
     def _open(self, scope: _Scope, parsed: Parsed, context: bytes) -> SecretBytes:
-        self._check_version_exists(parsed)
         key = self._key(scope, parsed.tenant, parsed.version)
         try:
             return decrypt(key.cipher, parsed, context)
@@ -1056,38 +1030,31 @@ class DataPlane:
 
     # -- the four operations ------------------------------------------------------
 
-    def _wrap(self, identity: str, operation: str, item: WrapInput, scope: _Scope) -> Wrapped:
-        backend = scope.backend
+    def _wrap(self, operation: str, item: WrapInput, scope: _Scope) -> Wrapped:
         tenant, context = UNKNOWN, None
         try:
             # 0. (each field read once: a request message makes a new object per read)
             plaintext = item.plaintext
             self._check_plaintext(plaintext)
             context = self._context(item.context, scope)
-            # 1.
-            named = item.tenant
-            self._authorize(identity, named, scope)
-            tenant = named
-            # 2. and 3.
+            # 1. to 3.
+            tenant = item.tenant
             result = self._encrypt_current(scope, tenant, plaintext, context)
         except KeyquorumError as e:
-            self._record(backend, tenant, operation, e, context)
+            self._refused(scope, tenant, operation, e, context)
             raise
-        self._record(backend, tenant, operation, None, context)
+        self._record(scope.backend, tenant, operation, None, context)
         return result
 
-    def _unwrap(self, identity: str, operation: str, item: UnwrapItem, scope: _Scope) -> Revealed:
-        backend = scope.backend
+    def _unwrap(self, operation: str, item: UnwrapItem, scope: _Scope) -> Revealed:
         tenant, context = UNKNOWN, None
         try:
             # 0.
             parsed = parse(item.ciphertext)
             context = self._context(item.context, scope)
             recipient = _recipient(item.recipient)
-            # 1.
-            self._authorize(identity, parsed.tenant, scope)
+            # 1. to 3.
             tenant = parsed.tenant
-            # 2. and 3.
             epoch = self._epoch
             plaintext = self._open(scope, parsed, context)
             # 4.
@@ -1095,15 +1062,12 @@ class DataPlane:
                 epoch, (tenant, parsed.version), item.ciphertext, plaintext, recipient
             )
         except KeyquorumError as e:
-            self._record(backend, tenant, operation, e, context)
+            self._refused(scope, tenant, operation, e, context)
             raise
-        self._record(backend, tenant, operation, None, context)
+        self._record(scope.backend, tenant, operation, None, context)
         return result
 
-    def _generate(
-        self, identity: str, operation: str, item: GenerateItem, scope: _Scope
-    ) -> Revealed:
-        backend = scope.backend
+    def _generate(self, operation: str, item: GenerateItem, scope: _Scope) -> Revealed:
         tenant, context = UNKNOWN, None
         try:
             # 0.
@@ -1114,11 +1078,10 @@ class DataPlane:
                 )
             context = self._context(item.context, scope)
             recipient = _recipient(item.recipient)
-            # 1.
-            self._authorize(identity, item.tenant, scope)
+            # 1. to 3.
             tenant = item.tenant
-            # 2. and 3.
             epoch = self._epoch
+            self._key(scope, tenant, None)  # refused before a data key is drawn
             plaintext = SecretBytes.adopt(bytearray(self._random(size)), label="data key")
             try:
                 wrapped = self._encrypt_current(scope, tenant, plaintext.view(), context)
@@ -1130,28 +1093,25 @@ class DataPlane:
                 epoch, (tenant, wrapped.version), wrapped.ciphertext, plaintext, recipient
             )
         except KeyquorumError as e:
-            self._record(backend, tenant, operation, e, context)
+            self._refused(scope, tenant, operation, e, context)
             raise
-        self._record(backend, tenant, operation, None, context)
+        self._record(scope.backend, tenant, operation, None, context)
         return result
 
-    def _rewrap(self, identity: str, operation: str, item: RewrapInput, scope: _Scope) -> Wrapped:
-        backend = scope.backend
+    def _rewrap(self, operation: str, item: RewrapInput, scope: _Scope) -> Wrapped:
         tenant, context = UNKNOWN, None
         try:
             # 0.
             parsed = parse(item.ciphertext)
             context = self._context(item.context, scope)
-            # 1.
-            self._authorize(identity, parsed.tenant, scope)
+            # 1. to 3.
             tenant = parsed.tenant
-            # 2. and 3.
             with self._open(scope, parsed, context) as plaintext:
                 result = self._encrypt_current(scope, tenant, plaintext.view(), context)
         except KeyquorumError as e:
-            self._record(backend, tenant, operation, e, context)
+            self._refused(scope, tenant, operation, e, context)
             raise
-        self._record(backend, tenant, operation, None, context)
+        self._record(scope.backend, tenant, operation, None, context)
         return result
 
 

@@ -26,6 +26,7 @@ from keyquorum.quorum import canonical, shamir
 from keyquorum.quorum import log as qlog
 from keyquorum.quorum.errors import (
     AccessDeniedError,
+    DeserializationError,
     KeyquorumError,
     SealedError,
     StateError,
@@ -364,6 +365,45 @@ def test_grant_binds_the_backend_certificate_identity(
     ]:
         with pytest.raises(AccessDeniedError, match=match):
             daemon.daemon.authorize_backend(identity, TENANT)
+
+
+def test_data_key_checks_the_grant_before_anything_it_could_reveal(
+    daemon: InProcessDaemon, custodians: list[Custodian]
+) -> None:
+    """`Daemon.data_key`: not granted is refused first, whatever else is wrong.
+
+    An ungranted backend learns neither whether the tenant exists, nor how
+    many versions it has, nor whether it is active or the service sealed.
+    """
+    create_and_activate(daemon, custodians)
+    d = daemon.daemon
+    with pytest.raises(AccessDeniedError, match="backend booking is not granted"):
+        d.data_key("booking", TENANT)
+    run(daemon, custodians, "grant", tenant=TENANT, backend="booking")
+    version, held = d.data_key("booking", TENANT)
+    assert version == 1
+    assert bytes(held.view()) == key_bytes(daemon)
+    assert not held.cipher.closed
+    for backend, tenant, number in [
+        ("documents", TENANT, 99),  # another backend, a version never made
+        ("documents", "no-such-tenant", None),
+        ("keyquorum://backend/booking", TENANT, None),  # a URI is not a name
+    ]:
+        with pytest.raises(AccessDeniedError, match="not granted"):
+            d.data_key(backend, tenant, number)
+    with pytest.raises(DeserializationError, match=r"names key version 2 .* which has 1"):
+        d.data_key("booking", TENANT, 2)
+    d.seal_for_shutdown("test")
+    with pytest.raises(AccessDeniedError, match="not granted"):
+        d.data_key("documents", TENANT, 99)
+    with pytest.raises(DeserializationError, match="which has 1"):
+        d.data_key("booking", TENANT, 99)
+    with pytest.raises(SealedError):
+        d.data_key("booking", TENANT, 1)
+    # What it handed out was the keyring's own version, not a copy: the seal closed it.
+    assert held.cipher.closed
+    with pytest.raises(StateError, match="wiped"):
+        held.view()
 
 
 # -- refusals ----------------------------------------------------------------------

@@ -125,14 +125,14 @@ def test_a_seal_closes_the_prepared_keys_even_for_copies_taken_before(served: Se
     assert isinstance(early, TenantKey)
     cipher = early.cipher()
     assert not cipher.closed
-    original = daemon.tenant_key
+    original = daemon.data_key
 
-    def tenant_key_then_seal(tenant: str, version: int | None = None) -> object:
-        taken = original(tenant, version)
+    def data_key_then_seal(backend: str, tenant: str, version: int | None = None) -> object:
+        taken = original(backend, tenant, version)
         daemon.seal_for_shutdown("a seal races the wrap")
         return taken
 
-    daemon.tenant_key = tenant_key_then_seal  # type: ignore[assignment,method-assign]
+    daemon.data_key = data_key_then_seal  # type: ignore[assignment,method-assign]
     with pytest.raises(SealedError, match="sealed during the call"):
         plane.wrap("keyquorum://backend/booking", WrapItem(TENANT, MARKER, CONTEXT))
     assert cipher.closed
@@ -150,14 +150,14 @@ def test_a_seal_between_taking_the_key_and_answering_releases_nothing(served: Se
     plane, daemon = served.kp.plane, served.d.daemon
     identity = "keyquorum://backend/booking"
     ct = plane.wrap(identity, WrapItem(TENANT, MARKER, CONTEXT)).ciphertext
-    original = daemon.tenant_key
+    original = daemon.data_key
 
-    def tenant_key_then_seal(tenant: str, version: int | None = None) -> object:
-        taken = original(tenant, version)
+    def data_key_then_seal(backend: str, tenant: str, version: int | None = None) -> object:
+        taken = original(backend, tenant, version)
         daemon.seal_for_shutdown("a seal races the call")
         return taken
 
-    daemon.tenant_key = tenant_key_then_seal  # type: ignore[assignment,method-assign]
+    daemon.data_key = data_key_then_seal  # type: ignore[assignment,method-assign]
     with pytest.raises(SealedError, match="sealed during the call"):
         plane.unwrap(identity, UnwrapItem(ct, CONTEXT))
 
