@@ -445,8 +445,11 @@ class EncryptionCounters:
         self._store = store
         self._block = limits.counter_block
         self._limit = limits.encryption_limit
-        self._cond = threading.Condition()
-        self._counts: dict[str, _Count] = {}
+        # Callers take the plain lock (cheaper to enter than the condition);
+        # the condition over it is for waiting on a block being reserved.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._counts: dict[tuple[str, int], _Count] = {}
 
     @staticmethod
     def name(tenant: str, version: int) -> str:
@@ -469,18 +472,17 @@ class EncryptionCounters:
 
     def _take(self, tenant: str, version: int, wanted: int) -> tuple[int, int]:
         """(first number, how many) of up to `wanted` consecutive numbers."""
-        name = self.name(tenant, version)
-        with self._cond:
-            count = self._counts.get(name)
+        with self._lock:
+            count = self._counts.get((tenant, version))
             if count is None:
-                count = self._counts[name] = _Count()
+                count = self._counts[(tenant, version)] = _Count()
             while True:
                 if count.next < count.end:
                     number = count.next
                     taken = min(wanted, count.end - number)
                     count.next += taken
                     if count.end - count.next <= self._block // 4:
-                        self._prefetch(name, count)
+                        self._prefetch(tenant, version, count)
                     return number, taken
                 if count.spare is not None:
                     count.next, count.end = count.spare
@@ -493,21 +495,24 @@ class EncryptionCounters:
                     raise failure
                 if not count.pending:
                     count.pending = True
-                    self._cond.release()
+                    self._lock.release()
                     try:
-                        self._reserve(name, count)
+                        self._reserve(self.name(tenant, version), count)
                     finally:
-                        self._cond.acquire()
+                        self._lock.acquire()
                 else:
                     self._cond.wait()
 
-    def _prefetch(self, name: str, count: _Count) -> None:
+    def _prefetch(self, tenant: str, version: int, count: _Count) -> None:
         """Reserve the next block in the background (the caller holds the lock)."""
         if count.pending or count.spare is not None or count.exhausted:
             return
         count.pending = True
         threading.Thread(
-            target=self._reserve, args=(name, count), name="kq-counter", daemon=True
+            target=self._reserve,
+            args=(self.name(tenant, version), count),
+            name="kq-counter",
+            daemon=True,
         ).start()
 
     def _reserve(self, name: str, count: _Count) -> None:
@@ -652,12 +657,12 @@ class _Key:
 
     __slots__ = ("aad", "allowance", "cipher", "head", "held", "version")
 
-    def __init__(self, version: int, held: HeldKey, head: bytes) -> None:
+    def __init__(self, version: int, held: HeldKey, head: bytes, aad: bytes) -> None:
         self.version = version
         self.held = held
         self.cipher = held.cipher
         self.head = head
-        self.aad = AAD_LABEL + head
+        self.aad = aad
         #: Encryptions reserved for this call and not used yet.
         self.allowance = 0
 
@@ -711,7 +716,7 @@ class DataPlane:
         self._random = random_bytes
         self._nonces = NoncePool(random_bytes)
         self._counters = EncryptionCounters(store, limits)
-        self._headers: dict[tuple[str, int], bytes] = {}
+        self._headers: dict[tuple[str, int], tuple[bytes, bytes]] = {}
         self._backends: dict[str, str] = {}
         # What `_wrapfast` checks step 0 against (it takes values up to 2**30; no
         # gRPC message comes near that, and anything larger goes the Python way).
@@ -966,7 +971,7 @@ class DataPlane:
         key = scope.keys.get((tenant, version))
         if key is None:
             number, held = self._daemon.data_key(scope.backend, tenant, version)
-            key = scope.keys[(tenant, version)] = _Key(number, held, self._header(tenant, number))
+            key = scope.keys[(tenant, version)] = _Key(number, held, *self._header(tenant, number))
         return key
 
     def _wiped_during_call(self, tenant: str) -> StateError:
@@ -975,15 +980,15 @@ class DataPlane:
             return SealedError("the service was sealed during the call")
         return StateError(f"tenant {tenant!r} stopped being active during the call")
 
-    def _header(self, tenant: str, version: int) -> bytes:
-        """`header()` of a tenant the daemon just handed a key of, remembered."""
-        head = self._headers.get((tenant, version))
-        if head is None:
+    def _header(self, tenant: str, version: int) -> tuple[bytes, bytes]:
+        """A key version's header and the AAD's fixed start (label, header), remembered."""
+        known = self._headers.get((tenant, version))
+        if known is None:
             head = header(tenant, version)
             if len(self._headers) >= HEADER_CACHE:
                 self._headers.clear()
-            self._headers[(tenant, version)] = head
-        return head
+            known = self._headers[(tenant, version)] = (head, AAD_LABEL + head)
+        return known
 
     def _encrypt_current(
         self, scope: _Scope, tenant: str, plaintext: bytes | memoryview, context: bytes
