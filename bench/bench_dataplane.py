@@ -16,11 +16,11 @@ both; each figure is the median of seven rounds of one second.
 Both services are registered the same way (one generic handler each; the
 KeyService's handlers come from `key_service.register`, as in the daemon).
 Server model: every figure is KeyService against an echo on a server with
-the same thread pool, `key_service.SERVER_WORKERS` (4) threads; one more
-row repeats Wrap at 64 in flight with both on the pool `keyquorum server
-run` gives its mTLS listener (`cli.server.MTLS_WORKERS`: those 4 plus 2
-for audit streams), since the pool size moves both figures, and the
-KeyService's far more.
+the same thread pool, `key_service.SERVER_WORKERS` (4) threads, the pool
+`keyquorum server run` gives its mTLS listener (`cli.server.MTLS_WORKERS`);
+one more row repeats Wrap at 64 in flight with both on the threads
+KeyService keeps there while an audit export holds one (`MTLS_WORKERS -
+AUDIT_STREAMS`, 3), since the pool size moves both figures.
 
 Rows: Wrap and Unwrap (32-byte data key, a two-pair context) at 1, 8 and
 64 calls in flight, and BatchWrap of 100 items at 8 in flight (items/s),
@@ -92,14 +92,15 @@ def _serve(work: Path) -> None:
         run(d, custodians, "grant", tenant=TENANT, backend="booking")
         run(d, custodians, "activate-tenant", tenant=TENANT, duration_seconds=24 * 3600)
         plane = DataPlane(d.daemon, d.store)
-        from keyquorum.cli.server import MTLS_WORKERS
+        from keyquorum.cli.server import AUDIT_STREAMS, MTLS_WORKERS
 
         servers: list[grpc.Server] = []
         ready: dict[str, object] = {
             "ca": str(pki.ca_cert),
             "batch_path": "C fast path" if dataplane.NATIVE_BATCH_WRAP else "Python path",
         }
-        for suffix, workers in (("", key_service.SERVER_WORKERS), ("_default", MTLS_WORKERS)):
+        exporting = MTLS_WORKERS - AUDIT_STREAMS
+        for suffix, workers in (("", MTLS_WORKERS), ("_exporting", exporting)):
             key_server, ready[f"key_port{suffix}"] = create_server(
                 host="127.0.0.1",
                 port=0,
@@ -296,7 +297,7 @@ def _client_rows(ready: dict[str, str], quick: bool) -> list[Row]:
             KeyClient(f"127.0.0.1:{ready[f'key_port{suffix}']}", **files),
             KeyClient(f"127.0.0.1:{ready[f'echo_port{suffix}']}", **files),
         )
-        for suffix in ("", "_default")
+        for suffix in ("", "_exporting")
     }
     pools = clients[""]
     rows: list[Row] = []
@@ -320,12 +321,13 @@ def _client_rows(ready: dict[str, str], quick: bool) -> list[Row]:
                 rows.append(_single_row(pools, name, request, inflight, timing, pool))
         rows.append(
             _single_row(
-                clients["_default"],
+                clients["_exporting"],
                 "Wrap",
                 wrap_req,
                 64,
                 timing,
-                f", {ready['workers_default']}-thread pool (keyquorum server run's mTLS listener)",
+                f", {ready['workers_exporting']}-thread pool (server run's listener while an "
+                "audit export holds a thread)",
             )
         )
         for label, request in (("one context", batch_req), ("100 contexts", distinct_req)):
