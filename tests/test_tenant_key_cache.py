@@ -148,11 +148,18 @@ def test_every_wipe_closes_and_drops_the_cipher(how: str) -> None:
     wipe, gone = WIPES[how]
     before = {(t, v): ring.key(t, v, NOW) for t, v in [("acme", 1), ("acme", 2), ("other", 1)]}
     ciphers = {place: c.cipher() for place, c in before.items()}
+    # What the data plane holds during a call: the version itself and a view of it.
+    lent = {place: ring.held(*place, NOW) for place in before}
+    views = {place: h.view() for place, h in lent.items()}
     wipe(ring)
     held = ring.ciphers_for_test()
     for place, cipher in ciphers.items():
+        assert lent[place].cipher is cipher
         if place in gone:
             assert cipher.closed
+            assert bytes(views[place]) == bytes(32)  # zeroed where C would read it
+            with pytest.raises(StateError, match="wiped"):
+                lent[place].view()
             assert cipher not in held
             with pytest.raises(StateError, match="wiped"):
                 before[place].cipher()  # a copy taken before the wipe is useless now
@@ -162,6 +169,7 @@ def test_every_wipe_closes_and_drops_the_cipher(how: str) -> None:
             assert not cipher.closed
             assert cipher in held
             assert before[place].cipher().encrypt(NONCE, b"x", AAD)
+            assert bytes(views[place]) == bytes(before[place].view())
     # New calls cannot get the wiped versions at all.
     for tenant, version in gone:
         if how == "replace-version":  # the new key of that version, with its own cipher
@@ -169,6 +177,8 @@ def test_every_wipe_closes_and_drops_the_cipher(how: str) -> None:
             continue
         with pytest.raises(StateError):
             ring.key(tenant, version, NOW)
+        with pytest.raises(StateError):
+            ring.held(tenant, version, NOW)
 
 
 def test_seal_leaves_the_cache_empty() -> None:
