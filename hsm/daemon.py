@@ -1561,11 +1561,11 @@ class Daemon:
         """For the data plane: `backend`'s grant of `tenant`, then its key, in one lock.
 
         `backend` is a backend's name, which the data plane read once from its
-        verified certificate's URI (`authorize_backend` parses the URI on each
-        call). Refusals in the data plane's order (dataplane.py): not granted,
-        AccessDeniedError (also for a tenant that does not exist, so names
-        cannot be probed); a `version` the tenant never had, DeserializationError
-        (only a forged ciphertext header names one); then `tenant_key`'s.
+        verified certificate's URI. Refusals in the data plane's order
+        (dataplane.py): not granted, AccessDeniedError (also for a tenant that
+        does not exist, so names cannot be probed); a `version` the tenant
+        never had, DeserializationError (only a forged ciphertext header names
+        one); then `tenant_key`'s.
         Returns the version number and the keyring's held version, not a copy
         (`TenantKeyring.held`): its cipher refuses use once a seal or the
         activation's end wiped the version.
@@ -1606,25 +1606,6 @@ class Daemon:
         if held.disabled_seq is not None:
             raise StateError(f"version {number} of tenant {tenant!r} is disabled")
         return number, now
-
-    def authorize_backend(self, identity: str, tenant: str) -> str:
-        """For the data plane: the backend name if `identity` is granted `tenant`.
-
-        `identity` is the verified client certificate's URI SAN
-        (`keyquorum://backend/<name>`, `tls.identity_from_auth_context`).
-        Raises AccessDeniedError for another role, a malformed identity or
-        no grant in the log.
-        """
-        try:
-            client = ClientIdentity.parse(identity)
-        except InvalidInputError as e:
-            raise AccessDeniedError(str(e)) from None
-        if client.role != "backend":
-            raise AccessDeniedError(f"{identity} is not a backend identity")
-        with self._lock:
-            if not self._replayer.state.granted(client.name, tenant):
-                raise AccessDeniedError(f"backend {client.name} is not granted tenant {tenant!r}")
-        return client.name
 
     def tenants(self) -> list[TenantView]:
         """Every tenant the log knows, with whether its key is unwrapped here."""

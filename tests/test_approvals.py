@@ -343,28 +343,27 @@ def test_narrowing_operations_need_one_custodian(
             daemon.daemon.tenant_key(TENANT)
     else:
         with pytest.raises(AccessDeniedError, match="not granted"):
-            daemon.daemon.authorize_backend(BOOKING, TENANT)
+            daemon.daemon.data_key("booking", TENANT)
 
 
 def test_grant_binds_the_backend_certificate_identity(
     daemon: InProcessDaemon, custodians: list[Custodian]
 ) -> None:
     run(daemon, custodians, "create-tenant", tenant=TENANT)
+    assert not daemon.daemon.state.granted("booking", TENANT)
     with pytest.raises(AccessDeniedError):
-        daemon.daemon.authorize_backend(BOOKING, TENANT)
+        daemon.daemon.data_key("booking", TENANT)
     r = run(daemon, custodians, "grant", tenant=TENANT, backend=BOOKING)
     assert [(x.key, x.value) for x in r.proposal.parameters] == [
         ("backend", "booking"),
         ("tenant", TENANT),
     ]
-    assert daemon.daemon.authorize_backend(BOOKING, TENANT) == "booking"
-    for identity, match in [
-        ("keyquorum://backend/documents", "not granted"),
-        ("keyquorum://auditor/booking", "not a backend"),
-        ("https://backend/booking", "not a keyquorum"),
-    ]:
-        with pytest.raises(AccessDeniedError, match=match):
-            daemon.daemon.authorize_backend(identity, TENANT)
+    assert daemon.daemon.state.granted("booking", TENANT)
+    # Past the grant, the refusal is the tenant's state (never activated).
+    with pytest.raises(StateError, match="not active"):
+        daemon.daemon.data_key("booking", TENANT)
+    with pytest.raises(AccessDeniedError, match="not granted"):
+        daemon.daemon.data_key("documents", TENANT)
 
 
 def test_data_key_checks_the_grant_before_anything_it_could_reveal(
@@ -786,7 +785,7 @@ def test_destroy_waits_can_be_cancelled_then_shreds_for_good(
     with pytest.raises(StateError, match="destroyed"):
         daemon.daemon.tenant_key(TENANT)
     with pytest.raises(AccessDeniedError):
-        daemon.daemon.authorize_backend(BOOKING, TENANT)
+        daemon.daemon.data_key("booking", TENANT)
     # No later quorum brings it back: the name is never reused, nothing is possible.
     for op, params in [
         ("create-tenant", {"tenant": TENANT}),
