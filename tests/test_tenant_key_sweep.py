@@ -160,6 +160,25 @@ def test_nothing_due_means_no_sweep_and_the_first_due_call_sweeps(
     assert len(sweeps) == 1
 
 
+def test_the_data_planes_key_call_sweeps_as_tenant_key_does(
+    daemon: InProcessDaemon, custodians: list[Custodian], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Daemon.data_key` (what the data plane calls) wipes an ended activation too."""
+    activate(daemon, custodians, SHORT, 600, create=True)
+    activate(daemon, custodians, LONG, 3600, create=True)
+    run(daemon, custodians, "grant", tenant=LONG, backend="booking")
+    short_buffers = daemon.daemon.tenant_key_buffers_for_test(SHORT)
+    sweeps = count_sweeps(monkeypatch, daemon.daemon)
+    daemon.clock.advance(599)
+    daemon.daemon.data_key("booking", LONG)
+    assert sweeps == []
+    assert not zeroed(short_buffers)
+    daemon.clock.advance(1)
+    daemon.daemon.data_key("booking", LONG)
+    assert len(sweeps) == 1
+    assert zeroed(short_buffers)
+
+
 def test_an_expired_activation_is_refused_at_its_end_even_if_no_sweep_ran(
     daemon: InProcessDaemon, custodians: list[Custodian], monkeypatch: pytest.MonkeyPatch
 ) -> None:
