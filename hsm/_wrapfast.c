@@ -1,6 +1,8 @@
 /*
  * keyquorum.hsm._wrapfast: the BatchWrap loop in C, for batches where every
- * item succeeds.
+ * item succeeds; and the reading of one Wrap or Unwrap request (`parse_wrap`,
+ * `parse_unwrap`: the fields, and the context's canonical encoding, which
+ * were most of a single call's time in the interpreter).
  *
  * Why this exists: a BatchWrap of 100 items spends most of its time in the
  * interpreter, one item at a time (reading protobuf fields, encoding the
@@ -253,6 +255,47 @@ static int parse_entry(span_t entry, span_t *key, span_t *value)
     return have_key && key->n > 0 && all_ascii(*key) && utf8_valid(value->p, value->n);
 }
 
+/* One context map entry into the item's sorted pairs; 0 past a limit, on a
+   malformed entry or a repeated key (protobuf: last wins; the Python way). */
+static int add_pair(span_t field, const limits_t *limits, item_t *item)
+{
+    if (item->pairs >= PAIRS_CAP || item->pairs >= limits->max_pairs) {
+        return 0;
+    }
+    span_t key;
+    span_t value;
+    if (!parse_entry(field, &key, &value)) {
+        return 0;
+    }
+    size_t at = item->pairs;
+    while (at > 0 && span_less(key, item->keys[at - 1])) {
+        item->keys[at] = item->keys[at - 1];
+        item->values[at] = item->values[at - 1];
+        at--;
+    }
+    if (at > 0 && span_equal(key, item->keys[at - 1])) {
+        return 0;
+    }
+    item->keys[at] = key;
+    item->values[at] = value;
+    item->pairs++;
+    return 1;
+}
+
+/* Sets json_len, the context's RFC 8785 size; 0 if over max_context_bytes. */
+static int context_fits(const limits_t *limits, item_t *item)
+{
+    size_t json = 2 + (item->pairs > 0 ? item->pairs - 1 : 0);
+    for (size_t i = 0; i < item->pairs; i++) {
+        json += json_string_len(item->keys[i]) + 1 + json_string_len(item->values[i]);
+    }
+    if (json > limits->max_context_bytes) {
+        return 0;
+    }
+    item->json_len = json;
+    return 1;
+}
+
 /*
  * A WrapRequest that DataPlane._wrap's step 0 would accept: a tenant of 1 to
  * 63 ASCII bytes (the Python side checks the name itself), a plaintext of 1
@@ -279,27 +322,9 @@ static int parse_item(span_t body, const limits_t *limits, item_t *item)
             item->plaintext = field;
             have_plaintext = 1;
         } else if (number == 3) {
-            if (item->pairs >= PAIRS_CAP || item->pairs >= limits->max_pairs) {
+            if (!add_pair(field, limits, item)) {
                 return 0;
             }
-            span_t key;
-            span_t value;
-            if (!parse_entry(field, &key, &value)) {
-                return 0;
-            }
-            /* Insertion sort by key; a repeated key (protobuf: last wins) goes the Python way. */
-            size_t at = item->pairs;
-            while (at > 0 && span_less(key, item->keys[at - 1])) {
-                item->keys[at] = item->keys[at - 1];
-                item->values[at] = item->values[at - 1];
-                at--;
-            }
-            if (at > 0 && span_equal(key, item->keys[at - 1])) {
-                return 0;
-            }
-            item->keys[at] = key;
-            item->values[at] = value;
-            item->pairs++;
         } else {
             return 0;
         }
@@ -311,15 +336,48 @@ static int parse_item(span_t body, const limits_t *limits, item_t *item)
     if (!have_plaintext || item->plaintext.n < 1 || item->plaintext.n > limits->max_plaintext) {
         return 0;
     }
-    size_t json = 2 + (item->pairs > 0 ? item->pairs - 1 : 0);
-    for (size_t i = 0; i < item->pairs; i++) {
-        json += json_string_len(item->keys[i]) + 1 + json_string_len(item->values[i]);
+    return context_fits(limits, item);
+}
+
+/*
+ * An UnwrapRequest { bytes ciphertext = 1; map<string, string> context = 2;
+ * bytes recipient_public_key = 3; } whose context step 0 would accept, each
+ * field at most once (a missing bytes field is empty, as in protobuf). The
+ * ciphertext and recipient are not looked into: the Python side parses them.
+ * Sets item->tenant to the ciphertext and item->plaintext to the recipient.
+ */
+static int parse_unwrap_item(span_t body, const limits_t *limits, item_t *item)
+{
+    const uint8_t *p = body.p;
+    const uint8_t *end = body.p + body.n;
+    int have_ciphertext = 0;
+    int have_recipient = 0;
+    item->pairs = 0;
+    item->tenant.p = body.p;
+    item->tenant.n = 0;
+    item->plaintext.p = body.p;
+    item->plaintext.n = 0;
+    while (p < end) {
+        size_t number;
+        span_t field;
+        if (!read_len_field(&p, end, &number, &field)) {
+            return 0;
+        }
+        if (number == 1 && !have_ciphertext) {
+            item->tenant = field;
+            have_ciphertext = 1;
+        } else if (number == 2) {
+            if (!add_pair(field, limits, item)) {
+                return 0;
+            }
+        } else if (number == 3 && !have_recipient) {
+            item->plaintext = field;
+            have_recipient = 1;
+        } else {
+            return 0;
+        }
     }
-    if (json > limits->max_context_bytes) {
-        return 0;
-    }
-    item->json_len = json;
-    return 1;
+    return context_fits(limits, item);
 }
 
 static uint8_t *write_json(uint8_t *out, const item_t *item)
@@ -442,6 +500,21 @@ static item_t *new_item(void)
     return item;
 }
 
+/* The (request, limits) arguments every entry point but seal takes; 0 with an exception set. */
+static int request_args(PyObject *args, span_t *whole, limits_t *limits)
+{
+    PyBytesObject *request;
+    PyObject *limits_tuple;
+    if (!PyArg_ParseTuple(args, "SO!", &request, &PyTuple_Type, &limits_tuple) ||
+        !parse_limits(limits_tuple, limits)) {
+        return 0;
+    }
+    /* Borrowed from `args`, which holds the bytes object for the whole call. */
+    whole->p = (const uint8_t *)PyBytes_AS_STRING(request);
+    whole->n = (size_t)PyBytes_GET_SIZE(request);
+    return 1;
+}
+
 PyDoc_STRVAR(scan_doc,
 "scan(request, limits) -> list[tuple[str, int]] | None\n\n"
 "The distinct tenants of a serialised BatchWrapRequest, in order of first\n"
@@ -452,20 +525,16 @@ PyDoc_STRVAR(scan_doc,
 static PyObject *wrapfast_scan(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyBytesObject *request;
-    PyObject *limits_tuple;
+    span_t whole;
     limits_t limits;
     batch_t batch;
-    if (!PyArg_ParseTuple(args, "SO!", &request, &PyTuple_Type, &limits_tuple) ||
-        !parse_limits(limits_tuple, &limits)) {
+    if (!request_args(args, &whole, &limits)) {
         return NULL;
     }
     item_t *item = new_item();
     if (item == NULL) {
         return NULL;
     }
-    span_t whole = {(const uint8_t *)PyBytes_AS_STRING(request),
-                    (size_t)PyBytes_GET_SIZE(request)};
     int ok = scan_batch(whole, &limits, &batch, item, NULL);
     PyMem_Free(item);
     if (!ok) {
@@ -486,6 +555,79 @@ static PyObject *wrapfast_scan(PyObject *self, PyObject *args)
         PyList_SET_ITEM(result, (Py_ssize_t)i, pair);
     }
     return result;
+}
+
+/* The context of a parsed item as a new bytes object (its RFC 8785 JSON). */
+static PyObject *context_bytes(const item_t *item)
+{
+    PyObject *context = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)item->json_len);
+    if (context == NULL) {
+        return NULL;
+    }
+    uint8_t *start = (uint8_t *)PyBytes_AS_STRING(context);
+    if ((size_t)(write_json(start, item) - start) != item->json_len) {
+        /* json_string_len and json_string disagree: a bug here, never a request's fault. */
+        Py_DECREF(context);
+        PyErr_SetString(PyExc_SystemError, "_wrapfast: context length mismatch");
+        return NULL;
+    }
+    return context;
+}
+
+typedef int (*item_parser_t)(span_t, const limits_t *, item_t *);
+
+/* (first field, second field, context JSON) of one request, None if `parse` refuses it;
+   `first_is_str`: the first field is the tenant (ASCII, checked), else bytes. */
+static PyObject *parse_one(PyObject *args, item_parser_t parse, int first_is_str)
+{
+    span_t whole;
+    limits_t limits;
+    if (!request_args(args, &whole, &limits)) {
+        return NULL;
+    }
+    item_t *item = new_item();
+    if (item == NULL) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (!parse(whole, &limits, item)) {
+        result = Py_NewRef(Py_None);
+    } else {
+        PyObject *context = context_bytes(item);
+        if (context != NULL) {
+            result = Py_BuildValue(
+                first_is_str ? "(s#y#N)" : "(y#y#N)", (const char *)item->tenant.p,
+                (Py_ssize_t)item->tenant.n, (const char *)item->plaintext.p,
+                (Py_ssize_t)item->plaintext.n, context);
+        }
+    }
+    PyMem_Free(item);
+    return result;
+}
+
+PyDoc_STRVAR(parse_wrap_doc,
+"parse_wrap(request, limits) -> tuple[str, bytes, bytes] | None\n\n"
+"A serialised WrapRequest as (tenant, plaintext, RFC 8785 context JSON);\n"
+"None unless it passes the data plane's step-0 checks (limits as for scan;\n"
+"max_items is not used) in the shapes this module handles.");
+
+static PyObject *wrapfast_parse_wrap(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return parse_one(args, parse_item, 1);
+}
+
+PyDoc_STRVAR(parse_unwrap_doc,
+"parse_unwrap(request, limits) -> tuple[bytes, bytes, bytes] | None\n\n"
+"A serialised UnwrapRequest as (ciphertext, recipient_public_key, RFC 8785\n"
+"context JSON); None unless its context passes the data plane's step-0\n"
+"checks (limits as for parse_wrap) in the shapes this module handles. The\n"
+"ciphertext and the key are returned as they are, for Python to check.");
+
+static PyObject *wrapfast_parse_unwrap(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return parse_one(args, parse_unwrap_item, 0);
 }
 
 /* -- sealing ----------------------------------------------------------------------------- */
@@ -760,6 +902,8 @@ done:
 static PyMethodDef wrapfast_methods[] = {
     {"scan", wrapfast_scan, METH_VARARGS, scan_doc},
     {"seal", wrapfast_seal, METH_VARARGS, seal_doc},
+    {"parse_wrap", wrapfast_parse_wrap, METH_VARARGS, parse_wrap_doc},
+    {"parse_unwrap", wrapfast_parse_unwrap, METH_VARARGS, parse_unwrap_doc},
     {NULL, NULL, 0, NULL},
 };
 

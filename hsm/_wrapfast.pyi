@@ -1,4 +1,4 @@
-"""Types of the C accelerator hsm/_wrapfast.c (BatchWrap's per-item loop)."""
+"""Types of the C accelerator hsm/_wrapfast.c (BatchWrap's per-item loop, Wrap's step 0)."""
 
 Limits = tuple[int, int, int, int]
 
@@ -12,3 +12,5 @@ def seal(
     want_contexts: bool,
     /,
 ) -> tuple[bytes, list[tuple[int, bytes]] | None]: ...
+def parse_wrap(request: bytes, limits: Limits, /) -> tuple[str, bytes, bytes] | None: ...
+def parse_unwrap(request: bytes, limits: Limits, /) -> tuple[bytes, bytes, bytes] | None: ...

@@ -11,8 +11,10 @@ uses that key until the batch ends (at most 1000 items, milliseconds); a
 seal during a call closes the key's cipher, so no later item encrypts or
 decrypts with it, and step 4 stops every result that would carry a key.
 BatchWrap has a C fast path for batches whose every item succeeds
-(`batch_wrap_serialized`, hsm/_wrapfast.c); the Python path here stays the
-reference it is tested against, and decides every other batch.
+(`batch_wrap_serialized`, hsm/_wrapfast.c), and a single Wrap's step 0 is
+done in C where the request allows (`wrap_serialized`); the Python path
+here stays the reference they are tested against, and decides every other
+request.
 
 Ciphertext (format 0x01), every field before the nonce is the header:
 
@@ -742,8 +744,41 @@ class DataPlane:
     def wrap(self, identity: str, item: WrapInput) -> Wrapped:
         return self._single(identity, "wrap", item, self._wrap)
 
+    def wrap_serialized(self, identity: str, request: bytes) -> Wrapped | None:
+        """Wrap of a serialised WrapRequest whose step 0 C did, or None.
+
+        `_wrapfast.parse_wrap` reads the fields and encodes the context over
+        the wire bytes, most of what a single Wrap spends in the interpreter;
+        steps 1 to 3 are `wrap`'s own code. None, with nothing recorded and
+        nothing taken, for any request it does not accept whole (malformed,
+        over a limit, a non-ASCII context key, a repeated field...) or when
+        the extension is not built: the caller then parses the request and
+        calls `wrap`, which decides (tests/test_wrapfast.py compares both).
+        """
+        if not NATIVE_BATCH_WRAP:
+            return None
+        fields = _wrapfast.parse_wrap(request, self._wire_limits)
+        if fields is None:
+            return None
+        return self._single(identity, "wrap", fields, self._wrap_checked)
+
     def unwrap(self, identity: str, item: UnwrapItem) -> Revealed:
         return self._single(identity, "unwrap", item, self._unwrap)
+
+    def unwrap_serialized(self, identity: str, request: bytes) -> Revealed | None:
+        """Unwrap of a serialised UnwrapRequest whose context C encoded, or None.
+
+        As `wrap_serialized`: `_wrapfast.parse_unwrap` reads the fields and
+        encodes the context; the ciphertext and the recipient key are checked
+        here as `unwrap` checks them. None (nothing recorded, nothing taken)
+        for a request it does not accept whole: parse it and call `unwrap`.
+        """
+        if not NATIVE_BATCH_WRAP:
+            return None
+        fields = _wrapfast.parse_unwrap(request, self._wire_limits)
+        if fields is None:
+            return None
+        return self._single(identity, "unwrap", fields, self._unwrap_encoded)
 
     def generate_data_key(self, identity: str, item: GenerateItem) -> Revealed:
         return self._single(identity, "generate_data_key", item, self._generate)
@@ -1036,14 +1071,22 @@ class DataPlane:
     # -- the four operations ------------------------------------------------------
 
     def _wrap(self, operation: str, item: WrapInput, scope: _Scope) -> Wrapped:
-        tenant, context = UNKNOWN, None
         try:
             # 0. (each field read once: a request message makes a new object per read)
             plaintext = item.plaintext
             self._check_plaintext(plaintext)
             context = self._context(item.context, scope)
-            # 1. to 3.
-            tenant = item.tenant
+        except KeyquorumError as e:
+            self._refused(scope, UNKNOWN, operation, e, None)
+            raise
+        return self._wrap_checked(operation, (item.tenant, plaintext, context), scope)
+
+    def _wrap_checked(
+        self, operation: str, item: tuple[str, bytes, bytes], scope: _Scope
+    ) -> Wrapped:
+        """Steps 1 to 3 of a Wrap past step 0: (tenant, plaintext, the encoded context)."""
+        tenant, plaintext, context = item
+        try:
             result = self._encrypt_current(scope, tenant, plaintext, context)
         except KeyquorumError as e:
             self._refused(scope, tenant, operation, e, context)
@@ -1052,20 +1095,46 @@ class DataPlane:
         return result
 
     def _unwrap(self, operation: str, item: UnwrapItem, scope: _Scope) -> Revealed:
-        tenant, context = UNKNOWN, None
         try:
-            # 0.
+            # 0. (the recipient key in `_unwrap_checked`)
             parsed = parse(item.ciphertext)
             context = self._context(item.context, scope)
-            recipient = _recipient(item.recipient)
+        except KeyquorumError as e:
+            self._refused(scope, UNKNOWN, operation, e, None)
+            raise
+        return self._unwrap_checked(
+            operation, (parsed, item.ciphertext, context, item.recipient), scope
+        )
+
+    def _unwrap_encoded(
+        self, operation: str, item: tuple[bytes, bytes, bytes], scope: _Scope
+    ) -> Revealed:
+        """`_unwrap` of (ciphertext, recipient key, the context already encoded)."""
+        ciphertext, recipient, context = item
+        try:
+            parsed = parse(ciphertext)
+        except KeyquorumError as e:
+            self._refused(scope, UNKNOWN, operation, e, None)
+            raise
+        return self._unwrap_checked(operation, (parsed, ciphertext, context, recipient), scope)
+
+    def _unwrap_checked(
+        self, operation: str, item: tuple[Parsed, bytes, bytes, bytes], scope: _Scope
+    ) -> Revealed:
+        """The rest of step 0 (the recipient key), then steps 1 to 4.
+
+        `item`: the parsed ciphertext, its bytes, the encoded context, the recipient key.
+        """
+        parsed, ciphertext, context, recipient_key = item
+        tenant = UNKNOWN
+        try:
+            recipient = _recipient(recipient_key)
             # 1. to 3.
             tenant = parsed.tenant
             epoch = self._epoch
             plaintext = self._open(scope, parsed, context)
             # 4.
-            result = self._reveal(
-                epoch, (tenant, parsed.version), item.ciphertext, plaintext, recipient
-            )
+            result = self._reveal(epoch, (tenant, parsed.version), ciphertext, plaintext, recipient)
         except KeyquorumError as e:
             self._refused(scope, tenant, operation, e, context)
             raise

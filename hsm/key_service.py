@@ -16,8 +16,13 @@ that peer (`peer_identities()`), and only when those names contain that
 identity and no other keyquorum URI; so a busy backend's calls neither
 re-parse X.509 nor copy the auth context each time.
 
-The hot paths avoid per-item Python work that is not a check: Wrap and
-Rewrap requests go to the data plane as they came (it only reads them).
+The hot paths avoid per-item Python work that is not a check. Wrap and
+Unwrap take the request as wire bytes: `DataPlane.wrap_serialized` and
+`unwrap_serialized` have C read the fields and encode the context
+(`_wrapfast.parse_wrap`, `parse_unwrap`), and anything C does not accept
+whole is parsed here (a malformed request is INVALID_ARGUMENT) and goes to
+`wrap` or `unwrap`; Wrap writes its answer in wire format too. Rewrap
+requests go to the data plane as they came (it only reads them).
 BatchWrap takes the request as wire bytes: `DataPlane.batch_wrap_serialized`
 answers a batch whose every item succeeds with one C call (hsm/_wrapfast.c,
 docs/dataplane.md); any other batch is parsed here and goes the Python way.
@@ -193,7 +198,7 @@ def encode_wrap_results(results: Sequence[Wrapped | KeyquorumError]) -> bytes:
     (`bytes ciphertext = 1`, `uint32 key_version = 2`) or `ItemError error = 2`
     (`int32 code = 1`, `string message = 2`): fields in number order, zero
     values left out (proto3), lengths as minimal varints, as the protobuf
-    library writes them (tests/test_key_service_wire.py compares bytes).
+    library writes them (tests/test_dataplane_fast.py compares bytes).
     """
     parts: list[bytes] = []
     append = parts.append
@@ -222,17 +227,33 @@ def encode_wrap_results(results: Sequence[Wrapped | KeyquorumError]) -> bytes:
     return b"".join(parts)
 
 
+def encode_wrap_response(result: Wrapped) -> bytes:
+    """A serialised WrapResponse (`bytes ciphertext = 1`, `uint32 key_version = 2`).
+
+    As the protobuf library writes it (zero values left out), compared byte
+    for byte in tests/test_dataplane_fast.py.
+    """
+    ciphertext, version = result.ciphertext, result.version
+    return (_TAG_1_LEN + _varint(len(ciphertext)) + ciphertext if ciphertext else b"") + (
+        _TAG_2_VARINT + _varint(version) if version else b""
+    )
+
+
 def _raw(data: bytes) -> bytes:
     """The (de)serialiser of a handler that reads or writes wire bytes itself."""
     return data
 
 
-def _parse_batch_wrap(request: bytes) -> pb.BatchWrapRequest:
+M = TypeVar("M", bound=Message)
+
+
+def _parse(message: type[M], request: bytes) -> M:
     """The request message; a malformed one is INVALID_ARGUMENT (DeserializationError)."""
     try:
-        return pb.BatchWrapRequest.FromString(request)
+        return message.FromString(request)
     except DecodeError:
-        raise DeserializationError("the request is not a valid BatchWrapRequest") from None
+        name = message.DESCRIPTOR.name
+        raise DeserializationError(f"the request is not a valid {name}") from None
 
 
 class KeyServicer:
@@ -273,17 +294,26 @@ class KeyServicer:
                 self._identities[key] = uri
         return uri
 
-    def Wrap(self, request: pb.WrapRequest, context: grpc.ServicerContext) -> pb.WrapResponse:
+    def Wrap(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Takes the request serialised: the data plane's C parser reads the wire bytes."""
         who = self._backend(context, "wrap")
         try:
-            return _wrapped(self._plane.wrap(who, request))
+            result = self._plane.wrap_serialized(who, request)
+            if result is None:
+                result = self._plane.wrap(who, _parse(pb.WrapRequest, request))
         except KeyquorumError as e:
             abort_with(context, e)
+        return encode_wrap_response(result)
 
-    def Unwrap(self, request: pb.UnwrapRequest, context: grpc.ServicerContext) -> pb.UnwrapResponse:
+    def Unwrap(self, request: bytes, context: grpc.ServicerContext) -> pb.UnwrapResponse:
+        """Takes the request serialised, as Wrap does."""
         who = self._backend(context, "unwrap")
         try:
-            return _unwrapped(self._plane.unwrap(who, _unwrap_item(request)))
+            result = self._plane.unwrap_serialized(who, request)
+            if result is None:
+                parsed = _parse(pb.UnwrapRequest, request)
+                result = self._plane.unwrap(who, _unwrap_item(parsed))
+            return _unwrapped(result)
         except KeyquorumError as e:
             abort_with(context, e)
 
@@ -310,7 +340,7 @@ class KeyServicer:
             answer = self._plane.batch_wrap_serialized(who, request)
             if answer is not None:
                 return answer
-            results = self._plane.batch_wrap(who, _parse_batch_wrap(request).items)
+            results = self._plane.batch_wrap(who, _parse(pb.BatchWrapRequest, request).items)
         except KeyquorumError as e:
             abort_with(context, e)
         return encode_wrap_results(results)
@@ -375,10 +405,11 @@ def _serialize(message: Message) -> bytes:
 
 
 def method_handlers(servicer: KeyServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
-    """The eight methods' handlers, as the generated code makes them, but the batch answers."""
+    """The eight methods' handlers, as the generated code makes them, but for what goes as
+    wire bytes: the requests of Wrap, Unwrap and BatchWrap, and the wrap answers."""
     return {
-        "Wrap": _handler(servicer.Wrap, pb.WrapRequest.FromString, _serialize),
-        "Unwrap": _handler(servicer.Unwrap, pb.UnwrapRequest.FromString, _serialize),
+        "Wrap": _handler(servicer.Wrap, _raw, _raw),
+        "Unwrap": _handler(servicer.Unwrap, _raw, _serialize),
         "GenerateDataKey": _handler(
             servicer.GenerateDataKey, pb.GenerateDataKeyRequest.FromString, _serialize
         ),

@@ -30,7 +30,12 @@ from hypothesis import strategies as st
 
 from keyquorum.hsm import dataplane
 from keyquorum.hsm.dataplane import DataPlaneLimits, EncryptionCounters, NoncePool, Wrapped
-from keyquorum.hsm.key_service import _item_error, _wrapped, encode_wrap_results
+from keyquorum.hsm.key_service import (
+    _item_error,
+    _wrapped,
+    encode_wrap_response,
+    encode_wrap_results,
+)
 from keyquorum.hsm.sqlite_store import SqliteStore
 from keyquorum.quorum.errors import (
     AccessDeniedError,
@@ -140,6 +145,20 @@ def test_batch_answer_bytes_are_protobufs_own(results: list[Wrapped | KeyquorumE
         ]
     )
     assert wire == rewrap.SerializeToString(deterministic=True)  # BatchRewrap: same layout
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    result=st.builds(
+        Wrapped,
+        st.binary(max_size=300),
+        st.one_of(st.integers(0, 300), st.integers(0, 2**32 - 1)),
+    )
+)
+def test_wrap_answer_bytes_are_protobufs_own(result: Wrapped) -> None:
+    wire = encode_wrap_response(result)
+    assert wire == _wrapped(result).SerializeToString(deterministic=True)
+    assert pb.WrapResponse.FromString(wire) == _wrapped(result)
 
 
 # -- nonces ---------------------------------------------------------------------------

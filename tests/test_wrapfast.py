@@ -13,7 +13,10 @@ across every limit, at the default limits and at tight ones), on hand-made
 wire bytes protobuf reads but the scan must refuse or read alike, on random
 and mutated bytes, on misuse of the C functions, on a seal or deactivation
 in the middle of the call, with the rate limit, metrics and access log, and
-over real mTLS gRPC.
+over real mTLS gRPC. The same for a single Wrap and Unwrap, whose request C
+reads (`parse_wrap`, `parse_unwrap`) before the Python steps: both ways
+answer and record alike, and C accepts a WrapRequest exactly when the batch
+scan accepts it as an item.
 """
 
 from __future__ import annotations
@@ -172,7 +175,7 @@ def served(plane: DataPlane, who: str, raw: bytes) -> Outcome:
         answer = plane.batch_wrap_serialized(who, raw)
         if answer is not None:
             return Outcome(answer=answer, fast=True)
-        results = plane.batch_wrap(who, key_service._parse_batch_wrap(raw).items)
+        results = plane.batch_wrap(who, key_service._parse(pb.BatchWrapRequest, raw).items)
     except KeyquorumError as e:
         return Outcome(error=(type(e), str(e)))
     return Outcome(answer=encode_wrap_results(results))
@@ -805,10 +808,11 @@ SPLICE = st.sampled_from(
 
 
 @st.composite
-def mutated(draw: st.DrawFn) -> bytes:
+def mutated(draw: st.DrawFn, seeds: st.SearchStrategy[bytes] | None = None) -> bytes:
     """A request with a few bytes flipped, inserted, deleted, repeated or cut off (or none)."""
-    seed = st.sampled_from(SEEDS) | batches(TIGHT).map(lambda r: r.SerializeToString())
-    data = bytearray(draw(seed))
+    if seeds is None:
+        seeds = st.sampled_from(SEEDS) | batches(TIGHT).map(lambda r: r.SerializeToString())
+    data = bytearray(draw(seeds))
     for _ in range(draw(st.integers(0, 3))):
         at = draw(st.integers(0, len(data)))
         action = draw(st.sampled_from(["flip", "set", "insert", "delete", "repeat", "cut"]))
@@ -1049,6 +1053,8 @@ class Interposed:
 
     def __init__(self, during: Callable[[], None], *, before: bool) -> None:
         self.scan = _wrapfast.scan
+        self.parse_wrap = _wrapfast.parse_wrap
+        self.parse_unwrap = _wrapfast.parse_unwrap
         self._during = during
         self._before = before
         self.calls = 0
@@ -1405,3 +1411,405 @@ def test_concurrent_fast_batches_never_reuse_a_nonce(world: World) -> None:
     for key in keys.values():
         key.wipe()
     assert len(nonces) == 120 * 50
+
+
+# -- a single Wrap: step 0 in C (`DataPlane.wrap_serialized`) -------------------------------------
+#
+# `_wrapfast.parse_wrap` reads one WrapRequest with the very parser `scan`
+# runs on each batch item, so everything above about which bytes the C code
+# accepts carries over once the two are shown to accept the same requests;
+# the tests below show that, and that `KeyServicer.Wrap` (the C parse, else
+# protobuf and `wrap`) answers and records exactly what the reference does.
+
+
+def served_single(plane: DataPlane, who: str, raw: bytes) -> Outcome:
+    """What `KeyServicer.Wrap` answers, without gRPC: C's step 0, else protobuf and `wrap`."""
+    try:
+        result = plane.wrap_serialized(who, raw)
+        fast = result is not None
+        if result is None:
+            result = plane.wrap(who, key_service._parse(pb.WrapRequest, raw))
+    except KeyquorumError as e:
+        return Outcome(error=(type(e), str(e)))
+    return Outcome(answer=key_service.encode_wrap_response(result), fast=fast)
+
+
+def reference_single(plane: DataPlane, who: str, raw: bytes) -> Outcome:
+    """The Python path alone: protobuf parses, `wrap` decides, protobuf serialises."""
+    try:
+        try:
+            request = pb.WrapRequest.FromString(raw)
+        except DecodeError:
+            raise DeserializationError("the request is not a valid WrapRequest") from None
+        result = plane.wrap(who, request)
+    except KeyquorumError as e:
+        return Outcome(error=(type(e), str(e)))
+    return Outcome(answer=key_service._wrapped(result).SerializeToString(), results=[result])
+
+
+def compare_single(p: Planes, who: str, raw: bytes) -> tuple[Outcome, Outcome]:
+    got = served_single(p.fast, who, raw)
+    got.records = list(p.fast_usage.records)
+    want = reference_single(p.slow, who, raw)
+    want.records = list(p.slow_usage.records)
+    assert got.error == want.error
+    assert got.answer == want.answer  # byte for byte, nonces included
+    assert got.records == want.records
+    # C's step 0 accepts exactly what the batch scan accepts as an item.
+    accepted = _wrapfast.parse_wrap(raw, DEFAULT_WIRE) is not None
+    assert accepted == (_wrapfast.scan(ld(1, raw), DEFAULT_WIRE) is not None)
+    if accepted:
+        check_parse(raw, DEFAULT_WIRE)
+    return got, want
+
+
+def check_parse(raw: bytes, limits: tuple[int, int, int, int]) -> bool:
+    """If `parse_wrap` accepts `raw`, protobuf reads the same fields and step 0 passes."""
+    fields = _wrapfast.parse_wrap(raw, limits)
+    if limits[0] >= 1:  # the scan's item limit; parse_wrap has none
+        assert (fields is None) == (_wrapfast.scan(ld(1, raw), limits) is None)
+    if fields is None:
+        return False
+    request = pb.WrapRequest.FromString(raw)  # never refuses what the parse accepted
+    check_limits = DataPlaneLimits(
+        max_plaintext=limits[1], max_context_pairs=limits[2], max_context_bytes=limits[3]
+    )
+    assert 1 <= len(request.plaintext) <= limits[1]
+    assert all(key.isascii() for key in request.context)
+    assert fields == (
+        request.tenant,
+        request.plaintext,
+        dataplane.encode_context(dict(request.context), check_limits),
+    )
+    return True
+
+
+@pytest.mark.parametrize("limits", [DEFAULT, TIGHT], ids=["default", "tight"])
+def test_single_wrap_answers_as_the_reference(world: World, limits: DataPlaneLimits) -> None:
+    tally = Tally()
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        request=st.one_of(items(limits, valid=True), items(limits, valid=False), odd_item(limits)),
+        who=st.sampled_from([WHO] * 8 + [MESSAGING_WHO, AUDITOR_WHO]),
+        seed=st.integers(0, 2**32),
+        usage=st.booleans(),
+    )
+    def check(request: pb.WrapRequest, who: str, seed: int, usage: bool) -> None:
+        got, want = compare_single(
+            planes(world, seed, limits, usage=usage), who, request.SerializeToString()
+        )
+        tally.add(got)
+        # Protobuf's own bytes: C reads exactly the requests whose step 0 passes
+        # in the shapes it handles (a tenant of 1 to 63 ASCII bytes, ASCII keys).
+        name = request.tenant.encode()
+        shaped = 1 <= len(name) <= 63 and name.isascii()
+        shaped = shaped and all(key.isascii() for key in request.context)
+        try:
+            dataplane.encode_context(dict(request.context), limits)
+            step0 = 1 <= len(request.plaintext) <= limits.max_plaintext
+        except KeyquorumError:
+            step0 = False
+        assert got.fast == (shaped and step0 and want.error is None)
+
+    check()
+    total = tally.fast + tally.python + tally.raised
+    assert tally.fast >= total // 5, tally
+    assert tally.raised >= total // 10, tally
+
+
+def _one_item(raw: bytes) -> bytes | None:
+    """The body of `raw` if it is exactly one item in a one-byte-length frame, else None."""
+    if len(raw) >= 2 and raw[0] == 0x0A and raw[1] < 0x80 and 2 + raw[1] == len(raw):
+        return raw[2:]
+    return None
+
+
+@pytest.mark.parametrize(("raw", "expect"), WIRE_CASES.values(), ids=WIRE_CASES.keys())
+def test_single_wrap_of_each_hand_made_item(world: World, raw: bytes, expect: str) -> None:
+    """A one-item case's item as a Wrap: C reads it iff the scan read it in the batch.
+
+    The other cases' bytes go to Wrap as they are (any bytes are a request).
+    """
+    body = _one_item(raw)
+    got, _want = compare_single(planes(world, seed=len(raw)), WHO, raw if body is None else body)
+    if body is not None:
+        assert (_wrapfast.parse_wrap(body, DEFAULT_WIRE) is not None) == (
+            expect in {"fast", "later"}
+        )
+        assert got.fast == (expect == "fast")
+
+
+#: WrapRequests to mutate: each batch seed's items, and hypothesis items at tight limits.
+SINGLE_SEEDS = st.sampled_from(
+    [i.SerializeToString() for seed in SEEDS for i in pb.BatchWrapRequest.FromString(seed).items]
+) | items(TIGHT, valid=True).map(lambda r: r.SerializeToString())
+
+
+def test_parse_wrap_on_random_and_mutated_bytes() -> None:
+    accepted = []
+    singles = mutated(SINGLE_SEEDS)
+
+    @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(raw=st.one_of(st.binary(max_size=96), singles, singles), limits=FUZZ_LIMITS)
+    def check(raw: bytes, limits: tuple[int, int, int, int]) -> None:
+        accepted.append(check_parse(raw, limits))
+
+    check()
+    assert sum(accepted) >= len(accepted) // 20, f"{sum(accepted)} of {len(accepted)} accepted"
+
+
+def test_mutated_single_requests_answer_as_the_reference(world: World) -> None:
+    tally = Tally()
+    singles = mutated(SINGLE_SEEDS)
+
+    @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(raw=singles)
+    def check(raw: bytes) -> None:
+        got, _want = compare_single(planes(world, seed=len(raw)), WHO, raw)
+        tally.add(got)
+
+    check()
+    assert tally.fast >= 20, tally
+    assert tally.python + tally.raised >= 50, tally
+
+
+def test_parse_wrap_misuse_raises() -> None:
+    with pytest.raises(TypeError):
+        _wrapfast.parse_wrap("text", DEFAULT_WIRE)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _wrapfast.parse_wrap(GOOD_ITEM, [1, 2, 3, 4])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="limits"):
+        _wrapfast.parse_wrap(GOOD_ITEM, (1, -1, 3, 4))
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"\xff\xff", b"\x0a\x09abc", b"\x1a\x04\x0a\x02\xc3\x28", b"\x12\x05abc"],
+    ids=["garbage", "truncated-tenant", "bad-utf8-key", "truncated-plaintext"],
+)
+def test_over_grpc_a_malformed_wrap_is_invalid_argument(world: World, request_bytes: bytes) -> None:
+    with world.kp.client() as c:
+        call = c.channel.unary_unary("/keyquorum.v1.KeyService/Wrap")
+        with pytest.raises(grpc.RpcError) as info:
+            call(request_bytes, timeout=10)
+    assert info.value.code() == C.INVALID_ARGUMENT
+    assert "not a valid WrapRequest" in (info.value.details() or "")
+
+
+def test_over_grpc_single_wraps_open_only_with_their_context(world: World) -> None:
+    """Both ways into a single Wrap (C's step 0, and protobuf for a non-ASCII key) open alike."""
+    with world.kp.client() as c:
+        for tenant, plaintext, context in (
+            (ALPHA, b"one", CTX),
+            (BETA, b"4" * 4096, {"k": '\u2028\x7f"\\'}),
+            (ALPHA, b"two", {"cl\u00e9": "non-ASCII key"}),
+        ):
+            wrapped = c.wrap(tenant, plaintext, context)
+            assert wrapped.key_version == (1 if tenant == ALPHA else 2)
+            assert c.unwrap(wrapped.ciphertext, context).reveal() == plaintext
+            with pytest.raises(KeyServiceError) as info:
+                c.unwrap(wrapped.ciphertext, {**context, "extra": ""})
+            assert info.value.code == C.INVALID_ARGUMENT
+
+
+# -- a single Unwrap: the context in C (`DataPlane.unwrap_serialized`) ----------------------------
+
+
+def served_unwrap(plane: DataPlane, who: str, raw: bytes) -> Outcome:
+    """What `KeyServicer.Unwrap` answers, without gRPC: C's parse, else protobuf and `unwrap`."""
+    try:
+        result = plane.unwrap_serialized(who, raw)
+        fast = result is not None
+        if result is None:
+            parsed = key_service._parse(pb.UnwrapRequest, raw)
+            result = plane.unwrap(who, key_service._unwrap_item(parsed))
+    except KeyquorumError as e:
+        return Outcome(error=(type(e), str(e)))
+    return Outcome(answer=key_service._unwrapped(result).SerializeToString(), fast=fast)
+
+
+def reference_unwrap(plane: DataPlane, who: str, raw: bytes) -> Outcome:
+    """The Python path alone: protobuf parses, `unwrap` decides, protobuf serialises."""
+    try:
+        try:
+            request = pb.UnwrapRequest.FromString(raw)
+        except DecodeError:
+            raise DeserializationError("the request is not a valid UnwrapRequest") from None
+        item_ = dataplane.UnwrapItem(
+            request.ciphertext, dict(request.context), request.recipient_public_key
+        )
+        result = plane.unwrap(who, item_)
+    except KeyquorumError as e:
+        return Outcome(error=(type(e), str(e)))
+    return Outcome(answer=key_service._unwrapped(result).SerializeToString())
+
+
+def check_parse_unwrap(raw: bytes, limits: tuple[int, int, int, int]) -> bool:
+    """If `parse_unwrap` accepts `raw`, protobuf reads the same fields and the context encodes."""
+    fields = _wrapfast.parse_unwrap(raw, limits)
+    if fields is None:
+        return False
+    request = pb.UnwrapRequest.FromString(raw)  # never refuses what the parse accepted
+    check_limits = DataPlaneLimits(
+        max_plaintext=limits[1], max_context_pairs=limits[2], max_context_bytes=limits[3]
+    )
+    assert all(key.isascii() for key in request.context)
+    assert fields == (
+        request.ciphertext,
+        request.recipient_public_key,
+        dataplane.encode_context(dict(request.context), check_limits),
+    )
+    return True
+
+
+def compare_unwrap(p: Planes, who: str, raw: bytes) -> Outcome:
+    got = served_unwrap(p.fast, who, raw)
+    got.records = list(p.fast_usage.records)
+    want = reference_unwrap(p.slow, who, raw)
+    want.records = list(p.slow_usage.records)
+    assert got.error == want.error
+    assert got.answer == want.answer
+    assert got.records == want.records
+    check_parse_unwrap(raw, DEFAULT_WIRE)
+    return got
+
+
+@st.composite
+def unwrap_requests(draw: st.DrawFn, world: World) -> pb.UnwrapRequest:
+    """Ciphertexts of granted and other tenants, under the same context, another, or tampered."""
+    tenant = draw(st.sampled_from([ALPHA, BETA] * 3 + [GAMMA, DORMANT]))
+    sealed_with = draw(contexts(DEFAULT, valid=True))
+    if draw(st.sampled_from(range(8))) == 7:  # a non-ASCII key: C leaves the request to protobuf
+        sealed_with = {"cl\u00e9": "v"}
+    plaintext = draw(plaintexts(DEFAULT, valid=True))
+    with world.d.daemon.tenant_key(tenant)[1] if tenant != DORMANT else _no_key() as key:
+        version = 2 if tenant == BETA else 1
+        ciphertext = (
+            dataplane.encrypt(
+                key,
+                tenant,
+                version,
+                plaintext,
+                dataplane.encode_context(sealed_with),
+                draw(st.binary(min_size=12, max_size=12)),
+            )
+            if key is not None
+            else head_of(tenant, 1) + bytes(12 + len(plaintext) + 16)
+        )
+    how = draw(st.sampled_from(["same"] * 5 + ["other", "tampered", "cut", "recipient"]))
+    context = sealed_with
+    recipient = b""
+    if how == "other":
+        context = draw(contexts(DEFAULT, valid=False))
+    elif how == "tampered":
+        at = draw(st.integers(0, len(ciphertext) - 1))
+        ciphertext = ciphertext[:at] + bytes([ciphertext[at] ^ 1]) + ciphertext[at + 1 :]
+    elif how == "cut":
+        ciphertext = ciphertext[: draw(st.integers(0, len(ciphertext) - 1))]
+    elif how == "recipient":
+        recipient = draw(st.sampled_from([b"\x01" * 32, b"\x00"]))
+    return pb.UnwrapRequest(ciphertext=ciphertext, context=context, recipient_public_key=recipient)
+
+
+@contextmanager
+def _no_key() -> Iterator[None]:
+    yield None
+
+
+def test_single_unwrap_answers_as_the_reference(world: World) -> None:
+    tally = Tally()
+
+    @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        request=unwrap_requests(world),
+        who=st.sampled_from([WHO] * 8 + [MESSAGING_WHO, AUDITOR_WHO]),
+        usage=st.booleans(),
+    )
+    def check(request: pb.UnwrapRequest, who: str, usage: bool) -> None:
+        got = compare_unwrap(planes(world, usage=usage), who, request.SerializeToString())
+        tally.add(got)
+        # C reads exactly the requests whose context passes step 0 with ASCII keys.
+        try:
+            dataplane.encode_context(dict(request.context))
+            readable = all(key.isascii() for key in request.context)
+        except KeyquorumError:
+            readable = False
+        raw = request.SerializeToString()
+        assert (_wrapfast.parse_unwrap(raw, DEFAULT_WIRE) is not None) == readable
+
+    check()
+    total = tally.fast + tally.python + tally.raised
+    assert tally.fast >= total // 8, tally
+    assert tally.raised >= total // 5, tally
+
+
+def test_single_unwrap_of_a_non_ascii_key_goes_the_python_way(world: World) -> None:
+    context = {"cl\u00e9": "v", "a": "b"}
+    wrapped = DataPlane(world.d.daemon, world.d.store).wrap(
+        WHO, dataplane.WrapItem(ALPHA, b"secret", context)
+    )
+    raw = pb.UnwrapRequest(ciphertext=wrapped.ciphertext, context=context).SerializeToString()
+    got = compare_unwrap(planes(world), WHO, raw)
+    assert not got.fast
+    assert got.error is None
+    assert pb.UnwrapResponse.FromString(got.answer or b"").plaintext == b"secret"
+
+
+UNWRAP_SEEDS = [
+    pb.UnwrapRequest(ciphertext=b"\x01\x05alpha" + bytes(40), context=CTX).SerializeToString(),
+    pb.UnwrapRequest(
+        ciphertext=b"ct", context={"a": "\u00e9", "\x7f": ""}, recipient_public_key=b"k"
+    ).SerializeToString(),
+    pb.UnwrapRequest(ciphertext=b"\x01").SerializeToString(),
+]
+
+
+def test_parse_unwrap_on_random_and_mutated_bytes() -> None:
+    accepted = []
+
+    @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        raw=st.one_of(st.binary(max_size=96), mutated(st.sampled_from(UNWRAP_SEEDS))),
+        limits=FUZZ_LIMITS,
+    )
+    def check(raw: bytes, limits: tuple[int, int, int, int]) -> None:
+        accepted.append(check_parse_unwrap(raw, limits))
+
+    check()
+    assert sum(accepted) >= len(accepted) // 10, f"{sum(accepted)} of {len(accepted)} accepted"
+
+
+@pytest.mark.parametrize(
+    ("raw", "accepted"),
+    [
+        (b"", True),  # every field missing: empty ciphertext, for Python to refuse
+        (ld(1, b"c") + ld(1, b"c"), False),  # ciphertext twice
+        (ld(3, b"k") + ld(3, b"k"), False),  # recipient twice
+        (ld(2, ld(1, b"k") + ld(2, b"v")) + ld(2, ld(1, b"k") + ld(2, b"w")), False),
+        (ld(2, ld(1, b"k") + ld(2, b"\xff")), False),  # a value that is not UTF-8
+        (ld(2, ld(1, "é".encode()) + ld(2, b"v")), False),  # a non-ASCII key
+        (ld(1, b"\xff\xfe") + ld(3, b"\xff"), True),  # bytes fields: any bytes
+        (ld(4, b"x"), False),  # an unknown field
+        (b"\x08\x01", False),  # a varint field
+    ],
+)
+def test_parse_unwrap_hand_made_wire_bytes(world: World, raw: bytes, accepted: bool) -> None:
+    assert (_wrapfast.parse_unwrap(raw, DEFAULT_WIRE) is not None) == accepted
+    compare_unwrap(planes(world), WHO, raw)
+
+
+def test_over_grpc_unwrap_both_ways(world: World) -> None:
+    """Unwrap through C's parse and through protobuf (a non-ASCII key) opens alike."""
+    with world.kp.client() as c:
+        for context in (CTX, {"cl\u00e9": "non-ASCII key"}, {}):
+            wrapped = c.wrap(ALPHA, b"secret", context)
+            assert c.unwrap(wrapped.ciphertext, context).reveal() == b"secret"
+            with pytest.raises(KeyServiceError) as info:
+                c.unwrap(wrapped.ciphertext, {**context, "x": "y"})
+            assert info.value.code == C.INVALID_ARGUMENT
+        call = c.channel.unary_unary("/keyquorum.v1.KeyService/Unwrap")
+        with pytest.raises(grpc.RpcError) as raised:
+            call(b"\x0a\x09abc", timeout=10)
+        assert raised.value.code() == C.INVALID_ARGUMENT
+        assert "not a valid UnwrapRequest" in (raised.value.details() or "")
