@@ -420,6 +420,10 @@ class RateLimit(Protocol):
         """Take `count` tokens of `backend`'s bucket or raise LimitExceededError."""
         ...
 
+    def give_back(self, backend: str, count: int) -> None:
+        """Return `count` tokens taken by a call that then started over."""
+        ...
+
 
 # -- the encryption counter -------------------------------------------------------
 
@@ -822,7 +826,8 @@ class DataPlane:
         caller then parses the request and calls `batch_wrap`, the reference,
         which decides each item's result. Counter numbers reserved before a
         None are skipped (the count only over-states); after the seal step's
-        None (a key closed during the call) the rate-limit tokens stay taken.
+        None (a key closed during the call) the rate-limit tokens are given
+        back, since the reference takes them again.
         A call-level refusal (rate limit, sealed) raises as `batch_wrap` does. The answer is the
         bytes `batch_wrap` and `encode_wrap_results` would give with the
         same nonces (tests/test_wrapfast.py).
@@ -864,8 +869,11 @@ class DataPlane:
         )
         # A seal or a deactivation while sealing (the keyring closes a version's
         # cipher before it zeroes the bytes): the items would have failed one by
-        # one; let the reference path say so (this call's tokens stay taken).
+        # one; let the reference path say so. It takes the call's tokens again,
+        # so they go back first.
         if any(key.cipher.closed for key in keys):
+            if self._rate is not None:
+                self._rate.give_back(backend, items)
             return None
         if contexts is not None:
             for index, context in contexts:

@@ -61,3 +61,17 @@ class RateLimiter:
                     "retry later"
                 )
             self._buckets[backend] = (tokens - count, now)
+
+    def give_back(self, backend: str, count: int) -> None:
+        """Return `count` tokens a call took but did not use (never above the burst).
+
+        For a call that took its tokens and then started over on another
+        path, which takes them again: the backend is charged once.
+        """
+        if count < 1:
+            raise InvalidInputError("give back at least one token")
+        now = self._clock()
+        with self._lock:
+            tokens, then = self._buckets.get(backend, (self._burst, now))
+            tokens = min(self._burst, tokens + (now - then) * self._rate + count)
+            self._buckets[backend] = (tokens, now)

@@ -298,6 +298,23 @@ def test_rate_limiter_buckets_per_backend() -> None:
         limiter.take("c", 5)
 
 
+def test_rate_limiter_gives_back_up_to_the_burst() -> None:
+    limiter = RateLimiter(1, burst=4, clock=lambda: 0.0)
+    limiter.take("a", 3)
+    limiter.give_back("a", 2)  # 1 + 2
+    limiter.take("a", 3)
+    with pytest.raises(LimitExceededError):
+        limiter.take("a")
+    limiter.give_back("a", 10)  # capped at the burst of 4
+    limiter.take("a", 4)
+    with pytest.raises(LimitExceededError):
+        limiter.take("a")
+    limiter.give_back("b", 1)  # a fresh bucket is already full
+    limiter.take("b", 4)
+    with pytest.raises(InvalidInputError):
+        limiter.give_back("a", 0)
+
+
 @pytest.mark.parametrize(
     ("rate", "burst"), [(0, None), (-1, None), (1, 0.5)], ids=["zero", "negative", "tiny-burst"]
 )

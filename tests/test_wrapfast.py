@@ -1126,6 +1126,24 @@ def test_a_deactivation_during_the_call_leaves_every_item_to_the_python_path(
     assert "not active" in str(outcomes[1])
 
 
+def test_a_deactivation_during_the_call_charges_the_rate_limit_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast attempt's tokens go back before the Python path takes them again."""
+    interposed = Interposed(lambda: deactivate_spare(world), before=False)
+    monkeypatch.setattr(dataplane, "_wrapfast", interposed)
+    limiter = RateLimiter(1, 8, clock=lambda: 0.0)  # never refills
+    plane = DataPlane(world.d.daemon, world.d.store, rate_limit=limiter)
+    with spare_reactivated_after(world):
+        assert plane.batch_wrap_serialized(WHO, WITH_SPARE) is None
+        results = plane.batch_wrap(WHO, key_service._parse(pb.BatchWrapRequest, WITH_SPARE).items)
+    assert interposed.calls == 1
+    assert len(results) == 5
+    limiter.take("booking", 3)  # 8 - 5 are left, not 8 - 10
+    with pytest.raises(LimitExceededError):
+        limiter.take("booking", 1)
+
+
 def test_over_grpc_a_seal_during_batch_wrap_is_failed_precondition(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
