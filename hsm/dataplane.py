@@ -11,10 +11,10 @@ uses that key until the batch ends (at most 1000 items, milliseconds); a
 seal during a call closes the key's cipher, so no later item encrypts or
 decrypts with it, and step 4 stops every result that would carry a key.
 BatchWrap has a C fast path for batches whose every item succeeds
-(`batch_wrap_serialized`, hsm/_wrapfast.c), and a single Wrap's step 0 is
-done in C where the request allows (`wrap_serialized`); the Python path
-here stays the reference they are tested against, and decides every other
-request.
+(`batch_wrap_serialized`, hsm/_wrapfast.c), and a single Wrap's or
+Unwrap's request is read in C where its shape allows (`wrap_serialized`,
+`unwrap_serialized`); the Python path here stays the reference they are
+tested against, and decides every other request.
 
 Ciphertext (format 0x01), every field before the nonce is the header:
 

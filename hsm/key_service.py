@@ -259,9 +259,11 @@ def _parse(message: type[M], request: bytes) -> M:
 class KeyServicer:
     """Backend-facing RPCs; every call requires a backend's client certificate.
 
-    Wrap, Unwrap, GenerateDataKey, Rewrap, BatchUnwrap and BatchGenerateDataKey
-    return response messages; BatchWrap and BatchRewrap return the serialised
-    response (`encode_wrap_results`), registered with a pass-through serialiser.
+    Unwrap, GenerateDataKey, Rewrap, BatchUnwrap and BatchGenerateDataKey
+    return response messages; Wrap, BatchWrap and BatchRewrap return the
+    serialised response (`encode_wrap_response`, `encode_wrap_results`),
+    registered with a pass-through serialiser. Wrap, Unwrap and BatchWrap take
+    the serialised request.
     """
 
     def __init__(self, plane: DataPlane) -> None:
