@@ -37,7 +37,7 @@ from keyquorum.hsm.dataplane import DataPlane, UsageSink
 from keyquorum.hsm.metrics import Metrics, MetricsServer
 from keyquorum.hsm.postgres_store import PostgresStore
 from keyquorum.hsm.ratelimit import RateLimiter
-from keyquorum.hsm.server import Registration, create_server
+from keyquorum.hsm.server import Registration, create_server, settle_heap
 from keyquorum.hsm.sqlite_store import SqliteStore
 from keyquorum.hsm.store import Store
 from keyquorum.quorum.checkpoint import parse_verifier_key
@@ -312,6 +312,7 @@ def run(
     signal.signal(signal.SIGINT, on_signal)
     for s in servers:
         s.start()
+    log.info("start-up objects frozen for the garbage collector: %d", settle_heap())
     if mtls_bound is not None:
         log.info(
             "mTLS listener (client certificates required) on port %d: KeyService, AuditService "
