@@ -130,12 +130,7 @@ def _identity_key(context: grpc.ServicerContext) -> tuple[bytes, ...] | None:
     the whole auth context (`auth_context()`, which also copies the PEM).
     """
     names = context.peer_identities()
-    if not names:
-        return None
-    key = tuple(names)
-    if not all(isinstance(n, bytes) for n in key):
-        return None
-    return key
+    return tuple(names) if names else None
 
 
 def _names_only(key: tuple[bytes, ...], uri: str) -> bool:
@@ -144,6 +139,8 @@ def _names_only(key: tuple[bytes, ...], uri: str) -> bool:
     Only such keys are cached: a later certificate with the same names then
     names this identity, and only it, among what gRPC verified.
     """
+    if not all(isinstance(n, bytes) for n in key):
+        return False
     ours = [n for n in key if n.startswith(URI_SCHEME.encode() + b"://")]
     return ours == [uri.encode()]
 
