@@ -831,3 +831,24 @@ def test_health_serving_while_unsealed(world: World) -> None:
         stub = health_pb2_grpc.HealthStub(c.channel)
         r = stub.Check(health_pb2.HealthCheckRequest(service=key_service.SERVICE_NAME))
     assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_without_the_c_extension_every_call_takes_the_python_path(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where `_wrapfast` is not built, Wrap, Unwrap and BatchWrap parse with protobuf."""
+    monkeypatch.setattr(dataplane, "NATIVE_BATCH_WRAP", False)
+    monkeypatch.setattr(dataplane, "_wrapfast", None, raising=False)  # any use would fail
+    with world.kp.client() as c:
+        wrapped = c.wrap(TENANT, MARKER, CONTEXT)
+        assert c.unwrap(wrapped.ciphertext, CONTEXT).reveal() == MARKER
+        results = c.batch_wrap([(TENANT, b"one", CONTEXT), (TENANT, b"", CONTEXT)])
+        first, second = results
+        assert not isinstance(first, KeyServiceError)
+        assert c.unwrap(first.ciphertext, CONTEXT).reveal() == b"one"
+        assert isinstance(second, KeyServiceError)
+        assert second.code == C.INVALID_ARGUMENT
+        call = c.channel.unary_unary("/keyquorum.v1.KeyService/Wrap")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff", timeout=10)
+        assert info.value.code() == C.INVALID_ARGUMENT
