@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py hsm/_wrapfast.c $(BIN)/pip
 	$(BIN)/pip install --quiet -r $(VENV)/requirements.txt
 	$(MAKE) proto
 	$(BIN)/pip install --quiet --no-deps -e .
-	@$(PY) -c 'from keyquorum.hsm import dataplane as d; print("BatchWrap C fast path:", "built" if d.NATIVE_BATCH_WRAP else "NOT built: the Python path serves (needs a C compiler and OpenSSL headers, Debian: libssl-dev; then make clean install)")'
+	@$(PY) -c 'from keyquorum.hsm import dataplane as d; print("data plane C fast path (hsm/_wrapfast.c):", "built" if d.NATIVE_BATCH_WRAP else "NOT built: the Python path serves (needs a C compiler and OpenSSL headers, Debian: libssl-dev; then make clean install)")'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""BatchWrap's C fast path (hsm/_wrapfast.c) answers exactly as the Python path, or not at all.
+"""The data plane's C fast path (hsm/_wrapfast.c) answers exactly as the Python path, or not at all.
 
 The rule under test: `DataPlane.batch_wrap_serialized` either returns None
 (then `KeyServicer.BatchWrap` parses the request and the reference,
@@ -37,7 +37,7 @@ from keyquorum.hsm import dataplane
 if not dataplane.NATIVE_BATCH_WRAP:  # pragma: no cover (CI builds it)
     if os.environ.get("KEYQUORUM_REQUIRE_NATIVE") == "1":
         pytest.fail(
-            "KEYQUORUM_REQUIRE_NATIVE=1 but the BatchWrap C fast path (hsm/_wrapfast.c) is "
+            "KEYQUORUM_REQUIRE_NATIVE=1 but the data plane's C fast path (hsm/_wrapfast.c) is "
             "not built: install OpenSSL's headers (Debian: libssl-dev), then make clean install",
             pytrace=False,
         )
