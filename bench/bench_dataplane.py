@@ -150,7 +150,9 @@ def _echo_registration() -> Callable[[grpc.Server], None]:
     unwrap = pb.UnwrapResponse(plaintext=PLAINTEXT, tenant=TENANT, key_version=1)
     batch = pb.BatchWrapResponse(results=[pb.WrapResult(ok=wrap) for _ in range(BATCH)])
 
-    def handler(answer: pb.WrapResponse | pb.UnwrapResponse | pb.BatchWrapResponse) -> object:
+    def handler(
+        answer: pb.WrapResponse | pb.UnwrapResponse | pb.BatchWrapResponse,
+    ) -> grpc.RpcMethodHandler:
         wire = answer.SerializeToString()
         return grpc.unary_unary_rpc_method_handler(lambda _request, _context: wire)
 

@@ -344,19 +344,17 @@ static int parse_item(span_t body, const limits_t *limits, item_t *item)
  * bytes recipient_public_key = 3; } whose context step 0 would accept, each
  * field at most once (a missing bytes field is empty, as in protobuf). The
  * ciphertext and recipient are not looked into: the Python side parses them.
- * Sets item->tenant to the ciphertext and item->plaintext to the recipient.
+ * Sets out[0] to the ciphertext, out[1] to the recipient key.
  */
-static int parse_unwrap_item(span_t body, const limits_t *limits, item_t *item)
+static int parse_unwrap_fields(span_t body, const limits_t *limits, item_t *item, span_t out[2])
 {
     const uint8_t *p = body.p;
     const uint8_t *end = body.p + body.n;
     int have_ciphertext = 0;
     int have_recipient = 0;
     item->pairs = 0;
-    item->tenant.p = body.p;
-    item->tenant.n = 0;
-    item->plaintext.p = body.p;
-    item->plaintext.n = 0;
+    out[0].p = out[1].p = body.p;
+    out[0].n = out[1].n = 0;
     while (p < end) {
         size_t number;
         span_t field;
@@ -364,20 +362,31 @@ static int parse_unwrap_item(span_t body, const limits_t *limits, item_t *item)
             return 0;
         }
         if (number == 1 && !have_ciphertext) {
-            item->tenant = field;
+            out[0] = field;
             have_ciphertext = 1;
         } else if (number == 2) {
             if (!add_pair(field, limits, item)) {
                 return 0;
             }
         } else if (number == 3 && !have_recipient) {
-            item->plaintext = field;
+            out[1] = field;
             have_recipient = 1;
         } else {
             return 0;
         }
     }
     return context_fits(limits, item);
+}
+
+/* parse_item for a single Wrap: out[0] the tenant, out[1] the plaintext. */
+static int parse_wrap_fields(span_t body, const limits_t *limits, item_t *item, span_t out[2])
+{
+    if (!parse_item(body, limits, item)) {
+        return 0;
+    }
+    out[0] = item->tenant;
+    out[1] = item->plaintext;
+    return 1;
 }
 
 static uint8_t *write_json(uint8_t *out, const item_t *item)
@@ -574,11 +583,11 @@ static PyObject *context_bytes(const item_t *item)
     return context;
 }
 
-typedef int (*item_parser_t)(span_t, const limits_t *, item_t *);
+typedef int (*fields_parser_t)(span_t, const limits_t *, item_t *, span_t out[2]);
 
-/* (first field, second field, context JSON) of one request, None if `parse` refuses it;
-   `first_is_str`: the first field is the tenant (ASCII, checked), else bytes. */
-static PyObject *parse_one(PyObject *args, item_parser_t parse, int first_is_str)
+/* (out[0], out[1], context JSON) of one request, None if `parse` refuses it;
+   `first_is_str`: out[0] is the tenant (ASCII, checked), else bytes. */
+static PyObject *parse_one(PyObject *args, fields_parser_t parse, int first_is_str)
 {
     span_t whole;
     limits_t limits;
@@ -589,16 +598,16 @@ static PyObject *parse_one(PyObject *args, item_parser_t parse, int first_is_str
     if (item == NULL) {
         return NULL;
     }
+    span_t out[2];
     PyObject *result = NULL;
-    if (!parse(whole, &limits, item)) {
+    if (!parse(whole, &limits, item, out)) {
         result = Py_NewRef(Py_None);
     } else {
         PyObject *context = context_bytes(item);
         if (context != NULL) {
-            result = Py_BuildValue(
-                first_is_str ? "(s#y#N)" : "(y#y#N)", (const char *)item->tenant.p,
-                (Py_ssize_t)item->tenant.n, (const char *)item->plaintext.p,
-                (Py_ssize_t)item->plaintext.n, context);
+            result = Py_BuildValue(first_is_str ? "(s#y#N)" : "(y#y#N)", (const char *)out[0].p,
+                                   (Py_ssize_t)out[0].n, (const char *)out[1].p,
+                                   (Py_ssize_t)out[1].n, context);
         }
     }
     PyMem_Free(item);
@@ -614,7 +623,7 @@ PyDoc_STRVAR(parse_wrap_doc,
 static PyObject *wrapfast_parse_wrap(PyObject *self, PyObject *args)
 {
     (void)self;
-    return parse_one(args, parse_item, 1);
+    return parse_one(args, parse_wrap_fields, 1);
 }
 
 PyDoc_STRVAR(parse_unwrap_doc,
@@ -627,7 +636,7 @@ PyDoc_STRVAR(parse_unwrap_doc,
 static PyObject *wrapfast_parse_unwrap(PyObject *self, PyObject *args)
 {
     (void)self;
-    return parse_one(args, parse_unwrap_item, 0);
+    return parse_one(args, parse_unwrap_fields, 0);
 }
 
 /* -- sealing ----------------------------------------------------------------------------- */

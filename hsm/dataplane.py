@@ -1111,7 +1111,7 @@ class DataPlane:
             self._refused(scope, UNKNOWN, operation, e, None)
             raise
         return self._unwrap_checked(
-            operation, (parsed, item.ciphertext, context, item.recipient), scope
+            operation, parsed, item.ciphertext, context, item.recipient, scope
         )
 
     def _unwrap_encoded(
@@ -1124,16 +1124,18 @@ class DataPlane:
         except KeyquorumError as e:
             self._refused(scope, UNKNOWN, operation, e, None)
             raise
-        return self._unwrap_checked(operation, (parsed, ciphertext, context, recipient), scope)
+        return self._unwrap_checked(operation, parsed, ciphertext, context, recipient, scope)
 
     def _unwrap_checked(
-        self, operation: str, item: tuple[Parsed, bytes, bytes, bytes], scope: _Scope
+        self,
+        operation: str,
+        parsed: Parsed,
+        ciphertext: bytes,
+        context: bytes,
+        recipient_key: bytes,
+        scope: _Scope,
     ) -> Revealed:
-        """The rest of step 0 (the recipient key), then steps 1 to 4.
-
-        `item`: the parsed ciphertext, its bytes, the encoded context, the recipient key.
-        """
-        parsed, ciphertext, context, recipient_key = item
+        """The rest of step 0 (the recipient key), then steps 1 to 4."""
         tenant = UNKNOWN
         try:
             recipient = _recipient(recipient_key)
