@@ -18,12 +18,12 @@ $(BIN)/pip:
 
 # Dependencies first (grpcio-tools is needed to generate keyquorum.v1), then
 # the generated code, then the package itself in editable mode.
-$(STAMP): pyproject.toml setup.py hsm/_wrapfast.c $(BIN)/pip
+$(STAMP): pyproject.toml setup.py hsm/dataplane/_wire.c $(BIN)/pip
 	$(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))' > $(VENV)/requirements.txt
 	$(BIN)/pip install --quiet -r $(VENV)/requirements.txt
 	$(MAKE) proto
 	$(BIN)/pip install --quiet --no-deps -e .
-	@$(PY) -c 'from keyquorum.hsm import dataplane as d; print("data plane C fast path (hsm/_wrapfast.c):", "built" if d.NATIVE_BATCH_WRAP else "NOT built: the Python path serves (needs a C compiler and OpenSSL headers, Debian: libssl-dev; then make clean install)")'
+	@$(PY) -c 'from keyquorum.hsm import dataplane as d; print("data plane C fast path (hsm/dataplane/_wire.c):", "built" if d.WIRE_CODEC_BUILT else "NOT built: the Python path serves (needs a C compiler and OpenSSL headers, Debian: libssl-dev; then make clean install)")'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -77,4 +77,4 @@ demo: install
 	$(PY) -m keyquorum.cli.main demo --store $(STORE)
 
 clean:
-	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .hypothesis hsm/_wrapfast*.so
+	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache .hypothesis hsm/dataplane/_wire*.so

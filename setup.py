@@ -1,4 +1,4 @@
-"""The one compiled part: BatchWrap's per-item loop (hsm/_wrapfast.c).
+"""The one compiled part: BatchWrap's per-item loop (hsm/dataplane/_wire.c).
 
 Everything else is in pyproject.toml. The extension links OpenSSL's
 libcrypto (the library CPython's ssl and hashlib modules already load) and
@@ -12,8 +12,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "keyquorum.hsm._wrapfast",
-            sources=["hsm/_wrapfast.c"],
+            "keyquorum.hsm.dataplane._wire",
+            sources=["hsm/dataplane/_wire.c"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-std=c11"],
             optional=True,

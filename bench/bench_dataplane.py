@@ -27,7 +27,7 @@ Rows: Wrap and Unwrap (32-byte data key, a two-pair context) at 1, 8 and
 64 calls in flight, and BatchWrap of 100 items at 8 in flight (items/s),
 each against its echo. The batch runs twice: 100 items with one context
 and 100 items with 100 different contexts. BatchWrap takes the C fast
-path (hsm/_wrapfast.c, docs/dataplane.md) where it is built; the row
+path (hsm/dataplane/_wire.c, docs/dataplane.md) where it is built; the row
 names the path that ran. Plus, in process, the data plane's format code
 (context encoding, header, AES-GCM with the prepared key the keyring
 keeps) against bare AES-256-GCM with a prepared key (`aead.Cipher`).
@@ -73,10 +73,11 @@ def _serve(work: Path) -> None:
     """Daemon, and KeyService + echo servers for each pool size; writes their ports; waits."""
     from grpc_health.v1 import health
 
-    from keyquorum.hsm import key_service, tls
+    from keyquorum.hsm import tls
     from keyquorum.hsm.dataplane import DataPlane
     from keyquorum.hsm.pki import make_dev_pki
-    from keyquorum.hsm.server import create_server, settle_heap
+    from keyquorum.hsm.services import key_service
+    from keyquorum.hsm.services.server import create_server, settle_heap
     from keyquorum.quorum.limits import DEFAULT_LIMITS
     from tests.harness import in_process_daemon, make_custodians
     from tests.test_approvals import ceremony, run, unseal
@@ -98,7 +99,7 @@ def _serve(work: Path) -> None:
         servers: list[grpc.Server] = []
         ready: dict[str, object] = {
             "ca": str(pki.ca_cert),
-            "batch_path": "C fast path" if dataplane.NATIVE_BATCH_WRAP else "Python path",
+            "batch_path": "C fast path" if dataplane.WIRE_CODEC_BUILT else "Python path",
         }
         exporting = MTLS_WORKERS - AUDIT_STREAMS
         for suffix, workers in (("", MTLS_WORKERS), ("_exporting", exporting)):

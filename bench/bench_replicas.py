@@ -41,7 +41,7 @@ import grpc
 from bench.harness import Row
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.client import KeyClient
-from keyquorum.hsm.logkey import KEY_FILE
+from keyquorum.hsm.daemon.logkey import KEY_FILE
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.v1 import custodian_pb2 as pb

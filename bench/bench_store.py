@@ -30,9 +30,9 @@ from pathlib import Path
 import psycopg
 
 from bench.harness import Row
-from keyquorum.hsm.postgres_store import PostgresStore
-from keyquorum.hsm.sqlite_store import SqliteStore
-from keyquorum.hsm.store import leaf_hash
+from keyquorum.hsm.stores.base import leaf_hash
+from keyquorum.hsm.stores.postgres import PostgresStore
+from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.errors import AppendConflictError
 from tests.pg import PgServer, PostgresUnavailableError, server_from_environment
 

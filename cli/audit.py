@@ -97,7 +97,7 @@ class LocalSource:
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> LocalSource:
-        from keyquorum.hsm.sqlite_store import SqliteStore
+        from keyquorum.hsm.stores.sqlite import SqliteStore
 
         path = data_dir / STORE_FILE
         if not path.is_file():
@@ -292,7 +292,7 @@ def open_source(conn: Conn) -> Iterator[Source]:
     if conn.from_file is not None:
         yield LocalSource.from_export(conn.from_file)
         return
-    from keyquorum.hsm.tls import channel_credentials
+    from keyquorum.client.tls import channel_credentials
 
     if conn.ca is None or conn.cert is None or conn.key is None:
         raise InvalidInputError(
@@ -904,7 +904,7 @@ def run_audit_demo_steps(
     key file in `data_dir` unless given. Raises `click.ClickException` if
     the intact export does not verify or the tampered one does.
     """
-    from keyquorum.hsm.logkey import LogKey
+    from keyquorum.hsm.daemon.logkey import LogKey
 
     def heading(text: str) -> None:
         if step is not None:

@@ -11,14 +11,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 import grpc
 
-from keyquorum.hsm.status import from_rpc_error
-from keyquorum.hsm.tls import check_plaintext_allowed
-from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.client.tls import check_plaintext_allowed
+from keyquorum.quorum.errors import InvalidInputError, KeyquorumError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -99,3 +98,22 @@ def rpc_errors() -> Iterator[None]:
         yield
     except grpc.RpcError as e:
         raise from_rpc_error(e) from None
+
+
+class RemoteError(KeyquorumError):
+    """A call to the daemon failed; carries the gRPC code and the daemon's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{message} ({code.name})")
+        self.code = code
+
+
+def from_rpc_error(error: grpc.RpcError) -> RemoteError:
+    """Turn a failed call into a RemoteError with the daemon's own message."""
+    # Failed calls are both RpcError and Call at run time; the stubs cannot say so.
+    call = cast(grpc.Call, error)
+    code = call.code() if hasattr(call, "code") else grpc.StatusCode.UNKNOWN
+    details = call.details() if hasattr(call, "details") else str(error)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = f"cannot reach the daemon: {details}"
+    return RemoteError(code, details or code.name)

@@ -270,8 +270,8 @@ def _chapters(work: Path, store: str) -> None:
 
 def _verify_postgres_log(data_dir: Path) -> None:
     """The replicas have stopped: replay the shared log as an auditor's verifier does."""
-    from keyquorum.hsm.logkey import LogKey
-    from keyquorum.hsm.postgres_store import PostgresStore
+    from keyquorum.hsm.daemon.logkey import LogKey
+    from keyquorum.hsm.stores.postgres import PostgresStore
     from keyquorum.quorum.replay import verify_log
 
     _step("The log both replicas wrote, replayed from PostgreSQL by the verifier")

@@ -34,7 +34,7 @@ from typing import Final
 import click
 
 from keyquorum.cli.connect import rpc_errors
-from keyquorum.hsm import rollback
+from keyquorum.hsm.daemon import rollback
 from keyquorum.quorum import canonical
 from keyquorum.quorum.checkpoint import Checkpoint, parse_verifier_key, verify_checkpoint
 from keyquorum.quorum.errors import DeserializationError, InvalidInputError, StorageError

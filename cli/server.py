@@ -30,16 +30,18 @@ import click
 import grpc
 from grpc_health.v1 import health
 
-from keyquorum.hsm import audit_service, custodian_service, hardening, key_service, tls
-from keyquorum.hsm.access_log import AccessLog
+from keyquorum.client import tls as client_tls
+from keyquorum.hsm import hardening, tls
 from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.dataplane import DataPlane, UsageSink
-from keyquorum.hsm.metrics import Metrics, MetricsServer
-from keyquorum.hsm.postgres_store import PostgresStore
-from keyquorum.hsm.ratelimit import RateLimiter
-from keyquorum.hsm.server import Registration, create_server, settle_heap
-from keyquorum.hsm.sqlite_store import SqliteStore
-from keyquorum.hsm.store import Store
+from keyquorum.hsm.dataplane.ratelimit import RateLimiter
+from keyquorum.hsm.services import audit_service, custodian_service, key_service
+from keyquorum.hsm.services.access_log import AccessLog
+from keyquorum.hsm.services.metrics import Metrics, MetricsServer
+from keyquorum.hsm.services.server import Registration, create_server, settle_heap
+from keyquorum.hsm.stores.base import Store
+from keyquorum.hsm.stores.postgres import PostgresStore
+from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.checkpoint import parse_verifier_key
 from keyquorum.quorum.errors import InvalidInputError
 from keyquorum.quorum.limits import DEFAULT_LIMITS
@@ -228,7 +230,7 @@ def run(
                 "--insecure-dev-plaintext serves without TLS: drop --tls-cert and --tls-key, "
                 "or drop the flag"
             )
-        tls.check_plaintext_allowed(host, allow_insecure_dev=True)
+        client_tls.check_plaintext_allowed(host, allow_insecure_dev=True)
         credentials = None
         log.warning("serving PLAINTEXT gRPC on %s (development only)", listen)
     else:

@@ -26,7 +26,7 @@ from typing import Final, TypeVar, cast
 
 import grpc
 
-from keyquorum.hsm import tls
+from keyquorum.client import tls
 from keyquorum.quorum.errors import InvalidInputError, KeyquorumError
 from keyquorum.quorum.sealing import SealingPrivateKey
 from keyquorum.quorum.secret import SecretBytes

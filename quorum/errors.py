@@ -4,7 +4,7 @@ Grouped by what went wrong, not by where. Every message is safe to show a
 user and to log: no error is ever constructed with key material, a share,
 a passphrase or plaintext in its arguments. The CLI catches
 `KeyquorumError` once and exits with its message; the gRPC servicers map
-the tree to status codes in one place (`keyquorum.hsm.status`).
+the tree to status codes in one place (`keyquorum.hsm.services.status`).
 """
 
 from __future__ import annotations

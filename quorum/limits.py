@@ -7,6 +7,10 @@ tests can lower a value without monkeypatching.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
+
+#: NIST SP 800-38D, section 8.3: at most 2^32 invocations with random IVs per key.
+NONCE_BOUND: Final = 2**32
 
 
 @dataclass(frozen=True)
@@ -32,12 +36,30 @@ class Limits:
     #: Longest free-text field (deployment name, reason) in a request.
     max_text_field: int = 200
 
-    def __post_init__(self) -> None:
-        if not 7 * 86400 <= self.destroy_wait_seconds <= 30 * 86400:
-            # Imported here to keep the dataclass importable without the error tree.
-            from keyquorum.quorum.errors import InvalidInputError
+    # The data plane (docs/dataplane.md, "Limits").
+    #: Largest plaintext Wrap accepts (data keys and small secrets).
+    max_plaintext: int = 4096
+    #: Pairs in one encryption context.
+    max_context_pairs: int = 64
+    #: Bytes of one context's canonical encoding.
+    max_context_bytes: int = 4096
+    #: Items in one batch call.
+    max_batch_items: int = 1000
+    #: Encryptions per tenant key version (SP 800-38D, section 8.3).
+    encryption_limit: int = NONCE_BOUND
+    #: Encryption counter values reserved per store write.
+    counter_block: int = 65536
 
+    def __post_init__(self) -> None:
+        # Imported here to keep the dataclass importable without the error tree.
+        from keyquorum.quorum.errors import InvalidInputError
+
+        if not 7 * 86400 <= self.destroy_wait_seconds <= 30 * 86400:
             raise InvalidInputError("destroy_wait_seconds must be between 7 and 30 days")
+        if not 1 <= self.encryption_limit <= NONCE_BOUND:
+            raise InvalidInputError("encryption_limit must be in [1, 2**32] (SP 800-38D 8.3)")
+        if self.counter_block < 1:
+            raise InvalidInputError("counter_block must be at least 1")
 
 
 DEFAULT_LIMITS = Limits()

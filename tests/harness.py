@@ -25,11 +25,12 @@ from pathlib import Path
 import grpc
 
 from keyquorum.cli.main import main as cli_main
-from keyquorum.hsm import custodian_service, tls
+from keyquorum.hsm import tls
 from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.pki import DevPki
-from keyquorum.hsm.server import create_server
-from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.hsm.services import custodian_service
+from keyquorum.hsm.services.server import create_server
+from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum import canonical, shamir
 from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits

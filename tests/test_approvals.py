@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli.connect import rpc_errors
 from keyquorum.cli.main import main as cli_main
-from keyquorum.hsm import tenant_keys
+from keyquorum.hsm.daemon import tenant_keys
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.quorum import canonical, shamir
 from keyquorum.quorum import log as qlog

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyquorum.hsm import tenant_keys
-from keyquorum.hsm.tenant_keys import TenantKeyring, check_salt, unwrap, wrap
+from keyquorum.hsm.daemon import tenant_keys
+from keyquorum.hsm.daemon.tenant_keys import TenantKeyring, check_salt, unwrap, wrap
 from keyquorum.quorum.errors import (
     DecryptionError,
     DeserializationError,

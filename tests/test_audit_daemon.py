@@ -24,10 +24,12 @@ import pytest
 from keyquorum.cli import audit as cli_audit
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli.connect import rpc_errors
-from keyquorum.hsm import audit_service, tls
-from keyquorum.hsm.logkey import LogKey
+from keyquorum.client import tls as client_tls
+from keyquorum.hsm import tls
+from keyquorum.hsm.daemon.logkey import LogKey
 from keyquorum.hsm.pki import DevPki, make_dev_pki
-from keyquorum.hsm.server import create_server
+from keyquorum.hsm.services import audit_service
+from keyquorum.hsm.services.server import create_server
 from keyquorum.quorum import export
 from keyquorum.quorum.checkpoint import NoteSigner, cosign_checkpoint, parse_verifier_key
 from keyquorum.quorum.errors import KeyquorumError
@@ -76,10 +78,10 @@ class Deployment:
 
     def channel(self, client: str | None = "auditor/alice") -> grpc.Channel:
         if client is None:
-            creds = tls.channel_credentials(self.pki.ca_cert)
+            creds = client_tls.channel_credentials(self.pki.ca_cert)
         else:
             files = self.pki.client(client)
-            creds = tls.channel_credentials(
+            creds = client_tls.channel_credentials(
                 self.pki.ca_cert, client_cert=files.cert, client_key=files.key
             )
         return grpc.secure_channel(f"127.0.0.1:{self.audit_port}", creds)

@@ -40,12 +40,12 @@ import grpc
 import pytest
 
 from keyquorum.hsm.daemon import Daemon
-from keyquorum.hsm.logkey import LogKey
+from keyquorum.hsm.daemon.logkey import LogKey
+from keyquorum.hsm.daemon.rollback import CHECKPOINT_FILE
 from keyquorum.hsm.pki import DevPki, make_dev_pki
-from keyquorum.hsm.postgres_store import PostgresStore
-from keyquorum.hsm.rollback import CHECKPOINT_FILE
-from keyquorum.hsm.sqlite_store import SqliteStore
-from keyquorum.hsm.store import Store
+from keyquorum.hsm.stores.base import Store
+from keyquorum.hsm.stores.postgres import PostgresStore
+from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.limits import DEFAULT_LIMITS
 from keyquorum.quorum.replay import LogState, verify_log
 from keyquorum.v1 import custodian_pb2 as pb

@@ -18,7 +18,7 @@ from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli.connect import rpc_errors
 from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.pki import DevPki, make_dev_pki
-from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.errors import KeyquorumError, LogIntegrityError
 from keyquorum.quorum.limits import DEFAULT_LIMITS
 from keyquorum.v1 import custodian_pb2 as pb

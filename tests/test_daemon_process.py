@@ -30,10 +30,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from keyquorum.cli import custodian_actions as actions
-from keyquorum.cli.connect import rpc_errors
-from keyquorum.hsm.logkey import KEY_FILE, LogKey
+from keyquorum.cli.connect import RemoteError, rpc_errors
+from keyquorum.hsm.daemon.logkey import KEY_FILE, LogKey
 from keyquorum.hsm.pki import DevPki, make_dev_pki
-from keyquorum.hsm.status import RemoteError
 from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.limits import DEFAULT_LIMITS
 from keyquorum.quorum.replay import verify_log

@@ -19,10 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keyquorum.hsm import dataplane
-from keyquorum.hsm.access_log import KEY_FILE, AccessLog, load_or_create_key
-from keyquorum.hsm.dataplane import DataPlaneLimits, EncryptionCounters
-from keyquorum.hsm.ratelimit import RateLimiter
-from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.hsm.dataplane import EncryptionCounters
+from keyquorum.hsm.dataplane import plane as dataplane_plane
+from keyquorum.hsm.dataplane.ratelimit import RateLimiter
+from keyquorum.hsm.services.access_log import KEY_FILE, AccessLog, load_or_create_key
+from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum import aead, canonical
 from keyquorum.quorum.errors import (
     AccessDeniedError,
@@ -34,6 +35,7 @@ from keyquorum.quorum.errors import (
     StorageError,
     UnsupportedVersionError,
 )
+from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 from keyquorum.quorum.secret import SecretBytes
 
 KEY = bytes(range(32))
@@ -184,24 +186,24 @@ def test_header_checks_its_fields() -> None:
 
 def test_limits_refuse_a_bound_above_sp_800_38d() -> None:
     with pytest.raises(InvalidInputError, match="2\\*\\*32"):
-        DataPlaneLimits(encryption_limit=2**32 + 1)
+        Limits(encryption_limit=2**32 + 1)
     with pytest.raises(InvalidInputError, match="counter_block"):
-        DataPlaneLimits(counter_block=0)
-    assert dataplane.DEFAULT_DATA_LIMITS.encryption_limit == 2**32
+        Limits(counter_block=0)
+    assert DEFAULT_LIMITS.encryption_limit == 2**32
 
 
 def test_backend_name_needs_a_backend_identity() -> None:
-    assert dataplane._backend_name("keyquorum://backend/booking") == "booking"
+    assert dataplane_plane._backend_name("keyquorum://backend/booking") == "booking"
     for identity in ("keyquorum://auditor/alice", "https://backend/booking", "keyquorum://x"):
         with pytest.raises(AccessDeniedError):
-            dataplane._backend_name(identity)
+            dataplane_plane._backend_name(identity)
 
 
 # -- the encryption counter ----------------------------------------------------------------
 
 
 def test_counter_numbers_are_unique_across_restarts(tmp_path: Path) -> None:
-    limits = DataPlaneLimits(counter_block=8)
+    limits = Limits(counter_block=8)
     seen: list[int] = []
     for _ in range(3):
         with SqliteStore.in_directory(tmp_path) as store:
@@ -216,7 +218,7 @@ def test_counter_numbers_are_unique_across_restarts(tmp_path: Path) -> None:
 
 def test_counter_refuses_at_the_bound_and_names_the_fix(tmp_path: Path) -> None:
     with SqliteStore.in_directory(tmp_path) as store:
-        counters = EncryptionCounters(store, DataPlaneLimits(encryption_limit=10, counter_block=3))
+        counters = EncryptionCounters(store, Limits(encryption_limit=10, counter_block=3))
         assert [counters.take("t", 1) for _ in range(10)] == list(range(10))
         for _ in range(2):
             with pytest.raises(LimitExceededError, match="rotate-tenant"):
@@ -226,7 +228,7 @@ def test_counter_refuses_at_the_bound_and_names_the_fix(tmp_path: Path) -> None:
 
 def test_counter_prefetches_the_next_block(tmp_path: Path) -> None:
     with SqliteStore.in_directory(tmp_path) as store:
-        counters = EncryptionCounters(store, DataPlaneLimits(counter_block=100))
+        counters = EncryptionCounters(store, Limits(counter_block=100))
         for _ in range(80):
             counters.take("t", 1)
         # The next block was reserved in the background once a quarter was left.
@@ -241,7 +243,7 @@ def test_counter_prefetches_the_next_block(tmp_path: Path) -> None:
 
 def test_counter_is_thread_safe(tmp_path: Path) -> None:
     with SqliteStore.in_directory(tmp_path) as store:
-        counters = EncryptionCounters(store, DataPlaneLimits(counter_block=16))
+        counters = EncryptionCounters(store, Limits(counter_block=16))
         got: list[int] = []
         lock = threading.Lock()
 
@@ -270,7 +272,7 @@ def test_counter_store_failure_is_reported_then_retried(tmp_path: Path) -> None:
             return (0, block)
 
     store = Failing()
-    counters = EncryptionCounters(store, DataPlaneLimits(counter_block=4))  # type: ignore[arg-type]
+    counters = EncryptionCounters(store, Limits(counter_block=4))  # type: ignore[arg-type]
     with pytest.raises(StorageError, match="database down"):
         counters.take("t", 1)
     assert counters.take("t", 1) == 0

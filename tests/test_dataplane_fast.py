@@ -29,14 +29,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keyquorum.hsm import dataplane
-from keyquorum.hsm.dataplane import DataPlaneLimits, EncryptionCounters, NoncePool, Wrapped
-from keyquorum.hsm.key_service import (
+from keyquorum.hsm.dataplane import EncryptionCounters, NoncePool, Wrapped
+from keyquorum.hsm.dataplane import format as dataplane_format
+from keyquorum.hsm.dataplane import nonces as dataplane_nonces
+from keyquorum.hsm.services.key_service import (
     _item_error,
     _wrapped,
     encode_wrap_response,
     encode_wrap_results,
 )
-from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.errors import (
     AccessDeniedError,
     DecryptionError,
@@ -45,6 +47,7 @@ from keyquorum.quorum.errors import (
     LimitExceededError,
     SealedError,
 )
+from keyquorum.quorum.limits import Limits
 from keyquorum.v1 import key_pb2 as pb
 
 # -- RFC 8785 of flat contexts ----------------------------------------------------------
@@ -70,7 +73,7 @@ VALUES = st.text(
 @given(context=st.dictionaries(ASCII_KEYS, VALUES, max_size=8))
 def test_flat_encoder_is_byte_identical_to_rfc8785(context: dict[str, str]) -> None:
     pairs = tuple(context.items())
-    assert dataplane._flat_canonical(pairs) == rfc8785.dumps(context)
+    assert dataplane_format._flat_canonical(pairs) == rfc8785.dumps(context)
     assert dataplane.encode_context(context) == rfc8785.dumps(context)
 
 
@@ -78,7 +81,7 @@ def test_flat_encoder_is_byte_identical_to_rfc8785(context: dict[str, str]) -> N
 @given(context=st.dictionaries(ASCII_KEYS, VALUES, min_size=2, max_size=6), data=st.data())
 def test_flat_encoder_ignores_insertion_order(context: dict[str, str], data: st.DataObject) -> None:
     shuffled = data.draw(st.permutations(list(context.items())))
-    assert dataplane._flat_canonical(tuple(shuffled)) == dataplane._flat_canonical(
+    assert dataplane_format._flat_canonical(tuple(shuffled)) == dataplane_format._flat_canonical(
         tuple(context.items())
     )
 
@@ -191,7 +194,7 @@ def test_nonces_come_from_the_random_source_in_order_and_a_fork_forgets_them() -
     pool = NoncePool(counting, per_draw=4)
     assert [pool.take() for _ in range(5)] == [b"\x01" * 12] * 4 + [b"\x02" * 12]
     assert draws == [48, 48]
-    dataplane._forget_drawn_nonces()  # what os.register_at_fork runs in a child
+    dataplane_nonces._forget_drawn_nonces()  # what os.register_at_fork runs in a child
     assert pool.take() == b"\x03" * 12
 
 
@@ -317,7 +320,7 @@ def test_take_and_take_many_across_threads_never_repeat_or_skip() -> None:
 
 def test_take_many_stays_in_the_block_and_stops_at_the_bound(tmp_path: Path) -> None:
     with SqliteStore.in_directory(tmp_path) as store:
-        counters = EncryptionCounters(store, DataPlaneLimits(encryption_limit=10, counter_block=4))
+        counters = EncryptionCounters(store, Limits(encryption_limit=10, counter_block=4))
         assert counters.take_many("t", 1, 3) == 3
         assert counters.take_many("t", 1, 100) == 1  # the rest of the first block
         assert counters.take("t", 1) == 4  # none handed out twice

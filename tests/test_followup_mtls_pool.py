@@ -25,10 +25,12 @@ import grpc
 import pytest
 
 from keyquorum.cli import server as cli_server
-from keyquorum.hsm import audit_service, key_service, tls
+from keyquorum.client import tls as client_tls
+from keyquorum.hsm import tls
 from keyquorum.hsm.dataplane import DataPlane
 from keyquorum.hsm.pki import DevPki, make_dev_pki
-from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.hsm.services import audit_service, key_service
+from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.errors import InvalidInputError
 from keyquorum.v1 import audit_pb2 as apb
 from keyquorum.v1 import audit_pb2_grpc as apb_grpc
@@ -81,7 +83,7 @@ class Listener:
 
     def channel(self, who: str) -> grpc.Channel:
         files = self.pki.client(who)
-        creds = tls.channel_credentials(
+        creds = client_tls.channel_credentials(
             self.pki.ca_cert, client_cert=files.cert, client_key=files.key
         )
         return grpc.secure_channel(f"127.0.0.1:{self.port}", creds)

@@ -31,16 +31,18 @@ from grpc_health.v1 import health
 
 from keyquorum.client import KeyClient, KeyServiceError, decrypt_record, encrypt_record
 from keyquorum.client import client as client_module
-from keyquorum.hsm import dataplane, key_service, pki, tls
-from keyquorum.hsm.access_log import AccessLog, load_or_create_key
-from keyquorum.hsm.dataplane import DataPlane, DataPlaneLimits, UsageSink
-from keyquorum.hsm.metrics import Metrics
+from keyquorum.hsm import dataplane, pki, tls
+from keyquorum.hsm.dataplane import DataPlane, UsageSink
+from keyquorum.hsm.dataplane import plane as dataplane_plane
+from keyquorum.hsm.dataplane.ratelimit import RateLimiter
 from keyquorum.hsm.pki import DevPki, make_dev_pki
-from keyquorum.hsm.ratelimit import RateLimiter
-from keyquorum.hsm.server import create_server
+from keyquorum.hsm.services import key_service
+from keyquorum.hsm.services.access_log import AccessLog, load_or_create_key
+from keyquorum.hsm.services.metrics import Metrics
+from keyquorum.hsm.services.server import create_server
 from keyquorum.quorum import canonical
 from keyquorum.quorum.errors import DecryptionError
-from keyquorum.quorum.limits import DEFAULT_LIMITS
+from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 from keyquorum.quorum.operations import TENANT_RE
 from keyquorum.quorum.sealing import SealingPrivateKey
 from keyquorum.v1 import key_pb2 as kpb
@@ -101,7 +103,7 @@ def key_plane(
     d: InProcessDaemon,
     dev_pki: DevPki,
     *,
-    limits: DataPlaneLimits = dataplane.DEFAULT_DATA_LIMITS,
+    limits: Limits = DEFAULT_LIMITS,
     usage: tuple[UsageSink, ...] = (),
     rate_limit: RateLimiter | None = None,
 ) -> Iterator[KeyPlane]:
@@ -592,7 +594,7 @@ def test_encryption_bound_refuses_and_says_rotate(world: World) -> None:
     """SP 800-38D 8.3 bound (lowered to 5 here), counted in the store across planes."""
     d, custodians = world.kp.d, world.custodians
     ready_tenant(d, custodians, "bounded")
-    limits = DataPlaneLimits(encryption_limit=5, counter_block=2)
+    limits = Limits(encryption_limit=5, counter_block=2)
     with key_plane(d, world.kp.pki, limits=limits) as kp, kp.client() as c:
         c.wrap("bounded", b"x", CONTEXT)
         c.generate_data_key("bounded", CONTEXT)
@@ -836,9 +838,9 @@ def test_health_serving_while_unsealed(world: World) -> None:
 def test_without_the_c_extension_every_call_takes_the_python_path(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Where `_wrapfast` is not built, Wrap, Unwrap and BatchWrap parse with protobuf."""
-    monkeypatch.setattr(dataplane, "NATIVE_BATCH_WRAP", False)
-    monkeypatch.setattr(dataplane, "_wrapfast", None, raising=False)  # any use would fail
+    """Where `_wire` is not built, Wrap, Unwrap and BatchWrap parse with protobuf."""
+    monkeypatch.setattr(dataplane_plane, "WIRE_CODEC_BUILT", False)
+    monkeypatch.setattr(dataplane_plane, "_wire", None, raising=False)  # any use would fail
     with world.kp.client() as c:
         wrapped = c.wrap(TENANT, MARKER, CONTEXT)
         assert c.unwrap(wrapped.ciphertext, CONTEXT).reveal() == MARKER

@@ -21,10 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.client import KeyServiceError
-from keyquorum.hsm import key_service
+from keyquorum.hsm.daemon.tenant_keys import TenantKey
 from keyquorum.hsm.dataplane import UnwrapItem, WrapItem
 from keyquorum.hsm.pki import DevPki
-from keyquorum.hsm.tenant_keys import TenantKey
+from keyquorum.hsm.services import key_service
 from keyquorum.quorum.errors import KeyquorumError, SealedError, StateError
 from tests.harness import Custodian, InProcessDaemon, in_process_daemon, make_custodians
 from tests.test_approvals import ceremony, unseal

@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keyquorum.cli.admin import admin
+from keyquorum.client import tls as client_tls
 from keyquorum.hsm import tls
 from keyquorum.hsm.pki import ClientIdentity, DevPki, make_dev_pki
 from keyquorum.quorum.errors import (
@@ -291,7 +292,7 @@ def _handshake_fails(target: str, creds: grpc.ChannelCredentials) -> None:
 
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
 def test_tls_with_the_ca_works(pki: DevPki, tls_server: Running, host: str) -> None:
-    creds = tls.channel_credentials(pki.ca_cert)
+    creds = client_tls.channel_credentials(pki.ca_cert)
     assert _check(f"{host}:{tls_server.port}", creds) == health_pb2.HealthCheckResponse.SERVING
     assert tls_server.recorder.identities[-1] is None  # no client certificate: no identity
 
@@ -299,7 +300,9 @@ def test_tls_with_the_ca_works(pki: DevPki, tls_server: Running, host: str) -> N
 def test_tls_client_trusting_another_ca_refuses_the_server(
     other_pki: DevPki, tls_server: Running
 ) -> None:
-    _handshake_fails(f"localhost:{tls_server.port}", tls.channel_credentials(other_pki.ca_cert))
+    _handshake_fails(
+        f"localhost:{tls_server.port}", client_tls.channel_credentials(other_pki.ca_cert)
+    )
 
 
 def test_plaintext_client_gets_nothing_from_a_tls_server(tls_server: Running) -> None:
@@ -311,7 +314,9 @@ def test_plaintext_client_gets_nothing_from_a_tls_server(tls_server: Running) ->
 @pytest.mark.parametrize("client", CLIENTS)
 def test_mtls_client_identity_is_extracted(pki: DevPki, mtls_server: Running, client: str) -> None:
     files = pki.client(client)
-    creds = tls.channel_credentials(pki.ca_cert, client_cert=files.cert, client_key=files.key)
+    creds = client_tls.channel_credentials(
+        pki.ca_cert, client_cert=files.cert, client_key=files.key
+    )
     before = len(mtls_server.recorder.identities)
     assert _check(f"localhost:{mtls_server.port}", creds) == health_pb2.HealthCheckResponse.SERVING
     assert mtls_server.recorder.identities[before:] == [f"keyquorum://{client}"]
@@ -319,7 +324,7 @@ def test_mtls_client_identity_is_extracted(pki: DevPki, mtls_server: Running, cl
 
 def test_mtls_without_client_certificate_fails(pki: DevPki, mtls_server: Running) -> None:
     before = len(mtls_server.recorder.identities)
-    _handshake_fails(f"localhost:{mtls_server.port}", tls.channel_credentials(pki.ca_cert))
+    _handshake_fails(f"localhost:{mtls_server.port}", client_tls.channel_credentials(pki.ca_cert))
     assert len(mtls_server.recorder.identities) == before  # no servicer was reached
 
 
@@ -327,7 +332,9 @@ def test_mtls_client_from_another_ca_fails(
     pki: DevPki, other_pki: DevPki, mtls_server: Running
 ) -> None:
     impostor = other_pki.client("backend/booking")  # same URI, wrong CA
-    creds = tls.channel_credentials(pki.ca_cert, client_cert=impostor.cert, client_key=impostor.key)
+    creds = client_tls.channel_credentials(
+        pki.ca_cert, client_cert=impostor.cert, client_key=impostor.key
+    )
     before = len(mtls_server.recorder.identities)
     _handshake_fails(f"localhost:{mtls_server.port}", creds)
     assert len(mtls_server.recorder.identities) == before
@@ -348,7 +355,7 @@ def test_mtls_expired_client_certificate_fails(tmp_path: Path) -> None:
     )
     for running in _start(creds):
         files = old.client("backend/old")
-        client = tls.channel_credentials(
+        client = client_tls.channel_credentials(
             fresh_server.ca_cert, client_cert=files.cert, client_key=files.key
         )
         _handshake_fails(f"localhost:{running.port}", client)
@@ -364,7 +371,9 @@ def test_grpc_has_no_optional_client_auth(pki: DevPki) -> None:
         require_client_auth=False,
     )
     files = pki.client("backend/booking")
-    creds = tls.channel_credentials(pki.ca_cert, client_cert=files.cert, client_key=files.key)
+    creds = client_tls.channel_credentials(
+        pki.ca_cert, client_cert=files.cert, client_key=files.key
+    )
     for running in _start(raw):
         assert _check(f"localhost:{running.port}", creds) == health_pb2.HealthCheckResponse.SERVING
         assert running.recorder.identities == [None]
@@ -372,10 +381,10 @@ def test_grpc_has_no_optional_client_auth(pki: DevPki) -> None:
 
 def test_plaintext_on_loopback_only_with_the_flag() -> None:
     with pytest.raises(InvalidInputError, match="--insecure-dev-plaintext"):
-        tls.check_plaintext_allowed("127.0.0.1", False)
+        client_tls.check_plaintext_allowed("127.0.0.1", False)
     with pytest.raises(InvalidInputError, match="only on loopback"):
-        tls.check_plaintext_allowed("0.0.0.0", True)
-    tls.check_plaintext_allowed("127.0.0.1", True)
+        client_tls.check_plaintext_allowed("0.0.0.0", True)
+    client_tls.check_plaintext_allowed("127.0.0.1", True)
     for running in _start(None, "127.0.0.1"):
         assert _check(f"127.0.0.1:{running.port}", None) == health_pb2.HealthCheckResponse.SERVING
         assert running.recorder.identities == [None]  # plaintext never yields an identity
@@ -413,10 +422,10 @@ PLAINTEXT_CASES = [
 )
 def test_check_plaintext_allowed(host: str, flag: bool, allowed: bool) -> None:
     if allowed:
-        tls.check_plaintext_allowed(host, flag)
+        client_tls.check_plaintext_allowed(host, flag)
     else:
         with pytest.raises(InvalidInputError):
-            tls.check_plaintext_allowed(host, flag)
+            client_tls.check_plaintext_allowed(host, flag)
 
 
 def test_server_credential_combinations_are_checked(pki: DevPki) -> None:
@@ -425,7 +434,7 @@ def test_server_credential_combinations_are_checked(pki: DevPki) -> None:
     with pytest.raises(InvalidInputError, match="needs the client CA"):
         tls.server_credentials(pki.server_cert, pki.server_key, require_client_auth=True)
     with pytest.raises(InvalidInputError, match="go together"):
-        tls.channel_credentials(pki.ca_cert, client_cert=pki.client("backend/booking").cert)
+        client_tls.channel_credentials(pki.ca_cert, client_cert=pki.client("backend/booking").cert)
 
 
 @pytest.mark.parametrize(

@@ -32,15 +32,16 @@ import pytest
 from click.testing import CliRunner
 
 from keyquorum.cli import custodian_actions as actions
+from keyquorum.cli.connect import RemoteError
 from keyquorum.cli.main import main as cli_main
-from keyquorum.hsm import custodian_service, follower, tls
-from keyquorum.hsm.daemon import Daemon
-from keyquorum.hsm.logkey import KEY_FILE, LogKey
+from keyquorum.hsm import tls
+from keyquorum.hsm.daemon import Daemon, follower
+from keyquorum.hsm.daemon.logkey import KEY_FILE, LogKey
 from keyquorum.hsm.pki import DevPki, make_dev_pki
-from keyquorum.hsm.postgres_store import PostgresStore
-from keyquorum.hsm.server import create_server
-from keyquorum.hsm.sqlite_store import SqliteStore
-from keyquorum.hsm.status import RemoteError
+from keyquorum.hsm.services import custodian_service
+from keyquorum.hsm.services.server import create_server
+from keyquorum.hsm.stores.postgres import PostgresStore
+from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum import canonical
 from keyquorum.quorum.errors import AppendConflictError, KeyquorumError
 from keyquorum.quorum.limits import DEFAULT_LIMITS

@@ -18,11 +18,10 @@ from click.testing import CliRunner
 
 from keyquorum.cli import seen_checkpoints
 from keyquorum.cli.main import main as cli_main
-from keyquorum.hsm import rollback
-from keyquorum.hsm.daemon import Daemon
-from keyquorum.hsm.logkey import LogKey
+from keyquorum.hsm.daemon import Daemon, rollback
+from keyquorum.hsm.daemon.logkey import LogKey
 from keyquorum.hsm.pki import DevPki, make_dev_pki
-from keyquorum.hsm.sqlite_store import SqliteStore
+from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum import merkle
 from keyquorum.quorum.errors import (
     RollbackError,

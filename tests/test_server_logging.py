@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from keyquorum.hsm import server as server_module
-from keyquorum.hsm.server import UnparseableRequestLog, create_server
+from keyquorum.hsm.services import server as server_module
+from keyquorum.hsm.services.server import UnparseableRequestLog, create_server
 from keyquorum.quorum.limits import DEFAULT_LIMITS
 
 GRPC_LOGGER = "grpc._common"

@@ -46,7 +46,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keyquorum.cli import custodian_actions as actions
-from keyquorum.hsm import tls
+from keyquorum.client import tls as client_tls
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.v1 import audit_pb2, key_pb2
 from keyquorum.v1 import custodian_pb2 as pb
@@ -195,7 +195,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 
         def mtls(who: str) -> grpc.Channel:
             files = dev_pki.client(who)
-            creds = tls.channel_credentials(
+            creds = client_tls.channel_credentials(
                 dev_pki.ca_cert, client_cert=files.cert, client_key=files.key
             )
             return grpc.secure_channel(f"127.0.0.1:{ready['mtls_port']}", creds)

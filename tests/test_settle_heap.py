@@ -15,7 +15,7 @@ import weakref
 from pathlib import Path
 
 from keyquorum.hsm.pki import make_dev_pki
-from keyquorum.hsm.server import settle_heap
+from keyquorum.hsm.services.server import settle_heap
 from tests.harness import start_daemon_process
 
 

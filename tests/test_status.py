@@ -7,7 +7,7 @@ import inspect
 import grpc
 import pytest
 
-from keyquorum.hsm.status import code_for
+from keyquorum.hsm.services.status import code_for
 from keyquorum.quorum import errors as e
 
 C = grpc.StatusCode

@@ -25,10 +25,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keyquorum.hsm import postgres_store, sqlite_store
-from keyquorum.hsm.postgres_store import PostgresStore
-from keyquorum.hsm.sqlite_store import SqliteStore
-from keyquorum.hsm.store import LogRecord, ShredSalt, Store, leaf_hash
+from keyquorum.hsm.stores import postgres as postgres_store
+from keyquorum.hsm.stores import sqlite as sqlite_store
+from keyquorum.hsm.stores.base import LogRecord, ShredSalt, Store, leaf_hash
+from keyquorum.hsm.stores.postgres import PostgresStore
+from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.errors import (
     AppendConflictError,
     InvalidInputError,
@@ -161,7 +162,7 @@ def test_append_read_round_trip(store: Store) -> None:
 
 
 def test_read_all_crosses_batches(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("keyquorum.hsm.store.READ_BATCH", 3)
+    monkeypatch.setattr("keyquorum.hsm.stores.base.READ_BATCH", 3)
     fill(store, 10)
     assert list(store.read_all()) == [rec(i)[2] for i in range(10)]
 
@@ -923,7 +924,7 @@ def test_postgres_stopped_under_the_store_fails_clearly_and_recovers(
     pg_restartable: Restartable, caplog: pytest.LogCaptureFixture
 ) -> None:
     cluster, dsn = pg_restartable.cluster, pg_restartable.dsn
-    caplog.set_level(logging.WARNING, logger="keyquorum.hsm.postgres_store")
+    caplog.set_level(logging.WARNING, logger="keyquorum.hsm.stores.postgres")
     with PostgresStore.open(dsn, timeout=1.0, min_connections=2) as s:
         fill(s, 2)
         s.put_shred_salt("t", 1, salt(1))

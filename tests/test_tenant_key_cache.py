@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-from keyquorum.hsm.tenant_keys import TenantKey, TenantKeyring
+from keyquorum.hsm.daemon.tenant_keys import TenantKey, TenantKeyring
 from keyquorum.quorum import aead
 from keyquorum.quorum.errors import DecryptionError, InvalidInputError, StateError
 from keyquorum.quorum.secret import SecretBytes

@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 
 from keyquorum.cli import custodian_actions as actions
-from keyquorum.hsm import custodian_service, tls
+from keyquorum.hsm import tls
 from keyquorum.hsm.daemon import Daemon
-from keyquorum.hsm.logkey import KEY_FILE
+from keyquorum.hsm.daemon.logkey import KEY_FILE
+from keyquorum.hsm.daemon.tenant_keys import TenantKeyring
 from keyquorum.hsm.pki import DevPki, make_dev_pki
-from keyquorum.hsm.server import create_server
-from keyquorum.hsm.sqlite_store import SqliteStore
-from keyquorum.hsm.tenant_keys import TenantKeyring
+from keyquorum.hsm.services import custodian_service
+from keyquorum.hsm.services.server import create_server
+from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.errors import StateError
 from keyquorum.quorum.limits import DEFAULT_LIMITS
 from keyquorum.quorum.log import Entry, ShredPayload

@@ -2,7 +2,7 @@
 
 Each method converts the request, calls the daemon, and converts the
 answer; every `KeyquorumError` becomes a status code through
-`keyquorum.hsm.status`, the one place that mapping lives.
+`keyquorum.hsm.services.status`, the one place that mapping lives.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TypeVar
 import grpc
 
 from keyquorum.hsm.daemon import Daemon, ProposalView, StatusView, VerdictView
-from keyquorum.hsm.status import abort_with
+from keyquorum.hsm.services.status import abort_with
 from keyquorum.quorum import canonical
 from keyquorum.quorum.errors import DeserializationError, KeyquorumError
 from keyquorum.v1 import custodian_pb2 as pb

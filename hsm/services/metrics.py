@@ -10,7 +10,7 @@ Labels are bounded: `backend` is a name from a verified client
 certificate; `tenant` is "-" unless the backend was granted that tenant
 (so a caller cannot fill the label space with made-up names); `operation`
 is one of the service's eight methods' names; `outcome` is "OK" or the
-gRPC status code name (`keyquorum.hsm.status`, the one mapping). No
+gRPC status code name (`keyquorum.hsm.services.status`, the one mapping). No
 metric carries a context, a plaintext or a key.
 """
 
@@ -23,7 +23,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.metrics import Counter as _Counter
 
-from keyquorum.hsm.status import code_for
+from keyquorum.hsm.services.status import code_for
 from keyquorum.quorum.errors import InvalidInputError, KeyquorumError
 
 REQUESTS: Final = "keyquorum_keyservice_requests"

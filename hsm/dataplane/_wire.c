@@ -1,5 +1,5 @@
 /*
- * keyquorum.hsm._wrapfast: the BatchWrap loop in C, for batches where every
+ * keyquorum.hsm.dataplane._wire: the BatchWrap loop in C, for batches where every
  * item succeeds; and the reading of one Wrap or Unwrap request (`parse_wrap`,
  * `parse_unwrap`: the fields, and the context's canonical encoding, which
  * were most of a single call's time in the interpreter).
@@ -21,7 +21,7 @@
  * after which the caller runs the Python path on the parsed message. The
  * Python side does every check that needs the daemon (grant, activation,
  * key, encryption count) once per distinct tenant, then `seal` encrypts.
- * tests/test_wrapfast.py compares both paths byte for byte.
+ * tests/test_wire_codec.py compares both paths byte for byte.
  *
  * Wire format read (proto/keyquorum/v1/key.proto):
  *   BatchWrapRequest { repeated WrapRequest items = 1; }
@@ -531,7 +531,7 @@ PyDoc_STRVAR(scan_doc,
 "the data plane's step-0 checks (limits: max_items, max_plaintext,\n"
 "max_context_pairs, max_context_bytes) in the shapes this module handles.");
 
-static PyObject *wrapfast_scan(PyObject *self, PyObject *args)
+static PyObject *wire_scan(PyObject *self, PyObject *args)
 {
     (void)self;
     span_t whole;
@@ -577,7 +577,7 @@ static PyObject *context_bytes(const item_t *item)
     if ((size_t)(write_json(start, item) - start) != item->json_len) {
         /* json_string_len and json_string disagree: a bug here, never a request's fault. */
         Py_DECREF(context);
-        PyErr_SetString(PyExc_SystemError, "_wrapfast: context length mismatch");
+        PyErr_SetString(PyExc_SystemError, "_wire: context length mismatch");
         return NULL;
     }
     return context;
@@ -620,7 +620,7 @@ PyDoc_STRVAR(parse_wrap_doc,
 "None unless it passes the data plane's step-0 checks (limits as for scan;\n"
 "max_items is not used) in the shapes this module handles.");
 
-static PyObject *wrapfast_parse_wrap(PyObject *self, PyObject *args)
+static PyObject *wire_parse_wrap(PyObject *self, PyObject *args)
 {
     (void)self;
     return parse_one(args, parse_wrap_fields, 1);
@@ -633,7 +633,7 @@ PyDoc_STRVAR(parse_unwrap_doc,
 "checks (limits as for parse_wrap) in the shapes this module handles. The\n"
 "ciphertext and the key are returned as they are, for Python to check.");
 
-static PyObject *wrapfast_parse_unwrap(PyObject *self, PyObject *args)
+static PyObject *wire_parse_unwrap(PyObject *self, PyObject *args)
 {
     (void)self;
     return parse_one(args, parse_unwrap_fields, 0);
@@ -755,7 +755,7 @@ PyDoc_STRVAR(seal_doc,
 "item in order. With want_contexts, also each item's (tenant index, canonical\n"
 "context) in order, for the usage records.");
 
-static PyObject *wrapfast_seal(PyObject *self, PyObject *args)
+static PyObject *wire_seal(PyObject *self, PyObject *args)
 {
     (void)self;
     PyBytesObject *request;
@@ -908,27 +908,27 @@ done:
     return result;
 }
 
-static PyMethodDef wrapfast_methods[] = {
-    {"scan", wrapfast_scan, METH_VARARGS, scan_doc},
-    {"seal", wrapfast_seal, METH_VARARGS, seal_doc},
-    {"parse_wrap", wrapfast_parse_wrap, METH_VARARGS, parse_wrap_doc},
-    {"parse_unwrap", wrapfast_parse_unwrap, METH_VARARGS, parse_unwrap_doc},
+static PyMethodDef wire_methods[] = {
+    {"scan", wire_scan, METH_VARARGS, scan_doc},
+    {"seal", wire_seal, METH_VARARGS, seal_doc},
+    {"parse_wrap", wire_parse_wrap, METH_VARARGS, parse_wrap_doc},
+    {"parse_unwrap", wire_parse_unwrap, METH_VARARGS, parse_unwrap_doc},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef wrapfast_module = {
+static struct PyModuleDef wire_module = {
     PyModuleDef_HEAD_INIT,
-    "_wrapfast",
-    "BatchWrap's per-item loop in C over OpenSSL's AES-256-GCM (see _wrapfast.c).",
+    "_wire",
+    "BatchWrap's per-item loop in C over OpenSSL's AES-256-GCM (see _wire.c).",
     -1,
-    wrapfast_methods,
+    wire_methods,
     NULL,
     NULL,
     NULL,
     NULL,
 };
 
-PyMODINIT_FUNC PyInit__wrapfast(void)
+PyMODINIT_FUNC PyInit__wire(void)
 {
-    return PyModule_Create(&wrapfast_module);
+    return PyModule_Create(&wire_module);
 }

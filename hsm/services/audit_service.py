@@ -34,8 +34,8 @@ import grpc
 
 from keyquorum.hsm import tls
 from keyquorum.hsm.pki import ClientIdentity
-from keyquorum.hsm.status import abort_with
-from keyquorum.hsm.store import READ_BATCH, Store, check_range
+from keyquorum.hsm.services.status import abort_with
+from keyquorum.hsm.stores.base import READ_BATCH, Store, check_range
 from keyquorum.quorum import merkle
 from keyquorum.quorum.checkpoint import NoteVerifier, verify_checkpoint
 from keyquorum.quorum.errors import (

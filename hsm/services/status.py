@@ -6,7 +6,7 @@ Messages come from the errors, which never carry key material.
 
 from __future__ import annotations
 
-from typing import NoReturn, cast
+from typing import NoReturn
 
 import grpc
 
@@ -47,22 +47,3 @@ def abort_with(context: grpc.ServicerContext, error: e.KeyquorumError) -> NoRetu
     """End the call with the status code and message of `error`."""
     context.abort(code_for(error), str(error))
     raise AssertionError("grpc context.abort returned")  # pragma: no cover
-
-
-class RemoteError(e.KeyquorumError):
-    """A call to the daemon failed; carries the gRPC code and the daemon's message."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{message} ({code.name})")
-        self.code = code
-
-
-def from_rpc_error(error: grpc.RpcError) -> RemoteError:
-    """Turn a failed call into a RemoteError with the daemon's own message."""
-    # Failed calls are both RpcError and Call at run time; the stubs cannot say so.
-    call = cast(grpc.Call, error)
-    code = call.code() if hasattr(call, "code") else grpc.StatusCode.UNKNOWN
-    details = call.details() if hasattr(call, "details") else str(error)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        details = f"cannot reach the daemon: {details}"
-    return RemoteError(code, details or code.name)

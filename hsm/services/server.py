@@ -86,7 +86,7 @@ def create_server(
     """A started-ready (not yet started) server and the port it is bound to.
 
     `credentials=None` means plaintext; callers decide that only through
-    `keyquorum.hsm.tls.check_plaintext_allowed` (explicit flag, loopback).
+    `keyquorum.client.tls.check_plaintext_allowed` (explicit flag, loopback).
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),

@@ -1,6 +1,6 @@
 """The PostgreSQL `Store`: several daemon replicas over one database.
 
-Same contract as SQLite (`keyquorum.hsm.store`), same conformance suite
+Same contract as SQLite (`keyquorum.hsm.stores.base`), same conformance suite
 (tests/test_store.py, parametrised by backend). What differs is how each
 rule is kept, and that several processes on several machines write.
 
@@ -95,8 +95,8 @@ from psycopg import errors as pg_errors
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from keyquorum.hsm import store
-from keyquorum.hsm.store import LogRecord, ShredSalt
+from keyquorum.hsm.stores import base as store
+from keyquorum.hsm.stores.base import LogRecord, ShredSalt
 from keyquorum.quorum.errors import (
     AppendConflictError,
     InvalidInputError,

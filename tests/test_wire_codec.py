@@ -1,4 +1,4 @@
-"""The data plane's C fast path (hsm/_wrapfast.c) answers exactly as the Python path, or not at all.
+"""The wire codec (hsm/dataplane/_wire.c) answers exactly as the Python path, or not at all.
 
 The rule under test: `DataPlane.batch_wrap_serialized` either returns None
 (then `KeyServicer.BatchWrap` parses the request and the reference,
@@ -34,10 +34,10 @@ import pytest
 
 from keyquorum.hsm import dataplane
 
-if not dataplane.NATIVE_BATCH_WRAP:  # pragma: no cover (CI builds it)
+if not dataplane.WIRE_CODEC_BUILT:  # pragma: no cover (CI builds it)
     if os.environ.get("KEYQUORUM_REQUIRE_NATIVE") == "1":
         pytest.fail(
-            "KEYQUORUM_REQUIRE_NATIVE=1 but the data plane's C fast path (hsm/_wrapfast.c) is "
+            "KEYQUORUM_REQUIRE_NATIVE=1 but the wire codec (hsm/dataplane/_wire.c) is "
             "not built: install OpenSSL's headers (Debian: libssl-dev), then make clean install",
             pytrace=False,
         )
@@ -54,19 +54,21 @@ from hypothesis import strategies as st
 
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.client import KeyServiceError
-from keyquorum.hsm import _wrapfast, key_service
-from keyquorum.hsm.access_log import AccessLog
-from keyquorum.hsm.dataplane import DataPlane, DataPlaneLimits, UsageSink
-from keyquorum.hsm.key_service import encode_wrap_results
-from keyquorum.hsm.metrics import Metrics
+from keyquorum.hsm.dataplane import DataPlane, UsageSink, _wire
+from keyquorum.hsm.dataplane import plane as dataplane_plane
+from keyquorum.hsm.dataplane.ratelimit import RateLimiter
 from keyquorum.hsm.pki import DevPki
-from keyquorum.hsm.ratelimit import RateLimiter
+from keyquorum.hsm.services import key_service
+from keyquorum.hsm.services.access_log import AccessLog
+from keyquorum.hsm.services.key_service import encode_wrap_results
+from keyquorum.hsm.services.metrics import Metrics
 from keyquorum.quorum.errors import (
     DeserializationError,
     KeyquorumError,
     LimitExceededError,
     SealedError,
 )
+from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 from keyquorum.v1 import key_pb2 as pb
 from tests.harness import Custodian, FakeClock, InProcessDaemon, in_process_daemon, make_custodians
 from tests.test_approvals import ceremony, run, unseal
@@ -89,17 +91,15 @@ GOOD_TENANTS = (ALPHA, BETA)
 #: Names the fast path must never answer for (from booking's point of view).
 OTHER_TENANTS = (GAMMA, DORMANT, "never-created", "", "UPPER", "a" * 64, "t\u00e9nant", "a-")
 
-DEFAULT = dataplane.DEFAULT_DATA_LIMITS
-#: The limits as `_wrapfast` takes them (max_items, max_plaintext, max_pairs, max_context_bytes).
+DEFAULT = DEFAULT_LIMITS
+#: The limits as `_wire` takes them (max_items, max_plaintext, max_pairs, max_context_bytes).
 DEFAULT_WIRE = (
     DEFAULT.max_batch_items,
     DEFAULT.max_plaintext,
     DEFAULT.max_context_pairs,
     DEFAULT.max_context_bytes,
 )
-TIGHT = DataPlaneLimits(
-    max_plaintext=24, max_context_pairs=3, max_context_bytes=40, max_batch_items=6
-)
+TIGHT = Limits(max_plaintext=24, max_context_pairs=3, max_context_bytes=40, max_batch_items=6)
 
 
 # -- the daemon ---------------------------------------------------------------------------
@@ -224,7 +224,7 @@ class Planes:
 def planes(
     world: World,
     seed: int = 0,
-    limits: DataPlaneLimits = DEFAULT,
+    limits: Limits = DEFAULT,
     *,
     usage: bool = True,
     sinks: Callable[[str], tuple[UsageSink, ...]] = lambda _side: (),
@@ -306,7 +306,7 @@ def _filled(fill: tuple[str, int], size: int) -> dict[str, str]:
     return {"k": char * (room // width) + "x" * (room % width)}
 
 
-def contexts(limits: DataPlaneLimits, *, valid: bool) -> st.SearchStrategy[dict[str, str]]:
+def contexts(limits: Limits, *, valid: bool) -> st.SearchStrategy[dict[str, str]]:
     """Contexts around the pair and byte limits; only valid-looking ones when `valid`."""
     most_pairs, most_bytes = limits.max_context_pairs, limits.max_context_bytes
     over = 0 if valid else 3
@@ -333,7 +333,7 @@ def _bytes_of(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def plaintexts(limits: DataPlaneLimits, *, valid: bool) -> st.SearchStrategy[bytes]:
+def plaintexts(limits: Limits, *, valid: bool) -> st.SearchStrategy[bytes]:
     most = limits.max_plaintext
     seeds = st.integers(0, 2**16)
     good = st.one_of(
@@ -351,7 +351,7 @@ def tenants(*, valid: bool) -> st.SearchStrategy[str]:
     return st.sampled_from(GOOD_TENANTS if valid else GOOD_TENANTS * 3 + OTHER_TENANTS)
 
 
-def items(limits: DataPlaneLimits, *, valid: bool) -> st.SearchStrategy[pb.WrapRequest]:
+def items(limits: Limits, *, valid: bool) -> st.SearchStrategy[pb.WrapRequest]:
     return st.builds(
         lambda t, p, c: pb.WrapRequest(tenant=t, plaintext=p, context=c),
         tenants(valid=valid),
@@ -361,7 +361,7 @@ def items(limits: DataPlaneLimits, *, valid: bool) -> st.SearchStrategy[pb.WrapR
 
 
 @st.composite
-def odd_item(draw: st.DrawFn, limits: DataPlaneLimits) -> pb.WrapRequest:
+def odd_item(draw: st.DrawFn, limits: Limits) -> pb.WrapRequest:
     """An item valid in two of its three fields; the third may be anything."""
     odd = draw(st.sampled_from(["tenant", "plaintext", "context"]))
     return pb.WrapRequest(
@@ -372,7 +372,7 @@ def odd_item(draw: st.DrawFn, limits: DataPlaneLimits) -> pb.WrapRequest:
 
 
 @st.composite
-def batches(draw: st.DrawFn, limits: DataPlaneLimits) -> pb.BatchWrapRequest:
+def batches(draw: st.DrawFn, limits: Limits) -> pb.BatchWrapRequest:
     """A third built to succeed whole, a third with one item that may fail, a third anything.
 
     Whatever the generator meant, the reference decides what each item gives.
@@ -421,7 +421,7 @@ class Tally:
             self.python += 1
 
 
-def _differential(world: World, limits: DataPlaneLimits, data: st.DataObject, tally: Tally) -> None:
+def _differential(world: World, limits: Limits, data: st.DataObject, tally: Tally) -> None:
     request = data.draw(batches(limits), label="request")
     who = data.draw(st.sampled_from([WHO] * 8 + [MESSAGING_WHO, AUDITOR_WHO]), label="identity")
     seed = data.draw(st.integers(0, 2**32), label="seed")
@@ -435,7 +435,7 @@ def _differential(world: World, limits: DataPlaneLimits, data: st.DataObject, ta
 
 
 @pytest.mark.parametrize("limits", [DEFAULT, TIGHT], ids=["default", "tight"])
-def test_fast_path_answers_as_the_reference(world: World, limits: DataPlaneLimits) -> None:
+def test_fast_path_answers_as_the_reference(world: World, limits: Limits) -> None:
     tally = Tally()
 
     @settings(
@@ -454,7 +454,7 @@ def test_fast_path_answers_as_the_reference(world: World, limits: DataPlaneLimit
     assert tally.python >= total // 10, tally
 
 
-def _edge_cases(limits: DataPlaneLimits) -> list[tuple[str, pb.WrapRequest, bool]]:
+def _edge_cases(limits: Limits) -> list[tuple[str, pb.WrapRequest, bool]]:
     """(name, one item, whether it succeeds) at each limit: one under, at, one over."""
     cases = []
     for delta in (-1, 0, 1):
@@ -478,7 +478,7 @@ def _edge_cases(limits: DataPlaneLimits) -> list[tuple[str, pb.WrapRequest, bool
 
 
 @pytest.mark.parametrize("limits", [DEFAULT, TIGHT], ids=["default", "tight"])
-def test_every_limit_one_under_at_and_one_over(world: World, limits: DataPlaneLimits) -> None:
+def test_every_limit_one_under_at_and_one_over(world: World, limits: Limits) -> None:
     """Alone or beside a good item, each edge case answers as the reference, fast iff it fits."""
     good = pb.WrapRequest(tenant=BETA, plaintext=b"good", context={"a": "b"})
     for n, (name, edge, fits) in enumerate(_edge_cases(limits)):
@@ -720,7 +720,7 @@ def test_hand_made_wire_bytes(world: World, raw: bytes, expect: str) -> None:
     else:
         assert want.error is None or raw == b""
     # The scan alone: it never accepts what protobuf refuses.
-    assert (_wrapfast.scan(raw, DEFAULT_WIRE) is not None) == (expect in {"fast", "later"})
+    assert (_wire.scan(raw, DEFAULT_WIRE) is not None) == (expect in {"fast", "later"})
 
 
 # -- random and mutated bytes -------------------------------------------------------------------
@@ -745,12 +745,12 @@ def check_scan(raw: bytes, limits: tuple[int, int, int, int]) -> bool:
     reports, every item's step 0, and each ciphertext `seal` writes under
     made-up keys opened with the `cryptography` package's AES-GCM.
     """
-    found = _wrapfast.scan(raw, limits)
+    found = _wire.scan(raw, limits)
     if found is None:
         return False
     request = pb.BatchWrapRequest.FromString(raw)  # never refuses what the scan accepted
     most_items, most_plain, most_pairs, most_bytes = limits
-    check_limits = DataPlaneLimits(
+    check_limits = Limits(
         max_plaintext=most_plain, max_context_pairs=most_pairs, max_context_bytes=most_bytes
     )
     counts: dict[str, int] = {}
@@ -767,7 +767,7 @@ def check_scan(raw: bytes, limits: tuple[int, int, int, int]) -> bool:
         for i, (name, _count) in enumerate(found)
     ]
     nonces = Stream(len(raw))(NONCE * len(request.items))
-    answer, contexts_ = _wrapfast.seal(raw, limits, keys, LABEL, nonces, True)
+    answer, contexts_ = _wire.seal(raw, limits, keys, LABEL, nonces, True)
     response = pb.BatchWrapResponse.FromString(answer)
     assert len(response.results) == len(request.items)
     index = {name: i for i, (name, _count) in enumerate(found)}
@@ -786,7 +786,7 @@ def check_scan(raw: bytes, limits: tuple[int, int, int, int]) -> bool:
         opened = AESGCM(fuzz_key(i)).decrypt(nonce, ct[len(head) + NONCE :], LABEL + head + ctx)
         assert opened == it.plaintext
     # The same bytes again, without the usage contexts (the GIL-free loop): same answer.
-    assert _wrapfast.seal(raw, limits, keys, LABEL, nonces, False) == (answer, None)
+    assert _wire.seal(raw, limits, keys, LABEL, nonces, False) == (answer, None)
     return True
 
 
@@ -861,7 +861,7 @@ def test_mutated_requests_answer_as_the_reference(world: World) -> None:
         if got.fast:
             assert check_scan(raw, DEFAULT_WIRE)
         if want.error is not None and want.error[0] is DeserializationError:
-            assert _wrapfast.scan(raw, DEFAULT_WIRE) is None
+            assert _wire.scan(raw, DEFAULT_WIRE) is None
 
     check()
     assert tally.fast >= 20, tally
@@ -956,10 +956,10 @@ SEAL_MISUSE: dict[str, tuple[dict[str, object], type[Exception]]] = {
 
 def test_seal_baseline_of_the_misuse_cases() -> None:
     """The misuse cases change one argument of a call that works."""
-    answer, contexts_ = _wrapfast.seal(*_seal_args())  # type: ignore[arg-type]
+    answer, contexts_ = _wire.seal(*_seal_args())  # type: ignore[arg-type]
     assert contexts_ is None
     assert len(pb.BatchWrapResponse.FromString(answer).results) == 3
-    assert _wrapfast.seal(*_seal_args(keys=_keys(_key_entry(version=2**32 - 1))))  # type: ignore[arg-type]
+    assert _wire.seal(*_seal_args(keys=_keys(_key_entry(version=2**32 - 1))))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("change", "error"), SEAL_MISUSE.values(), ids=SEAL_MISUSE.keys())
@@ -967,7 +967,7 @@ def test_seal_misuse_raises(change: dict[str, object], error: type[Exception]) -
     for want_contexts in (False, True):
         args = _seal_args(**change, want_contexts=want_contexts)
         with pytest.raises(error):
-            _wrapfast.seal(*args)  # type: ignore[arg-type]
+            _wire.seal(*args)  # type: ignore[arg-type]
 
 
 SCAN_MISUSE: dict[str, tuple[tuple[object, ...], type[Exception]]] = {
@@ -985,30 +985,30 @@ SCAN_MISUSE: dict[str, tuple[tuple[object, ...], type[Exception]]] = {
 @pytest.mark.parametrize(("args", "error"), SCAN_MISUSE.values(), ids=SCAN_MISUSE.keys())
 def test_scan_misuse_raises(args: tuple[object, ...], error: type[Exception]) -> None:
     with pytest.raises(error):
-        _wrapfast.scan(*args)  # type: ignore[arg-type]
+        _wire.scan(*args)  # type: ignore[arg-type]
 
 
 def test_scan_limits_are_inclusive_bounds() -> None:
     """Each limit admits exactly its value (the Python path's `>` checks), 2**30 included."""
     request = item(ld(1, b"t"), ld(2, b"12345678"), entry(b"k", b"v"), entry(b"l", b"w"))
     encoded = len(b'{"k":"v","l":"w"}')
-    assert _wrapfast.scan(request, (1, 8, 2, encoded)) == [("t", 1)]
-    assert _wrapfast.scan(request, (2**30,) * 4) == [("t", 1)]
+    assert _wire.scan(request, (1, 8, 2, encoded)) == [("t", 1)]
+    assert _wire.scan(request, (2**30,) * 4) == [("t", 1)]
     for tighter in (
         (0, 8, 2, encoded),
         (1, 7, 2, encoded),
         (1, 8, 1, encoded),
         (1, 8, 2, encoded - 1),
     ):
-        assert _wrapfast.scan(request, tighter) is None
+        assert _wire.scan(request, tighter) is None
 
 
 def test_scan_takes_sixteen_tenants_and_leaves_seventeen() -> None:
     names = [f"t{i}" for i in range(17)]
     many = b"".join(item(ld(1, n.encode()), ld(2, b"x")) for n in names)
     sixteen = b"".join(item(ld(1, n.encode()), ld(2, b"x")) for n in names[:16])
-    assert _wrapfast.scan(sixteen + sixteen, DEFAULT_WIRE) == [(n, 2) for n in names[:16]]
-    assert _wrapfast.scan(many, DEFAULT_WIRE) is None
+    assert _wire.scan(sixteen + sixteen, DEFAULT_WIRE) == [(n, 2) for n in names[:16]]
+    assert _wire.scan(many, DEFAULT_WIRE) is None
 
 
 # -- a seal or a deactivation during the call ---------------------------------------------------
@@ -1049,12 +1049,12 @@ def deactivate_spare(world: World) -> None:
 
 
 class Interposed:
-    """`_wrapfast` whose `seal` runs `during` just before or just after the real one."""
+    """`_wire` whose `seal` runs `during` just before or just after the real one."""
 
     def __init__(self, during: Callable[[], None], *, before: bool) -> None:
-        self.scan = _wrapfast.scan
-        self.parse_wrap = _wrapfast.parse_wrap
-        self.parse_unwrap = _wrapfast.parse_unwrap
+        self.scan = _wire.scan
+        self.parse_wrap = _wire.parse_wrap
+        self.parse_unwrap = _wire.parse_unwrap
         self._during = during
         self._before = before
         self.calls = 0
@@ -1063,7 +1063,7 @@ class Interposed:
         self.calls += 1
         if self._before:
             self._during()
-        out = _wrapfast.seal(*args)  # type: ignore[arg-type]
+        out = _wire.seal(*args)  # type: ignore[arg-type]
         if not self._before:
             self._during()
         return out
@@ -1092,7 +1092,7 @@ def test_a_seal_during_the_call_returns_none_then_sealed(
 ) -> None:
     """The post-seal check: a key closed while `seal` ran gives None; then the Python path."""
     interposed = Interposed(lambda: seal_daemon(world), before=before)
-    monkeypatch.setattr(dataplane, "_wrapfast", interposed)
+    monkeypatch.setattr(dataplane_plane, "_wire", interposed)
     p = planes(world, seed=3)
     with unsealed_after(world):
         assert p.fast.batch_wrap_serialized(WHO, TWO_TENANTS) is None
@@ -1108,7 +1108,7 @@ def test_a_deactivation_during_the_call_leaves_every_item_to_the_python_path(
 ) -> None:
     """The discarded fast answer used 5 nonces; the Python path then answers item by item."""
     interposed = Interposed(lambda: deactivate_spare(world), before=False)
-    monkeypatch.setattr(dataplane, "_wrapfast", interposed)
+    monkeypatch.setattr(dataplane_plane, "_wire", interposed)
     with spare_reactivated_after(world):
         # The reference plane's nonces start 5 on: what the fast attempt used up.
         got, want = compare(planes(world, seed=4, skip_slow=5), WHO, WITH_SPARE)
@@ -1131,7 +1131,7 @@ def test_a_deactivation_during_the_call_charges_the_rate_limit_once(
 ) -> None:
     """The fast attempt's tokens go back before the Python path takes them again."""
     interposed = Interposed(lambda: deactivate_spare(world), before=False)
-    monkeypatch.setattr(dataplane, "_wrapfast", interposed)
+    monkeypatch.setattr(dataplane_plane, "_wire", interposed)
     limiter = RateLimiter(1, 8, clock=lambda: 0.0)  # never refills
     plane = DataPlane(world.d.daemon, world.d.store, rate_limit=limiter)
     with spare_reactivated_after(world):
@@ -1148,7 +1148,7 @@ def test_over_grpc_a_seal_during_batch_wrap_is_failed_precondition(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     interposed = Interposed(lambda: seal_daemon(world), before=False)
-    monkeypatch.setattr(dataplane, "_wrapfast", interposed)
+    monkeypatch.setattr(dataplane_plane, "_wire", interposed)
     with unsealed_after(world), world.kp.client() as c:
         with pytest.raises(KeyServiceError) as info:
             c.batch_wrap([(ALPHA, b"x", CTX), (BETA, b"y", CTX)])
@@ -1167,7 +1167,7 @@ def test_over_grpc_a_deactivation_during_batch_wrap_answers_per_item(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     interposed = Interposed(lambda: deactivate_spare(world), before=False)
-    monkeypatch.setattr(dataplane, "_wrapfast", interposed)
+    monkeypatch.setattr(dataplane_plane, "_wire", interposed)
     with spare_reactivated_after(world), world.kp.client() as c:
         results = c.batch_wrap([(ALPHA, b"one", CTX), (SPARE, b"two", CTX), (BETA, b"3", {})])
         assert interposed.calls == 1
@@ -1294,7 +1294,7 @@ def test_the_encryption_bound_holds_on_either_path(world: World) -> None:
     reference plane beside it would share it.)
     """
     plane = DataPlane(
-        world.d.daemon, world.d.store, limits=DataPlaneLimits(encryption_limit=10, counter_block=4)
+        world.d.daemon, world.d.store, limits=Limits(encryption_limit=10, counter_block=4)
     )
     six = batch(*[(BOUNDED, bytes([i]), CTX) for i in range(6)])
     paths, wrapped = [], 0
@@ -1433,7 +1433,7 @@ def test_concurrent_fast_batches_never_reuse_a_nonce(world: World) -> None:
 
 # -- a single Wrap: step 0 in C (`DataPlane.wrap_serialized`) -------------------------------------
 #
-# `_wrapfast.parse_wrap` reads one WrapRequest with the very parser `scan`
+# `_wire.parse_wrap` reads one WrapRequest with the very parser `scan`
 # runs on each batch item, so everything above about which bytes the C code
 # accepts carries over once the two are shown to accept the same requests;
 # the tests below show that, and that `KeyServicer.Wrap` (the C parse, else
@@ -1474,8 +1474,8 @@ def compare_single(p: Planes, who: str, raw: bytes) -> tuple[Outcome, Outcome]:
     assert got.answer == want.answer  # byte for byte, nonces included
     assert got.records == want.records
     # C's step 0 accepts exactly what the batch scan accepts as an item.
-    accepted = _wrapfast.parse_wrap(raw, DEFAULT_WIRE) is not None
-    assert accepted == (_wrapfast.scan(ld(1, raw), DEFAULT_WIRE) is not None)
+    accepted = _wire.parse_wrap(raw, DEFAULT_WIRE) is not None
+    assert accepted == (_wire.scan(ld(1, raw), DEFAULT_WIRE) is not None)
     if accepted:
         check_parse(raw, DEFAULT_WIRE)
     return got, want
@@ -1483,13 +1483,13 @@ def compare_single(p: Planes, who: str, raw: bytes) -> tuple[Outcome, Outcome]:
 
 def check_parse(raw: bytes, limits: tuple[int, int, int, int]) -> bool:
     """If `parse_wrap` accepts `raw`, protobuf reads the same fields and step 0 passes."""
-    fields = _wrapfast.parse_wrap(raw, limits)
+    fields = _wire.parse_wrap(raw, limits)
     if limits[0] >= 1:  # the scan's item limit; parse_wrap has none
-        assert (fields is None) == (_wrapfast.scan(ld(1, raw), limits) is None)
+        assert (fields is None) == (_wire.scan(ld(1, raw), limits) is None)
     if fields is None:
         return False
     request = pb.WrapRequest.FromString(raw)  # never refuses what the parse accepted
-    check_limits = DataPlaneLimits(
+    check_limits = Limits(
         max_plaintext=limits[1], max_context_pairs=limits[2], max_context_bytes=limits[3]
     )
     assert 1 <= len(request.plaintext) <= limits[1]
@@ -1503,7 +1503,7 @@ def check_parse(raw: bytes, limits: tuple[int, int, int, int]) -> bool:
 
 
 @pytest.mark.parametrize("limits", [DEFAULT, TIGHT], ids=["default", "tight"])
-def test_single_wrap_answers_as_the_reference(world: World, limits: DataPlaneLimits) -> None:
+def test_single_wrap_answers_as_the_reference(world: World, limits: Limits) -> None:
     tally = Tally()
 
     @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1552,9 +1552,7 @@ def test_single_wrap_of_each_hand_made_item(world: World, raw: bytes, expect: st
     body = _one_item(raw)
     got, _want = compare_single(planes(world, seed=len(raw)), WHO, raw if body is None else body)
     if body is not None:
-        assert (_wrapfast.parse_wrap(body, DEFAULT_WIRE) is not None) == (
-            expect in {"fast", "later"}
-        )
+        assert (_wire.parse_wrap(body, DEFAULT_WIRE) is not None) == (expect in {"fast", "later"})
         assert got.fast == (expect == "fast")
 
 
@@ -1594,11 +1592,11 @@ def test_mutated_single_requests_answer_as_the_reference(world: World) -> None:
 
 def test_parse_wrap_misuse_raises() -> None:
     with pytest.raises(TypeError):
-        _wrapfast.parse_wrap("text", DEFAULT_WIRE)  # type: ignore[arg-type]
+        _wire.parse_wrap("text", DEFAULT_WIRE)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        _wrapfast.parse_wrap(GOOD_ITEM, [1, 2, 3, 4])  # type: ignore[arg-type]
+        _wire.parse_wrap(GOOD_ITEM, [1, 2, 3, 4])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="limits"):
-        _wrapfast.parse_wrap(GOOD_ITEM, (1, -1, 3, 4))
+        _wire.parse_wrap(GOOD_ITEM, (1, -1, 3, 4))
 
 
 @pytest.mark.parametrize(
@@ -1665,11 +1663,11 @@ def reference_unwrap(plane: DataPlane, who: str, raw: bytes) -> Outcome:
 
 def check_parse_unwrap(raw: bytes, limits: tuple[int, int, int, int]) -> bool:
     """If `parse_unwrap` accepts `raw`, protobuf reads the same fields and the context encodes."""
-    fields = _wrapfast.parse_unwrap(raw, limits)
+    fields = _wire.parse_unwrap(raw, limits)
     if fields is None:
         return False
     request = pb.UnwrapRequest.FromString(raw)  # never refuses what the parse accepted
-    check_limits = DataPlaneLimits(
+    check_limits = Limits(
         max_plaintext=limits[1], max_context_pairs=limits[2], max_context_bytes=limits[3]
     )
     assert all(key.isascii() for key in request.context)
@@ -1754,7 +1752,7 @@ def test_single_unwrap_answers_as_the_reference(world: World) -> None:
         except KeyquorumError:
             readable = False
         raw = request.SerializeToString()
-        assert (_wrapfast.parse_unwrap(raw, DEFAULT_WIRE) is not None) == readable
+        assert (_wire.parse_unwrap(raw, DEFAULT_WIRE) is not None) == readable
 
     check()
     total = tally.fast + tally.python + tally.raised
@@ -1812,7 +1810,7 @@ def test_parse_unwrap_on_random_and_mutated_bytes() -> None:
     ],
 )
 def test_parse_unwrap_hand_made_wire_bytes(world: World, raw: bytes, accepted: bool) -> None:
-    assert (_wrapfast.parse_unwrap(raw, DEFAULT_WIRE) is not None) == accepted
+    assert (_wire.parse_unwrap(raw, DEFAULT_WIRE) is not None) == accepted
     compare_unwrap(planes(world), WHO, raw)
 
 

@@ -64,11 +64,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keyquorum.hsm import follower, rollback, tenant_keys
-from keyquorum.hsm.logkey import LogKey
+from keyquorum.hsm.daemon import follower, rollback, tenant_keys
+from keyquorum.hsm.daemon.logkey import LogKey
+from keyquorum.hsm.daemon.tenant_keys import HeldKey, TenantKey, TenantKeyring
 from keyquorum.hsm.pki import ClientIdentity
-from keyquorum.hsm.store import ShredSalt, Store
-from keyquorum.hsm.tenant_keys import HeldKey, TenantKey, TenantKeyring
+from keyquorum.hsm.stores.base import ShredSalt, Store
 from keyquorum.quorum import log as qlog
 from keyquorum.quorum import merkle, shamir, statements
 from keyquorum.quorum.checkpoint import parse_verifier_key

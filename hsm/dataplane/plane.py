@@ -1,42 +1,16 @@
-"""The data plane: what backends call all day, without gRPC.
+"""The data plane: Wrap, Unwrap, GenerateDataKey and Rewrap, without gRPC.
 
-`KeyService` (`key_service.py`) is a thin layer over `DataPlane`; this
-module decides everything: the ciphertext format, what is checked and in
-which order, the per-key-version encryption counter, the HPKE option, the
-batch rules. Grants and tenant keys come from `Daemon.data_key` (the grant
-check, then the keyring's held key version, under one lock), which reads
-the state the quorum log replays to. A batch checks each tenant's grant
-and activation once per key version, at the first item that names it, and
-uses that key until the batch ends (at most 1000 items, milliseconds); a
-seal during a call closes the key's cipher, so no later item encrypts or
+`KeyService` (hsm/services/key_service.py) is a thin layer over `DataPlane`;
+this module decides what is checked and in which order, the HPKE option
+and the batch rules (the format is `format.py`, the counters
+`counters.py`). Grants and tenant keys come from `Daemon.data_key`. A batch
+checks each tenant's grant and activation once per key version, at the
+first item that names it, and uses that key until the batch ends; a seal
+during a call closes the key's cipher, so no later item encrypts or
 decrypts with it, and step 4 stops every result that would carry a key.
-BatchWrap has a C fast path for batches whose every item succeeds
-(`batch_wrap_serialized`, hsm/_wrapfast.c), and a single Wrap's or
-Unwrap's request is read in C where its shape allows (`wrap_serialized`,
-`unwrap_serialized`); the Python path here stays the reference they are
-tested against, and decides every other request.
-
-Ciphertext (format 0x01), every field before the nonce is the header:
-
-    0x01 || u8 len(tenant) || tenant (ASCII) || u32be key version
-         || nonce (12) || AES-256-GCM(tenant key, nonce, plaintext, aad)
-    aad  = "keyquorum/v1/data" 0x00 || header || RFC 8785 JSON of the context
-
-The header is authenticated whole, so an altered format byte, tenant or
-version does not open; the context is bound without being stored, so the
-caller must present it again. A decoder branches on the format byte first
-(STYLE.md 7); an unknown one is `UnsupportedVersionError`.
-
-Nonces are 96-bit random (NIST SP 800-38D, section 8.2.2). Section 8.3
-bounds one key to 2^32 invocations with random IVs, so each tenant key
-version counts its encryptions (Wrap, GenerateDataKey, Rewrap) and refuses
-the next one at the bound, telling the operator to rotate. The count lives
-in the store (`Store.reserve_block`), reserved in blocks: the running
-block is in memory, the next one is reserved in the background when three
-quarters of it are used, so a call waits on a disk write only when a
-block runs out before the next arrived (and on the first use after a
-start). Numbers of a block not used before a restart are lost, never
-reused: the count can only over-state.
+BatchWrap, Wrap and Unwrap requests are read in C where their shape allows
+(`_wire`, hsm/dataplane/_wire.c); the Python path here is the reference
+they are tested against and decides every other request.
 
 Order of checks for one item (each failure names itself, none carries
 plaintext, a key or the context):
@@ -55,50 +29,58 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from json.encoder import encode_basestring
-from typing import Final, Protocol, TypeVar
+from typing import Final, TypeVar
 
 from keyquorum.hsm.daemon import Daemon
+from keyquorum.hsm.daemon.tenant_keys import HeldKey
+from keyquorum.hsm.dataplane.counters import EncryptionCounters
+from keyquorum.hsm.dataplane.format import (
+    AAD_LABEL,
+    Parsed,
+    decrypt,
+    encode_context_pairs,
+    header,
+    parse,
+    sealed_info,
+)
+from keyquorum.hsm.dataplane.items import (
+    GenerateItem,
+    RateLimit,
+    Revealed,
+    RewrapInput,
+    UnwrapItem,
+    UsageSink,
+    WrapInput,
+    Wrapped,
+)
+from keyquorum.hsm.dataplane.nonces import NoncePool
 from keyquorum.hsm.pki import ClientIdentity
-from keyquorum.hsm.store import Store
-from keyquorum.hsm.tenant_keys import HeldKey
-from keyquorum.quorum import aead, canonical
+from keyquorum.hsm.stores.base import Store
 from keyquorum.quorum.errors import (
     AccessDeniedError,
-    DecryptionError,
-    DeserializationError,
     InvalidInputError,
     KeyquorumError,
     LimitExceededError,
     SealedError,
     StateError,
-    UnsupportedVersionError,
 )
+from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 from keyquorum.quorum.operations import TENANT_RE
 from keyquorum.quorum.sealing import SealingPublicKey
 from keyquorum.quorum.secret import SecretBytes
 
-try:  # the C accelerator for BatchWrap (hsm/_wrapfast.c); optional, see batch_wrap_serialized
-    from keyquorum.hsm import _wrapfast
+try:  # the wire codec in C (hsm/dataplane/_wire.c); optional, see batch_wrap_serialized
+    from keyquorum.hsm.dataplane import _wire
 
-    #: True when the BatchWrap fast path is built (`make install` builds it where
-    #: OpenSSL's headers are; tests require it on CI: KEYQUORUM_REQUIRE_NATIVE).
-    NATIVE_BATCH_WRAP = True
+    #: True when the wire codec is built (`make install` builds it where OpenSSL's
+    #: headers are; tests require it on CI: KEYQUORUM_REQUIRE_NATIVE).
+    WIRE_CODEC_BUILT = True
 except ImportError:  # pragma: no cover
-    NATIVE_BATCH_WRAP = False
+    WIRE_CODEC_BUILT = False
 
 log = logging.getLogger(__name__)
 
-FORMAT_V1: Final = 0x01
-AAD_LABEL: Final = b"keyquorum/v1/data\x00"
-SEALED_INFO_LABEL: Final = b"keyquorum/v1/sealed-data-key\x00"
-MAX_TENANT: Final = 63
-#: NIST SP 800-38D, section 8.3: at most 2^32 invocations with random IVs per key.
-NONCE_BOUND: Final = 2**32
 DEFAULT_DATA_KEY_SIZE: Final = 32
 MIN_DATA_KEY_SIZE: Final = 16
 MAX_DATA_KEY_SIZE: Final = 64
@@ -107,545 +89,6 @@ UNKNOWN: Final = "-"
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class DataPlaneLimits:
-    """The data plane's limits (docs/dataplane.md, "Limits")."""
-
-    #: Largest plaintext Wrap accepts (data keys and small secrets).
-    max_plaintext: int = 4096
-    #: Pairs in one encryption context.
-    max_context_pairs: int = 64
-    #: Bytes of one context's canonical encoding.
-    max_context_bytes: int = 4096
-    #: Items in one batch call.
-    max_batch_items: int = 1000
-    #: Encryptions per tenant key version (SP 800-38D, section 8.3).
-    encryption_limit: int = NONCE_BOUND
-    #: Counter values reserved per store write.
-    counter_block: int = 65536
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.encryption_limit <= NONCE_BOUND:
-            raise InvalidInputError("encryption_limit must be in [1, 2**32] (SP 800-38D 8.3)")
-        if self.counter_block < 1:
-            raise InvalidInputError("counter_block must be at least 1")
-
-
-DEFAULT_DATA_LIMITS: Final = DataPlaneLimits()
-
-
-# -- the format (pure) ----------------------------------------------------------
-
-
-def encode_context(
-    context: Mapping[str, str], limits: DataPlaneLimits = DEFAULT_DATA_LIMITS
-) -> bytes:
-    """The RFC 8785 JSON of a context map: the bytes bound as associated data."""
-    return encode_context_pairs(tuple(context.items()), limits)
-
-
-def encode_context_pairs(
-    pairs: tuple[tuple[str, str], ...], limits: DataPlaneLimits = DEFAULT_DATA_LIMITS
-) -> bytes:
-    """`encode_context` of a map's items (distinct keys, any order), read once."""
-    if len(pairs) > limits.max_context_pairs:
-        raise LimitExceededError(
-            f"the encryption context has {len(pairs)} pairs; at most {limits.max_context_pairs}"
-        )
-    ascii_keys = True
-    for key, value in pairs:
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidInputError("encryption context keys and values must be strings")
-        if not key:
-            raise InvalidInputError("an encryption context key is empty")
-        ascii_keys = ascii_keys and key.isascii()
-    encoded = _flat_canonical(pairs) if ascii_keys else canonical.encode(dict(pairs))
-    if len(encoded) > limits.max_context_bytes:
-        raise LimitExceededError(
-            f"the encryption context is {len(encoded)} bytes encoded; "
-            f"at most {limits.max_context_bytes}"
-        )
-    return encoded
-
-
-def _flat_canonical(pairs: tuple[tuple[str, str], ...]) -> bytes:
-    """RFC 8785 of a flat string map whose keys are all ASCII, without the general encoder.
-
-    For such keys, code-point order is the UTF-16 order RFC 8785 section
-    3.2.3 sorts by (keys are distinct, so values are never compared), and
-    the standard library's JSON string escaping without ensure_ascii
-    (`json.encoder.encode_basestring`, the C function json.dumps uses) is
-    ECMAScript's (section 3.2.2.2: the two-character escapes, other control
-    characters as lowercase \\u00xx, everything else as is); the object is
-    "{", members "key":"value" joined by ",", "}" (section 3.2.1, no
-    whitespace). tests/test_dataplane.py checks it against the general
-    encoder (the rfc8785 package) byte for byte.
-    """
-    quote = encode_basestring
-    text = "{" + ",".join([quote(k) + ":" + quote(v) for k, v in sorted(pairs)]) + "}"
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInputError("the encryption context is not valid Unicode") from None
-
-
-def header(tenant: str, version: int) -> bytes:
-    """Format byte, tenant and key version: the part of a ciphertext before the nonce."""
-    if not isinstance(tenant, str) or not TENANT_RE.fullmatch(tenant):
-        raise InvalidInputError(f"tenant {str(tenant)[:80]!r} is not a valid tenant name")
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 2**32:
-        raise InvalidInputError("key version must be in [1, 2**32)")
-    name = tenant.encode("ascii")
-    return bytes([FORMAT_V1, len(name)]) + name + version.to_bytes(4, "big")
-
-
-def encrypt(
-    key: SecretBytes | aead.Cipher,
-    tenant: str,
-    version: int,
-    plaintext: bytes | memoryview,
-    context: bytes,
-    nonce: bytes,
-) -> bytes:
-    """A format-0x01 ciphertext of `plaintext` (see the module docstring)."""
-    head = header(tenant, version)
-    aad = AAD_LABEL + head + context
-    if isinstance(key, aead.Cipher):
-        return head + nonce + key.encrypt(nonce, plaintext, aad)
-    return head + nonce + aead.encrypt(key, nonce, plaintext, aad)
-
-
-class Parsed:
-    """A ciphertext's fields, read but not yet authenticated."""
-
-    __slots__ = ("body", "header", "nonce", "tenant", "version")
-
-    def __init__(self, tenant: str, version: int, head: bytes, nonce: bytes, body: bytes) -> None:
-        self.tenant = tenant
-        self.version = version
-        self.header = head
-        self.nonce = nonce
-        self.body = body
-
-    def __repr__(self) -> str:
-        return f"<ciphertext {self.tenant} v{self.version}: {len(self.body)} bytes>"
-
-
-def parse(data: bytes) -> Parsed:
-    """Split a ciphertext into its fields; `_unverified` until `decrypt` checks the tag.
-
-    0. the format byte (UnsupportedVersionError for another);
-    1. the tenant length and name;
-    2. the version, the nonce and at least a tag.
-    """
-    if not isinstance(data, bytes):
-        raise InvalidInputError("ciphertext must be bytes")
-    if not data:
-        raise DeserializationError("the ciphertext is empty")
-    # 0.
-    if data[0] != FORMAT_V1:
-        raise UnsupportedVersionError(f"unknown ciphertext format 0x{data[0]:02x}")
-    # 1.
-    if len(data) < 2:
-        raise DeserializationError("the ciphertext ends before its tenant length")
-    size = data[1]
-    if not 1 <= size <= MAX_TENANT:
-        raise DeserializationError(f"the ciphertext's tenant length {size} is not in [1, 63]")
-    fixed = 2 + size + 4 + aead.NONCE_SIZE + aead.TAG_SIZE
-    if len(data) < fixed:
-        raise DeserializationError(
-            f"the ciphertext is {len(data)} bytes, shorter than its {fixed}-byte minimum"
-        )
-    try:
-        tenant = data[2 : 2 + size].decode("ascii")
-    except UnicodeDecodeError:
-        raise DeserializationError("the ciphertext's tenant is not ASCII") from None
-    if not TENANT_RE.fullmatch(tenant):
-        raise DeserializationError("the ciphertext's tenant is not a valid tenant name")
-    # 2.
-    at = 2 + size
-    version = int.from_bytes(data[at : at + 4], "big")
-    if version == 0:
-        raise DeserializationError("the ciphertext names key version 0")
-    at += 4
-    return Parsed(
-        tenant, version, data[:at], data[at : at + aead.NONCE_SIZE], data[at + aead.NONCE_SIZE :]
-    )
-
-
-def decrypt(key: SecretBytes | aead.Cipher, parsed: Parsed, context: bytes) -> SecretBytes:
-    """The plaintext of a parsed ciphertext; DecryptionError if it does not authenticate."""
-    aad = AAD_LABEL + parsed.header + context
-    try:
-        if isinstance(key, aead.Cipher):
-            plain = key.decrypt(parsed.nonce, parsed.body, aad)
-        else:
-            plain = aead.decrypt(key, parsed.nonce, parsed.body, aad)
-    except DecryptionError:
-        raise DecryptionError(
-            "the ciphertext does not authenticate: another encryption context, "
-            "or the ciphertext was altered"
-        ) from None
-    return SecretBytes.adopt(plain, label="unwrapped data")
-
-
-def sealed_info(ciphertext: bytes) -> bytes:
-    """HPKE info for a key sealed to the backend: bound to the wrapped form it belongs to."""
-    return SEALED_INFO_LABEL + ciphertext
-
-
-# -- results ------------------------------------------------------------------
-
-
-class Wrapped:
-    """A ciphertext and the key version that made it (nothing secret)."""
-
-    __slots__ = ("ciphertext", "version")
-
-    def __init__(self, ciphertext: bytes, version: int) -> None:
-        self.ciphertext = ciphertext
-        self.version = version
-
-    def __repr__(self) -> str:
-        return f"<Wrapped v{self.version}: {len(self.ciphertext)} bytes>"
-
-
-class Revealed:
-    """A plaintext for the caller: in the clear (`plaintext`) or sealed to it (`sealed`).
-
-    The owner wipes `plaintext` once it is serialised (`wipe()`).
-    """
-
-    __slots__ = ("ciphertext", "plaintext", "sealed", "tenant", "version")
-
-    def __init__(
-        self,
-        tenant: str,
-        version: int,
-        ciphertext: bytes,
-        plaintext: SecretBytes | None,
-        sealed: bytes | None,
-    ) -> None:
-        self.tenant = tenant
-        self.version = version
-        self.ciphertext = ciphertext
-        self.plaintext = plaintext
-        self.sealed = sealed
-
-    def wipe(self) -> None:
-        if self.plaintext is not None:
-            self.plaintext.wipe()
-
-    def __repr__(self) -> str:
-        how = "sealed" if self.sealed is not None else "clear"
-        return f"<Revealed {self.tenant} v{self.version} ({how})>"
-
-
-class WrapInput(Protocol):
-    """What Wrap reads of an item: a `WrapItem`, or KeyService's `WrapRequest` as it came.
-
-    The servicer hands request messages over unconverted (no copy of the
-    plaintext or the context per item); the data plane only reads them.
-    """
-
-    @property
-    def tenant(self) -> str: ...
-    @property
-    def plaintext(self) -> bytes: ...
-    @property
-    def context(self) -> Mapping[str, str]: ...
-
-
-class RewrapInput(Protocol):
-    """What Rewrap reads of an item: a `RewrapItem` or a `RewrapRequest`."""
-
-    @property
-    def ciphertext(self) -> bytes: ...
-    @property
-    def context(self) -> Mapping[str, str]: ...
-
-
-@dataclass(frozen=True)
-class WrapItem:
-    tenant: str
-    plaintext: bytes = field(repr=False)
-    context: Mapping[str, str] = field(repr=False)
-
-
-@dataclass(frozen=True)
-class UnwrapItem:
-    ciphertext: bytes = field(repr=False)
-    context: Mapping[str, str] = field(repr=False)
-    recipient: bytes = field(default=b"", repr=False)
-
-
-@dataclass(frozen=True)
-class GenerateItem:
-    tenant: str
-    context: Mapping[str, str] = field(repr=False)
-    size: int = 0
-    recipient: bytes = field(default=b"", repr=False)
-
-
-@dataclass(frozen=True)
-class RewrapItem:
-    ciphertext: bytes = field(repr=False)
-    context: Mapping[str, str] = field(repr=False)
-
-
-# -- usage ----------------------------------------------------------------------
-
-
-class UsageSink(Protocol):
-    """Where each item's outcome goes: metrics, the access log.
-
-    `error` is None on success; `context` the canonical context bytes when
-    they could be encoded (sinks keep at most a keyed hash of them).
-    """
-
-    def record(
-        self,
-        backend: str,
-        tenant: str,
-        operation: str,
-        error: KeyquorumError | None,
-        context: bytes | None,
-    ) -> None: ...
-
-
-class RateLimit(Protocol):
-    def take(self, backend: str, count: int) -> None:
-        """Take `count` tokens of `backend`'s bucket or raise LimitExceededError."""
-        ...
-
-    def give_back(self, backend: str, count: int) -> None:
-        """Return `count` tokens taken by a call that then started over."""
-        ...
-
-
-# -- the encryption counter -------------------------------------------------------
-
-
-class _Count:
-    __slots__ = ("end", "exhausted", "failure", "next", "pending", "spare")
-
-    def __init__(self) -> None:
-        self.next = 0
-        self.end = 0
-        self.spare: tuple[int, int] | None = None
-        self.pending = False
-        self.exhausted = False
-        self.failure: KeyquorumError | None = None
-
-
-class EncryptionCounters:
-    """Counts encryptions per tenant key version against the SP 800-38D bound.
-
-    Thread-safe. `take` returns the number of this encryption (unique per
-    key version across restarts and replicas) or raises LimitExceededError.
-    """
-
-    def __init__(self, store: Store, limits: DataPlaneLimits = DEFAULT_DATA_LIMITS) -> None:
-        self._store = store
-        self._block = limits.counter_block
-        self._limit = limits.encryption_limit
-        # Callers take the plain lock (cheaper to enter than the condition);
-        # the condition over it is for waiting on a block being reserved.
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._counts: dict[tuple[str, int], _Count] = {}
-
-    @staticmethod
-    def name(tenant: str, version: int) -> str:
-        return f"enc/{tenant}/v{version}"
-
-    def take(self, tenant: str, version: int) -> int:
-        """The number of one encryption."""
-        return self._take(tenant, version, 1)[0]
-
-    def take_many(self, tenant: str, version: int, wanted: int) -> int:
-        """Reserve 1 to `wanted` encryptions at once (fewer at a block's end); how many.
-
-        For a batch: one lock round per block instead of one per item. The
-        caller may leave some unused (an item that fails later); those
-        numbers are skipped, so the count only over-states, as after a restart.
-        """
-        if wanted < 1:
-            raise InvalidInputError("take_many needs at least one encryption")
-        return self._take(tenant, version, wanted)[1]
-
-    def _take(self, tenant: str, version: int, wanted: int) -> tuple[int, int]:
-        """(first number, how many) of up to `wanted` consecutive numbers."""
-        with self._lock:
-            count = self._counts.get((tenant, version))
-            if count is None:
-                count = self._counts[(tenant, version)] = _Count()
-            while True:
-                if count.next < count.end:
-                    number = count.next
-                    taken = min(wanted, count.end - number)
-                    count.next += taken
-                    if count.end - count.next <= self._block // 4:
-                        self._prefetch(tenant, version, count)
-                    return number, taken
-                if count.spare is not None:
-                    count.next, count.end = count.spare
-                    count.spare = None
-                    continue
-                if count.exhausted:
-                    raise self._exhausted(tenant, version)
-                if count.failure is not None:
-                    failure, count.failure = count.failure, None
-                    raise failure
-                if not count.pending:
-                    count.pending = True
-                    self._lock.release()
-                    try:
-                        self._reserve(self.name(tenant, version), count)
-                    finally:
-                        self._lock.acquire()
-                else:
-                    self._cond.wait()
-
-    def _prefetch(self, tenant: str, version: int, count: _Count) -> None:
-        """Reserve the next block in the background (the caller holds the lock)."""
-        if count.pending or count.spare is not None or count.exhausted:
-            return
-        count.pending = True
-        threading.Thread(
-            target=self._reserve,
-            args=(self.name(tenant, version), count),
-            name="kq-counter",
-            daemon=True,
-        ).start()
-
-    def _reserve(self, name: str, count: _Count) -> None:
-        """One store write; wakes every caller waiting on this counter."""
-        block: tuple[int, int] | None = None
-        failure: KeyquorumError | None = None
-        exhausted = False
-        try:
-            block = self._store.reserve_block(name, self._block, self._limit)
-        except LimitExceededError:
-            exhausted = True
-        except KeyquorumError as e:
-            failure = e
-        with self._cond:
-            count.pending = False
-            if block is not None:
-                count.spare = block
-                if block[0] >= self._limit // 2:
-                    log.warning(
-                        "%s: %d of %d encryptions used; rotate this tenant key soon",
-                        name,
-                        block[0],
-                        self._limit,
-                    )
-            count.exhausted = count.exhausted or exhausted
-            if failure is not None:
-                log.error("could not reserve encryptions for %s: %s", name, failure)
-                count.failure = failure
-            self._cond.notify_all()
-
-    def _exhausted(self, tenant: str, version: int) -> LimitExceededError:
-        return LimitExceededError(
-            f"tenant {tenant!r} key version {version} reached its {self._limit} encryptions "
-            "(the NIST SP 800-38D random-nonce bound): a quorum must rotate the tenant key "
-            "(rotate-tenant); unwrapping still works"
-        )
-
-
-# -- nonces -------------------------------------------------------------------------
-
-#: Nonces drawn from the random source at once (one getrandom call per 256 Wraps).
-NONCES_PER_DRAW: Final = 256
-
-_POOLS: weakref.WeakSet[NoncePool] = weakref.WeakSet()
-
-
-def _forget_drawn_nonces() -> None:
-    """In a forked child: drop every nonce drawn before the fork (the parent uses them)."""
-    for pool in list(_POOLS):
-        pool.forget()
-
-
-os.register_at_fork(after_in_child=_forget_drawn_nonces)
-
-
-class NoncePool:
-    """Fresh random 96-bit nonces (SP 800-38D, section 8.2.2), drawn in blocks.
-
-    One read of the random source gives `per_draw` nonces; they are handed
-    out in order, one for a Wrap or many at once for a batch, never twice
-    (a lock guards the offset). Drawing in blocks keeps the system call,
-    which releases the interpreter lock and makes the calling thread queue
-    for it again, off the path of nearly every Wrap. Nonces are not secret
-    (each is written into its ciphertext); what matters is that none
-    repeats, so a forked child forgets the parent's drawn nonces
-    (`os.register_at_fork`). Data keys are never drawn here.
-    """
-
-    __slots__ = ("__weakref__", "_buffer", "_lock", "_offset", "_per_draw", "_random")
-
-    def __init__(
-        self, random_bytes: Callable[[int], bytes], per_draw: int = NONCES_PER_DRAW
-    ) -> None:
-        if per_draw < 1:
-            raise InvalidInputError("per_draw must be at least 1")
-        self._random = random_bytes
-        self._per_draw = per_draw
-        self._buffer = b""
-        self._offset = 0
-        self._lock = threading.Lock()
-        _POOLS.add(self)
-
-    def take(self) -> bytes:
-        """One nonce no other call got."""
-        return self.take_many(1)
-
-    def take_many(self, count: int) -> bytes:
-        """`count` nonces no other call got, concatenated (12 bytes each).
-
-        The same stream `take` hands out, in the same order, so a batch
-        sealed at once gets the nonces its items would have got one by one.
-        """
-        if count < 1:
-            raise InvalidInputError("take_many needs at least one nonce")
-        size = aead.NONCE_SIZE * count
-        with self._lock:
-            start = self._offset
-            if start + size > len(self._buffer):
-                self._buffer = self._buffer[start:] + self._draw(size - (len(self._buffer) - start))
-                start = 0
-            self._offset = start + size
-            return self._buffer[start : start + size]
-
-    def _draw(self, at_least: int) -> bytes:
-        """Whole blocks of `per_draw` nonces, at least `at_least` bytes (the lock is held)."""
-        block = aead.NONCE_SIZE * self._per_draw
-        drawn: list[bytes] = []
-        total = 0
-        while total < at_least:
-            fresh = self._random(block)
-            if not isinstance(fresh, bytes) or len(fresh) != block:
-                raise InvalidInputError("the random source returned the wrong number of bytes")
-            drawn.append(fresh)
-            total += block
-        return b"".join(drawn)
-
-    def forget(self) -> None:
-        """Drop every drawn nonce (in a forked child: a new lock, the old one may be held)."""
-        self._lock = threading.Lock()
-        self._buffer = b""
-        self._offset = 0
-
-    def __repr__(self) -> str:
-        return f"<NoncePool: {(len(self._buffer) - self._offset) // aead.NONCE_SIZE} drawn>"
-
-
-# -- the data plane ---------------------------------------------------------------
 
 #: Headers remembered per (tenant, version) before the cache starts over.
 HEADER_CACHE: Final = 4096
@@ -710,7 +153,7 @@ class DataPlane:
         daemon: Daemon,
         store: Store,
         *,
-        limits: DataPlaneLimits = DEFAULT_DATA_LIMITS,
+        limits: Limits = DEFAULT_LIMITS,
         usage: Sequence[UsageSink] = (),
         rate_limit: RateLimit | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
@@ -724,7 +167,7 @@ class DataPlane:
         self._counters = EncryptionCounters(store, limits)
         self._headers: dict[tuple[str, int], tuple[bytes, bytes]] = {}
         self._backends: dict[str, str] = {}
-        # What `_wrapfast` checks step 0 against (it takes values up to 2**30; no
+        # What `_wire` checks step 0 against (it takes values up to 2**30; no
         # gRPC message comes near that, and anything larger goes the Python way).
         self._wire_limits = (
             min(limits.max_batch_items, 2**30),
@@ -736,7 +179,7 @@ class DataPlane:
         daemon.add_seal_observer(self._on_seal_state)
 
     @property
-    def limits(self) -> DataPlaneLimits:
+    def limits(self) -> Limits:
         return self._limits
 
     def _on_seal_state(self, sealed: bool) -> None:
@@ -751,17 +194,17 @@ class DataPlane:
     def wrap_serialized(self, identity: str, request: bytes) -> Wrapped | None:
         """Wrap of a serialised WrapRequest whose step 0 C did, or None.
 
-        `_wrapfast.parse_wrap` reads the fields and encodes the context over
+        `_wire.parse_wrap` reads the fields and encodes the context over
         the wire bytes, most of what a single Wrap spends in the interpreter;
         steps 1 to 3 are `wrap`'s own code. None, with nothing recorded and
         nothing taken, for any request it does not accept whole (malformed,
         over a limit, a non-ASCII context key, a repeated field...) or when
         the extension is not built: the caller then parses the request and
-        calls `wrap`, which decides (tests/test_wrapfast.py compares both).
+        calls `wrap`, which decides (tests/test_wire.py compares both).
         """
-        if not NATIVE_BATCH_WRAP:
+        if not WIRE_CODEC_BUILT:
             return None
-        fields = _wrapfast.parse_wrap(request, self._wire_limits)
+        fields = _wire.parse_wrap(request, self._wire_limits)
         if fields is None:
             return None
         return self._single(identity, "wrap", fields, self._wrap_checked)
@@ -772,14 +215,14 @@ class DataPlane:
     def unwrap_serialized(self, identity: str, request: bytes) -> Revealed | None:
         """Unwrap of a serialised UnwrapRequest whose context C encoded, or None.
 
-        As `wrap_serialized`: `_wrapfast.parse_unwrap` reads the fields and
+        As `wrap_serialized`: `_wire.parse_unwrap` reads the fields and
         encodes the context; the ciphertext and the recipient key are checked
         here as `unwrap` checks them. None (nothing recorded, nothing taken)
         for a request it does not accept whole: parse it and call `unwrap`.
         """
-        if not NATIVE_BATCH_WRAP:
+        if not WIRE_CODEC_BUILT:
             return None
-        fields = _wrapfast.parse_unwrap(request, self._wire_limits)
+        fields = _wire.parse_unwrap(request, self._wire_limits)
         if fields is None:
             return None
         return self._single(identity, "unwrap", fields, self._unwrap_encoded)
@@ -816,11 +259,11 @@ class DataPlane:
         """BatchWrap of a serialised BatchWrapRequest in one C call, or None.
 
         The fast path for a batch whose every item succeeds (docs/dataplane.md,
-        "The BatchWrap fast path"): `_wrapfast.scan` checks each item's step 0
+        "The BatchWrap fast path"): `_wire.scan` checks each item's step 0
         over the wire bytes; here each distinct tenant gets its steps 1 to 3
         once (grant, key, a counter reservation for all its items); then the
         call-level checks `_batch` makes (rate limit, seal) and one
-        `_wrapfast.seal`, which encrypts every item and writes the serialised
+        `_wire.seal`, which encrypts every item and writes the serialised
         BatchWrapResponse. None, with nothing recorded, whenever any of that
         would not succeed for every item (or the extension is not built): the
         caller then parses the request and calls `batch_wrap`, the reference,
@@ -830,12 +273,12 @@ class DataPlane:
         back, since the reference takes them again.
         A call-level refusal (rate limit, sealed) raises as `batch_wrap` does. The answer is the
         bytes `batch_wrap` and `encode_wrap_results` would give with the
-        same nonces (tests/test_wrapfast.py).
+        same nonces (tests/test_wire.py).
         """
-        if not NATIVE_BATCH_WRAP:
+        if not WIRE_CODEC_BUILT:
             return None
         limits = self._wire_limits
-        tenants = _wrapfast.scan(request, limits)
+        tenants = _wire.scan(request, limits)
         if tenants is None:
             return None
         backend = self._backend(identity)
@@ -864,7 +307,7 @@ class DataPlane:
         except KeyquorumError as e:
             self._record(backend, UNKNOWN, operation, e, None)
             raise
-        response, contexts = _wrapfast.seal(
+        response, contexts = _wire.seal(
             request, limits, views, AAD_LABEL, self._nonces.take_many(items), bool(self._usage)
         )
         # A seal or a deactivation while sealing (the keyring closes a version's

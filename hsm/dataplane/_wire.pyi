@@ -1,4 +1,4 @@
-"""Types of the C accelerator hsm/_wrapfast.c (BatchWrap's per-item loop, Wrap's step 0)."""
+"""Types of the C accelerator hsm/dataplane/_wire.c (BatchWrap's per-item loop, Wrap's step 0)."""
 
 Limits = tuple[int, int, int, int]
 

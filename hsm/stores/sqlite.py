@@ -42,8 +42,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, TypeVar
 
-from keyquorum.hsm import store
-from keyquorum.hsm.store import LogRecord, ShredSalt
+from keyquorum.hsm.stores import base as store
+from keyquorum.hsm.stores.base import LogRecord, ShredSalt
 from keyquorum.quorum.errors import (
     AppendConflictError,
     InvalidInputError,

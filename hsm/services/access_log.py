@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, NoReturn, TextIO
 
-from keyquorum.hsm.status import code_for
+from keyquorum.hsm.services.status import code_for
 from keyquorum.quorum.errors import InvalidInputError, KeyquorumError
 
 KEY_FILE: Final = "access-log.key"

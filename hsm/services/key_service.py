@@ -6,7 +6,7 @@ No identity: UNAUTHENTICATED (in practice the handshake already failed);
 another role (an auditor's certificate): PERMISSION_DENIED. Then the
 request is converted, the data plane decides, and the answer is converted
 back; every `KeyquorumError` becomes a status code through
-`keyquorum.hsm.status`, for a batch item as `ItemError` with the same code.
+`keyquorum.hsm.services.status`, for a batch item as `ItemError` with the same code.
 
 Certificates are parsed once: the identity read from a verified peer
 certificate (`tls.identity_from_auth_context`, X.509 parsed from the PEM
@@ -19,12 +19,12 @@ re-parse X.509 nor copy the auth context each time.
 The hot paths avoid per-item Python work that is not a check. Wrap and
 Unwrap take the request as wire bytes: `DataPlane.wrap_serialized` and
 `unwrap_serialized` have C read the fields and encode the context
-(`_wrapfast.parse_wrap`, `parse_unwrap`), and anything C does not accept
+(`_wire.parse_wrap`, `parse_unwrap`), and anything C does not accept
 whole is parsed here (a malformed request is INVALID_ARGUMENT) and goes to
 `wrap` or `unwrap`; Wrap writes its answer in wire format too. Rewrap
 requests go to the data plane as they came (it only reads them).
 BatchWrap takes the request as wire bytes: `DataPlane.batch_wrap_serialized`
-answers a batch whose every item succeeds with one C call (hsm/_wrapfast.c,
+answers a batch whose every item succeeds with one C call (hsm/dataplane/_wire.c,
 docs/dataplane.md); any other batch is parsed here and goes the Python way.
 BatchWrap's Python path and BatchRewrap write their answers straight in the
 protobuf wire format (`encode_wrap_results`, tested byte for byte against
@@ -58,7 +58,7 @@ from keyquorum.hsm.dataplane import (
     Wrapped,
 )
 from keyquorum.hsm.pki import URI_SCHEME, ClientIdentity
-from keyquorum.hsm.status import abort_with, code_for
+from keyquorum.hsm.services.status import abort_with, code_for
 from keyquorum.quorum.errors import (
     AccessDeniedError,
     DeserializationError,
