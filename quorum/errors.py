@@ -91,11 +91,18 @@ class RootMismatchError(ProofError):
 
 
 class LogIntegrityError(VerificationError):
-    """The quorum log is not a valid history; names the first bad entry."""
+    """The quorum log is not a valid history; names the first bad entry.
 
-    def __init__(self, message: str, *, seq: int | None = None) -> None:
+    `refusal` is the typed error of the check that refused the entry (replay
+    sets it), which a caller about to append that entry is given as is.
+    """
+
+    def __init__(
+        self, message: str, *, seq: int | None = None, refusal: KeyquorumError | None = None
+    ) -> None:
         super().__init__(message if seq is None else f"entry {seq}: {message}")
         self.seq = seq
+        self.refusal = refusal
 
 
 class ForkError(VerificationError):

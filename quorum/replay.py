@@ -6,9 +6,11 @@ service's state is nothing but its result. `Replayer.apply(raw)` checks one
 entry completely against the state so far and only then changes the state,
 so a refused entry leaves the state exactly as it was. The error is a
 `LogIntegrityError` whose `seq` names the entry and whose message says why;
-the underlying check's error (a `SignatureError`, `ExpiredError`,
-`NotOnRosterError`, `ReplayError`, `ThresholdError`, `DeserializationError`)
-is its `__cause__` when there is one.
+its `refusal` is the typed error of the check that failed (a
+`SignatureError`, `ExpiredError`, `NotOnRosterError`, `ReplayError`,
+`ThresholdError`, `NotFoundError`, `DeserializationError`, else a
+`StateError`), the very object the daemon raises to a caller whose request
+replay refused on a dry run: one rule set, one wording.
 
 Checks for each entry, in order (docs/log-format.md repeats them):
 
@@ -57,6 +59,7 @@ from keyquorum.quorum.errors import (
     InvalidInputError,
     KeyquorumError,
     LogIntegrityError,
+    NotFoundError,
     NotOnRosterError,
     ReplayError,
     RootMismatchError,
@@ -100,6 +103,7 @@ from keyquorum.quorum.statements import (
     SignedStatement,
     Statement,
     confirm_share_statement,
+    render_time,
     seal_statement,
     unseal_share_statement,
     verify_approvals,
@@ -122,7 +126,17 @@ __all__ = [
 
 
 class _RefusedError(Exception):
-    """Internal: one check failed; `Replayer` turns it into LogIntegrityError(seq)."""
+    """Internal: one check failed; `Replayer` turns it into LogIntegrityError(seq).
+
+    `refusal` is the typed error a caller about to append this entry gets
+    (the daemon's dry run): the check's own error when it has one (a
+    `SignatureError` keeps its class and fields), else a `StateError` with
+    the message. `context` prefixes the log-facing message only.
+    """
+
+    def __init__(self, refusal: KeyquorumError | str, *, context: str = "") -> None:
+        self.refusal = StateError(refusal) if isinstance(refusal, str) else refusal
+        super().__init__(f"{context}: {self.refusal}" if context else str(self.refusal))
 
 
 # State -----------------------------------------------------------------------
@@ -184,6 +198,9 @@ class Tenant:
     activated_seq: int | None = None
     destroy_at: int | None = None
     destroyed_seq: int | None = None
+    #: The backends granted this tenant when it was shredded (its grants end then),
+    #: so they can be told "destroyed" rather than "not granted".
+    shredded_grants: tuple[str, ...] = ()
 
     @property
     def destroyed(self) -> bool:
@@ -388,11 +405,11 @@ class Replayer:
         try:
             entry = Entry.from_bytes(raw)
         except DeserializationError as e:
-            raise LogIntegrityError(f"malformed entry: {e}", seq=seq) from e
+            raise LogIntegrityError(f"malformed entry: {e}", seq=seq, refusal=e) from e
         try:
             commit = _Check(self._state, entry).run()
         except _RefusedError as r:
-            raise LogIntegrityError(str(r), seq=seq) from r.__cause__
+            raise LogIntegrityError(str(r), seq=seq, refusal=r.refusal) from r.refusal
         return entry, commit
 
 
@@ -462,7 +479,15 @@ class _Check:
             signed = SignedStatement(custodian, HybridSignature.from_bytes(signature))
             verify_statement(statement, signed, credential)
         except KeyquorumError as e:
-            raise _RefusedError(f"{statement.kind} by {custodian[:16]}: {e}") from e
+            raise _RefusedError(e, context=f"{statement.kind} by {custodian[:16]}") from e
+
+    def _who(self, fingerprint: str) -> str:
+        """A custodian as people read them: name and fingerprint prefix."""
+        for epoch in reversed(self.state.rosters):
+            index = epoch.share_index(fingerprint)
+            if index is not None:
+                return f"custodian {epoch.roster[index - 1].name} ({fingerprint[:16]})"
+        return f"custodian {fingerprint[:16]}"
 
     def _tenant(self, name: str, *, usable: bool = True) -> Tenant:
         """An existing, not destroyed tenant (and, if `usable`, not being destroyed)."""
@@ -529,12 +554,18 @@ class _Check:
         epoch = state.epoch
         # 1. The current split, the custodian's own index, once, signed.
         if p.split_id != epoch.split.split_id:
-            raise _RefusedError("confirm names a split that is not the current one")
+            raise _RefusedError(
+                InvalidInputError("confirm names a split that is not the current one")
+            )
         held = epoch.share_index(p.custodian)
         if held is not None and held != p.index:
-            raise _RefusedError(f"custodian {p.custodian[:16]} holds share {held}, not {p.index}")
+            raise _RefusedError(
+                InvalidInputError(f"custodian {p.custodian[:16]} holds share {held}, not {p.index}")
+            )
         if p.custodian in state.confirmations:
-            raise _RefusedError(f"custodian {p.custodian[:16]} already confirmed their share")
+            raise _RefusedError(
+                InvalidInputError(f"custodian {p.custodian[:16]} already confirmed their share")
+            )
         statement = confirm_share_statement(
             deployment=state.deployment, custodian=p.custodian, split_id=p.split_id, index=p.index
         )
@@ -597,8 +628,9 @@ class _Check:
         if p.custodian is not None and p.signature is not None:
             digest = seal_request_digest(p.signature)
             if digest in state.seal_requests:
-                message = f"seal request by {p.custodian[:16]} was already used"
-                raise _RefusedError(message) from ReplayError(message)
+                raise _RefusedError(
+                    ReplayError(f"seal request by {p.custodian[:16]} was already used")
+                )
             statement = seal_statement(
                 deployment=state.deployment,
                 custodian=p.custodian,
@@ -623,19 +655,17 @@ class _Check:
         policy = self.policy
         if p.id in state.proposals:
             raise _RefusedError(f"proposal id {p.id.hex()} is already taken")
-        if p.expires_at <= entry.time:
+        if not 1 <= p.expires_at - entry.time <= policy.proposal_ttl_seconds:
             raise _RefusedError(
-                f"proposal expires at {p.expires_at}, not after its time {entry.time}"
-            )
-        if p.expires_at - entry.time > policy.proposal_ttl_seconds:
-            raise _RefusedError(
-                f"proposal lives {p.expires_at - entry.time} s, longer than the policy's "
-                f"{policy.proposal_ttl_seconds} s"
+                InvalidInputError(
+                    f"a proposal expires 1 to {policy.proposal_ttl_seconds} s after it is made "
+                    f"(the policy's proposal_ttl_seconds), got {p.expires_at - entry.time}"
+                )
             )
         try:
             check_parameters(p.operation, p.parameters, policy)
         except InvalidInputError as e:
-            raise _RefusedError(f"{p.operation}: {e}") from e
+            raise _RefusedError(e, context=p.operation) from e
         self._possible(p.operation, dict(p.parameters))
         record = Proposal(
             id=p.id,
@@ -656,17 +686,18 @@ class _Check:
         """Step 2: the proposal exists, is pending, and has not expired at this entry."""
         proposal = self.state.proposals.get(proposal_id)
         if proposal is None:
-            raise _RefusedError(f"unknown proposal {proposal_id.hex()}")
+            raise _RefusedError(NotFoundError(f"unknown proposal {proposal_id.hex()}"))
         if proposal.status == "executed":
             raise _RefusedError(f"proposal {proposal_id.hex()} was already executed")
         if proposal.status == "cancelled":
             raise _RefusedError(f"proposal {proposal_id.hex()} was cancelled by a roster change")
         if self.entry.time >= proposal.expires_at:
-            message = (
-                f"proposal {proposal_id.hex()} expired at {proposal.expires_at}, "
-                f"before this entry's time {self.entry.time}"
+            raise _RefusedError(
+                ExpiredError(
+                    f"proposal {proposal_id.hex()} expired at {render_time(proposal.expires_at)}, "
+                    f"before this entry's time {render_time(self.entry.time)}"
+                )
             )
-            raise _RefusedError(message) from ExpiredError(message)
         return proposal
 
     def verdict(self, p: ApprovalPayload | RefusalPayload) -> Commit:
@@ -676,23 +707,24 @@ class _Check:
         epoch = state.epoch
         who = p.custodian[:16]
         if epoch.share_index(p.custodian) is None:
-            raise _RefusedError(f"{entry.type} by {who}, who is not on the roster") from (
-                NotOnRosterError(f"custodian {who} is not on the roster")
+            raise _RefusedError(
+                NotOnRosterError(f"custodian {who} is not on the roster"), context=entry.type
             )
-        if p.custodian in proposal.approvals or p.custodian in proposal.refusals:
-            raise _RefusedError(f"custodian {who} already gave a verdict on this proposal") from (
-                ReplayError(f"custodian {who} counted twice")
-            )
+        who = self._who(p.custodian)
+        if p.custodian in proposal.approvals:
+            raise _RefusedError(ReplayError(f"{who} already approved proposal {p.proposal.hex()}"))
+        if p.custodian in proposal.refusals:
+            raise _RefusedError(ReplayError(f"{who} already refused proposal {p.proposal.hex()}"))
         request = request_for(proposal, state.deployment)
-        signed = SignedStatement(p.custodian, HybridSignature.from_bytes(p.signature))
         try:
+            signed = SignedStatement(p.custodian, HybridSignature.from_bytes(p.signature))
             if isinstance(p, ApprovalPayload):
                 members = {c.fingerprint: c for c in epoch.roster}
                 verify_approvals(request, [signed], members, 1, entry.time)
             else:
                 verify_statement(request.statement("refuse"), signed, epoch.credential(p.custodian))
         except KeyquorumError as e:
-            raise _RefusedError(f"{entry.type} by {who}: {e}") from e
+            raise _RefusedError(e, context=f"{entry.type} by {who}") from e
         seq = entry.seq
 
         def commit(state: LogState) -> None:
@@ -717,8 +749,10 @@ class _Check:
         needed = operation(p.operation).required_approvals(state.threshold)
         if len(proposal.approvals) < needed:
             raise _RefusedError(
-                f"{p.operation} executed with {len(proposal.approvals)} of {needed} approvals"
-            ) from ThresholdError(f"approved by {len(proposal.approvals)} of {needed}")
+                ThresholdError(
+                    f"{p.operation} executed with {len(proposal.approvals)} of {needed} approvals"
+                )
+            )
         params = dict(proposal.parameters)
         self._possible(p.operation, params)
         change = self._result(p.operation, params, p.result)
@@ -901,10 +935,14 @@ class _Check:
         seq = self.entry.seq
 
         def commit(state: LogState) -> None:
+            ended = [g for g in state.grants if g[1] == p.tenant]
             state.tenants[p.tenant] = dataclasses.replace(
-                tenant, destroyed_seq=seq, active_until=None
+                tenant,
+                destroyed_seq=seq,
+                active_until=None,
+                shredded_grants=tuple(sorted(backend for backend, _ in ended)),
             )
-            for pair in [g for g in state.grants if g[1] == p.tenant]:
+            for pair in ended:
                 del state.grants[pair]
 
         return commit

@@ -16,6 +16,7 @@ import pytest
 from keyquorum.quorum.errors import (
     DeserializationError,
     ExpiredError,
+    KeyquorumError,
     LogIntegrityError,
     NotOnRosterError,
     ReplayError,
@@ -451,8 +452,8 @@ ATTACKS: list[tuple[str, Attack, str, type[Exception] | None]] = [
         "not on the roster",
         NotOnRosterError,
     ),
-    ("approval-counted-twice", lambda f: _approval(f, 0), "already gave a verdict", ReplayError),
-    ("approval-after-refusal", _verdict_after_refusal, "already gave a verdict", ReplayError),
+    ("approval-counted-twice", lambda f: _approval(f, 0), "already approved", ReplayError),
+    ("approval-after-refusal", _verdict_after_refusal, "already refused", ReplayError),
     (
         "approval-signed-for-another-proposal",
         lambda f: _approval(f, sign_for=_other(f)),
@@ -492,13 +493,13 @@ ATTACKS: list[tuple[str, Attack, str, type[Exception] | None]] = [
     (
         "proposal-expires-in-past",
         lambda f: f.build("proposal", f.make_proposal("create-tenant", ttl=0, tenant="t9")),
-        "not after",
+        "expires 1 to 86400 s after it is made",
         None,
     ),
     (
         "proposal-ttl-beyond-policy",
         lambda f: f.build("proposal", f.make_proposal("create-tenant", ttl=86401, tenant="t9")),
-        "longer than the policy",
+        "expires 1 to 86400 s after it is made.*got 86401",
         None,
     ),
     (
@@ -662,8 +663,11 @@ def test_bad_entry_is_refused_and_changes_nothing(
         f.replayer.apply(bad)
     assert info.value.seq == seq
     assert str(info.value).startswith(f"entry {seq}: ")
+    # The typed refusal a caller about to append these bytes is given, its class intact.
+    assert isinstance(info.value.refusal, KeyquorumError), repr(info.value.refusal)
+    assert info.value.__cause__ is info.value.refusal
     if cause is not None:
-        assert isinstance(info.value.__cause__, cause), repr(info.value.__cause__)
+        assert isinstance(info.value.refusal, cause), repr(info.value.refusal)
     assert f.state == before
     # The same bytes at the same place in a fresh replay fail the same way.
     with pytest.raises(LogIntegrityError) as again:
