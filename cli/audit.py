@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 import click
 import grpc
 
-from keyquorum.quorum import export, merkle
+from keyquorum.quorum import evidence, export, merkle
 from keyquorum.quorum.audit_report import audit, render_text
 from keyquorum.quorum.checkpoint import (
     Checkpoint,
@@ -55,7 +55,6 @@ from keyquorum.quorum.secret import SecretBytes
 F = TypeVar("F", bound=Callable[..., Any])
 
 STORE_FILE = "keyquorum.sqlite"
-RECEIPT_HEADER = "c2sp.org/tlog-proof@v1"
 KEY_FILE_HEADER = "keyquorum-cosigner-key v1"
 ENTRY_BATCH = 5000
 
@@ -581,28 +580,12 @@ def prove_inclusion_cmd(
     cp = trusted.checkpoint
     with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
         proof, entry, _note = source.inclusion(seq, cp.size)
-    check_entry_inclusion(seq, entry, proof, cp)
+    evidence.require_included(seq, entry, proof, cp)
     click.echo(_describe(entry))
     click.echo(
         f"included: entry {seq} is in the tree of size {cp.size} with root {cp.root.hex()} "
         f"({len(proof)} proof hashes verified)"
     )
-
-
-def check_entry_inclusion(seq: int, entry: bytes, proof: Sequence[bytes], cp: Checkpoint) -> None:
-    """The entry says it is `seq`, and the RFC 9162 proof leads to the checkpoint's root."""
-    try:
-        decoded = Entry.from_bytes(entry)
-    except DeserializationError as e:
-        raise LogIntegrityError(f"the entry is malformed: {e}", seq=seq) from e
-    if decoded.seq != seq:
-        raise LogIntegrityError(f"the entry served says it is entry {decoded.seq}", seq=seq)
-    try:
-        merkle.verify_inclusion(seq, cp.size, merkle.leaf_hash(entry), proof, cp.root)
-    except KeyquorumError as e:
-        raise LogIntegrityError(
-            f"not included in the tree of size {cp.size} you trust: {e}", seq=seq
-        ) from e
 
 
 @audit_group.command("prove-consistency")
@@ -646,31 +629,13 @@ def prove_consistency_cmd(
         proof: list[bytes] = []
         if 0 < old.checkpoint.size < new.checkpoint.size:
             proof, _ = source.consistency(old.checkpoint.size, new.checkpoint.size)
-    check_consistency(old.checkpoint, new.checkpoint, proof)
+    evidence.require_extends(old.checkpoint, new.checkpoint, proof)
     if save is not None:
         save.write_text(latest_note, encoding="utf-8")
     click.echo(
         f"consistent: the checkpoint of size {new.checkpoint.size} extends your checkpoint "
         f"of size {old.checkpoint.size} ({len(proof)} proof hashes verified)"
     )
-
-
-def check_consistency(old: Checkpoint, new: Checkpoint, proof: Sequence[bytes]) -> None:
-    """`new` extends `old`: a shorter log or another history raises, with evidence."""
-    if new.size < old.size:
-        raise LogIntegrityError(
-            f"the log's latest checkpoint is of size {new.size}, smaller than your "
-            f"{old.size}: the log was truncated or rolled back",
-            seq=new.size,
-        )
-    if old.size == 0:
-        return
-    try:
-        merkle.verify_consistency(old.size, new.size, proof, old.root, new.root)
-    except KeyquorumError as e:
-        raise LogIntegrityError(
-            f"the log does not extend your checkpoint of size {old.size}: {e}"
-        ) from e
 
 
 @audit_group.command("receipt")
@@ -698,50 +663,8 @@ def receipt_cmd(
     """
     with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
         proof, entry, note = source.inclusion(seq, size)
-    out.write_text(make_receipt(seq, entry, proof, note), encoding="utf-8")
+    out.write_text(evidence.make_receipt(seq, entry, proof, note), encoding="utf-8")
     click.echo(f"receipt for entry {seq} against the checkpoint of size {_size_of(note)}: {out}")
-
-
-def make_receipt(seq: int, entry: bytes, proof: Sequence[bytes], note: str) -> str:
-    """c2sp.org/tlog-proof@v1: extra (the entry), index, proof hashes, blank, checkpoint."""
-    lines = [
-        RECEIPT_HEADER,
-        "extra " + base64.b64encode(entry).decode("ascii"),
-        f"index {seq}",
-        *(base64.b64encode(h).decode("ascii") for h in proof),
-    ]
-    return "\n".join(lines) + "\n\n" + note
-
-
-@dataclass(frozen=True)
-class Receipt:
-    seq: int
-    entry: bytes
-    proof: tuple[bytes, ...]
-    note: str
-
-
-def parse_receipt(text: str) -> Receipt:
-    """Read a receipt strictly (c2sp.org/tlog-proof layout); DeserializationError if not one."""
-    head, sep, note = text.partition("\n\n")
-    if not sep:
-        raise DeserializationError("a receipt has a blank line before its checkpoint")
-    lines = head.split("\n")
-    if len(lines) < 3 or lines[0] != RECEIPT_HEADER:
-        raise DeserializationError(f"a receipt starts with {RECEIPT_HEADER!r}")
-    if not lines[1].startswith("extra "):
-        raise DeserializationError("a keyquorum receipt carries its entry on the 'extra' line")
-    if not lines[2].startswith("index "):
-        raise DeserializationError("the third line must be 'index N'")
-    index = lines[2][len("index ") :]
-    if not index.isdigit() or (index != "0" and index.startswith("0")):
-        raise DeserializationError("the index must be decimal without leading zeros")
-    try:
-        entry = base64.b64decode(lines[1][len("extra ") :], validate=True)
-        proof = tuple(base64.b64decode(h, validate=True) for h in lines[3:])
-    except binascii.Error as e:
-        raise DeserializationError("the receipt's base64 is damaged") from e
-    return Receipt(int(index), entry, proof, note)
 
 
 @audit_group.command("check-receipt")
@@ -763,14 +686,13 @@ def check_receipt_cmd(
       keyquorum audit check-receipt entry-42.receipt --log-key 'keyquorum/acme-prod+...'
     """
     key = _required_key(log_key, log_key_file)
-    receipt = parse_receipt(_read_text(file, "receipt"))
-    witnesses = [parse_verifier_key(c) for c in cosigner]
-    try:
-        verified = verify_checkpoint(receipt.note, parse_verifier_key(key), witnesses)
-    except KeyquorumError as e:
-        raise VerificationError(f"the receipt's checkpoint does not check: {e}") from e
-    verified.require_cosigners(min_cosigners)
-    check_entry_inclusion(receipt.seq, receipt.entry, receipt.proof, verified.checkpoint)
+    receipt = evidence.parse_receipt(_read_text(file, "receipt"))
+    verified = evidence.verify_receipt(
+        receipt,
+        parse_verifier_key(key),
+        [parse_verifier_key(c) for c in cosigner],
+        min_cosigners=min_cosigners,
+    )
     click.echo(_describe(receipt.entry))
     cos = ", ".join(sorted(verified.cosigned_by)) or "no cosigner you named"
     click.echo(
@@ -877,7 +799,7 @@ def cosign_cmd(
             proof: list[bytes] = []
             if 0 < old.checkpoint.size < new.size:
                 proof, _ = source.consistency(old.checkpoint.size, new.size)
-            check_consistency(old.checkpoint, new, proof)
+            evidence.require_extends(old.checkpoint, new, proof)
         when = int(time.time()) if now is None else now
         cosigned = cosign_checkpoint(note, parse_verifier_key(key), signer, when)
         merged = source.add_cosignature(cosigned)

@@ -10,7 +10,7 @@ before it unseals or approves, asks the daemon for its current checkpoint
 and an RFC 9162 consistency proof from the remembered one
 (`CustodianService.GetLogExtension`, on the custodians' own TLS port). It
 refuses a log that is shorter or whose proof fails (`RollbackError`,
-`rollback.check_extends`), and remembers the new checkpoint otherwise.
+`evidence.require_extends_notes`), and remembers the new checkpoint otherwise.
 
 Where: `$XDG_CONFIG_HOME/keyquorum/checkpoints/` (default
 `~/.config/keyquorum/checkpoints/`), one file per deployment and log key,
@@ -34,8 +34,7 @@ from typing import Final
 import click
 
 from keyquorum.cli.connect import rpc_errors
-from keyquorum.hsm.daemon import rollback
-from keyquorum.quorum import canonical
+from keyquorum.quorum import canonical, evidence
 from keyquorum.quorum.checkpoint import Checkpoint, parse_verifier_key, verify_checkpoint
 from keyquorum.quorum.errors import DeserializationError, InvalidInputError, StorageError
 from keyquorum.v1 import custodian_pb2 as pb
@@ -137,7 +136,7 @@ def require_extension(stub: pb_grpc.CustodianServiceStub) -> Checkpoint | None:
        size (`GetLogExtension`);
     2. the checkpoint is signed by that log key, for that deployment's
        origin; with a remembered one, the log extends it
-       (`rollback.check_extends`: not shorter, RFC 9162 proof verifies);
+       (`evidence.require_extends_notes`: not shorter, RFC 9162 proof verifies);
     3. remember the new checkpoint.
     Returns the daemon's checkpoint.
     """
@@ -167,7 +166,7 @@ def require_extension(stub: pb_grpc.CustodianServiceStub) -> Checkpoint | None:
                 err=True,
             )
     else:
-        current = rollback.check_extends(
+        current = evidence.require_extends_notes(
             seen.checkpoint, extension.checkpoint, list(extension.proof), verifier
         )
     # 3. Remembered.

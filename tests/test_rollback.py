@@ -2,7 +2,7 @@
 
 A restored store is a valid log on its own: it replays and matches its own
 latest checkpoint. What catches it is a checkpoint published later and
-kept elsewhere: the daemon's copy in its data directory (hsm/rollback.py),
+kept elsewhere: the daemon's copy in its data directory (hsm/daemon/rollback.py),
 and each custodian's copy on their own machine (cli/seen_checkpoints.py),
 both checked with RFC 9162 consistency proofs.
 """
@@ -22,7 +22,7 @@ from keyquorum.hsm.daemon import Daemon, rollback
 from keyquorum.hsm.daemon.logkey import LogKey
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.hsm.stores.sqlite import SqliteStore
-from keyquorum.quorum import merkle
+from keyquorum.quorum import evidence, merkle
 from keyquorum.quorum.errors import (
     RollbackError,
     SignatureError,
@@ -66,10 +66,12 @@ def test_a_log_that_extends_the_remembered_checkpoint_is_accepted(signer: NoteSi
     tree = _tree(LEAVES)
     old = _note(signer, tree, 5)
     new = _note(signer, tree)
-    current = rollback.check_extends(old, new, tree.consistency_proof(5, 9), signer.verifier())
+    current = evidence.require_extends_notes(
+        old, new, tree.consistency_proof(5, 9), signer.verifier()
+    )
     assert current.size == 9
     # The same checkpoint again (no new entries) needs an empty proof.
-    assert rollback.check_extends(new, new, [], signer.verifier()).size == 9
+    assert evidence.require_extends_notes(new, new, [], signer.verifier()).size == 9
 
 
 CASES: list[tuple[str, Callable[[NoteSigner], tuple[str, str, list[bytes]]], type[Exception]]] = [
@@ -126,7 +128,7 @@ def test_a_log_that_does_not_extend_the_remembered_checkpoint_is_refused(
 ) -> None:
     old, new, proof = make(signer)
     with pytest.raises(error):
-        rollback.check_extends(old, new, proof, signer.verifier())
+        evidence.require_extends_notes(old, new, proof, signer.verifier())
     assert issubclass(error, RollbackError | SignatureError)
 
 

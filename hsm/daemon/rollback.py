@@ -6,15 +6,9 @@ cannot tell it from the real one. What tells them apart is a checkpoint
 published later than the snapshot. The daemon therefore keeps the last
 checkpoint it signed in a file of its data directory (`last-checkpoint`,
 beside the log key, NOT in the store), and custodians' CLIs keep the last
-one they saw (`cli/seen_checkpoints.py`). Both refuse a log that does not extend it:
-
-0. the remembered note and the current one are both signed by the log key
-   (C2SP signed note, `checkpoint.verify_checkpoint`);
-1. the current tree is at least as large (`RollbackError` otherwise: the
-   log lost entries);
-2. an RFC 9162 section 2.1.4 consistency proof from the remembered size
-   to the current one verifies against both roots (`RollbackError` with
-   the `RootMismatchError` or `ProofError` as its cause: another history).
+one they saw (`cli/seen_checkpoints.py`). Both refuse a log that does not extend it,
+by the one rule of `quorum/evidence.py` (`require_extends`: both notes signed by
+the log key, not shorter, an RFC 9162 consistency proof verifies).
 
 Limits: a rollback of the data directory together with the store (one
 disk snapshot of the whole machine) rolls this file back too; the
@@ -32,17 +26,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from keyquorum.quorum import merkle
-from keyquorum.quorum.checkpoint import Checkpoint, NoteVerifier, verify_checkpoint
 from keyquorum.quorum.errors import (
     DeserializationError,
-    InvalidInputError,
-    ProofError,
-    RollbackError,
     StorageError,
 )
 
@@ -51,50 +39,6 @@ CHECKPOINT_FILE: Final = "last-checkpoint"
 MAX_NOTE_BYTES: Final = 16_384
 
 log = logging.getLogger(__name__)
-
-
-def check_extends(
-    trusted_note: str,
-    current_note: str,
-    proof: Sequence[bytes],
-    verifier: NoteVerifier,
-) -> Checkpoint:
-    """Require the log of `current_note` to extend the one of `trusted_note`.
-
-    Returns the current checkpoint. Steps as in the module docstring.
-    """
-    # 0. Both notes are the log key's.
-    trusted = verify_checkpoint(trusted_note, verifier).checkpoint
-    current = verify_checkpoint(current_note, verifier).checkpoint
-    # 1. Not shorter.
-    if current.size < trusted.size:
-        raise RollbackError(
-            f"the log has {current.size} entries, but a checkpoint of {trusted.size} entries "
-            "was published before: the log was rolled back (a store restored from an older "
-            "snapshot?)"
-        )
-    # 2. The same history, extended (RFC 9162 2.1.4).
-    if trusted.size == 0:
-        return current
-    try:
-        merkle.verify_consistency(trusted.size, current.size, proof, trusted.root, current.root)
-    except (ProofError, InvalidInputError) as e:
-        raise RollbackError(
-            f"the log of {current.size} entries does not extend the checkpoint of "
-            f"{trusted.size} entries published before: another history ({e})"
-        ) from e
-    return current
-
-
-def check_tree_extends(
-    trusted_note: str, tree: merkle.MerkleTree, current_note: str, verifier: NoteVerifier
-) -> None:
-    """`check_extends` for a daemon holding the whole tree: it makes the proof itself."""
-    trusted = verify_checkpoint(trusted_note, verifier).checkpoint
-    proof: list[bytes] = []
-    if 0 < trusted.size < tree.size:
-        proof = tree.consistency_proof(trusted.size, tree.size)
-    check_extends(trusted_note, current_note, proof, verifier)
 
 
 def path_in(data_dir: Path) -> Path:
