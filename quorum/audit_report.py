@@ -61,6 +61,7 @@ from keyquorum.quorum.errors import (
     ProofError,
     RootMismatchError,
     VerificationError,
+    with_context,
 )
 from keyquorum.quorum.export import ExportedLog
 from keyquorum.quorum.log import (
@@ -353,16 +354,8 @@ def _verify_note(
         verified = verify_checkpoint(note, log, cosigners)
     except KeyquorumError as e:
         label = f"{log.name}+{log.key_hash.hex()}"
-        raise _reword(e, f"{what} does not check under the log key {label}: {e}") from e
+        raise with_context(e, f"{what} does not check under the log key {label}") from e
     return _Signed(note, what, verified)
-
-
-def _reword(error: KeyquorumError, message: str) -> KeyquorumError:
-    """The same kind of error with a message that says which checkpoint."""
-    try:
-        return type(error)(message)
-    except TypeError:
-        return VerificationError(message)
 
 
 def _no_fork(signed: Sequence[_Signed]) -> None:

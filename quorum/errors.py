@@ -9,6 +9,9 @@ the tree to status codes in one place (`keyquorum.hsm.services.status`).
 
 from __future__ import annotations
 
+import copy
+from typing import TypeVar
+
 
 class KeyquorumError(Exception):
     """Base of every error keyquorum raises on purpose."""
@@ -161,3 +164,17 @@ class AppendConflictError(StateError):
 class StorageError(KeyquorumError):
     """The store cannot be used safely: I/O failure, unsafe durability
     settings or a failed commit (servicers answer UNAVAILABLE)."""
+
+
+E = TypeVar("E", bound=KeyquorumError)
+
+
+def with_context(error: E, context: str) -> E:
+    """The same error, its class and fields kept, with `context: ` before its message.
+
+    For a layer that knows more than the one that raised (which custodian,
+    which checkpoint): it adds words, never rebuilds the error from text.
+    """
+    clone = copy.copy(error)
+    clone.args = (f"{context}: {error}",)
+    return clone
