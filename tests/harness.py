@@ -30,6 +30,7 @@ from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.pki import DevPki
 from keyquorum.hsm.services import custodian_service
 from keyquorum.hsm.services.server import create_server
+from keyquorum.hsm.stores.base import Store
 from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum import canonical, shamir
 from keyquorum.quorum.credentials import CustodianCredential
@@ -112,7 +113,7 @@ class InProcessDaemon:
     clock: FakeClock
     server: grpc.Server
     channel: grpc.Channel
-    store: SqliteStore
+    store: Store
     data_dir: Path
 
     @property
@@ -143,10 +144,12 @@ def in_process_daemon(
     clock: FakeClock | None = None,
     limits: Limits = DEFAULT_LIMITS,
     replica: str = "test-1",
+    store: Store | None = None,
 ) -> Iterator[InProcessDaemon]:
+    """A daemon with its custodian service on TLS; SQLite in `data_dir` unless `store` is given."""
     clock = clock or FakeClock()
     data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqliteStore.open(data_dir / "keyquorum.sqlite")
+    store = store or SqliteStore.open(data_dir / "keyquorum.sqlite")
     daemon = Daemon(store, data_dir=data_dir, replica=replica, limits=limits, clock=clock)
     server, port = create_server(
         host="127.0.0.1",

@@ -161,13 +161,13 @@ def refused(
 ) -> None:
     """`fn` fails with `code` and `match` in its message; the log and state stay as they were."""
     before_size = status(d.stub).log_size
-    before_state, _ = d.daemon.snapshot()
+    before_state, _ = d.daemon.log_snapshot()
     with pytest.raises(KeyquorumError) as info, rpc_errors():
         fn()
     assert getattr(info.value, "code", None) == code, str(info.value)
     assert match in str(info.value), str(info.value)
     assert status(d.stub).log_size == before_size
-    after_state, _ = d.daemon.snapshot()
+    after_state, _ = d.daemon.log_snapshot()
     assert after_state == before_state
 
 
@@ -309,11 +309,12 @@ def test_activation_needs_k_approvals_then_the_key_is_usable(
         assert version == 1
         assert len(key) == 32
         # The key unwraps from the log's wrapped key with the stored salt.
-        master = daemon.daemon._require_unsealed()
         record = daemon.daemon.state.tenants[TENANT]
         salt = daemon.store.get_shred_salt(TENANT, 1)
         assert salt is not None
-        with tenant_keys.unwrap(master, salt, TENANT, 1, record.current.wrapped_key) as again:
+        with daemon.daemon._r.custody.master() as (master, _generation):
+            again = tenant_keys.unwrap(master, salt, TENANT, 1, record.current.wrapped_key)
+        with again:
             assert again.equals(key)
     (t,) = daemon.stub.ListTenants(pb.ListTenantsRequest()).tenants
     assert (t.name, t.unwrapped, t.active_until) == (TENANT, True, daemon.clock.now + 3600)
@@ -630,7 +631,7 @@ def test_a_failed_store_write_logs_neither_approval_nor_execution(
     p = propose(daemon, "activate-tenant", tenant=TENANT, duration_seconds=600)
     for c in custodians[: K - 1]:
         approve(daemon, c, p.id)
-    before, _ = daemon.daemon.snapshot()
+    before, _ = daemon.daemon.log_snapshot()
     size = status(daemon.stub).log_size
     calls: list[int] = []
 
@@ -644,7 +645,7 @@ def test_a_failed_store_write_logs_neither_approval_nor_execution(
     monkeypatch.undo()
     assert calls == [2]  # approval and execution were one write
     assert status(daemon.stub).log_size == size
-    assert daemon.daemon.snapshot()[0] == before
+    assert daemon.daemon.log_snapshot()[0] == before
     with pytest.raises(StateError, match="not active"):
         daemon.daemon.tenant_key(TENANT)
     assert approve(daemon, custodians[K - 1], p.id).executed
@@ -653,9 +654,10 @@ def test_a_failed_store_write_logs_neither_approval_nor_execution(
 # -- expiry, seal, restart --------------------------------------------------------------
 
 
-def test_activation_expiry_wipes_the_key_on_access(
+def test_activation_expiry_refuses_access_at_once_and_the_sweep_wipes(
     daemon: InProcessDaemon, custodians: list[Custodian]
 ) -> None:
+    """The data plane compares the end itself; wiping is the sweeper's, never a call's."""
     create_and_activate(daemon, custodians, duration=600)
     buffers = daemon.daemon.tenant_key_buffers_for_test(TENANT)
     assert buffers
@@ -665,6 +667,8 @@ def test_activation_expiry_wipes_the_key_on_access(
     daemon.clock.advance(1)
     with pytest.raises(StateError, match="not active"):
         daemon.daemon.tenant_key(TENANT)
+    assert not zeroed(buffers)  # refused, but nothing was swept by the calls
+    daemon.daemon.sweep()
     assert zeroed(buffers)
 
 
@@ -784,8 +788,12 @@ def test_destroy_waits_can_be_cancelled_then_shreds_for_good(
     assert (t.destroyed, list(t.backends)) == (True, [])
     with pytest.raises(StateError, match="destroyed"):
         daemon.daemon.tenant_key(TENANT)
-    with pytest.raises(AccessDeniedError):
+    # The backend that held the grant is told the truth; any other learns nothing.
+    with pytest.raises(StateError, match=f"tenant {TENANT!r} was destroyed") as told:
         daemon.daemon.data_key("booking", TENANT)
+    assert not isinstance(told.value, AccessDeniedError)
+    with pytest.raises(AccessDeniedError, match="not granted"):
+        daemon.daemon.data_key("documents", TENANT)
     # No later quorum brings it back: the name is never reused, nothing is possible.
     for op, params in [
         ("create-tenant", {"tenant": TENANT}),
@@ -798,7 +806,7 @@ def test_destroy_waits_can_be_cancelled_then_shreds_for_good(
             code=grpc.StatusCode.FAILED_PRECONDITION,
             match="destroyed",
         )
-    state, raws = daemon.daemon.snapshot()
+    state, raws = daemon.daemon.log_snapshot()
     assert replay(raws) == state
 
 
@@ -906,7 +914,7 @@ def test_roster_change_rotates_the_master_key_and_old_shares_unseal_nothing(
     assert salt is not None
     with old_master_key, pytest.raises(KeyquorumError, match="does not open"):
         tenant_keys.unwrap(old_master_key, salt, TENANT, 1, new_wrapped)
-    state, raws = daemon.daemon.snapshot()
+    state, raws = daemon.daemon.log_snapshot()
     assert replay(raws) == state
 
 
@@ -1004,7 +1012,7 @@ def test_daemon_state_is_the_replay_of_its_store(
     create_and_activate(daemon, custodians)
     run(daemon, custodians, "grant", tenant=TENANT, backend=BOOKING)
     refuse(daemon, custodians[1], propose(daemon, "rotate-tenant", tenant=TENANT).id)
-    state, raws = daemon.daemon.snapshot()
+    state, raws = daemon.daemon.log_snapshot()
     assert replay(raws) == state
 
 

@@ -122,13 +122,13 @@ class DaemonGovernance(RuleBasedStateMachine):
     def call(self, fn: object) -> object | None:
         """Run one request; a refusal must change nothing. The answer, or None."""
         d = self.daemon
-        before_state, before_log = d.daemon.snapshot()
+        before_state, before_log = d.daemon.log_snapshot()
         try:
             return fn()  # type: ignore[operator]
         except grpc.RpcError as e:
             code, details = e.code(), e.details()  # type: ignore[attr-defined]
         assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), details
-        after_state, after_log = d.daemon.snapshot()
+        after_state, after_log = d.daemon.log_snapshot()
         assert after_log == before_log
         assert after_state == before_state
         event(f"refused: {code.name}")
@@ -327,7 +327,7 @@ class DaemonGovernance(RuleBasedStateMachine):
     def state_is_the_replay_of_the_store(self) -> None:
         if self.d is None:
             return
-        state, raws = self.daemon.daemon.snapshot()
+        state, raws = self.daemon.daemon.log_snapshot()
         assert replay(raws) == state
 
     @invariant()
@@ -335,7 +335,7 @@ class DaemonGovernance(RuleBasedStateMachine):
         if self.d is None:
             return
         d: Daemon = self.daemon.daemon
-        state, raws = d.snapshot()
+        state, raws = d.log_snapshot()
         now = self.daemon.clock.now
         entries = [Entry.from_bytes(raw) for raw in raws]
         members = {c.fingerprint: c.public() for c in roster()}
@@ -371,7 +371,7 @@ class DaemonGovernance(RuleBasedStateMachine):
     def destroyed_tenants_stay_destroyed(self) -> None:
         if self.d is None:
             return
-        state, _ = self.daemon.daemon.snapshot()
+        state, _ = self.daemon.daemon.log_snapshot()
         for name, tenant in state.tenants.items():
             if tenant.destroyed:
                 self.destroyed.add(name)

@@ -105,7 +105,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
             credentials=tls.server_credentials(
                 pki.server_cert, pki.server_key, client_ca=pki.ca_cert, require_client_auth=True
             ),
-            limits=d.daemon._limits,
+            limits=d.daemon.data_plane_snapshot().limits,
             register=[audit_service.register(audit_log)],
             service_names=[audit_service.SERVICE_NAME],
         )

@@ -21,8 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.client import KeyServiceError
+from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.daemon.tenant_keys import TenantKey
 from keyquorum.hsm.dataplane import UnwrapItem, WrapItem
+from keyquorum.hsm.dataplane.snapshot import DataPlaneSnapshot, HeldKey
 from keyquorum.hsm.pki import DevPki
 from keyquorum.hsm.services import key_service
 from keyquorum.quorum.errors import KeyquorumError, SealedError, StateError
@@ -112,7 +114,23 @@ def test_sealed_is_failed_precondition_for_every_call(served: Served) -> None:
             assert "sealed" in info.value.details
 
 
-def test_a_seal_closes_the_prepared_keys_even_for_copies_taken_before(served: Served) -> None:
+def seal_after_taking_the_key(monkeypatch: pytest.MonkeyPatch, daemon: Daemon, reason: str) -> None:
+    """Every data-plane call seals the daemon right after its steps 1 and 2 took the key."""
+    original = DataPlaneSnapshot.key_for
+
+    def key_for_then_seal(
+        self: DataPlaneSnapshot, backend: str, tenant: str, version: int | None, now: int
+    ) -> tuple[int, HeldKey]:
+        taken = original(self, backend, tenant, version, now)
+        daemon.seal_for_shutdown(reason)
+        return taken
+
+    monkeypatch.setattr(DataPlaneSnapshot, "key_for", key_for_then_seal)
+
+
+def test_a_seal_closes_the_prepared_keys_even_for_copies_taken_before(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The keyring's cached AES-GCM key goes with the seal: a copy taken earlier cannot use it.
 
     And a wrap whose key copy was taken before the seal fails cleanly as
@@ -125,14 +143,7 @@ def test_a_seal_closes_the_prepared_keys_even_for_copies_taken_before(served: Se
     assert isinstance(early, TenantKey)
     cipher = early.cipher()
     assert not cipher.closed
-    original = daemon.data_key
-
-    def data_key_then_seal(backend: str, tenant: str, version: int | None = None) -> object:
-        taken = original(backend, tenant, version)
-        daemon.seal_for_shutdown("a seal races the wrap")
-        return taken
-
-    daemon.data_key = data_key_then_seal  # type: ignore[assignment,method-assign]
+    seal_after_taking_the_key(monkeypatch, daemon, "a seal races the wrap")
     with pytest.raises(SealedError, match="sealed during the call"):
         plane.wrap("keyquorum://backend/booking", WrapItem(TENANT, MARKER, CONTEXT))
     assert cipher.closed
@@ -143,21 +154,16 @@ def test_a_seal_closes_the_prepared_keys_even_for_copies_taken_before(served: Se
     early.wipe()
 
 
-def test_a_seal_between_taking_the_key_and_answering_releases_nothing(served: Served) -> None:
+def test_a_seal_between_taking_the_key_and_answering_releases_nothing(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Step 4 of the data plane: the seal epoch is checked after the AEAD call."""
     unseal(served.d, served.custodians[:K])
     ready_tenant(served.d, served.custodians, TENANT)
     plane, daemon = served.kp.plane, served.d.daemon
     identity = "keyquorum://backend/booking"
     ct = plane.wrap(identity, WrapItem(TENANT, MARKER, CONTEXT)).ciphertext
-    original = daemon.data_key
-
-    def data_key_then_seal(backend: str, tenant: str, version: int | None = None) -> object:
-        taken = original(backend, tenant, version)
-        daemon.seal_for_shutdown("a seal races the call")
-        return taken
-
-    daemon.data_key = data_key_then_seal  # type: ignore[assignment,method-assign]
+    seal_after_taking_the_key(monkeypatch, daemon, "a seal races the call")
     with pytest.raises(SealedError, match="sealed during the call"):
         plane.unwrap(identity, UnwrapItem(ct, CONTEXT))
 

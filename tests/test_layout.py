@@ -101,3 +101,73 @@ def test_install_puts_no_bare_package_on_the_path(tmp_path: Path) -> None:
         "keyquorum.cli": True,
         "keyquorum.v1": True,
     }
+
+
+# -- the intended dependencies between our own packages --------------------------------
+
+
+def _our_imports(path: Path) -> set[str]:
+    """Every `keyquorum.*` module a file imports, at any depth (lazy imports too)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("keyquorum"))
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.startswith("keyquorum")
+        ):
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+#: (rule, files it binds, module prefixes those files must not import)
+DEPENDENCY_RULES = [
+    (
+        "quorum/ imports nothing of ours outside quorum/",
+        "quorum/*.py",
+        ("keyquorum.hsm", "keyquorum.cli", "keyquorum.client", "keyquorum.v1"),
+    ),
+    ("hsm/ never imports cli/", "hsm/**/*.py", ("keyquorum.cli",)),
+    (
+        "stores never import the daemon, the data plane or the services",
+        "hsm/stores/*.py",
+        ("keyquorum.hsm.daemon", "keyquorum.hsm.dataplane", "keyquorum.hsm.services"),
+    ),
+    ("client/ never imports hsm/ or cli/", "client/*.py", ("keyquorum.hsm", "keyquorum.cli")),
+    (
+        "the data plane never imports governance (its lock is out of reach)",
+        "hsm/dataplane/*.py",
+        ("keyquorum.hsm.daemon", "keyquorum.hsm.services"),
+    ),
+]
+
+
+def _violations(files: str, forbidden: tuple[str, ...]) -> list[str]:
+    bad = []
+    for path in sorted(ROOT.glob(files)):
+        for name in sorted(_our_imports(path)):
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("files", "forbidden"),
+    [(files, forbidden) for _, files, forbidden in DEPENDENCY_RULES],
+    ids=[rule for rule, _, _ in DEPENDENCY_RULES],
+)
+def test_dependency_rule(files: str, forbidden: tuple[str, ...]) -> None:
+    assert list(ROOT.glob(files)), f"the rule binds no file: {files}"
+    assert _violations(files, forbidden) == []
+
+
+def test_dependency_checker_sees_lazy_and_from_imports(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "def f():\n    from keyquorum.hsm import daemon\n    import keyquorum.cli.main\n"
+    )
+    assert _our_imports(sample) == {"keyquorum.hsm", "keyquorum.hsm.daemon", "keyquorum.cli.main"}

@@ -306,7 +306,7 @@ def test_racing_the_kth_approval_gives_one_execution_and_the_loser_rereads(
         approve(b.stub, pid, loser)
     assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert held.conflicts == 1
-    state, entries = b.daemon.snapshot()
+    state, entries = b.daemon.log_snapshot()
     executions = [
         e for e in map(Entry.from_bytes, entries) if isinstance(e.payload, ExecutionPayload)
     ]
@@ -315,7 +315,7 @@ def test_racing_the_kth_approval_gives_one_execution_and_the_loser_rereads(
         c.fingerprint for c in custodians[:THRESHOLD]
     }
     # Both replicas hold the same state: the one replay of one log.
-    assert a.daemon.snapshot()[1] == entries
+    assert a.daemon.log_snapshot()[1] == entries
 
 
 def test_a_loser_whose_approval_still_counts_executes_after_rereading(

@@ -17,9 +17,10 @@ and then act on what they mean for the keys it holds in memory:
 - execution of `change-roster`: wipe every key, since the master key is
   new and this replica's is now useless; custodians unseal it again.
 
-`effects` decides this from the entry alone (pure); the daemon carries the
-effects out under its lock. Everything else (proposals, approvals, grants,
-confirmations, other replicas' unseals) changes only the replayed state.
+`effects` decides this from the entry alone (pure); `TenantKeys.act`
+(hsm/daemon/keys.py) carries the effects out. Everything else (proposals,
+approvals, grants, confirmations, other replicas' unseals) changes only
+the replayed state, which the data plane's next snapshot carries.
 
 `Follower` is the thread that notices new entries:
 

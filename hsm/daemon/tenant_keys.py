@@ -25,7 +25,8 @@ a new KEK from the new master key).
 `TenantKeyring` holds the activations: for each active tenant, its
 unwrapped versions in `SecretBytes` and the time the activation ends. It
 is never persisted; every removal (expiry, deactivation, disable, destroy,
-seal) wipes the buffers. The daemon owns one and calls it under its lock.
+seal) wipes the buffers. The daemon's key custody (custody.py) owns one
+and calls it under its lock.
 
 Beside each held version the keyring keeps its prepared AES-256-GCM key
 (`aead.Cipher`, made once at activation), so the data plane does not build
@@ -34,10 +35,6 @@ dies with the buffer: every removal above closes it in the same step that
 wipes the key, after which no copy handed out earlier can encrypt or
 decrypt any more (tests/test_tenant_key_cache.py).
 
-The keyring also keeps `next_end`, a time no later than the earliest end
-of the activations it holds, so the daemon can tell in O(1) whether an
-expiry sweep is due (`Daemon.tenant_key`) instead of walking every tenant
-on every data-plane call.
 """
 
 from __future__ import annotations
@@ -45,8 +42,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
-from typing import NoReturn, Protocol
+from typing import NoReturn
 
+from keyquorum.hsm.dataplane.snapshot import HeldKey
 from keyquorum.quorum import aead
 from keyquorum.quorum.errors import (
     DecryptionError,
@@ -183,22 +181,6 @@ class TenantKey(SecretBytes):
         super().wipe()
 
 
-class HeldKey(Protocol):
-    """A held version as the data plane uses it during one call, without a copy.
-
-    Only reading: the cipher and a read-only view of the key bytes (for the C
-    fast path). It stays the keyring's: when the keyring wipes the version
-    (seal, activation end, disable, destroy) the cipher is closed first and
-    the bytes zeroed, so a use after that raises StateError, and a reader of
-    the view sees `cipher.closed` once it is done.
-    """
-
-    @property
-    def cipher(self) -> aead.Cipher: ...
-
-    def view(self) -> memoryview: ...
-
-
 class _Held:
     """One unwrapped version: the key, its prepared cipher and the label of its copies."""
 
@@ -252,26 +234,13 @@ class _Activation:
 class TenantKeyring:
     """The unwrapped tenant keys, per active tenant, in memory only.
 
-    Not thread-safe on its own: the daemon calls it under its lock.
+    Not thread-safe on its own: `KeyCustody` calls it under its lock.
     """
 
-    __slots__ = ("_active", "_next_end")
+    __slots__ = ("_active",)
 
     def __init__(self) -> None:
         self._active: dict[str, _Activation] = {}
-        # Never later than the earliest `until` in `_active` (None: nothing
-        # held). Activating lowers it; only `expire` and `wipe_all` set it
-        # exactly, so after a deactivation it may be early, never late.
-        self._next_end: int | None = None
-
-    @property
-    def next_end(self) -> int | None:
-        """No later than the earliest end of a held activation; None when none is held.
-
-        A lower bound, so `now >= next_end` is false only when no held
-        activation has ended at `now`: skipping `expire` then skips nothing.
-        """
-        return self._next_end
 
     def activate(self, tenant: str, until: int, keys: Mapping[int, SecretBytes]) -> None:
         """Hold `keys` for `tenant` until `until`; a previous activation is wiped."""
@@ -285,8 +254,6 @@ class TenantKeyring:
                 key.wipe()
             raise
         self._active[tenant] = _Activation(until, held)
-        if self._next_end is None or until < self._next_end:
-            self._next_end = until
 
     def add_version(self, tenant: str, version: int, key: SecretBytes) -> bool:
         """Add a new version to an active tenant; otherwise wipe `key`. True if kept."""
@@ -326,13 +293,11 @@ class TenantKeyring:
         ended = [t for t, a in self._active.items() if now >= a.until]
         for tenant in ended:
             self.deactivate(tenant)
-        self._next_end = min((a.until for a in self._active.values()), default=None)
         return ended
 
     def wipe_all(self) -> None:
         for tenant in list(self._active):
             self.deactivate(tenant)
-        self._next_end = None
 
     def active(self, now: int) -> dict[str, int]:
         """Tenant -> activation end, for the activations still open at `now`."""
@@ -345,13 +310,14 @@ class TenantKeyring:
         """
         return self._held(tenant, version, now).copy()
 
-    def held(self, tenant: str, version: int, now: int) -> HeldKey:
-        """One unwrapped version itself, for one data-plane call; StateError if not held.
+    def held_versions(self, tenant: str) -> dict[int, HeldKey]:
+        """The held versions of `tenant` themselves (no copies), for the data-plane snapshot.
 
-        No copy of the key (the data plane needs only the cipher, and the
-        C fast path a view): one less copy of key material per call.
+        The data plane needs only each version's cipher (and the C wire
+        codec a view): one less copy of key material per call.
         """
-        return self._held(tenant, version, now)
+        activation = self._active.get(tenant)
+        return {} if activation is None else dict(activation.keys)
 
     def _held(self, tenant: str, version: int, now: int) -> _Held:
         activation = self._active.get(tenant)

@@ -3,7 +3,8 @@
 `KeyService` (hsm/services/key_service.py) is a thin layer over `DataPlane`;
 this module decides what is checked and in which order, the HPKE option
 and the batch rules (the format is `format.py`, the counters
-`counters.py`). Grants and tenant keys come from `Daemon.data_key`. A batch
+`counters.py`). Grants and tenant keys come from the snapshot governance
+publishes (`snapshot.py`), read once per call with no lock. A batch
 checks each tenant's grant and activation once per key version, at the
 first item that names it, and uses that key until the batch ends; a seal
 during a call closes the key's cipher, so no later item encrypts or
@@ -32,8 +33,6 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, TypeVar
 
-from keyquorum.hsm.daemon import Daemon
-from keyquorum.hsm.daemon.tenant_keys import HeldKey
 from keyquorum.hsm.dataplane.counters import EncryptionCounters
 from keyquorum.hsm.dataplane.format import (
     AAD_LABEL,
@@ -55,6 +54,7 @@ from keyquorum.hsm.dataplane.items import (
     Wrapped,
 )
 from keyquorum.hsm.dataplane.nonces import NoncePool
+from keyquorum.hsm.dataplane.snapshot import DataPlaneSnapshot, HeldKey, SnapshotSource
 from keyquorum.hsm.pki import ClientIdentity
 from keyquorum.hsm.stores.base import Store
 from keyquorum.quorum.errors import (
@@ -65,7 +65,7 @@ from keyquorum.quorum.errors import (
     SealedError,
     StateError,
 )
-from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
+from keyquorum.quorum.limits import Limits
 from keyquorum.quorum.operations import TENANT_RE
 from keyquorum.quorum.sealing import SealingPublicKey
 from keyquorum.quorum.secret import SecretBytes
@@ -128,10 +128,13 @@ class _Scope:
     lives for one call: nothing in it outlives the call's stack frame.
     """
 
-    __slots__ = ("backend", "contexts", "keys", "left")
+    __slots__ = ("backend", "contexts", "keys", "left", "now", "snapshot")
 
-    def __init__(self, backend: str, *, batch: bool) -> None:
+    def __init__(self, backend: str, snapshot: DataPlaneSnapshot, now: int, *, batch: bool) -> None:
         self.backend = backend
+        #: Governance as this call sees it, read once at its start.
+        self.snapshot = snapshot
+        self.now = now
         self.keys: dict[tuple[str, int | None], _Key] = {}
         self.contexts: dict[tuple[tuple[str, str], ...], bytes] | None = {} if batch else None
         #: Items of the call from the current one on (sizes counter reservations).
@@ -150,15 +153,17 @@ class DataPlane:
 
     def __init__(
         self,
-        daemon: Daemon,
+        source: SnapshotSource,
         store: Store,
         *,
-        limits: Limits = DEFAULT_LIMITS,
+        limits: Limits | None = None,
         usage: Sequence[UsageSink] = (),
         rate_limit: RateLimit | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
-        self._daemon = daemon
+        self._source = source
+        if limits is None:
+            limits = source.data_plane_snapshot().limits
         self._limits = limits
         self._usage = tuple(usage)
         self._rate = rate_limit
@@ -175,16 +180,15 @@ class DataPlane:
             min(limits.max_context_pairs, 2**30),
             min(limits.max_context_bytes, 2**30),
         )
-        self._epoch = 0
-        daemon.add_seal_observer(self._on_seal_state)
 
     @property
     def limits(self) -> Limits:
         return self._limits
 
-    def _on_seal_state(self, sealed: bool) -> None:
-        if sealed:
-            self._epoch += 1
+    def _scope(self, backend: str, *, batch: bool) -> _Scope:
+        """A call's scope: the published snapshot and the time, read once."""
+        source = self._source
+        return _Scope(backend, source.data_plane_snapshot(), source.now(), batch=batch)
 
     # -- single calls ---------------------------------------------------------
 
@@ -283,7 +287,7 @@ class DataPlane:
             return None
         backend = self._backend(identity)
         operation = "batch_wrap"
-        scope = _Scope(backend, batch=True)
+        scope = self._scope(backend, batch=True)
         keys: list[_Key] = []
         views: list[tuple[memoryview, bytes, int]] = []
         for tenant, count in tenants:
@@ -302,7 +306,7 @@ class DataPlane:
         try:
             if self._rate is not None:
                 self._rate.take(backend, items)
-            if self._daemon.sealed:
+            if scope.snapshot.sealed:
                 raise SealedError("the service is sealed")
         except KeyquorumError as e:
             self._record(backend, UNKNOWN, operation, e, None)
@@ -349,7 +353,7 @@ class DataPlane:
         except KeyquorumError as e:
             self._record(backend, UNKNOWN, operation, e, None)
             raise
-        return one(operation, item, _Scope(backend, batch=False))
+        return one(operation, item, self._scope(backend, batch=False))
 
     def _batch(
         self,
@@ -369,14 +373,14 @@ class DataPlane:
                 )
             if self._rate is not None:
                 self._rate.take(backend, len(items))
-            if self._daemon.sealed:
+            scope = self._scope(backend, batch=True)
+            if scope.snapshot.sealed:
                 raise SealedError("the service is sealed")
         except KeyquorumError as e:
             self._record(backend, UNKNOWN, operation, e, None)
             raise
         results: list[R | KeyquorumError] = []
         append = results.append
-        scope = _Scope(backend, batch=True)
         left = len(items)
         for item in items:
             scope.left = left
@@ -456,13 +460,18 @@ class DataPlane:
         """
         key = scope.keys.get((tenant, version))
         if key is None:
-            number, held = self._daemon.data_key(scope.backend, tenant, version)
+            number, held = scope.snapshot.key_for(scope.backend, tenant, version, scope.now)
             key = scope.keys[(tenant, version)] = _Key(number, held, *self._header(tenant, number))
         return key
 
-    def _wiped_during_call(self, tenant: str) -> StateError:
+    def _sealed_since(self, scope: _Scope) -> bool:
+        """Whether a seal came since the call read its snapshot (step 4)."""
+        now = self._source.data_plane_snapshot()
+        return now.sealed or now.generation != scope.snapshot.generation
+
+    def _wiped_during_call(self, scope: _Scope, tenant: str) -> StateError:
         """The key was wiped between taking it and using it: a seal, or the tenant ended."""
-        if self._daemon.sealed:
+        if self._sealed_since(scope):
             return SealedError("the service was sealed during the call")
         return StateError(f"tenant {tenant!r} stopped being active during the call")
 
@@ -487,7 +496,7 @@ class DataPlane:
         try:
             body = key.cipher.encrypt(nonce, plaintext, key.aad + context)
         except StateError:
-            raise self._wiped_during_call(tenant) from None
+            raise self._wiped_during_call(scope, tenant) from None
         return Wrapped(key.head + nonce + body, key.version)
 
     def _open(self, scope: _Scope, parsed: Parsed, context: bytes) -> SecretBytes:
@@ -495,11 +504,11 @@ class DataPlane:
         try:
             return decrypt(key.cipher, parsed, context)
         except StateError:
-            raise self._wiped_during_call(parsed.tenant) from None
+            raise self._wiped_during_call(scope, parsed.tenant) from None
 
     def _reveal(
         self,
-        epoch: int,
+        scope: _Scope,
         where: tuple[str, int],
         ciphertext: bytes,
         plaintext: SecretBytes,
@@ -508,7 +517,7 @@ class DataPlane:
         """Step 4: refuse if a seal came in between; seal to the recipient if asked."""
         tenant, version = where
         try:
-            if self._epoch != epoch or self._daemon.sealed:
+            if self._sealed_since(scope):
                 raise SealedError("the service was sealed during the call")
             if recipient is None:
                 return Revealed(tenant, version, ciphertext, plaintext, None)
@@ -584,10 +593,9 @@ class DataPlane:
             recipient = _recipient(recipient_key)
             # 1. to 3.
             tenant = parsed.tenant
-            epoch = self._epoch
             plaintext = self._open(scope, parsed, context)
             # 4.
-            result = self._reveal(epoch, (tenant, parsed.version), ciphertext, plaintext, recipient)
+            result = self._reveal(scope, (tenant, parsed.version), ciphertext, plaintext, recipient)
         except KeyquorumError as e:
             self._refused(scope, tenant, operation, e, context)
             raise
@@ -607,7 +615,6 @@ class DataPlane:
             recipient = _recipient(item.recipient)
             # 1. to 3.
             tenant = item.tenant
-            epoch = self._epoch
             self._key(scope, tenant, None)  # refused before a data key is drawn
             plaintext = SecretBytes.adopt(bytearray(self._random(size)), label="data key")
             try:
@@ -617,7 +624,7 @@ class DataPlane:
                 raise
             # 4.
             result = self._reveal(
-                epoch, (tenant, wrapped.version), wrapped.ciphertext, plaintext, recipient
+                scope, (tenant, wrapped.version), wrapped.ciphertext, plaintext, recipient
             )
         except KeyquorumError as e:
             self._refused(scope, tenant, operation, e, context)

@@ -1,0 +1,163 @@
+"""What callers are shown of the daemon: status, proposals, verdicts, tenants.
+
+Views are frozen, hold nothing secret, and are built from one log state
+(and, where it matters, what this replica holds in memory), so a view is
+one consistent point of the log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from keyquorum.quorum.operations import Parameters, operation, request_for
+from keyquorum.quorum.replay import LogState, Proposal
+
+
+@dataclass(frozen=True)
+class CustodianView:
+    fingerprint: str
+    name: str
+    share_index: int
+    confirmed: bool
+
+
+@dataclass(frozen=True)
+class StatusView:
+    initialized: bool
+    sealed: bool
+    deployment: str
+    threshold: int
+    roster: tuple[CustodianView, ...]
+    unseal_progress: int
+    log_size: int
+    checkpoint: str
+    replica: str
+    log_key: str
+
+    @property
+    def confirmed_count(self) -> int:
+        return sum(1 for c in self.roster if c.confirmed)
+
+
+@dataclass(frozen=True)
+class ProposalView:
+    """A proposal as custodians see it, with the exact texts they would sign.
+
+    `status` is `pending`, `executed`, `cancelled` (by a roster change) or
+    `expired` (pending in the log, but past its expiry now).
+    """
+
+    id: bytes
+    deployment: str
+    operation: str
+    parameters: Parameters
+    log_position: int
+    proposed_at: int
+    expires_at: int
+    proposer: str
+    status: str
+    required: int
+    approved_by: tuple[str, ...]
+    refused_by: tuple[str, ...]
+    approve_statement: str
+    refuse_statement: str
+    executed_seq: int | None
+    result: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class VerdictView:
+    proposal: ProposalView
+    executed: bool
+    log_size: int
+
+
+@dataclass(frozen=True)
+class TenantView:
+    """A tenant as the log says, plus whether its key is unwrapped in this replica."""
+
+    name: str
+    versions: int
+    disabled_versions: tuple[int, ...]
+    active_until: int | None
+    unwrapped: bool
+    destroy_at: int | None
+    destroyed: bool
+    backends: tuple[str, ...]
+
+
+def status_view(
+    st: LogState,
+    *,
+    sealed: bool,
+    unseal_progress: int,
+    checkpoint: str,
+    replica: str,
+) -> StatusView:
+    roster: tuple[CustodianView, ...] = ()
+    if st.initialized:
+        roster = tuple(
+            CustodianView(
+                fingerprint=c.fingerprint,
+                name=c.name,
+                share_index=i + 1,
+                confirmed=c.fingerprint in st.confirmations,
+            )
+            for i, c in enumerate(st.roster)
+        )
+    return StatusView(
+        initialized=st.initialized,
+        sealed=sealed,
+        deployment=st.deployment,
+        threshold=st.threshold if st.initialized else 0,
+        roster=roster,
+        unseal_progress=unseal_progress,
+        log_size=st.size,
+        checkpoint=checkpoint,
+        replica=replica,
+        log_key=st.log_key,
+    )
+
+
+def proposal_view(st: LogState, p: Proposal, now: int) -> ProposalView:
+    request = request_for(p, st.deployment)
+    status: str = p.status
+    if status == "pending" and now >= p.expires_at:
+        status = "expired"
+    execution = next((e for e in st.executions if e.proposal == p.id), None)
+    return ProposalView(
+        id=p.id,
+        deployment=st.deployment,
+        operation=p.operation,
+        parameters=p.parameters,
+        log_position=p.log_position,
+        proposed_at=p.time,
+        expires_at=p.expires_at,
+        proposer=p.proposer,
+        status=status,
+        required=operation(p.operation).required_approvals(st.threshold),
+        approved_by=tuple(p.approvals),
+        refused_by=tuple(p.refusals),
+        approve_statement=request.statement("approve").render(),
+        refuse_statement=request.statement("refuse").render(),
+        executed_seq=None if execution is None else execution.seq,
+        result=None if execution is None else execution.result.to_json(),
+    )
+
+
+def tenant_views(st: LogState, unwrapped: dict[str, int], now: int) -> list[TenantView]:
+    """Every tenant the log knows, with whether its key is unwrapped here."""
+    return [
+        TenantView(
+            name=t.name,
+            versions=len(t.versions),
+            disabled_versions=tuple(v.version for v in t.versions if v.disabled_seq is not None),
+            active_until=t.active_until if t.is_active(now) else None,
+            unwrapped=t.name in unwrapped,
+            destroy_at=t.destroy_at,
+            destroyed=t.destroyed,
+            backends=tuple(sorted(b for b, name in st.grants if name == t.name)),
+        )
+        for t in sorted(st.tenants.values(), key=lambda t: t.name)
+    ]
