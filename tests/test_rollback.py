@@ -2,7 +2,7 @@
 
 A restored store is a valid log on its own: it replays and matches its own
 latest checkpoint. What catches it is a checkpoint published later and
-kept elsewhere: the daemon's copy in its data directory (hsm/rollback.py),
+kept elsewhere: the daemon's copy in its data directory (hsm/daemon/rollback.py),
 and each custodian's copy on their own machine (cli/seen_checkpoints.py),
 both checked with RFC 9162 consistency proofs.
 """
