@@ -74,8 +74,8 @@ IDENTITY_CACHE: Final = 1024
 #: Threads for a server whose calls are the KeyService's (`create_server(max_workers=)`).
 #: The handlers run Python under one interpreter lock, so threads beyond a few add
 #: no throughput, only lock hand-offs: measured on 2 cores at 64 calls in flight,
-#: 16 threads serve about half the Wraps/s that 3 or 4 do (docs/dataplane.md,
-#: "Performance"). A handler that waits (a counter block from the store) holds one.
+#: 16 threads serve about half the Wraps/s that 3 or 4 do (docs/adr/0002).
+#: A handler that waits (a counter block from the store) holds one.
 SERVER_WORKERS: Final = 4
 
 Req = TypeVar("Req")
