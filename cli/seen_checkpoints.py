@@ -3,7 +3,7 @@
 A daemon (or a database administrator behind it) could show a custodian an
 older log: one restored from a snapshot, from before a seal, a revocation
 or a destruction. The daemon checks its own store against the checkpoint
-it keeps outside it (hsm/rollback.py), but a whole-machine snapshot rolls
+it keeps outside it (hsm/daemon/rollback.py), but a whole-machine snapshot rolls
 that file back too. The custodian's machine is outside the daemon's reach,
 so the CLI remembers the last checkpoint it saw for each deployment and,
 before it unseals or approves, asks the daemon for its current checkpoint

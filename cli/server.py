@@ -1,16 +1,15 @@
 """`keyquorum server run`: the daemon process.
 
-The mTLS listener serves KeyService and AuditService from one thread pool
-(gRPC's sync server runs every handler on a worker thread). KeyService is
-fastest on a small pool (`key_service.SERVER_WORKERS`, docs/dataplane.md
-"Performance"): every thread more costs it throughput all the time (on 6
-threads it kept about 0.70 of the echo's rate where 3 and 4 kept 0.84 and
-0.88). An AuditService stream (`GetEntries`, `ListCheckpoints`: an export)
-holds its thread for as long as the auditor takes to read it, so at most
-`AUDIT_STREAMS` (1) audit stream runs at once on the `SERVER_WORKERS` pool;
-a further one is refused with RESOURCE_EXHAUSTED at its start, and
-KeyService always keeps the other threads (docs/ARCHITECTURE.md, "The mTLS
-listener's threads").
+The custodian listener runs on `create_server`'s 16 threads. The mTLS
+listener serves KeyService and AuditService from one pool of
+`MTLS_WORKERS` threads (gRPC's sync server runs every handler on a worker
+thread), the size KeyService is fastest on. An AuditService stream
+(`GetEntries`, `ListCheckpoints`: an export) holds its thread for as long
+as the auditor takes to read it, so at most `AUDIT_STREAMS` (1) runs at
+once; a further one is refused with RESOURCE_EXHAUSTED at its start, and
+KeyService always keeps the other threads. Why this model, its figures and
+its known weakness (a call waiting for its request holds a thread):
+docs/adr/0002.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ STORE_FILE = "keyquorum.sqlite"
 AUDIT_STREAMS = 1
 #: The mTLS listener's pool: KeyService's measured best. Exports are rare and
 #: capped, so KeyService always has MTLS_WORKERS - AUDIT_STREAMS threads, which
-#: serve Wraps as fast as MTLS_WORKERS do (docs/dataplane.md, "Performance").
+#: serve Wraps as fast as MTLS_WORKERS do (docs/adr/0002).
 MTLS_WORKERS = key_service.SERVER_WORKERS
 
 

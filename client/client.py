@@ -1,7 +1,7 @@
 """`KeyClient`: KeyService calls with typed results and typed errors.
 
 - The channel is mTLS, set up from file paths (the CA to trust, the
-  backend's certificate and key), through `keyquorum.hsm.tls`, which
+  backend's certificate and key), through `keyquorum.client.tls`, which
   checks that the key belongs to the certificate before any handshake.
 - A call that fails with UNAVAILABLE (daemon restarting, a replica gone)
   is retried with exponential backoff and jitter, up to `attempts` in all;

@@ -1,4 +1,4 @@
-"""TLS for the gRPC server and its clients, and who the peer is.
+"""TLS for the daemon's gRPC servers, and who the peer is.
 
 - `server_credentials`: the server's certificate and key, and optionally the
   CA that client certificates must chain to. With `require_client_auth`,

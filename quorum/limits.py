@@ -36,7 +36,7 @@ class Limits:
     #: Longest free-text field (deployment name, reason) in a request.
     max_text_field: int = 200
 
-    # The data plane (docs/dataplane.md, "Limits").
+    # The data plane's (docs/dataplane.md).
     #: Largest plaintext Wrap accepts (data keys and small secrets).
     max_plaintext: int = 4096
     #: Pairs in one encryption context.

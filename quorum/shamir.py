@@ -1,6 +1,6 @@
 """Shamir secret sharing of the master key, with commitments that name a bad share.
 
-Contract (docs/ARCHITECTURE.md, "quorum/shamir.py"):
+Contract (docs/shamir.md; why this field: docs/adr/0003):
 
 - `split(secret, threshold, count)` shares `salt(32) || secret` over
   GF(2^8) (`keyquorum.quorum.gf256`, the AES field SLIP-0039 uses): one

@@ -4,7 +4,7 @@ A custodian signature is valid only if both halves verify, so it stays
 unforgeable while either algorithm holds: Ed25519 (RFC 8032) against
 today's attacks, ML-DSA-65 (FIPS 204) against a future quantum computer.
 
-Domain separation (docs/ARCHITECTURE.md): for `sign(domain, message)`
+Domain separation (docs/credentials.md): for `sign(domain, message)`
 
 - Ed25519 signs `b"keyquorum/v1/" + domain + b"\\0" + message` (pure
   Ed25519 has no context input, so the domain is a prefix; a domain never

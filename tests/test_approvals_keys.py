@@ -1,4 +1,4 @@
-"""Tenant key wrapping and the in-memory keyring (hsm/tenant_keys.py).
+"""Tenant key wrapping and the in-memory keyring (hsm/daemon/tenant_keys.py).
 
 The wrapped form must open only under the same master key, shred salt,
 tenant and version; every other combination, and every altered byte, is a

@@ -71,7 +71,7 @@ from tests.pg import PgServer, Restartable
 THRESHOLD = 3
 NAMES = ("alice", "bob", "carol", "dave", "erin")
 DEPLOYMENT = "replicas"
-#: The follower's documented bound (hsm/follower.py) plus slack for a busy
+#: The follower's documented bound (hsm/daemon/follower.py) plus slack for a busy
 #: 2-core test machine: PostgreSQL's NOTIFY usually wakes it in milliseconds.
 BOUND_S = follower.POLL_SECONDS + 2.0
 

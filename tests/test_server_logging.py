@@ -1,4 +1,4 @@
-"""gRPC's log line per unparseable request is rate-limited (hsm/server.py).
+"""gRPC's log line per unparseable request is rate-limited (hsm/services/server.py).
 
 Anyone who reaches the custodian port (no client certificate needed) can
 send bytes gRPC cannot parse; gRPC logs a traceback for each. The filter

@@ -1,8 +1,8 @@
-"""`settle_heap`: what start-up left alive leaves the cyclic collector's walks (hsm/server.py).
+"""`settle_heap` (hsm/services/server.py): start-up's objects leave the collector's walks.
 
-A full collection used to walk every start-up object under the interpreter
-lock (12-23 ms, a stall of every call in flight); `keyquorum server run`
-freezes them once its servers run. Checked here: the objects alive are
+Unfrozen, a full collection walks every start-up object under the
+interpreter lock (12-23 ms, a stall of every call in flight);
+`keyquorum server run` freezes them once its servers run. Checked here: the objects alive are
 frozen, garbage made afterwards is still collected, and the daemon process
 does it (its log says how many objects).
 """

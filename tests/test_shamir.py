@@ -132,7 +132,7 @@ def test_split_is_byte_exact_against_the_documented_construction() -> None:
     """Recompute a 2-of-3 split of one byte from its random draws by hand.
 
     Draw order: split id (16), salt (32), the x^1 coefficient (33). Share i
-    is salted ^ c1 * i per byte; commitments per ARCHITECTURE.md.
+    is salted ^ c1 * i per byte; commitments per docs/shamir.md.
     """
     rng = counter_random(7)
     shares, commitments = shamir.split(b"\x42", 2, 3, random_bytes=counter_random(7))

@@ -16,22 +16,15 @@ that peer (`peer_identities()`), and only when those names contain that
 identity and no other keyquorum URI; so a busy backend's calls neither
 re-parse X.509 nor copy the auth context each time.
 
-The hot paths avoid per-item Python work that is not a check. Wrap and
-Unwrap take the request as wire bytes: `DataPlane.wrap_serialized` and
-`unwrap_serialized` have C read the fields and encode the context
-(`_wire.parse_wrap`, `parse_unwrap`), and anything C does not accept
-whole is parsed here (a malformed request is INVALID_ARGUMENT) and goes to
-`wrap` or `unwrap`; Wrap writes its answer in wire format too. Rewrap
-requests go to the data plane as they came (it only reads them).
-BatchWrap takes the request as wire bytes: `DataPlane.batch_wrap_serialized`
-answers a batch whose every item succeeds with one C call (hsm/dataplane/_wire.c,
-docs/dataplane.md); any other batch is parsed here and goes the Python way.
-BatchWrap's Python path and BatchRewrap write their answers straight in the
-protobuf wire format (`encode_wrap_results`, tested byte for byte against
-the protobuf library's own serialisation) instead of building one message
-object per item. The handlers are registered here, as the generated
-`add_KeyServiceServicer_to_server` would (one generic handler), with those
-(de)serialisers replaced.
+Wrap, Unwrap and BatchWrap take their request as wire bytes and hand it to
+the data plane's `*_serialized` methods, which answer through the C wire
+codec what it accepts whole (docs/adr/0001); anything else is parsed here
+with protobuf (malformed: INVALID_ARGUMENT) and goes the Python way, the
+reference. Wrap's answer (`encode_wrap_response`) and the answers of
+BatchWrap's Python path and BatchRewrap (`encode_wrap_results`) are written
+in protobuf wire format, byte-identical to the protobuf library's. The
+handlers are registered as the generated `add_KeyServiceServicer_to_server`
+would (one generic handler), with those (de)serialisers replaced.
 
 `watch_health` ties the standard health service to the seal state: the
 KeyService reports NOT_SERVING while sealed and SERVING when unsealed, so
@@ -74,8 +67,8 @@ IDENTITY_CACHE: Final = 1024
 #: Threads for a server whose calls are the KeyService's (`create_server(max_workers=)`).
 #: The handlers run Python under one interpreter lock, so threads beyond a few add
 #: no throughput, only lock hand-offs: measured on 2 cores at 64 calls in flight,
-#: 16 threads serve about half the Wraps/s that 3 or 4 do (docs/dataplane.md,
-#: "Performance"). A handler that waits (a counter block from the store) holds one.
+#: 16 threads serve about half the Wraps/s that 3 or 4 do (docs/adr/0002).
+#: A handler that waits (a counter block from the store) holds one.
 SERVER_WORKERS: Final = 4
 
 Req = TypeVar("Req")

@@ -121,11 +121,11 @@ def settle_heap() -> int:
     """Take every object alive now out of the cyclic collector's walks; how many.
 
     Why: start-up leaves some 70,000 long-lived objects (modules, protobuf
-    descriptors, gRPC, the replayed log state), and every full (generation
-    2) collection walked them all holding the interpreter lock: at 64 calls
-    in flight about once a second, 12-23 ms each, a stall of every call in
-    flight (docs/dataplane.md, "Performance"). Frozen (`gc.freeze`), they
-    are skipped and a full collection takes about 0.2 ms. Objects made later
+    descriptors, gRPC, the replayed log state). Unfrozen, every full
+    (generation 2) collection walks them all holding the interpreter lock:
+    at 64 calls in flight about once a second, 12-23 ms each, a stall of
+    every call in flight (docs/adr/0002). Frozen (`gc.freeze`), they are
+    skipped and a full collection takes about 0.2 ms. Objects made later
     are collected as before, and a frozen object is still freed when its last
     reference goes; only a reference cycle alive at this moment is kept
     for good if it later becomes garbage.

@@ -11,7 +11,7 @@ A `Store` keeps four things and nothing else:
 3. The erasable shred-salt table: one 32-byte salt per tenant key version.
    The log binds each salt by its hash; erasing a tenant's salts makes its
    logged wrapped keys unopenable for good (crypto-shredding, see
-   docs/ARCHITECTURE.md). Erasing must remove the bytes, not just the row.
+   docs/approvals.md). Erasing must remove the bytes, not just the row.
 4. A small key-value `meta` table (schema version, deployment id).
 5. Named counters that only grow, reserved in blocks (`reserve_block`):
    the data plane's per-key-version encryption counts, so the NIST SP

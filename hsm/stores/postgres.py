@@ -38,7 +38,7 @@ What it does not check: the `prev` field inside the entry bytes (the store
 does not parse entries; replay does, and the store's chain column is what
 that field must equal). The triggers stop mistakes and writers that go
 around keyquorum; a database administrator can drop them. The verifier,
-not the database, is what catches an administrator (docs/ARCHITECTURE.md).
+not the database, is what catches an administrator (README.md, threat model).
 
 Followers. Each append sends `NOTIFY keyquorum_log, '<new size>'` inside
 its transaction, so PostgreSQL delivers it at COMMIT and only if it
