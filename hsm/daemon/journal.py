@@ -296,12 +296,14 @@ class Journal:
         assert self._log_key is not None
         note = self._log_key.sign_checkpoint(self._tree.size, self._tree.root())
         try:
-            self._store.put_checkpoint(self._tree.size, note)
-        except StateError as e:
-            log.debug("a later checkpoint is already stored: %s", e)
-        try:
+            try:
+                self._store.put_checkpoint(self._tree.size, note)
+            except StateError as e:
+                log.debug("a later checkpoint is already stored: %s", e)
             rollback.save(self._data_dir, note)
         except StorageError as e:
+            # The entries are committed, but what vouches for them is not
+            # durable: report no success, seal, stop writing (fail closed).
             self.fail(str(e))
             raise
 
