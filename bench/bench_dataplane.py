@@ -49,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -59,11 +60,16 @@ from keyquorum.quorum import aead
 from keyquorum.quorum.secret import SecretBytes
 from keyquorum.v1 import key_pb2 as pb
 
+if TYPE_CHECKING:
+    from keyquorum.hsm.daemon import Daemon
+
 TENANT = "acme-health"
 CONTEXT = {"patient": "p-4711", "record": "appointment-2026-05-01"}
 PLAINTEXT = bytes(range(32))
 BATCH = 100
 ECHO = "keyquorum.bench.Echo"
+GOVERNANCE_FLAG = "governance-busy"
+GOVERNANCE_COUNT = "governance-appends"
 
 
 # -- the server process -----------------------------------------------------------
@@ -98,6 +104,7 @@ def _serve(work: Path) -> None:
 
         servers: list[grpc.Server] = []
         ready: dict[str, object] = {
+            "work": str(work),
             "ca": str(pki.ca_cert),
             "batch_path": "C fast path" if dataplane.WIRE_CODEC_BUILT else "Python path",
         }
@@ -129,6 +136,10 @@ def _serve(work: Path) -> None:
         settle_heap()  # as `keyquorum server run` does once its servers run
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        governor = threading.Thread(
+            target=_govern, args=(d.daemon, work, stop), name="bench-governance", daemon=True
+        )
+        governor.start()
         files = pki.client("backend/booking")
         ready |= {"cert": str(files.cert), "key": str(files.key)}
         (work / "ready.tmp").write_text(json.dumps(ready))
@@ -136,6 +147,27 @@ def _serve(work: Path) -> None:
         stop.wait()
         for server in servers:
             server.stop(grace=None).wait()
+
+
+def _govern(daemon: Daemon, work: Path, stop: threading.Event) -> None:
+    """While `work/governance-busy` exists, append proposals back to back (each a commit).
+
+    When the file goes, the number of appends made while it existed is
+    written to `work/governance-appends` for the client's row.
+    """
+    flag, count = work / GOVERNANCE_FLAG, 0
+    while not stop.is_set():
+        if flag.exists():
+            daemon.propose(
+                "deactivate-tenant", [("tenant", TENANT)], expires_in=None, proposer="bench"
+            )
+            count += 1
+        elif count:
+            (work / "governance-appends.tmp").write_text(str(count))
+            (work / "governance-appends.tmp").replace(work / GOVERNANCE_COUNT)
+            count = 0
+        else:
+            stop.wait(0.005)
 
 
 def _echo_registration() -> Callable[[grpc.Server], None]:
@@ -332,6 +364,7 @@ def _client_rows(ready: dict[str, str], quick: bool) -> list[Row]:
                 "audit export holds a thread)",
             )
         )
+        rows.append(_governance_row(pools[0], wrap_req, timing, Path(ready["work"]), pool))
         for label, request in (("one context", batch_req), ("100 contexts", distinct_req)):
             key_call = _method(pools[0], "keyquorum.v1.KeyService", "BatchWrap")
             echo_call = _method(pools[1], ECHO, "BatchWrap")
@@ -358,6 +391,53 @@ def _client_rows(ready: dict[str, str], quick: bool) -> list[Row]:
             for client in pair:
                 client.close()
     return rows
+
+
+def _governance_row(
+    client: KeyClient, request: object, timing: tuple[float, int], work: Path, pool: str
+) -> Row:
+    """Wrap at 64 in flight while governance appends flat out, against the same idle.
+
+    Rounds alternate: idle, then with the server's governance thread
+    appending proposals back to back (each a store commit under the
+    governance lock). The data plane reads a published snapshot, so the
+    busy figures should match the idle ones: target ops/s >= 0.9x, p99
+    within 1.5x of the idle p99 (issue 15).
+    """
+    seconds, rounds = timing
+    call = _method(client, "keyquorum.v1.KeyService", "Wrap")
+    flag, count_file = work / GOVERNANCE_FLAG, work / GOVERNANCE_COUNT
+    idle_rates, busy_rates, appends = [], [], []
+    idle_lat: list[float] = []
+    busy_lat: list[float] = []
+    for _ in range(rounds):
+        load = _Load(call, request, 64)
+        idle_rates.append(load.run(seconds))
+        idle_lat += load.latencies
+        flag.touch()
+        load = _Load(call, request, 64)
+        began = time.perf_counter()
+        busy_rates.append(load.run(seconds))
+        flag.unlink()
+        busy_lat += load.latencies
+        deadline = time.monotonic() + 30
+        while not count_file.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the governance thread did not report its appends")
+            time.sleep(0.01)
+        appends.append(int(count_file.read_text()) / (time.perf_counter() - began))
+        count_file.unlink()
+    busy, idle = statistics.median(busy_rates), statistics.median(idle_rates)
+    b99, i99 = _percentile(busy_lat, 0.99), _percentile(idle_lat, 0.99)
+    met = busy >= 0.9 * idle and b99 <= 1.5 * i99
+    return Row(
+        f"KeyService Wrap, 64 in flight{pool}, governance appending flat out "
+        f"({statistics.median(appends):.0f} appends/s; p99 {_ms(b99)}, {b99 / i99:.2f}x idle; "
+        f"target >=0.90x ops/s and p99 <=1.5x: {'MET' if met else 'NOT MET'})",
+        busy,
+        f"the same, governance idle (p99 {_ms(i99)})",
+        idle,
+    )
 
 
 def _aead_row(quick: bool) -> Row:
