@@ -28,14 +28,11 @@ import grpc
 
 from keyquorum.client import tls
 from keyquorum.quorum.errors import InvalidInputError, KeyquorumError
-from keyquorum.quorum.sealing import SealingPrivateKey
+from keyquorum.quorum.sealing import SEALED_DATA_KEY_INFO, SealingPrivateKey
 from keyquorum.quorum.secret import SecretBytes
 from keyquorum.v1 import key_pb2 as pb
 from keyquorum.v1 import key_pb2_grpc as pb_grpc
 
-#: HPKE info of a sealed data key: this label, then the wrapped key it belongs to
-#: (the same bytes as `keyquorum.hsm.dataplane.SEALED_INFO_LABEL`).
-SEALED_INFO_LABEL: Final = b"keyquorum/v1/sealed-data-key\x00"
 DEFAULT_ATTEMPTS: Final = 4
 DEFAULT_TIMEOUT: Final = 10.0
 DEFAULT_BACKOFF: Final = 0.05
@@ -117,7 +114,7 @@ def _reveal(
         raise KeyServiceError(
             grpc.StatusCode.INTERNAL, "asked for a sealed key, the daemon sent none"
         )
-    return seal_to.open(sealed, SEALED_INFO_LABEL + ciphertext)
+    return seal_to.open(sealed, SEALED_DATA_KEY_INFO + ciphertext)
 
 
 class KeyClient:

@@ -62,10 +62,10 @@ from keyquorum.quorum.operations import (
 )
 from keyquorum.quorum.shamir import SplitCommitments
 from keyquorum.quorum.signatures import HybridSignature
+from keyquorum.quorum.statements import MAX_TIMESTAMP as MAX_TIME
 
 VERSION = 1
 MAX_SEQ = 2**53 - 1
-MAX_TIME = 253_402_300_799
 GENESIS_PREV = bytes(32)
 MAX_SIGNATURE = 8192
 ENTRY_KEYS = ("payload", "prev", "seq", "time", "type", "v")

@@ -41,11 +41,11 @@ from typing import Any, Protocol
 from keyquorum.quorum.credentials import PublicCredential
 from keyquorum.quorum.errors import DeserializationError, InvalidInputError, KeyquorumError
 from keyquorum.quorum.shamir import SplitCommitments
+from keyquorum.quorum.statements import MAX_TIMESTAMP as MAX_TIME
 from keyquorum.quorum.statements import ApprovalRequest
 
 # Upper bound of every time and duration in the log: 9999-12-31T23:59:59Z.
 # Keeps `time + duration` inside RFC 8785's exact integer range (section 3.2.2.3).
-MAX_TIME = 253_402_300_799
 MAX_ROSTER = 255
 MAX_TEXT = 200
 MAX_WRAPPED_KEY = 1024

@@ -42,6 +42,9 @@ PUBLIC_SIZE = MLKEM768_PUBLIC_SIZE + X25519_SIZE
 SEEDS_SIZE = MLKEM768_SEED_SIZE + X25519_SIZE
 TAG_SIZE = 16
 MAX_INFO = 64 * 1024
+#: HPKE info of a data key sealed to a backend: this label, then the wrapped key it
+#: belongs to (the data plane seals, the backend's SDK opens).
+SEALED_DATA_KEY_INFO = b"keyquorum/v1/sealed-data-key\x00"
 
 _SUITE = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 ENC_SIZE = hpke.KEM.MLKEM768_X25519.enc_length()

@@ -291,7 +291,6 @@ def test_data_key_sealed_to_the_backend(world: World, booking: KeyClient) -> Non
             mine.open(raw.sealed_plaintext, dataplane.sealed_info(dk.ciphertext + b"x"))
         with booking.unwrap(dk.ciphertext, CONTEXT, seal_to=mine) as via_client:
             assert via_client.reveal() == clear
-    assert client_module.SEALED_INFO_LABEL == dataplane.SEALED_INFO_LABEL
 
 
 def test_rewrap_moves_to_the_newest_version_and_disable_stops_the_old(world: World) -> None:

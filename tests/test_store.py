@@ -38,6 +38,7 @@ from keyquorum.quorum.errors import (
     StorageError,
     UnsupportedVersionError,
 )
+from keyquorum.quorum.log import GENESIS_PREV
 from tests.pg import PgServer, Restartable
 
 
@@ -811,7 +812,7 @@ def test_postgres_rows_carry_the_chain_of_leaf_hashes(pg_dsn: str) -> None:
                 "SELECT seq, prev_leaf_hash, leaf_hash FROM log_entries ORDER BY seq"
             ).fetchall()
             head = raw.execute("SELECT size, leaf_hash FROM log_head").fetchone()
-    assert [r[1] for r in rows] == [postgres_store.GENESIS_PREV] + [rec(i)[1] for i in range(3)]
+    assert [r[1] for r in rows] == [GENESIS_PREV] + [rec(i)[1] for i in range(3)]
     assert head == (4, rec(3)[1])
 
 

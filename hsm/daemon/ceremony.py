@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from keyquorum.hsm.daemon.context import RandomBytes, Replica
 from keyquorum.hsm.daemon.logkey import LogKey
+from keyquorum.hsm.daemon.tenant_keys import MASTER_KEY_SIZE
 from keyquorum.quorum import log as qlog
 from keyquorum.quorum import shamir
 from keyquorum.quorum.credentials import PublicCredential
@@ -33,8 +34,6 @@ from keyquorum.quorum.secret import SecretBytes
 from keyquorum.quorum.signatures import HybridSignature
 
 log = logging.getLogger(__name__)
-
-MASTER_KEY_SIZE = 32
 
 
 @dataclass(frozen=True)

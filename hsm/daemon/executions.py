@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from keyquorum.hsm.daemon import tenant_keys
-from keyquorum.hsm.daemon.ceremony import MASTER_KEY_SIZE, split_to
+from keyquorum.hsm.daemon.ceremony import split_to
 from keyquorum.hsm.daemon.context import Replica
 from keyquorum.hsm.daemon.keys import TenantKeys
-from keyquorum.hsm.stores.base import ShredSalt
+from keyquorum.hsm.daemon.tenant_keys import MASTER_KEY_SIZE
+from keyquorum.hsm.stores.base import SALT_SIZE, ShredSalt
+from keyquorum.quorum import aead
 from keyquorum.quorum.credentials import PublicCredential
 from keyquorum.quorum.errors import InvalidInputError, SealedError, StateError
 from keyquorum.quorum.operations import (
@@ -40,7 +42,6 @@ from keyquorum.quorum.secret import SecretBytes
 
 log = logging.getLogger(__name__)
 
-NONCE_SIZE: Final = 12
 #: Operations whose execution needs the master key in memory.
 NEEDS_MASTER_KEY: Final = frozenset(
     {"create-tenant", "rotate-tenant", "activate-tenant", "change-roster"}
@@ -134,12 +135,12 @@ class Executions:
         """
         r = self._r
         version = 1 if name == "create-tenant" else len(usable_tenant(st, tenant).versions) + 1
-        salt = r.random(tenant_keys.SHRED_SALT_SIZE)
+        salt = r.random(SALT_SIZE)
         key = SecretBytes(r.random(tenant_keys.TENANT_KEY_SIZE), label="new tenant key")
         try:
             with r.custody.master() as (master, generation):
                 wrapped = tenant_keys.wrap(
-                    master, salt, tenant, version, key, nonce=r.random(NONCE_SIZE)
+                    master, salt, tenant, version, key, nonce=r.random(aead.NONCE_SIZE)
                 )
         except BaseException:
             key.wipe()
@@ -187,7 +188,7 @@ class Executions:
                                 record.name,
                                 v.version,
                                 keys[v.version],
-                                nonce=r.random(NONCE_SIZE),
+                                nonce=r.random(aead.NONCE_SIZE),
                             )
                             rewrapped.append(Rewrapped(record.name, v.version, wrapped))
                     finally:

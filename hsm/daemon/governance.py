@@ -39,10 +39,10 @@ from keyquorum.quorum.log import ApprovalPayload, ExecutionPayload, ProposalPayl
 from keyquorum.quorum.operations import Parameters, operation
 from keyquorum.quorum.replay import LogState, Proposal
 from keyquorum.quorum.signatures import HybridSignature
+from keyquorum.quorum.statements import PROPOSAL_ID_SIZE
 
 log = logging.getLogger(__name__)
 
-PROPOSAL_ID_SIZE: Final = 16
 #: Parameters carried as integers; every other parameter is text.
 INTEGER_PARAMETERS: Final = frozenset({"duration_seconds", "threshold", "version"})
 _DECIMAL: Final = re.compile(r"[0-9]{1,16}")

@@ -45,6 +45,7 @@ from collections.abc import Mapping
 from typing import NoReturn
 
 from keyquorum.hsm.dataplane.snapshot import HeldKey
+from keyquorum.hsm.stores.base import SALT_SIZE as SHRED_SALT_SIZE
 from keyquorum.quorum import aead
 from keyquorum.quorum.errors import (
     DecryptionError,
@@ -58,7 +59,6 @@ from keyquorum.quorum.secret import SecretBytes, require_length
 
 WRAP_FORMAT = 0x01
 TENANT_KEY_SIZE = 32
-SHRED_SALT_SIZE = 32
 MASTER_KEY_SIZE = 32
 WRAPPED_SIZE = 1 + aead.NONCE_SIZE + TENANT_KEY_SIZE + aead.TAG_SIZE
 KEK_INFO = b"keyquorum/v1/tenant-kek"

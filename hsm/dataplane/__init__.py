@@ -14,7 +14,6 @@ from keyquorum.hsm.dataplane.counters import EncryptionCounters
 from keyquorum.hsm.dataplane.format import (
     AAD_LABEL,
     FORMAT_V1,
-    SEALED_INFO_LABEL,
     Parsed,
     decrypt,
     encode_context,
@@ -39,7 +38,6 @@ from keyquorum.hsm.dataplane.plane import UNKNOWN, WIRE_CODEC_BUILT, DataPlane
 __all__ = [
     "AAD_LABEL",
     "FORMAT_V1",
-    "SEALED_INFO_LABEL",
     "UNKNOWN",
     "WIRE_CODEC_BUILT",
     "DataPlane",

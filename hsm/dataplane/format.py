@@ -30,11 +30,11 @@ from keyquorum.quorum.errors import (
 )
 from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 from keyquorum.quorum.operations import TENANT_RE
+from keyquorum.quorum.sealing import SEALED_DATA_KEY_INFO
 from keyquorum.quorum.secret import SecretBytes
 
 FORMAT_V1: Final = 0x01
 AAD_LABEL: Final = b"keyquorum/v1/data\x00"
-SEALED_INFO_LABEL: Final = b"keyquorum/v1/sealed-data-key\x00"
 MAX_TENANT: Final = 63
 
 
@@ -190,4 +190,4 @@ def decrypt(key: SecretBytes | aead.Cipher, parsed: Parsed, context: bytes) -> S
 
 def sealed_info(ciphertext: bytes) -> bytes:
     """HPKE info for a key sealed to the backend: bound to the wrapped form it belongs to."""
-    return SEALED_INFO_LABEL + ciphertext
+    return SEALED_DATA_KEY_INFO + ciphertext

@@ -108,7 +108,6 @@ from keyquorum.quorum.errors import (
 NOTIFY_CHANNEL: Final = "keyquorum_log"
 """Channel of the per-append notification; its payload is the new log size."""
 
-GENESIS_PREV: Final = bytes(32)
 """`prev_leaf_hash` of entry 0, as the log format's genesis `prev`."""
 
 DEFAULT_TIMEOUT_S: Final = 5.0
