@@ -16,7 +16,6 @@ from typing import Any, TypeVar, cast
 import click
 import grpc
 
-from keyquorum.client.tls import check_plaintext_allowed
 from keyquorum.quorum.errors import InvalidInputError, KeyquorumError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,6 +69,10 @@ def endpoint_options(f: F) -> F:
 def make_endpoint(server: str, ca: Path | None, insecure_dev_plaintext: bool) -> Endpoint:
     endpoint = Endpoint(target=server, ca=ca, insecure_dev_plaintext=insecure_dev_plaintext)
     if insecure_dev_plaintext:
+        # Imported here: keyquorum.client.tls loads cryptography's X.509, which
+        # a TLS status call does not need (cli/main.py, start-up time).
+        from keyquorum.client.tls import check_plaintext_allowed
+
         check_plaintext_allowed(endpoint.host(), allow_insecure_dev=True)
     elif ca is None:
         raise InvalidInputError(
