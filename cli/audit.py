@@ -54,7 +54,6 @@ from keyquorum.quorum.secret import SecretBytes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-STORE_FILE = "keyquorum.sqlite"
 KEY_FILE_HEADER = "keyquorum-cosigner-key v1"
 ENTRY_BATCH = 5000
 
@@ -98,10 +97,7 @@ class LocalSource:
     def from_data_dir(cls, data_dir: Path) -> LocalSource:
         from keyquorum.hsm.stores.sqlite import SqliteStore
 
-        path = data_dir / STORE_FILE
-        if not path.is_file():
-            raise InvalidInputError(f"no keyquorum store in {data_dir} ({STORE_FILE} is missing)")
-        with SqliteStore.open(path) as store:
+        with SqliteStore.in_directory(data_dir, create=False) as store:
             entries = list(store.read_all())
             notes = [note for size, note in store.checkpoints() if size <= len(entries)]
         return cls(entries, notes)

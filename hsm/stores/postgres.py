@@ -700,6 +700,13 @@ class PostgresStore:
 
         return self._run(body, write=True)
 
+    def counters(self) -> dict[str, int]:
+        def body(conn: _Conn) -> dict[str, int]:
+            rows = conn.execute("SELECT name, next FROM counters ORDER BY name").fetchall()
+            return {str(name): int(value) for name, value in rows}
+
+        return self._run(body, write=False)
+
     # -- meta ------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:

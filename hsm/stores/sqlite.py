@@ -52,7 +52,10 @@ from keyquorum.quorum.errors import (
     UnsupportedVersionError,
 )
 
-FILE_NAME: Final = "keyquorum.sqlite3"
+#: The store's file in a data directory: the one name `server run`, `audit
+#: export --data-dir` and the tests use (through `in_directory`), so that no
+#: caller opens a new, empty store beside a live one.
+FILE_NAME: Final = "keyquorum.sqlite"
 BUSY_TIMEOUT_MS: Final = 5000
 
 _log = logging.getLogger(__name__)
@@ -141,12 +144,19 @@ class SqliteStore:
         return cls(path)
 
     @classmethod
-    def in_directory(cls, data_dir: Path) -> SqliteStore:
-        """Open (or create) the store file inside the daemon's data directory."""
+    def in_directory(cls, data_dir: Path, *, create: bool = True) -> SqliteStore:
+        """Open the store file (`FILE_NAME`) inside a data directory.
+
+        `create=False` (readers such as `audit export --data-dir`) refuses a
+        directory without one instead of making an empty store there.
+        """
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise StorageError(f"data directory {data_dir} does not exist")
-        return cls(data_dir / FILE_NAME)
+        path = data_dir / FILE_NAME
+        if not create and not path.is_file():
+            raise StorageError(f"no keyquorum store in {data_dir} ({FILE_NAME} is missing)")
+        return cls(path)
 
     @property
     def path(self) -> Path:
@@ -478,6 +488,13 @@ class SqliteStore:
         # BEGIN IMMEDIATE holds SQLite's write lock from the read to the commit.
         with self._lock:
             return self._write(body)
+
+    def counters(self) -> dict[str, int]:
+        def body(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute("SELECT name, next FROM counters ORDER BY name").fetchall()
+            return {str(name): int(value) for name, value in rows}
+
+        return self._read(body)
 
     # -- meta ------------------------------------------------------------
 
