@@ -1,4 +1,13 @@
-"""`keyquorum server run`: the daemon process.
+"""`keyquorum server run` and `server check-config`: the daemon process.
+
+Start-up, in order: settings (flags over the `--config` file, cli/server_config.py,
+checked as a whole); the log format and the stderr relay (hsm/logs.py,
+hsm/stderr_relay.py); TLS files; no core dumps; the data directory's lock
+(hsm/datadir.py); the store; the daemon (replays and verifies the log);
+the listeners; then READY to systemd (hsm/sdnotify.py) and the ready
+file. Any failure up to there is one line on stderr, `error: ...`, and
+exit 1 (a bad flag: exit 2). SIGTERM or SIGINT: STOPPING to systemd, seal
+(the keys are wiped before anything else), stop the listeners, close.
 
 The custodian listener runs on `create_server`'s 16 threads. The mTLS
 listener serves KeyService and AuditService from one pool of
@@ -18,37 +27,43 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 import grpc
 from grpc_health.v1 import health
 
-from keyquorum.client import tls as client_tls
-from keyquorum.hsm import hardening, tls
+from keyquorum.cli import server_config
+from keyquorum.cli.server_config import ServerConfig, split_address
+from keyquorum.hsm import hardening, logs, tls
 from keyquorum.hsm.daemon import Daemon
+from keyquorum.hsm.datadir import DataDirectory
 from keyquorum.hsm.dataplane import DataPlane, UsageSink
 from keyquorum.hsm.dataplane.ratelimit import RateLimiter
+from keyquorum.hsm.sdnotify import Notifier
 from keyquorum.hsm.services import audit_service, custodian_service, key_service
 from keyquorum.hsm.services.access_log import AccessLog
-from keyquorum.hsm.services.metrics import Metrics, MetricsServer
+from keyquorum.hsm.services.metrics import Metrics
+from keyquorum.hsm.services.metrics_http import MetricsServer
 from keyquorum.hsm.services.server import Registration, create_server, settle_heap
+from keyquorum.hsm.stderr_relay import StderrRelay
+from keyquorum.hsm.stores import sqlite
 from keyquorum.hsm.stores.base import Store
+from keyquorum.hsm.stores.observed import ObservedStore
 from keyquorum.hsm.stores.postgres import PostgresStore
 from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.checkpoint import parse_verifier_key
-from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.quorum.errors import StorageError
 from keyquorum.quorum.limits import DEFAULT_LIMITS
 from keyquorum.v1 import audit_pb2_grpc as apb_grpc
 
 log = logging.getLogger("keyquorum.server")
 
-STORE_FILE = "keyquorum.sqlite"
 #: AuditService streams served at once on the mTLS listener; each holds one
 #: worker thread for its whole length (module docstring).
 AUDIT_STREAMS = 1
@@ -56,13 +71,6 @@ AUDIT_STREAMS = 1
 #: capped, so KeyService always has MTLS_WORKERS - AUDIT_STREAMS threads, which
 #: serve Wraps as fast as MTLS_WORKERS do (docs/adr/0002).
 MTLS_WORKERS = key_service.SERVER_WORKERS
-
-
-def _split_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise InvalidInputError(f"--listen must be HOST:PORT, got {listen!r}")
-    return host.strip("[]"), int(port)
 
 
 def _write_ready_file(
@@ -78,15 +86,13 @@ def _write_ready_file(
     tmp.replace(path)
 
 
-def _open_store(kind: str, dsn: str | None, data_dir: Path) -> Store:
+def _open_store(config: ServerConfig, data_dir: DataDirectory) -> Store:
     """The store `--store` names; each refuses unsafe durability settings at open."""
-    if kind == "postgres":
-        if not dsn:
-            raise InvalidInputError("--store postgres needs --dsn (or the env KEYQUORUM_DSN)")
-        return PostgresStore.open(dsn)
-    if dsn:
-        raise InvalidInputError("--dsn is for --store postgres")
-    return SqliteStore.open(data_dir / STORE_FILE)
+    if config.store == "postgres":
+        assert config.dsn is not None  # ServerConfig.check
+        return PostgresStore.open(config.dsn)
+    data_dir.require_store(sqlite.FILE_NAME)
+    return SqliteStore.in_directory(data_dir.path)
 
 
 def mtls_server(
@@ -97,6 +103,7 @@ def mtls_server(
     host: str,
     port: int,
     credentials: grpc.ServerCredentials,
+    interceptors: tuple[grpc.ServerInterceptor[Any, Any], ...] = (),
 ) -> tuple[grpc.Server, int]:
     """The mTLS listener (not yet started): KeyService and capped AuditService on MTLS_WORKERS."""
 
@@ -116,193 +123,133 @@ def mtls_server(
         service_names=[audit_service.SERVICE_NAME, key_service.SERVICE_NAME],
         health_servicer=mtls_health,
         max_workers=MTLS_WORKERS,
+        interceptors=interceptors,
     )
     key_service.watch_health(daemon, mtls_health)
     return server, bound
 
 
-@click.group()
-def server() -> None:
-    """Run the key-custody daemon."""
+def _health(daemon: Daemon) -> Callable[[], tuple[int, str]]:
+    """The metrics port's /health: 200 only while this replica can serve keys."""
+
+    def check() -> tuple[int, str]:
+        if not daemon.initialized:
+            return 503, "not initialised"
+        return (503, "sealed") if daemon.sealed else (200, "unsealed")
+
+    return check
 
 
-@server.command("run")
-@click.option(
-    "--data-dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory for the SQLite store and the log signing key.",
-)
-@click.option("--listen", default="127.0.0.1:7443", show_default=True, help="HOST:PORT.")
-@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "--client-ca",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="CA for backend and auditor client certificates (required on --listen-mtls).",
-)
-@click.option(
-    "--listen-mtls",
-    help="HOST:PORT of a second listener that requires client certificates "
-    "(backends: KeyService; auditors: AuditService).",
-)
-@click.option(
-    "--metrics-listen",
-    help="HOST:PORT serving Prometheus metrics over plain HTTP (a port of its own).",
-)
-@click.option(
-    "--access-log",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Append one JSON line per KeyService item here (no context, no key material).",
-)
-@click.option(
-    "--rate-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    help="KeyService items per second per backend (bucket of one second); default: none.",
-)
-@click.option(
-    "--auditor-key",
-    multiple=True,
-    help="A C2SP cosignature verifier key whose cosignatures AuditService accepts "
-    "(operator-trusted list, not a quorum decision); repeatable.",
-)
-@click.option(
-    "--insecure-dev-plaintext",
-    is_flag=True,
-    help="Serve plaintext gRPC; only on a loopback address, for development.",
-)
-@click.option("--replica", default=socket.gethostname(), show_default=True, help="Replica name.")
-@click.option(
-    "--store",
-    "store_kind",
-    type=click.Choice(["sqlite", "postgres"]),
-    default="sqlite",
-    show_default=True,
-    help="sqlite: one file in --data-dir (one replica); postgres: a database several "
-    "replicas share (--dsn). See docs/replicas.md.",
-)
-@click.option(
-    "--dsn",
-    envvar="KEYQUORUM_DSN",
-    help="PostgreSQL connection string for --store postgres (libpq DSN or URI). Prefer the "
-    "environment variable KEYQUORUM_DSN, so that a password is not on the command line.",
-)
-@click.option(
-    "--ready-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write {port, pid} as JSON here once serving (for scripts and tests).",
-)
-@click.option("--log-level", default="INFO", show_default=True)
-def run(
-    data_dir: Path,
-    listen: str,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    client_ca: Path | None,
-    listen_mtls: str | None,
-    metrics_listen: str | None,
-    access_log: Path | None,
-    rate_limit: float | None,
-    auditor_key: tuple[str, ...],
-    insecure_dev_plaintext: bool,
-    replica: str,
-    store_kind: str,
-    dsn: str | None,
-    ready_file: Path | None,
-    log_level: str,
-) -> None:
-    """Start the daemon: verify the log, start sealed, serve gRPC.
-
-    \b
-    Example:
-      keyquorum server run --data-dir /var/lib/keyquorum \\
-          --listen 0.0.0.0:7443 --tls-cert server.pem --tls-key server.key
-    """
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    host, port = _split_listen(listen)
-    if insecure_dev_plaintext:
-        if tls_cert is not None or tls_key is not None:
-            raise InvalidInputError(
-                "--insecure-dev-plaintext serves without TLS: drop --tls-cert and --tls-key, "
-                "or drop the flag"
-            )
-        client_tls.check_plaintext_allowed(host, allow_insecure_dev=True)
+def _credentials(
+    config: ServerConfig,
+) -> tuple[grpc.ServerCredentials | None, grpc.ServerCredentials | None]:
+    """(custodian port, mTLS port) credentials; files parsed now, so a bad one is named."""
+    if config.insecure_dev_plaintext:
         credentials = None
-        log.warning("serving PLAINTEXT gRPC on %s (development only)", listen)
     else:
-        if tls_cert is None or tls_key is None:
-            raise InvalidInputError(
-                "TLS is on by default: give --tls-cert and --tls-key "
-                "(or --insecure-dev-plaintext on loopback)"
-            )
-        credentials = tls.server_credentials(tls_cert, tls_key)
-    # gRPC has no optional client certificate: mTLS clients get a port of their own.
-    mtls_credentials = None
-    if listen_mtls is not None:
-        if tls_cert is None or tls_key is None or client_ca is None:
-            raise InvalidInputError("--listen-mtls needs --tls-cert, --tls-key and --client-ca")
-        mtls_credentials = tls.server_credentials(
-            tls_cert, tls_key, client_ca=client_ca, require_client_auth=True
+        assert config.tls_cert is not None  # check()
+        assert config.tls_key is not None
+        credentials = tls.server_credentials(config.tls_cert, config.tls_key)
+    mtls = None
+    if config.listen_mtls is not None:
+        assert config.tls_cert is not None  # check()
+        assert config.tls_key is not None
+        mtls = tls.server_credentials(
+            config.tls_cert, config.tls_key, client_ca=config.client_ca, require_client_auth=True
         )
-    elif client_ca is not None:
-        raise InvalidInputError("--client-ca is for the --listen-mtls listener: give both")
-    if listen_mtls is None and (access_log is not None or rate_limit is not None):
-        raise InvalidInputError(
-            "--access-log and --rate-limit are for KeyService: give --listen-mtls too"
-        )
-    auditor_keys = [parse_verifier_key(k) for k in auditor_key]
+    return credentials, mtls
+
+
+def serve(config: ServerConfig, notifier: Notifier) -> None:
+    """Run the daemon until SIGTERM or SIGINT; start-up failures raise KeyquorumError."""
+    credentials, mtls_credentials = _credentials(config)
+    auditor_keys = [parse_verifier_key(k) for k in config.auditor_key]
     if not hardening.refuse_core_dumps():
         log.warning("could not make the process non-dumpable; core dumps may hold keys")
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = _open_store(store_kind, dsn, data_dir)
-    log.info("store: %r", store)
-    daemon = Daemon(
-        store,
-        data_dir=data_dir,
-        replica=replica,
-        limits=DEFAULT_LIMITS,
-        clock=lambda: int(time.time()),
-    )
-    grpc_server, bound = create_server(
-        host=host,
-        port=port,
-        credentials=credentials,
-        limits=DEFAULT_LIMITS,
-        register=[custodian_service.register(daemon)],
-        service_names=[custodian_service.SERVICE_NAME],
-    )
-    servers = [grpc_server]
-    mtls_bound: int | None = None
-    usage: list[UsageSink] = []
     closing: list[Callable[[], None]] = []
-    metrics_server: MetricsServer | None = None
-    if metrics_listen is not None:
-        metrics = Metrics()
-        daemon.add_seal_observer(metrics.set_sealed)
-        usage.append(metrics)
-        metrics_server = metrics.serve(*_split_listen(metrics_listen))
-        closing.append(metrics_server.close)
-    if listen_mtls is not None:
-        mtls_host, mtls_port = _split_listen(listen_mtls)
-        audit_log = audit_service.AuditLog(store, auditor_keys)
-        if access_log is not None:
-            access = AccessLog.in_data_dir(access_log, data_dir)
-            usage.append(access)
-            closing.append(access.close)
-        plane = DataPlane(
-            daemon,
-            store,
-            usage=usage,
-            rate_limit=None if rate_limit is None else RateLimiter(rate_limit),
+    try:
+        data_dir = DataDirectory.lock(config.data_dir)
+        closing.append(data_dir.release)
+        log.info("data directory %s locked (pid %d)", data_dir.path, os.getpid())
+        store = _open_store(config, data_dir)
+        closing.append(store.close)
+        log.info("store: %r", store)
+        metrics: Metrics | None = None
+        served_store: Store = store
+        if config.metrics_listen is not None:
+            metrics = Metrics()
+            served_store = ObservedStore(store, metrics)
+        daemon = Daemon(
+            served_store,
+            data_dir=config.data_dir,
+            replica=config.replica,
+            limits=DEFAULT_LIMITS,
+            clock=lambda: int(time.time()),
         )
-        assert mtls_credentials is not None
-        listener, mtls_bound = mtls_server(
-            daemon, plane, audit_log, host=mtls_host, port=mtls_port, credentials=mtls_credentials
+        closing.append(daemon.seal_for_shutdown)
+        interceptors = (metrics.rpc,) if metrics is not None else ()
+        host, port = split_address(config.listen)
+        grpc_server, bound = create_server(
+            host=host,
+            port=port,
+            credentials=credentials,
+            limits=DEFAULT_LIMITS,
+            register=[custodian_service.register(daemon)],
+            service_names=[custodian_service.SERVICE_NAME],
+            interceptors=interceptors,
         )
-        servers.append(listener)
+        servers = [grpc_server]
+        usage: list[UsageSink] = []
+        metrics_server: MetricsServer | None = None
+        if metrics is not None and config.metrics_listen is not None:
+            metrics.watch(daemon, store)
+            usage.append(metrics)
+            metrics_server = metrics.serve(
+                *split_address(config.metrics_listen), health=_health(daemon)
+            )
+            closing.append(metrics_server.close)
+        mtls_bound: int | None = None
+        if config.listen_mtls is not None:
+            assert mtls_credentials is not None
+            audit_log = audit_service.AuditLog(store, auditor_keys)
+            if config.access_log is not None:
+                access = AccessLog.in_data_dir(config.access_log, config.data_dir)
+                usage.append(access)
+                closing.append(access.close)
+            plane = DataPlane(
+                daemon,
+                store,
+                usage=usage,
+                rate_limit=None if config.rate_limit is None else RateLimiter(config.rate_limit),
+            )
+            mtls_host, mtls_port = split_address(config.listen_mtls)
+            listener, mtls_bound = mtls_server(
+                daemon,
+                plane,
+                audit_log,
+                host=mtls_host,
+                port=mtls_port,
+                credentials=mtls_credentials,
+                interceptors=interceptors,
+            )
+            servers.append(listener)
+        _run(config, notifier, daemon, servers, bound, mtls_bound, metrics_server)
+    finally:
+        for close in reversed(closing):
+            close()
+    log.info("stopped")
+
+
+def _run(
+    config: ServerConfig,
+    notifier: Notifier,
+    daemon: Daemon,
+    servers: list[grpc.Server],
+    bound: int,
+    mtls_bound: int | None,
+    metrics_server: MetricsServer | None,
+) -> None:
+    """Serve until a stop signal; seal first, then stop the listeners."""
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -311,6 +258,11 @@ def run(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+    def report_seal_state(sealed: bool) -> None:
+        notifier.notify(f"STATUS={'sealed' if sealed else 'unsealed'}, serving on port {bound}")
+
+    daemon.add_seal_observer(report_seal_state)
     for s in servers:
         s.start()
     log.info("start-up objects frozen for the garbage collector: %d", settle_heap())
@@ -323,28 +275,92 @@ def run(
             AUDIT_STREAMS,
         )
     if metrics_server is not None:
-        log.info("Prometheus metrics on port %d (plain HTTP)", metrics_server.port)
+        log.info("Prometheus metrics and /health on port %d (plain HTTP)", metrics_server.port)
+    state = "initialised, sealed" if daemon.state.initialized else "awaiting ceremony"
     log.info(
-        "listening on %s:%d (%s), replica %s, %s",
-        host,
+        "listening on %s (port %d, %s), replica %s, %s",
+        config.listen,
         bound,
-        "plaintext" if credentials is None else "TLS",
-        replica,
-        "initialised, sealed" if daemon.state.initialized else "awaiting ceremony",
+        "plaintext" if config.insecure_dev_plaintext else "TLS",
+        config.replica,
+        state,
     )
-    if ready_file is not None:
+    notifier.notify("READY=1", f"STATUS={state}, serving on port {bound}")
+    if config.ready_file is not None:
         _write_ready_file(
-            ready_file,
+            config.ready_file,
             bound,
             mtls_bound,
             None if metrics_server is None else metrics_server.port,
         )
     stopping.wait()
+    notifier.notify("STOPPING=1", "STATUS=sealing and stopping")
     # Seal first, so no call served during the grace period gets a key.
     daemon.seal_for_shutdown()
     for s in servers:
         s.stop(grace=2).wait()
-    for close in closing:
-        close()
-    store.close()
-    log.info("stopped")
+
+
+@click.group()
+def server() -> None:
+    """Run the key-custody daemon."""
+
+
+@server.command("run", cls=server_config.OneLineCommand)
+@server_config.options
+def run(**_flags: Any) -> None:
+    """Start the daemon: verify the log, start sealed, serve gRPC.
+
+    Settings come from flags and from a TOML file (--config); a flag wins
+    over the file. Each flag is also a key of the file, named as the flag
+    without its dashes (--data-dir: data-dir = "/var/lib/keyquorum").
+    Check a file with `keyquorum server check-config`.
+
+    \b
+    Example:
+      keyquorum server run --data-dir /var/lib/keyquorum \\
+          --listen 0.0.0.0:7443 --tls-cert server.pem --tls-key server.key
+      keyquorum server run --config /etc/keyquorum/server.toml
+    """
+    config = server_config.from_click(click.get_current_context())
+    config.check()
+    notifier = Notifier.from_environment()
+    relay = StderrRelay.start(config.log_format)
+    logs.configure(config.log_level, config.log_format, relay.original)
+    try:
+        serve(config, notifier)
+    except OSError as e:
+        # A file or directory the settings name, refused by the system at start-up;
+        # a KeyquorumError goes up as it is. Either is one line once the relay is off.
+        name = f" {e.filename}" if e.filename else ""
+        raise StorageError(f"cannot start:{name} {e.strerror or e}") from None
+    finally:
+        logging.shutdown()
+        relay.stop()
+
+
+@server.command("check-config", cls=server_config.OneLineCommand)
+@server_config.options
+def check_config(**_flags: Any) -> None:
+    """Check the settings `server run` would start with, and print them.
+
+    Reads the same flags and --config file as `server run` and refuses what
+    it would refuse at start-up before serving: unknown keys, wrong types,
+    unreadable files, TLS files that do not load or do not match, settings
+    that do not go together. Nothing is bound, locked or written. The
+    database connection string is never printed.
+
+    \b
+    Example:
+      keyquorum server check-config --config /etc/keyquorum/server.toml
+    """
+    config = server_config.from_click(click.get_current_context())
+    config.check()
+    _credentials(config)
+    for key in config.auditor_key:
+        parse_verifier_key(key)
+    if config.data_dir.exists() and not config.data_dir.is_dir():
+        raise StorageError(f"the data directory {config.data_dir} is not a directory")
+    for line in config.describe():
+        click.echo(line)
+    click.echo("configuration OK")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -82,14 +84,18 @@ def create_server(
     service_names: Sequence[str],
     health_servicer: health.HealthServicer | None = None,
     max_workers: int = 16,
+    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
 ) -> tuple[grpc.Server, int]:
     """A started-ready (not yet started) server and the port it is bound to.
 
     `credentials=None` means plaintext; callers decide that only through
     `keyquorum.client.tls.check_plaintext_allowed` (explicit flag, loopback).
+    An address that cannot be bound is an `InvalidInputError` naming the
+    address and the reason (e.g. "Address already in use").
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", limits.max_message_bytes),
@@ -107,14 +113,32 @@ def create_server(
         (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = (
-        server.add_secure_port(address, credentials)
-        if credentials is not None
-        else server.add_insecure_port(address)
-    )
+    try:
+        bound = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise InvalidInputError(f"cannot listen on {address}")
+        raise InvalidInputError(f"cannot listen on {address}: {_bind_failure(host, port)}")
     return server, bound
+
+
+def _bind_failure(host: str, port: int) -> str:
+    """Why gRPC could not bind (it only says that it failed): the OS's answer to a bind."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"cannot resolve {host!r} ({e.strerror or e})"
+    for family, kind, proto, _name, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(sockaddr)
+        except OSError as e:
+            return str(e.strerror or e)
+    return "gRPC refused the address"
 
 
 def settle_heap() -> int:
