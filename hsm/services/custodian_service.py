@@ -13,6 +13,7 @@ from typing import TypeVar
 import grpc
 
 from keyquorum.hsm.daemon import Daemon, ProposalView, StatusView, VerdictView
+from keyquorum.hsm.services.refusals import RefusalLog
 from keyquorum.hsm.services.status import abort_with
 from keyquorum.quorum import canonical
 from keyquorum.quorum.errors import DeserializationError, KeyquorumError
@@ -86,24 +87,33 @@ def _status(view: StatusView) -> pb.Status:
 class CustodianServicer(pb_grpc.CustodianServiceServicer):
     """Custodian-facing RPCs; authentication is by the custodians' signatures."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, refusals: RefusalLog | None = None) -> None:
         self._daemon = daemon
+        self._refusals = refusals if refusals is not None else RefusalLog()
 
-    @staticmethod
-    def _call(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+    def _call(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        fn: Callable[[], T],
+        *,
+        who: str = "",
+    ) -> T:
         try:
             return fn()
         except KeyquorumError as e:
+            self._refusals.record(method, who, e)
             abort_with(context, e)
 
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.Status:
-        return _status(self._call(context, self._daemon.status))
+        return _status(self._call(context, "GetStatus", self._daemon.status))
 
     def InitCeremony(
         self, request: pb.InitCeremonyRequest, context: grpc.ServicerContext
     ) -> pb.InitCeremonyResponse:
         view = self._call(
             context,
+            "InitCeremony",
             lambda: self._daemon.init_ceremony(
                 request.deployment, request.threshold, list(request.public_credentials)
             ),
@@ -119,7 +129,12 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
     def GetEncryptedShare(
         self, request: pb.GetEncryptedShareRequest, context: grpc.ServicerContext
     ) -> pb.EncryptedShare:
-        share = self._call(context, lambda: self._daemon.encrypted_share(request.custodian))
+        share = self._call(
+            context,
+            "GetEncryptedShare",
+            lambda: self._daemon.encrypted_share(request.custodian),
+            who=request.custodian,
+        )
         return pb.EncryptedShare(
             deployment=share.deployment,
             split_id=share.split_id.hex(),
@@ -135,12 +150,14 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
     ) -> pb.ConfirmShareResponse:
         view = self._call(
             context,
+            "ConfirmShare",
             lambda: self._daemon.confirm_share(
                 request.custodian,
                 _hex(request.split_id, "split_id"),
                 request.index,
                 request.signature,
             ),
+            who=request.custodian,
         )
         return pb.ConfirmShareResponse(
             confirmed_count=view.confirmed_count,
@@ -151,7 +168,7 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
     def OpenUnsealSession(
         self, request: pb.OpenUnsealSessionRequest, context: grpc.ServicerContext
     ) -> pb.UnsealSession:
-        s = self._call(context, self._daemon.open_unseal_session)
+        s = self._call(context, "OpenUnsealSession", self._daemon.open_unseal_session)
         return pb.UnsealSession(
             session_id=s.session_id.hex(),
             public_key=s.public_key,
@@ -169,6 +186,7 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
     ) -> pb.UnsealProgress:
         p = self._call(
             context,
+            "SubmitShare",
             lambda: self._daemon.submit_share(
                 _hex(request.session_id, "session_id"),
                 request.custodian,
@@ -176,12 +194,14 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
                 request.ciphertext,
                 request.signature,
             ),
+            who=request.custodian,
         )
         return pb.UnsealProgress(have=p.have, need=p.need, sealed=p.sealed, log_size=p.log_size)
 
     def Seal(self, request: pb.SealRequest, context: grpc.ServicerContext) -> pb.SealResponse:
         size = self._call(
             context,
+            "Seal",
             lambda: self._daemon.seal(
                 request.custodian,
                 request.requested_at,
@@ -189,6 +209,7 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
                 request.signature,
                 replica=request.replica or None,
             ),
+            who=request.custodian,
         )
         return pb.SealResponse(log_size=size)
 
@@ -196,13 +217,16 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
         self, request: pb.GetLogExtensionRequest, context: grpc.ServicerContext
     ) -> pb.LogExtension:
         note, proof = self._call(
-            context, lambda: self._daemon.checkpoint_with_proof(request.first_size)
+            context,
+            "GetLogExtension",
+            lambda: self._daemon.checkpoint_with_proof(request.first_size),
         )
         return pb.LogExtension(checkpoint=note, proof=proof)
 
     def Propose(self, request: pb.ProposeRequest, context: grpc.ServicerContext) -> pb.Proposal:
         view = self._call(
             context,
+            "Propose",
             lambda: self._daemon.propose(
                 request.operation,
                 [(p.key, p.value) for p in request.parameters],
@@ -210,6 +234,7 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
                 proposer=request.proposer,
                 public_credentials=list(request.public_credentials),
             ),
+            who=request.proposer,
         )
         return _proposal(view)
 
@@ -217,7 +242,9 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
         self, request: pb.ListProposalsRequest, context: grpc.ServicerContext
     ) -> pb.ListProposalsResponse:
         views = self._call(
-            context, lambda: self._daemon.list_proposals(include_closed=request.include_closed)
+            context,
+            "ListProposals",
+            lambda: self._daemon.list_proposals(include_closed=request.include_closed),
         )
         return pb.ListProposalsResponse(proposals=[_proposal(v) for v in views])
 
@@ -225,7 +252,9 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
         self, request: pb.GetProposalRequest, context: grpc.ServicerContext
     ) -> pb.Proposal:
         view = self._call(
-            context, lambda: self._daemon.get_proposal(_hex(request.id, "proposal id"))
+            context,
+            "GetProposal",
+            lambda: self._daemon.get_proposal(_hex(request.id, "proposal id")),
         )
         return _proposal(view)
 
@@ -234,12 +263,14 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
     ) -> pb.VerdictResponse:
         view = self._call(
             context,
+            "Approve",
             lambda: self._daemon.approve(
                 _hex(request.proposal, "proposal id"),
                 request.custodian,
                 request.signature,
                 public_credentials=list(request.public_credentials),
             ),
+            who=request.custodian,
         )
         return _verdict(view)
 
@@ -248,16 +279,18 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
     ) -> pb.VerdictResponse:
         view = self._call(
             context,
+            "Refuse",
             lambda: self._daemon.refuse(
                 _hex(request.proposal, "proposal id"), request.custodian, request.signature
             ),
+            who=request.custodian,
         )
         return _verdict(view)
 
     def ListTenants(
         self, request: pb.ListTenantsRequest, context: grpc.ServicerContext
     ) -> pb.ListTenantsResponse:
-        views = self._call(context, self._daemon.tenants)
+        views = self._call(context, "ListTenants", self._daemon.tenants)
         return pb.ListTenantsResponse(
             tenants=[
                 pb.Tenant(
