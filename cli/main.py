@@ -106,6 +106,16 @@ def load_command(name: str) -> click.Command:
 class _Group(click.Group):
     """Loads commands on first use; lists them from `COMMANDS` without importing."""
 
+    @property  # type: ignore[override]
+    def commands(self) -> dict[str, click.Command]:
+        """Every command, imported: for what walks the whole tree (tests, docs)."""
+        return {name: load_command(name) for name in COMMANDS}
+
+    @commands.setter
+    def commands(self, value: dict[str, click.Command]) -> None:
+        if value:  # click.Group.__init__ sets it; ours are in COMMANDS
+            raise TypeError("keyquorum's commands are listed in COMMANDS")
+
     def list_commands(self, ctx: click.Context) -> list[str]:  # noqa: ARG002 (click API)
         return sorted(COMMANDS)
 

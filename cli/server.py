@@ -146,6 +146,7 @@ def _credentials(
     """(custodian port, mTLS port) credentials; files parsed now, so a bad one is named."""
     if config.insecure_dev_plaintext:
         credentials = None
+        log.warning("serving PLAINTEXT gRPC on %s (development only)", config.listen)
     else:
         assert config.tls_cert is not None  # check()
         assert config.tls_key is not None

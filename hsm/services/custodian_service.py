@@ -89,7 +89,10 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
 
     def __init__(self, daemon: Daemon, refusals: RefusalLog | None = None) -> None:
         self._daemon = daemon
-        self._refusals = refusals if refusals is not None else RefusalLog()
+        self._refusals = refusals if refusals is not None else RefusalLog(self._on_roster)
+
+    def _on_roster(self, fingerprint: str) -> bool:
+        return any(c.fingerprint == fingerprint for c in self._daemon.state.roster)
 
     def _call(
         self,

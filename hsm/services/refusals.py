@@ -2,16 +2,21 @@
 
 An operator reading the daemon's log sees each refusal of the custodian
 port (a share that fails its commitment, a forged or replayed signature, a
-proposal that cannot be approved, ...) with the method, the custodian's
-fingerprint as the request names it, the gRPC code and the error's message.
-Those messages never carry key material (quorum/errors.py's contract); the
-request's other fields (shares, signatures, ciphertexts) are never logged.
+proposal that cannot be approved, ...): the method, the custodian, the gRPC
+code, and the reason as the error's kind and its description
+(`SignatureError: A signature does not verify under the key it claims`).
+
+Nothing a client sent is written: the error's own message can quote the
+request (an unknown name, a parameter), so it goes to the caller only; the
+custodian is named by fingerprint only when that fingerprint is on the
+roster in force, "unknown" otherwise. So a log line holds no key material,
+no share and no text an attacker chose (tests/test_service_fuzz.py
+searches the daemon's output for request bytes).
 
 Anyone who reaches the custodian port (no client certificate) can make
 refusals, so this log is bounded: per method and code, a burst of `BURST`
 lines, then one per `INTERVAL` seconds, each saying how many were left out
-since the previous one. Text that came from a request is cut to a length
-and kept to printable ASCII before it is written.
+since the previous one.
 
 Changing actions are logged at WARNING; refused reads (an unknown
 proposal, a status call during a database outage) at INFO.
@@ -32,7 +37,6 @@ log = logging.getLogger("keyquorum.custodian")
 
 BURST: Final = 20
 INTERVAL: Final = 1.0
-MAX_REASON: Final = 300
 #: Methods that only read; every other method of CustodianService acts.
 READS: Final = frozenset(
     {"GetStatus", "GetEncryptedShare", "GetLogExtension", "ListProposals", "GetProposal",
@@ -40,29 +44,33 @@ READS: Final = frozenset(
 )  # fmt: skip
 
 
-def _printable(text: str, limit: int) -> str:
-    kept = "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
-    return kept + ("..." if len(text) > limit else "")
-
-
-def _who(custodian: str) -> str:
-    if not custodian:
-        return "-"
-    if len(custodian) >= 16 and all(c in "0123456789abcdef" for c in custodian):
-        return custodian[:16]
-    return repr(_printable(custodian, 40))
+def reason(error: KeyquorumError) -> str:
+    """The error's kind and its class's one-line description (never its message)."""
+    doc = (type(error).__doc__ or "").strip().split("\n\n", 1)[0]
+    summary = " ".join(doc.split()).split("; ", 1)[0].rstrip(".")
+    return f"{type(error).__name__}: {summary}" if summary else type(error).__name__
 
 
 class RefusalLog:
-    """Logs refusals, at most BURST then one per INTERVAL per (method, code)."""
+    """Logs refusals, at most BURST then one per INTERVAL per (method, code).
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    `known(fingerprint)` says whether a fingerprint is a custodian on the
+    roster in force; only then is it written.
+    """
+
+    def __init__(
+        self,
+        known: Callable[[str], bool] = lambda _fingerprint: False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._known = known
         self._clock = clock
         self._lock = threading.Lock()
         # (method, code) -> [tokens, last refill, dropped since the last line]
         self._buckets: dict[tuple[str, str], list[float]] = {}
 
     def record(self, method: str, who: str, error: KeyquorumError) -> None:
+        """Log that `method`, naming custodian `who` ("" if none), was refused with `error`."""
         code = code_for(error).name
         now = self._clock()
         with self._lock:
@@ -74,13 +82,19 @@ class RefusalLog:
                 return
             bucket[0] -= 1
             dropped, bucket[2] = int(bucket[2]), 0.0
+        if not who:
+            named = "-"
+        elif self._known(who):
+            named = who[:16]
+        else:
+            named = "unknown"
         level = logging.INFO if method in READS else logging.WARNING
         log.log(
             level,
             "refused %s from custodian %s (%s): %s%s",
             method,
-            _who(who),
+            named,
             code,
-            _printable(str(error), MAX_REASON),
+            reason(error),
             f" [{dropped} more {method} {code} refusals not logged]" if dropped else "",
         )
