@@ -260,10 +260,6 @@ def _run(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    def report_seal_state(sealed: bool) -> None:
-        notifier.notify(f"STATUS={'sealed' if sealed else 'unsealed'}, serving on port {bound}")
-
-    daemon.add_seal_observer(report_seal_state)
     for s in servers:
         s.start()
     log.info("start-up objects frozen for the garbage collector: %d", settle_heap())
@@ -287,6 +283,11 @@ def _run(
         state,
     )
     notifier.notify("READY=1", f"STATUS={state}, serving on port {bound}")
+
+    def report_seal_state(sealed: bool) -> None:
+        notifier.notify(f"STATUS={'sealed' if sealed else 'unsealed'}, serving on port {bound}")
+
+    daemon.add_seal_observer(report_seal_state)
     if config.ready_file is not None:
         _write_ready_file(
             config.ready_file,
