@@ -21,7 +21,9 @@ the same thread pool, `key_service.SERVER_WORKERS` (4) threads, the pool
 `keyquorum server run` gives its mTLS listener (`cli.server.MTLS_WORKERS`);
 one more row repeats Wrap at 64 in flight with both on the threads
 KeyService keeps there while an audit export holds one (`MTLS_WORKERS -
-AUDIT_STREAMS`, 3), since the pool size moves both figures.
+AUDIT_STREAMS`, 3), since the pool size moves both figures. One row
+measures Wrap at 64 in flight with the RPC metrics interceptor `server run
+--metrics-listen` installs, against the same KeyService without it.
 
 Rows: Wrap and Unwrap (32-byte data key, a two-pair context) at 1, 8 and
 64 calls in flight, and BatchWrap of 100 items at 8 in flight (items/s),
@@ -83,6 +85,7 @@ def _serve(work: Path) -> None:
     from keyquorum.hsm.dataplane import DataPlane
     from keyquorum.hsm.pki import make_dev_pki
     from keyquorum.hsm.services import key_service
+    from keyquorum.hsm.services.metrics import Metrics
     from keyquorum.hsm.services.server import create_server, settle_heap
     from keyquorum.quorum.limits import DEFAULT_LIMITS
     from tests.harness import in_process_daemon, make_custodians
@@ -131,6 +134,20 @@ def _serve(work: Path) -> None:
             )
             ready[f"workers{suffix}"] = workers
             servers += [key_server, echo_server]
+        # KeyService as `server run --metrics-listen` serves it: with the RPC
+        # metrics interceptor (hsm/services/metrics.py), against the one without.
+        metered, ready["key_port_metrics"] = create_server(
+            host="127.0.0.1",
+            port=0,
+            credentials=credentials,
+            limits=DEFAULT_LIMITS,
+            register=[key_service.register(plane)],
+            service_names=[key_service.SERVICE_NAME],
+            health_servicer=health.HealthServicer(),
+            max_workers=MTLS_WORKERS,
+            interceptors=[Metrics().rpc],
+        )
+        servers.append(metered)
         for server in servers:
             server.start()
         settle_heap()  # as `keyquorum server run` does once its servers run
@@ -365,6 +382,24 @@ def _client_rows(ready: dict[str, str], quick: bool) -> list[Row]:
             )
         )
         rows.append(_governance_row(pools[0], wrap_req, timing, Path(ready["work"]), pool))
+        with KeyClient(f"127.0.0.1:{ready['key_port_metrics']}", **files) as metered:
+            plain_call = _method(pools[0], "keyquorum.v1.KeyService", "Wrap")
+            metered_call = _method(metered, "keyquorum.v1.KeyService", "Wrap")
+            m_rate, p_rate, m_lat, p_lat = _paired(
+                lambda: _Load(metered_call, wrap_req, 64),
+                lambda: _Load(plain_call, wrap_req, 64),
+                *timing,
+            )
+            rows.append(
+                Row(
+                    f"KeyService Wrap, 64 in flight{pool}, RPC metrics interceptor on "
+                    f"(p50 {_ms(_percentile(m_lat, 0.5))}, p99 {_ms(_percentile(m_lat, 0.99))})",
+                    m_rate,
+                    f"the same without it (p50 {_ms(_percentile(p_lat, 0.5))}, "
+                    f"p99 {_ms(_percentile(p_lat, 0.99))})",
+                    p_rate,
+                )
+            )
         for label, request in (("one context", batch_req), ("100 contexts", distinct_req)):
             key_call = _method(pools[0], "keyquorum.v1.KeyService", "BatchWrap")
             echo_call = _method(pools[1], ECHO, "BatchWrap")
