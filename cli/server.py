@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -327,8 +328,14 @@ def run(**_flags: Any) -> None:
     config = server_config.from_click(click.get_current_context())
     config.check()
     notifier = Notifier.from_environment()
-    relay = StderrRelay.start(config.log_format)
-    logs.configure(config.log_level, config.log_format, relay.original)
+    relay: StderrRelay | None = None
+    try:
+        relay = StderrRelay.start(config.log_format)
+    except OSError as e:
+        logs.configure(config.log_level, config.log_format, sys.stderr)
+        log.warning("gRPC's own lines stay unformatted: no stderr relay (%s)", e)
+    else:
+        logs.configure(config.log_level, config.log_format, relay.original)
     try:
         serve(config, notifier)
     except OSError as e:
@@ -338,7 +345,8 @@ def run(**_flags: Any) -> None:
         raise StorageError(f"cannot start:{name} {e.strerror or e}") from None
     finally:
         logging.shutdown()
-        relay.stop()
+        if relay is not None:
+            relay.stop()
 
 
 @server.command("check-config", cls=server_config.OneLineCommand)
