@@ -72,6 +72,8 @@ AUDIT_STREAMS = 1
 #: capped, so KeyService always has MTLS_WORKERS - AUDIT_STREAMS threads, which
 #: serve Wraps as fast as MTLS_WORKERS do (docs/adr/0002).
 MTLS_WORKERS = key_service.SERVER_WORKERS
+#: How often the main thread wakes to run a signal handler another thread received.
+SIGNAL_POLL_SECONDS = 0.25
 
 
 def _write_ready_file(
@@ -296,7 +298,12 @@ def _run(
             mtls_bound,
             None if metrics_server is None else metrics_server.port,
         )
-    stopping.wait()
+    # A timed wait, not a plain one: the kernel may deliver SIGTERM to any of
+    # the process's threads (gRPC's among them); Python then runs the handler
+    # only when the main thread next runs bytecode, which a lock wait without
+    # a timeout never gives it.
+    while not stopping.wait(timeout=SIGNAL_POLL_SECONDS):
+        pass
     notifier.notify("STOPPING=1", "STATUS=sealing and stopping")
     # Seal first, so no call served during the grace period gets a key.
     daemon.seal_for_shutdown()

@@ -297,3 +297,36 @@ def test_the_daemon_serves_under_memory_deny_write_execute(
         assert proc.proc.poll() is None
     finally:
         assert proc.stop() == 0, proc.output()
+
+
+# -- a stop signal, whichever thread the kernel hands it to ------------------------------
+
+SYS_TGKILL = 234  # x86-64
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+    reason="tgkill's number is x86-64's",
+)
+def test_sigterm_delivered_to_a_grpc_thread_still_stops_the_daemon(
+    tmp_path: Path, pki: DevPki
+) -> None:
+    """The kernel may give a process-directed SIGTERM to any thread; the daemon
+    must stop all the same (a plain Event.wait() in the main thread never woke)."""
+    proc = start_daemon_process(tmp_path / "data", pki)
+    pid = proc.proc.pid
+    others = [
+        int(t.name)
+        for t in Path(f"/proc/{pid}/task").iterdir()
+        if int(t.name) != pid and (t / "comm").read_text().strip() != "python3"
+    ]
+    assert others, "no gRPC thread to signal"
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        assert libc.syscall(SYS_TGKILL, pid, others[0], signal.SIGTERM) == 0
+        assert proc.proc.wait(timeout=10) == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+    assert "signal 15: sealing and stopping" in proc.output()
