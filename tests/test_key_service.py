@@ -31,6 +31,7 @@ from grpc_health.v1 import health
 
 from keyquorum.client import KeyClient, KeyServiceError, decrypt_record, encrypt_record
 from keyquorum.client import client as client_module
+from keyquorum.client import framing
 from keyquorum.hsm import dataplane, pki, tls
 from keyquorum.hsm.dataplane import DataPlane, UsageSink
 from keyquorum.hsm.dataplane import plane as dataplane_plane
@@ -342,12 +343,13 @@ def test_envelope_helper_round_trip_and_refusals(world: World, booking: KeyClien
     refused(world, lambda: decrypt_record(booking, box, {"x": "y"}), C.INVALID_ARGUMENT, "")
     flipped = bytearray(box)
     flipped[-1] ^= 1
-    with pytest.raises(DecryptionError, match="does not authenticate under its data key"):
+    with pytest.raises(DecryptionError, match="frame 2 does not authenticate"):
         decrypt_record(booking, bytes(flipped), CONTEXT)
-    # A record moved under another record's wrapped key does not open.
+    # A record moved under another record's header (its wrapped key and salt)
+    # does not open: the frames are under another message key.
     other = encrypt_record(booking, TENANT, record, CONTEXT)
-    size = 4 + 2 + int.from_bytes(box[4:6], "big")
-    with pytest.raises(DecryptionError):
+    size = framing.parse_header(box).size
+    with pytest.raises(DecryptionError, match="frame 1 does not authenticate"):
         decrypt_record(booking, other[:size] + box[size:], CONTEXT)
 
 
@@ -358,7 +360,7 @@ def test_unauthenticated_without_a_client_certificate(world: World, tmp_path: Pa
     """No certificate: the mTLS handshake refuses, the call never reaches the service."""
     creds = grpc.ssl_channel_credentials(root_certificates=world.kp.pki.ca_cert.read_bytes())
     with grpc.secure_channel(world.kp.target, creds) as channel:
-        c = KeyClient.from_channel(channel, attempts=1)
+        c = KeyClient.from_channel(channel)
         error = code_of(lambda: c.wrap(TENANT, b"x", CONTEXT))
     assert error.code == C.UNAVAILABLE  # the handshake failed: no status from the server
     # A certificate from another CA: refused the same way.
