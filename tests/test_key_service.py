@@ -29,9 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health
 
-from keyquorum.client import KeyClient, KeyServiceError, decrypt_record, encrypt_record
+from keyquorum.client import KeyClient, KeyServiceError, decrypt_record, encrypt_record, framing
 from keyquorum.client import client as client_module
-from keyquorum.client import framing
 from keyquorum.hsm import dataplane, pki, tls
 from keyquorum.hsm.dataplane import DataPlane, UsageSink
 from keyquorum.hsm.dataplane import plane as dataplane_plane
