@@ -51,6 +51,12 @@ COMMANDS: Final[dict[str, _Command]] = {
         "Export the quorum log and verify it offline; proofs and receipts.",
         "cli",
     ),
+    "backend": _Command(
+        "keyquorum.cli.backend",
+        "backend",
+        "Wrap, unwrap and encrypt files as a backend (mTLS, the backend's certificate).",
+        "cli",
+    ),
     "ceremony": _Command(
         "keyquorum.cli.ceremony", "ceremony", "The one-time init ceremony.", "cli"
     ),

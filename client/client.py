@@ -196,7 +196,7 @@ class KeyClient:
 
     # -- single calls -----------------------------------------------------------
 
-    def wrap(self, tenant: str, plaintext: bytes, context: Context | None = None) -> Wrapped:
+    def wrap(self, tenant: str, plaintext: inputs.Bytes, context: Context | None = None) -> Wrapped:
         """Encrypt up to 4 KiB under the tenant's current key, bound to `context`."""
         request = calls.wrap_request(tenant, plaintext, context)
         return calls.wrapped(self._call(self._stub.Wrap, request, request.tenant))
