@@ -162,6 +162,10 @@ def read_context(pairs: tuple[str, ...], path: Path | None) -> dict[str, str]:
 def backend() -> None:
     """Wrap, unwrap and encrypt files as a backend (mTLS, the backend's certificate).
 
+    Connection: --server (the daemon's --listen-mtls), --ca, --cert, --key, or
+    KEYQUORUM_BACKEND_SERVER, KEYQUORUM_CA, KEYQUORUM_CLIENT_CERT, KEYQUORUM_CLIENT_KEY.
+    Secrets are read from a file or stdin, never from the command line.
+
     \b
     Examples:
       keyquorum backend wrap --tenant acme-health --context-file ctx.json < secret.bin
@@ -169,9 +173,6 @@ def backend() -> None:
       keyquorum backend data-key --tenant acme-health --plaintext-out dk.bin > dk.json
       keyquorum backend encrypt-file --tenant acme-health --context-file ctx.json scan.pdf scan.kqe
       keyquorum backend decrypt-file --context-file ctx.json scan.kqe scan.pdf
-
-    Connection: --server (the daemon's --listen-mtls), --ca, --cert, --key, or
-    KEYQUORUM_BACKEND_SERVER, KEYQUORUM_CA, KEYQUORUM_CLIENT_CERT, KEYQUORUM_CLIENT_KEY.
     """
 
 
