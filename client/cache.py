@@ -159,6 +159,14 @@ class KeyCache(Generic[K]):
         self._lock = threading.Lock()
         self._entries: OrderedDict[K, _Entry] = OrderedDict()
         self._hits = self._misses = self._wiped = 0
+        # Bumped by every wipe the daemon caused: a key fetched before one is not kept.
+        self._epoch = 0
+
+    @property
+    def epoch(self) -> int:
+        """Read before asking the daemon for a key; hand it back to `put`."""
+        with self._lock:
+            return self._epoch
 
     def take(self, key: K, nbytes: int) -> Lease | None:
         """A copy of the entry's data key for one message of `nbytes`, counted; or None.
@@ -192,18 +200,35 @@ class KeyCache(Generic[K]):
         return nbytes <= self.bounds.max_bytes
 
     def put(
-        self, key: K, data_key: SecretBytes, wrapped: bytes, version: int, tag: str, nbytes: int
-    ) -> None:
-        """Keep a copy of `data_key`, already counting the message it was fetched for."""
+        self,
+        key: K,
+        data_key: SecretBytes,
+        wrapped: bytes,
+        version: int,
+        tag: str,
+        nbytes: int,
+        *,
+        epoch: int,
+    ) -> bool:
+        """Keep a copy of `data_key`, already counting the message it was fetched for.
+
+        Not kept (False) when a wipe happened since `epoch` was read: a key the
+        daemon gave before it reported a seal or refused a tenant must not
+        outlive that report in the cache, even if its answer arrived after it.
+        """
         copy = SecretBytes(data_key.view(), label="cached data key")
         entry = _Entry(copy, wrapped, version, tag, self._clock())
         entry.messages, entry.bytes = 1, nbytes
         with self._lock:
+            if epoch != self._epoch:
+                copy.wipe()
+                return False
             if key in self._entries:
                 self._drop(key)
             self._entries[key] = entry
             while len(self._entries) > self.bounds.capacity:
                 self._drop(next(iter(self._entries)))
+            return True
 
     def charge(self, key: K, nbytes: int) -> None:
         """Count bytes found after the fact (a stream of unknown length, decrypting)."""
@@ -218,6 +243,7 @@ class KeyCache(Generic[K]):
     def wipe_tag(self, tag: str) -> int:
         """Wipe every entry of one tenant; how many."""
         with self._lock:
+            self._epoch += 1
             doomed = [k for k, e in self._entries.items() if e.tag == tag]
             for k in doomed:
                 self._drop(k)
@@ -226,6 +252,7 @@ class KeyCache(Generic[K]):
     def clear(self) -> int:
         """Wipe every entry; how many."""
         with self._lock:
+            self._epoch += 1
             n = len(self._entries)
             for k in list(self._entries):
                 self._drop(k)

@@ -30,7 +30,7 @@ from keyquorum.v1 import key_pb2 as pb
 class EncryptionPlan:
     """A cached key (`lease`), or what to keep once GenerateDataKey answered."""
 
-    __slots__ = ("_caches", "_key", "_nbytes", "lease")
+    __slots__ = ("_caches", "_epoch", "_key", "_nbytes", "lease")
 
     def __init__(
         self,
@@ -38,23 +38,26 @@ class EncryptionPlan:
         key: EncryptionKey | None,
         nbytes: int,
         lease: Lease | None,
+        epoch: int = 0,
     ) -> None:
         self._caches = caches
         self._key = key
         self._nbytes = nbytes
         self.lease = lease
+        self._epoch = epoch
 
     def keep(self, fresh: DataKey) -> Lease:
         """Cache a copy of the fresh key (this message counted) and lend the original."""
-        cached = self._caches is not None and self._key is not None
+        cached = False
         if self._caches is not None and self._key is not None:
-            self._caches.encryption.put(
+            cached = self._caches.encryption.put(
                 self._key,
                 fresh.plaintext,
                 fresh.ciphertext,
                 fresh.key_version,
                 self._key[0],
                 self._nbytes,
+                epoch=self._epoch,
             )
         return Lease(fresh.plaintext, fresh.ciphertext, fresh.key_version, cached=cached)
 
@@ -65,7 +68,8 @@ def encryption_plan(
     if caches is None or nbytes is None or not caches.encryption.cacheable(nbytes):
         return EncryptionPlan(None, None, 0, None)
     key = (tenant, context_key(context))
-    return EncryptionPlan(caches, key, nbytes, caches.encryption.take(key, nbytes))
+    epoch = caches.encryption.epoch
+    return EncryptionPlan(caches, key, nbytes, caches.encryption.take(key, nbytes), epoch)
 
 
 class DecryptionPlan:
@@ -75,21 +79,27 @@ class DecryptionPlan:
     the plaintext's size is known only then.
     """
 
-    __slots__ = ("_caches", "_key", "lease")
+    __slots__ = ("_caches", "_epoch", "_key", "lease")
 
     def __init__(
-        self, caches: ClientCaches | None, key: DecryptionKey, lease: Lease | None
+        self,
+        caches: ClientCaches | None,
+        key: DecryptionKey,
+        lease: Lease | None,
+        epoch: int = 0,
     ) -> None:
         self._caches = caches
         self._key = key
         self.lease = lease
+        self._epoch = epoch
 
     def keep_unwrapped(self, r: pb.UnwrapResponse, seal_to: SealingPrivateKey | None) -> Lease:
         wrapped = self._key[0]
         plain = calls.unwrapped(r, wrapped, seal_to)
-        if self._caches is not None:
-            self._caches.decryption.put(self._key, plain, wrapped, r.key_version, r.tenant, 0)
-        return Lease(plain, wrapped, r.key_version, cached=self._caches is not None)
+        cached = self._caches is not None and self._caches.decryption.put(
+            self._key, plain, wrapped, r.key_version, r.tenant, 0, epoch=self._epoch
+        )
+        return Lease(plain, wrapped, r.key_version, cached=cached)
 
 
 def decryption_plan(
@@ -98,7 +108,8 @@ def decryption_plan(
     key = (wrapped, context_key(context))
     if caches is None:
         return DecryptionPlan(None, key, None)
-    return DecryptionPlan(caches, key, caches.decryption.take(key, 0))
+    epoch = caches.decryption.epoch
+    return DecryptionPlan(caches, key, caches.decryption.take(key, 0), epoch)
 
 
 def charge_decryption(

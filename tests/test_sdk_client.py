@@ -407,6 +407,28 @@ def test_a_seal_pushed_to_the_async_client_wipes_too(own: Served) -> None:
     asyncio.run(scenario())
 
 
+def test_a_key_whose_answer_crossed_a_seal_report_is_not_kept(world: Served) -> None:
+    """The seal watch fires while GenerateDataKey's or Unwrap's answer is on its way:
+    that key serves its one message and is not cached (it predates the report)."""
+    with world.client(cache=bounds(), watch_seal=False) as c:
+        caches = c._caches
+        assert caches is not None
+        for rpc in ("GenerateDataKey", "Unwrap"):
+            real = getattr(c._stub, rpc)
+
+            def crossing(request: object, real: Any = real, **kw: Any) -> object:
+                answer = real(request, **kw)
+                caches.wipe_all()  # what the seal watch does when NOT_SERVING arrives
+                return answer
+
+            setattr(c._stub, rpc, crossing)
+        box = encrypt_record(c, TENANT, b"one message", CONTEXT)
+        assert decrypt_record(c, box, CONTEXT).reveal() == b"one message"
+        assert len(caches.encryption) == len(caches.decryption) == 0
+        enc, dec = c.cache_stats()
+        assert (enc.entries, dec.entries) == (0, 0)
+
+
 def test_a_refused_tenant_loses_its_entries_and_only_those(own: Served) -> None:
     """What caching trades away, and where it stops: a deactivated tenant's cached key
     still encrypts until a call reaches the daemon; the refusal then wipes that tenant."""
