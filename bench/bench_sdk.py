@@ -16,14 +16,13 @@ Rows:
 - A 1 GiB file streamed (`encrypt_stream`, and `decrypt_stream` of its
   envelope) against the raw limit of this machine in the same run:
   `cryptography`'s AESGCM over the same 64 KiB frames, read from the same
-  file (in the page cache), no envelope. Both write to /dev/null: written
-  to a file, both measured the kernel's writeback throttling instead, which
-  moved one loop's rate threefold between consecutive identical runs. Each
-  measurement runs in a fresh child process, alternating, the median of
-  three; the child reports its throughput, its peak resident set (VmHWM,
-  reset when the stream starts) and the resident set it started the stream
-  with (imports, the gRPC connection), so the figure shows the memory the
-  stream itself added.
+  file (in the page cache) at the same offsets, no envelope. Both write to
+  /dev/null: written to a file, both measured the kernel's writeback
+  throttling instead, which moved one loop's rate threefold between
+  identical runs. Both run in one child process (the same imports and idle
+  gRPC channel), alternating, the median of three; before each stream the
+  peak resident set is reset, so each row shows the memory that stream
+  added over what the process held when it started.
 
 `--quick`: 1,000 records and a 64 MiB file, one round.
 """
@@ -240,68 +239,114 @@ def _rss_kib(field: str) -> int:
 
 
 def _stream_child(spec: dict[str, Any]) -> None:
-    """One measurement: prints {seconds, bytes, start_rss, peak_rss} as JSON."""
+    """Every stream measurement, in this one process; prints them as JSON.
+
+    Both loops run in the same process (the same imports, the same idle gRPC
+    channel), alternating; before each one the peak resident set is reset
+    (Linux, proc(5): clear_refs "5"), so VmHWM afterwards is that stream's.
+    """
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     from keyquorum.client import decrypt_stream, encrypt_stream
 
-    kind, src_path, dst_path = spec["kind"], spec["src"], spec["dst"]
-    client = None
-    if kind.startswith("sdk"):
-        client, _ = _client(spec["ready"])
-        client.wrap(TENANT, b"connect", CONTEXT)
-    aesgcm = AESGCM(os.urandom(32))
+    work = Path(spec["work"])
+    src, sealed, raw_file = work / "big.bin", work / "big.kqe", work / "raw.bin"
+    client, _ = _client(spec["ready"])
     aad = b"keyquorum/v1/envelope-2/frame\x00"
-    # Reset the peak (Linux: proc(5), clear_refs "5"), so VmHWM is the stream's own.
-    Path("/proc/self/clear_refs").write_text("5")
-    start_rss = _rss_kib("VmRSS")
-    start = time.perf_counter()
-    with open(src_path, "rb") as src, open(dst_path, "wb") as dst:  # noqa: PTH123
-        if kind == "sdk-encrypt":
-            total = encrypt_stream(client, TENANT, src, dst, CONTEXT, frame_size=FRAME)
-            done = total.plaintext_bytes
-        elif kind == "sdk-decrypt":
-            done = decrypt_stream(client, src, dst, CONTEXT).plaintext_bytes
-        elif kind == "raw-encrypt":
-            done, i = 0, 0
-            while chunk := src.read(FRAME):
+    aesgcm = AESGCM(os.urandom(32))
+    # The inputs of the decrypt runs, made before any measurement.
+    with src.open("rb") as f, sealed.open("wb") as out:
+        encrypt_stream(client, TENANT, f, out, CONTEXT, frame_size=FRAME)
+    header = framing_header_size(sealed)
+    _reencrypt(src, raw_file, aesgcm, header)
+
+    def sdk_encrypt() -> int:
+        with src.open("rb") as f, open(os.devnull, "wb") as out:  # noqa: PTH123
+            return encrypt_stream(client, TENANT, f, out, CONTEXT, frame_size=FRAME).plaintext_bytes
+
+    def sdk_decrypt() -> int:
+        with sealed.open("rb") as f, open(os.devnull, "wb") as out:  # noqa: PTH123
+            return decrypt_stream(client, f, out, CONTEXT).plaintext_bytes
+
+    def raw_encrypt() -> int:
+        done, i = 0, 0
+        with src.open("rb") as f, open(os.devnull, "wb") as out:  # noqa: PTH123
+            while chunk := f.read(FRAME):
                 i += 1
-                dst.write(aesgcm.encrypt(i.to_bytes(12, "big"), chunk, aad))
+                out.write(aesgcm.encrypt(i.to_bytes(12, "big"), chunk, aad))
                 done += len(chunk)
-        else:  # raw-decrypt, of frames made under a key given to it, after a prefix
-            aesgcm = AESGCM(bytes.fromhex(spec["raw_key"]))
-            src.read(spec["prefix"])
-            done, i = 0, 0
-            while chunk := src.read(FRAME + 16):
+        return done
+
+    def raw_decrypt() -> int:
+        done, i = 0, 0
+        with raw_file.open("rb") as f, open(os.devnull, "wb") as out:  # noqa: PTH123
+            f.read(header)
+            while chunk := f.read(FRAME + 16):
                 i += 1
-                dst.write(aesgcm.decrypt(i.to_bytes(12, "big"), chunk, aad))
+                out.write(aesgcm.decrypt(i.to_bytes(12, "big"), chunk, aad))
                 done += len(chunk) - 16
-    seconds = time.perf_counter() - start
-    print(
-        json.dumps(
-            {
-                "seconds": seconds,
-                "bytes": done,
-                "start_rss": start_rss,
-                "peak_rss": _rss_kib("VmHWM"),
-            }
-        )
-    )
-    if client is not None:
-        client.close()
+        return done
+
+    loops = {
+        "sdk-encrypt": sdk_encrypt,
+        "raw-encrypt": raw_encrypt,
+        "sdk-decrypt": sdk_decrypt,
+        "raw-decrypt": raw_decrypt,
+    }
+    results: dict[str, list[dict[str, float]]] = {kind: [] for kind in loops}
+    # Alternating order (raw, sdk, then sdk, raw, ...) so drift hits both.
+    for rep in range(spec["reps"]):
+        for op in ("encrypt", "decrypt"):
+            pair = (f"raw-{op}", f"sdk-{op}")
+            for kind in pair if rep % 2 == 0 else reversed(pair):
+                Path("/proc/self/clear_refs").write_text("5")
+                start_rss = _rss_kib("VmRSS")
+                start = time.perf_counter()
+                done = loops[kind]()
+                seconds = time.perf_counter() - start
+                results[kind].append(
+                    {
+                        "seconds": seconds,
+                        "bytes": done,
+                        "start_rss": start_rss,
+                        "peak_rss": _rss_kib("VmHWM"),
+                    }
+                )
+    client.close()
+    print(json.dumps(results))
 
 
-def _child(spec: dict[str, Any]) -> dict[str, Any]:
+def _stream_rows(ready: dict[str, Any], work: Path, quick: bool) -> list[Row]:
+    size = (64 << 20) if quick else (1 << 30)
+    label = "64 MiB" if quick else "1 GiB"
+    _write_file(work / "big.bin", size)
     root = Path(__file__).resolve().parent.parent
+    spec = {"ready": ready, "work": str(work), "reps": 1 if quick else 3}
     out = subprocess.run(
         [sys.executable, "-m", "bench.bench_sdk", "--stream-child", json.dumps(spec)],
         cwd=root,
         capture_output=True,
         text=True,
         check=True,
-        timeout=1800,
+        timeout=3600,
     )
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs = json.loads(out.stdout.strip().splitlines()[-1])
+    results = {kind: _median_run(r) for kind, r in runs.items()}
+    rows = []
+    for op in ("encrypt", "decrypt"):
+        sdk, raw = results[f"sdk-{op}"], results[f"raw-{op}"]
+        rows.append(
+            Row(
+                f"{op}_stream of a {label} file, 64 KiB frames, to /dev/null (peak RSS "
+                f"{_mib(sdk['peak_rss'])}, {_grew(sdk)} during the stream)",
+                sdk["rate"],
+                f"raw AESGCM.{op} over the same frames, same process (peak RSS "
+                f"{_mib(raw['peak_rss'])}, {_grew(raw)})",
+                raw["rate"],
+                unit="MB/s",
+            )
+        )
+    return rows
 
 
 def _write_file(path: Path, size: int) -> None:
@@ -309,52 +354,6 @@ def _write_file(path: Path, size: int) -> None:
     with path.open("wb") as f:
         for _ in range(size // len(block)):
             f.write(block)
-
-
-def _stream_rows(ready: dict[str, Any], work: Path, quick: bool) -> list[Row]:
-    size = (64 << 20) if quick else (1 << 30)
-    label = "64 MiB" if quick else "1 GiB"
-    src = work / "big.bin"
-    _write_file(src, size)
-    raw_key = os.urandom(32)
-    # The inputs of the decrypt runs, made before any measurement.
-    _child({"ready": ready, "kind": "sdk-encrypt", "src": str(src), "dst": str(work / "big.kqe")})
-    header = framing_header_size(work / "big.kqe")
-    _reencrypt(src, work / "raw.bin", raw_key, header)
-    specs: dict[str, dict[str, Any]] = {
-        "raw-encrypt": {"src": str(src), "dst": os.devnull},
-        "sdk-encrypt": {"src": str(src), "dst": os.devnull},
-        "raw-decrypt": {
-            "src": str(work / "raw.bin"),
-            "dst": os.devnull,
-            "raw_key": raw_key.hex(),
-            "prefix": header,
-        },
-        "sdk-decrypt": {"src": str(work / "big.kqe"), "dst": os.devnull},
-    }
-    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in specs}
-    # Alternating order (raw, sdk, then sdk, raw, ...) so drift and warm caches hit both.
-    for rep in range(1 if quick else 3):
-        for op in ("encrypt", "decrypt"):
-            pair = (f"raw-{op}", f"sdk-{op}")
-            for kind in pair if rep % 2 == 0 else reversed(pair):
-                runs[kind].append(_child({"ready": ready, "kind": kind, **specs[kind]}))
-    results = {kind: _median_run(r) for kind, r in runs.items()}
-    rows = []
-    for op, what in (("encrypt", "file to /dev/null"), ("decrypt", "file to /dev/null")):
-        sdk, raw = results[f"sdk-{op}"], results[f"raw-{op}"]
-        rows.append(
-            Row(
-                f"{op}_stream of a {label} file, 64 KiB frames, {what} (peak RSS "
-                f"{_mib(sdk['peak_rss'])}: {_grew(sdk)} over the process before the stream)",
-                sdk["rate"],
-                f"raw AESGCM.{op} over the same frames, {what} (peak RSS "
-                f"{_mib(raw['peak_rss'])}: {_grew(raw)} over the process before)",
-                raw["rate"],
-                unit="MB/s",
-            )
-        )
-    return rows
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -367,16 +366,13 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _reencrypt(src: Path, dst: Path, key: bytes, prefix: int) -> None:
-    """The frames raw-decrypt reads, at the offsets the envelope's frames have.
+def _reencrypt(src: Path, dst: Path, aesgcm: Any, prefix: int) -> None:
+    """The frames raw_decrypt reads, at the offsets the envelope's frames have.
 
     `prefix` bytes stand where the envelope's header is: reads at offsets
     that are not page-aligned cost about twice as much here, and both loops
     must pay the same.
     """
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    aesgcm = AESGCM(key)
     aad = b"keyquorum/v1/envelope-2/frame\x00"
     with src.open("rb") as f, dst.open("wb") as out:
         out.write(bytes(prefix))
@@ -398,7 +394,7 @@ def _mib(kib: int) -> str:
 
 
 def _grew(run: dict[str, Any]) -> str:
-    return f"+{(run['peak_rss'] - run['start_rss']) / 1024:.1f} MiB"
+    return f"+{max(0, run['peak_rss'] - run['start_rss']) / 1024:.1f} MiB"
 
 
 # -- driver ---------------------------------------------------------------------------------------
