@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml setup.py requirements.lock hsm/dataplane/_wire.c $(BIN)
 	@$(PY) -c 'from keyquorum.hsm import dataplane as d; print("data plane C fast path (hsm/dataplane/_wire.c):", "built" if d.WIRE_CODEC_BUILT else "NOT built: the Python path serves (needs a C compiler and OpenSSL headers, Debian: libssl-dev; then make clean install)")'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) proto
 
 $(GEN)/keyquorum/v1/__init__.py: $(PROTOS) setup.py $(STAMP)
 	$(PY) setup.py --quiet build_protos
