@@ -287,15 +287,15 @@ def open_source(conn: Conn) -> Iterator[Source]:
     if conn.from_file is not None:
         yield LocalSource.from_export(conn.from_file)
         return
-    from keyquorum.client.tls import channel_credentials
+    from keyquorum.cli.connect import make_endpoint, open_channel
 
     if conn.ca is None or conn.cert is None or conn.key is None:
         raise InvalidInputError(
             "the audit service needs mTLS: give --ca, and your auditor --cert and --key"
         )
     assert conn.server is not None
-    creds = channel_credentials(conn.ca, client_cert=conn.cert, client_key=conn.key)
-    with grpc.secure_channel(conn.server, creds) as channel:
+    endpoint = make_endpoint(conn.server, conn.ca, False, cert=conn.cert, key=conn.key)
+    with open_channel(endpoint) as channel:
         yield RemoteSource(channel)
 
 

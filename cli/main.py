@@ -19,6 +19,7 @@ and so does a command whose extra is missing (`server` needs
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Final, NamedTuple
 
@@ -91,6 +92,23 @@ COMMANDS: Final[dict[str, _Command]] = {
 }
 
 
+#: Commands that run a daemon: gRPC's C core logs there, relayed into the
+#: daemon's log (hsm/stderr_relay.py), as GRPC_VERBOSITY says.
+DAEMON_COMMANDS: Final = frozenset({"server", "demo"})
+
+
+def quiet_grpc_core(name: str) -> None:
+    """Keep the gRPC C core's own lines off a client command's terminal.
+
+    Set before the command's module imports grpc: a handshake failure is
+    explained by the CLI in its own words (cli/connect.py, cli/diagnose.py),
+    not by "ssl_transport_security.cc: Handshake failed". Set
+    KEYQUORUM_GRPC_VERBOSITY=DEBUG|INFO|ERROR to see the C core's lines again.
+    """
+    if name not in DAEMON_COMMANDS:
+        os.environ["GRPC_VERBOSITY"] = os.environ.get("KEYQUORUM_GRPC_VERBOSITY", "NONE")
+
+
 def load_command(name: str) -> click.Command:
     """Import the module of command `name` and return its click command."""
     entry = COMMANDS[name]
@@ -132,6 +150,7 @@ class _Group(click.Group):
     ) -> click.Command | None:
         if cmd_name not in COMMANDS:
             return None
+        quiet_grpc_core(cmd_name)
         return load_command(cmd_name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

@@ -43,7 +43,14 @@ def code_for(error: e.KeyquorumError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+#: Trailing metadata on every error the daemon answers with: the error's
+#: class name, so a client tells "the daemon answered UNAVAILABLE (its store
+#: is down)" from "the daemon could not be reached" (cli/connect.py).
+ERROR_METADATA = "keyquorum-error"
+
+
 def abort_with(context: grpc.ServicerContext, error: e.KeyquorumError) -> NoReturn:
-    """End the call with the status code and message of `error`."""
+    """End the call with the status code and message of `error`, marked as the daemon's."""
+    context.set_trailing_metadata(((ERROR_METADATA, type(error).__name__),))
     context.abort(code_for(error), str(error))
     raise AssertionError("grpc context.abort returned")  # pragma: no cover
