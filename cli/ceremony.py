@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
+from keyquorum.cli.output import document, emit, json_option, person
+from keyquorum.quorum import people
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
@@ -57,22 +60,27 @@ def init(
     click.echo(f"deployment {deployment}: {threshold} of {len(result.roster)} custodians")
     click.echo(f"master key commitment: {result.master_key_commitment}")
     for c in result.roster:
-        click.echo(f"  share {c.share_index}: {c.name} {c.fingerprint[:16]}")
+        click.echo(f"  share {c.share_index}: {people.label(c.name, c.fingerprint)}")
     click.echo("each custodian now runs: keyquorum custodian confirm")
 
 
 @click.command("status")
 @endpoint_options
-def status(server: str, ca: Path | None, insecure_dev_plaintext: bool) -> None:
-    """Show whether the daemon is sealed, unseal progress and the ceremony.
+@json_option
+def status(server: str, ca: Path | None, insecure_dev_plaintext: bool, as_json: bool) -> None:
+    """Show whether the daemon is sealed, unseal progress, the roster and the log key.
 
     \b
     Example:
       keyquorum status --server kq.example:7443 --ca ca.crt
+      keyquorum status --server kq.example:7443 --ca ca.crt --json
     """
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
     with open_channel(endpoint) as channel, rpc_errors():
         s = pb_grpc.CustodianServiceStub(channel).GetStatus(pb.GetStatusRequest())
+    if as_json:
+        emit(status_document(s))
+        return
     if not s.initialized:
         click.echo("not initialised: run `keyquorum ceremony init`")
         return
@@ -82,6 +90,34 @@ def status(server: str, ca: Path | None, insecure_dev_plaintext: bool) -> None:
         click.echo(f"unseal progress: {s.unseal_progress} of {s.threshold}")
     click.echo(f"ceremony confirmed by {s.confirmed_count} of {s.custodian_count}")
     click.echo(f"log size: {s.log_size}")
+    click.echo(f"log key: {s.log_key}")
+    click.echo(f"roster: {s.threshold} of {s.custodian_count} custodians unseal")
     for c in s.roster:
         mark = "confirmed" if c.confirmed else "not confirmed"
-        click.echo(f"  share {c.share_index}: {c.name} {c.fingerprint[:16]} ({mark})")
+        click.echo(f"  share {c.share_index}: {people.label(c.name, c.fingerprint)}, {mark}")
+
+
+def status_document(s: pb.Status) -> dict[str, Any]:
+    """`status --json` (docs/schemas/status.schema.json)."""
+    return document(
+        "status",
+        initialized=s.initialized,
+        sealed=s.sealed,
+        deployment=s.deployment,
+        replica=s.replica,
+        threshold=s.threshold,
+        custodian_count=s.custodian_count,
+        unseal_progress=s.unseal_progress,
+        confirmed_count=s.confirmed_count,
+        log_size=s.log_size,
+        log_key=s.log_key,
+        checkpoint=s.checkpoint,
+        roster=[
+            {
+                "share_index": c.share_index,
+                "confirmed": c.confirmed,
+                **person(c.name, c.fingerprint),
+            }
+            for c in s.roster
+        ],
+    )

@@ -10,8 +10,9 @@ from pathlib import Path
 import click
 
 from keyquorum.cli import custodian_actions as actions
-from keyquorum.cli import seen_checkpoints
+from keyquorum.cli import display, seen_checkpoints
 from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
+from keyquorum.cli.output import document, emit, json_option, person
 from keyquorum.cli.passphrase import passphrase_options, read_passphrase
 from keyquorum.cli.proposal import describe_result
 from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
@@ -20,7 +21,6 @@ from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
 PRIVATE_SUFFIX = ".kqcred"
-STATEMENT_HEADER = "keyquorum statement v1: "
 PUBLIC_SUFFIX = ".pub.json"
 
 
@@ -50,10 +50,13 @@ def _unlocker(
     path: Path, passphrase_file: Path | None, passphrase_fd: int | None
 ) -> actions.Unlock:
     def unlock(statement: str) -> CustodianCredential:
-        if statement.startswith(STATEMENT_HEADER):
-            click.echo("You are about to sign exactly this statement:", err=True)
-            click.echo("", err=True)
-        click.echo(statement, err=True)
+        if display.is_statement(statement):
+            for line in display.statement_block(
+                statement, heading="You are about to sign exactly this statement"
+            ):
+                click.echo(line, err=True)
+        else:
+            click.echo(statement, err=True)
         data = path.read_bytes()
         with read_passphrase(
             file=passphrase_file, fd=passphrase_fd, prompt=f"Passphrase for {path.name}"
@@ -64,9 +67,8 @@ def _unlocker(
 
 
 def _show_signing(statement: str) -> None:
-    click.echo("Signing exactly this statement:", err=True)
-    click.echo("", err=True)
-    click.echo(statement, err=True)
+    for line in display.statement_block(statement, heading="Signing exactly this statement"):
+        click.echo(line, err=True)
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
@@ -129,17 +131,24 @@ def new(name: str, out_dir: Path, passphrase_file: Path | None, passphrase_fd: i
 
 @custodian.command("show")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def show(path: Path) -> None:
+@json_option
+def show(path: Path, as_json: bool) -> None:
     """Show the name and fingerprint of a public credential file.
+
+    The fingerprint is the one read aloud at enrolment and shown beside the
+    name everywhere else; `--json` adds the full SHA-256 for machines.
 
     \b
     Example:
       keyquorum custodian show ~/.keyquorum/alice.pub.json
     """
     public = PublicCredential.from_bytes(path.read_bytes())
+    if as_json:
+        emit(document("custodian", **person(public.name, public.fingerprint)))
+        return
     click.echo(f"name:        {public.name}")
     click.echo(f"fingerprint: {public.short_fingerprint}")
-    click.echo(f"full:        {public.fingerprint}")
+    click.echo(f"shown as:    {public.label}")
 
 
 @custodian.command("confirm")
@@ -169,7 +178,7 @@ def confirm_cmd(
         stub = pb_grpc.CustodianServiceStub(channel)
         result = actions.confirm(
             stub,
-            public_for(credential_path).fingerprint,
+            public_for(credential_path),
             _unlocker(credential_path, passphrase_file, passphrase_fd),
         )
     click.echo(
@@ -290,7 +299,7 @@ def seal_cmd(
         stub = pb_grpc.CustodianServiceStub(channel)
         actions.seal(
             stub,
-            public_for(credential_path).fingerprint,
+            public_for(credential_path),
             _unlocker(credential_path, passphrase_file, passphrase_fd),
             reason=reason,
             now=int(time.time()),

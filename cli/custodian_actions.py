@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from keyquorum.cli.connect import rpc_errors
-from keyquorum.quorum import canonical, shamir, statements
+from keyquorum.quorum import canonical, operations, shamir, statements
 from keyquorum.quorum import log as qlog
 from keyquorum.quorum.credentials import CustodianCredential
-from keyquorum.quorum.errors import InvalidInputError, StateError
+from keyquorum.quorum.errors import DeserializationError, InvalidInputError, StateError
 from keyquorum.quorum.sealing import SealingPublicKey
 from keyquorum.quorum.secret import SecretBytes
 from keyquorum.quorum.unseal import session_info
@@ -60,18 +60,19 @@ def fetch_and_check_share(
 
 
 def confirm(
-    stub: pb_grpc.CustodianServiceStub, fingerprint: str, unlock: Unlock
+    stub: pb_grpc.CustodianServiceStub, public: statements.Named, unlock: Unlock
 ) -> pb.ConfirmShareResponse:
     """Check one's own share after the ceremony and log a signed acknowledgement.
 
     The statement is shown (through `unlock`) before the credential is
     unlocked; the share is then checked locally before anything is signed.
     """
+    fingerprint = public.fingerprint
     with rpc_errors():
         enc = stub.GetEncryptedShare(pb.GetEncryptedShareRequest(custodian=fingerprint))
     statement = statements.confirm_share_statement(
         deployment=enc.deployment,
-        custodian=fingerprint,
+        custodian=public,
         split_id=bytes.fromhex(enc.split_id),
         index=enc.index,
     )
@@ -129,7 +130,7 @@ def submit_share(
         share.wipe()
     statement = statements.unseal_share_statement(
         deployment=session.deployment,
-        custodian=fingerprint,
+        custodian=credential.public(),
         replica=session.replica,
         session=session_id,
         session_log_size=session.log_size,
@@ -154,7 +155,7 @@ def submit_share(
 
 def seal(
     stub: pb_grpc.CustodianServiceStub,
-    fingerprint: str,
+    public: statements.Named,
     unlock: Unlock,
     *,
     reason: str,
@@ -169,11 +170,12 @@ def seal(
     The exact statement is shown (through `unlock`) before the credential is
     unlocked: what you see is what you sign.
     """
+    fingerprint = public.fingerprint
     with rpc_errors():
         status = stub.GetStatus(pb.GetStatusRequest())
     statement = statements.seal_statement(
         deployment=status.deployment,
-        custodian=fingerprint,
+        custodian=public,
         replica=replica or status.replica,
         reason=reason,
         requested_at=now,
@@ -198,11 +200,13 @@ def proposal_statement(proposal: pb.Proposal, verdict: str) -> statements.Statem
     """The statement to sign on `proposal`, checked here before it is shown.
 
     The daemon sends the text; this rebuilds it from the proposal's own
-    fields (`ApprovalRequest`, the same code the daemon and replay use) and
-    refuses to go on if the two differ, so what the custodian reads is
-    exactly what the signature covers and what the daemon will verify. A
-    daemon that lied about the fields would only get a signature that
-    verifies for no proposal in its log.
+    fields and its context (roster and threshold at the proposal, the
+    custodians it adds; `ApprovalRequest`, the same code the daemon and
+    replay use) and refuses to go on if the two differ, so what the
+    custodian reads is exactly what the signature covers and what the
+    daemon will verify. A daemon that lied about the fields or the context
+    would only get a signature that verifies for no proposal in its log
+    (replay renders the statement from the log itself).
     """
     if verdict not in statements.VERDICTS:
         raise InvalidInputError(f"verdict must be one of {statements.VERDICTS}")
@@ -212,13 +216,22 @@ def proposal_statement(proposal: pb.Proposal, verdict: str) -> statements.Statem
         proposal_id = bytes.fromhex(proposal.id)
     except ValueError:
         raise InvalidInputError("the daemon sent a proposal id that is not hex") from None
+    try:
+        context = statements.ApprovalContext.from_json(canonical.decode(proposal.context))
+        parameters = operations.parameters_from_text(
+            proposal.operation, [(p.key, p.value) for p in proposal.parameters]
+        )
+    except DeserializationError as e:
+        raise InvalidInputError(f"the daemon sent a proposal that does not parse: {e}") from None
     request = statements.ApprovalRequest.from_mapping(
         deployment=proposal.deployment,
         proposal_id=proposal_id,
         operation=proposal.operation,
-        parameters={p.key: p.value for p in proposal.parameters},
+        parameters=dict(parameters),
         log_position=proposal.log_position,
+        proposed_at=proposal.proposed_at,
         expires_at=proposal.expires_at,
+        context=context,
     )
     rebuilt = request.statement(verdict)
     if rebuilt.render() != shown.render() or shown.kind != verdict:

@@ -11,15 +11,18 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import click
 
+from keyquorum.cli import display
 from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
-from keyquorum.quorum import canonical
+from keyquorum.cli.output import document, emit, json_option, person
+from keyquorum.quorum import canonical, people
 from keyquorum.quorum.credentials import PublicCredential
-from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.quorum.errors import InvalidInputError, KeyquorumError
 from keyquorum.quorum.operations import OPERATIONS
-from keyquorum.quorum.statements import render_time
+from keyquorum.quorum.statements import ApprovalContext, Person, render_time
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
@@ -44,18 +47,72 @@ def parse_param(text: str) -> tuple[str, str]:
 
 def describe(p: pb.Proposal) -> list[str]:
     """A proposal in a few lines, for people."""
-    params = ", ".join(f"{x.key}={x.value}" for x in p.parameters)
+    params = ", ".join(f"{x.key}={_shown_value(x.key, x.value)}" for x in p.parameters)
     lines = [
         f"proposal {p.id}: {p.operation} ({params})",
         f"  status:    {p.status}; approvals {len(p.approved_by)} of {p.required}"
         + (f", refusals {len(p.refused_by)}" if p.refused_by else ""),
-        f"  proposed:  by {p.proposer} at log position {p.log_position}, "
-        f"{render_time(p.proposed_at)}",
+        f"  proposed:  at log position {p.log_position}, {render_time(p.proposed_at)}, "
+        f"by {p.proposer!r} (unsigned text: anyone can write it)",
         f"  expires:   {render_time(p.expires_at)}",
     ]
     if p.status == "executed":
         lines.append(f"  executed:  entry {p.executed_seq}: {describe_result(p)}")
     return lines
+
+
+def _shown_value(key: str, value: str) -> str:
+    """A parameter for people: a roster's fingerprints in their people's form."""
+    if key != "roster":
+        return value
+    try:
+        return "[" + " ".join(people.display_fingerprint(f) for f in value.split(",")) + "]"
+    except InvalidInputError:
+        return value
+
+
+def _people(p: pb.Proposal) -> dict[str, Person]:
+    """Everyone the proposal's context names (roster at the proposal, newcomers)."""
+    try:
+        context = ApprovalContext.from_json(canonical.decode(p.context))
+    except KeyquorumError:
+        return {}
+    return {x.fingerprint: x for x in (*context.roster, *context.newcomers)}
+
+
+def _who(known: dict[str, Person], fingerprint: str) -> str:
+    found = known.get(fingerprint)
+    if found is not None:
+        return found.label
+    try:
+        return f"? ({people.display_fingerprint(fingerprint)})"
+    except InvalidInputError:
+        return "?"
+
+
+def proposal_document(p: pb.Proposal) -> dict[str, Any]:
+    """One proposal for machines (docs/schemas/proposal.schema.json)."""
+    known = _people(p)
+    names = {fp: x.name for fp, x in known.items()}
+    result = canonical.decode(p.result) if p.result else None
+    return {
+        "id": p.id,
+        "deployment": p.deployment,
+        "operation": p.operation,
+        "parameters": {x.key: x.value for x in p.parameters},
+        "log_position": p.log_position,
+        "proposed_at": p.proposed_at,
+        "expires_at": p.expires_at,
+        "proposer": p.proposer,
+        "status": p.status,
+        "required": p.required,
+        "approved_by": [person(names.get(fp, "?"), fp) for fp in p.approved_by],
+        "refused_by": [person(names.get(fp, "?"), fp) for fp in p.refused_by],
+        "approve_statement": p.approve_statement,
+        "refuse_statement": p.refuse_statement,
+        "executed_seq": p.executed_seq if p.status == "executed" else None,
+        "result": result if isinstance(result, dict) else None,
+    }
 
 
 def describe_result(p: pb.Proposal) -> str:
@@ -163,16 +220,18 @@ def new(
         click.echo(line)
     click.echo("")
     click.echo("Custodians approve it with: keyquorum custodian approve " + p.id)
-    click.echo("They will sign exactly this statement:")
-    click.echo("")
-    click.echo(p.approve_statement, nl=False)
+    for line in display.statement_block(
+        p.approve_statement, heading="They will sign exactly this statement"
+    ):
+        click.echo(line)
 
 
 @proposal.command("list")
 @endpoint_options
 @click.option("--all", "include_closed", is_flag=True, help="Also executed, cancelled, expired.")
+@json_option
 def list_cmd(
-    server: str, ca: Path | None, insecure_dev_plaintext: bool, include_closed: bool
+    server: str, ca: Path | None, insecure_dev_plaintext: bool, include_closed: bool, as_json: bool
 ) -> None:
     """List proposals open for approval (or all of them).
 
@@ -185,6 +244,10 @@ def list_cmd(
         response = pb_grpc.CustodianServiceStub(channel).ListProposals(
             pb.ListProposalsRequest(include_closed=include_closed)
         )
+    if as_json:
+        proposals = [proposal_document(p) for p in response.proposals]
+        emit(document("proposals", include_closed=include_closed, proposals=proposals))
+        return
     if not response.proposals:
         click.echo("no proposals" if include_closed else "no open proposals")
     for p in response.proposals:
@@ -195,28 +258,37 @@ def list_cmd(
 @proposal.command("show")
 @endpoint_options
 @click.argument("proposal_id")
-def show(server: str, ca: Path | None, insecure_dev_plaintext: bool, proposal_id: str) -> None:
+@json_option
+def show(
+    server: str, ca: Path | None, insecure_dev_plaintext: bool, proposal_id: str, as_json: bool
+) -> None:
     """Show one proposal and the exact statement an approval signs.
 
     \b
     Example:
-      keyquorum proposal show 3f2a9c0d1e2b4a5f --server kq.example:7443 --ca ca.crt
+      keyquorum proposal show 3f2a9c0e5d7b41a68c2e0f1b9d3a7c55 --server kq.example:7443 \\
+          --ca ca.crt
     """
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
     with open_channel(endpoint) as channel, rpc_errors():
         p = pb_grpc.CustodianServiceStub(channel).GetProposal(
             pb.GetProposalRequest(id=proposal_id.lower())
         )
+    if as_json:
+        emit(document("proposal", proposal=proposal_document(p)))
+        return
     for line in describe(p):
         click.echo(line)
+    known = _people(p)
     for who in p.approved_by:
-        click.echo(f"  approved by {who[:16]}")
+        click.echo(f"  approved by {_who(known, who)}")
     for who in p.refused_by:
-        click.echo(f"  refused by  {who[:16]}")
+        click.echo(f"  refused by  {_who(known, who)}")
     click.echo("")
-    click.echo("Statement signed to approve it:")
-    click.echo("")
-    click.echo(p.approve_statement, nl=False)
+    for line in display.statement_block(
+        p.approve_statement, heading="Statement signed to approve it"
+    ):
+        click.echo(line)
 
 
 @click.group()
@@ -226,7 +298,8 @@ def tenant() -> None:
 
 @tenant.command("list")
 @endpoint_options
-def tenant_list(server: str, ca: Path | None, insecure_dev_plaintext: bool) -> None:
+@json_option
+def tenant_list(server: str, ca: Path | None, insecure_dev_plaintext: bool, as_json: bool) -> None:
     """List tenants: versions, activation, grants, destruction.
 
     \b
@@ -236,6 +309,9 @@ def tenant_list(server: str, ca: Path | None, insecure_dev_plaintext: bool) -> N
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
     with open_channel(endpoint) as channel, rpc_errors():
         response = pb_grpc.CustodianServiceStub(channel).ListTenants(pb.ListTenantsRequest())
+    if as_json:
+        emit(document("tenants", tenants=[_tenant_document(t) for t in response.tenants]))
+        return
     if not response.tenants:
         click.echo("no tenants")
     for t in response.tenants:
@@ -253,3 +329,16 @@ def tenant_list(server: str, ca: Path | None, insecure_dev_plaintext: bool) -> N
         click.echo(f"  versions: {t.versions}" + (disabled if t.disabled_versions else ""))
         backends = ", ".join(f"keyquorum://backend/{b}" for b in t.backends) or "none"
         click.echo(f"  granted:  {backends}")
+
+
+def _tenant_document(t: pb.Tenant) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "versions": t.versions,
+        "disabled_versions": list(t.disabled_versions),
+        "active_until": t.active_until or None,
+        "unwrapped": t.unwrapped,
+        "destroy_at": t.destroy_at or None,
+        "destroyed": t.destroyed,
+        "backends": list(t.backends),
+    }

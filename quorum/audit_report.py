@@ -528,7 +528,7 @@ def build_report(
     proposals = []
     last_time = times[-1]
     for prop in state.proposals.values():
-        request = request_for(prop, state.deployment)
+        request = request_for(prop, state)
         executed = executions.get(prop.id)
         outcome_seq: int | None = None
         if executed is not None:

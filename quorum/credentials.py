@@ -43,7 +43,6 @@ Public file: RFC 8785 canonical JSON (`canonical.py`):
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import secrets
@@ -53,7 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from keyquorum.quorum import aead, canonical
+from keyquorum.quorum import aead, canonical, people
 from keyquorum.quorum.errors import (
     DecryptionError,
     DeserializationError,
@@ -195,11 +194,16 @@ class PublicCredential:
     def short_fingerprint(self) -> str:
         """The first 80 bits of the fingerprint as 4 groups of 4 base32 characters.
 
-        Read aloud at the ceremony to compare files ("ABCD-EFGH-IJKL-MNOP").
-        Base32 (RFC 4648, section 6) avoids 0/O and 1/I/L confusion.
+        Read aloud at the ceremony to compare files ("ABCD-EFGH-IJKL-MNOP"),
+        and the one form people see everywhere after (`people.py`). Base32
+        (RFC 4648, section 6) avoids 0/O and 1/I/L confusion.
         """
-        text = base64.b32encode(hashlib.sha256(self._encoded).digest()[:10]).decode("ascii")
-        return "-".join(text[i : i + 4] for i in range(0, 16, 4))
+        return people.display_fingerprint(self.fingerprint)
+
+    @property
+    def label(self) -> str:
+        """`alice (FKAO-JAYM-D5SP-FPYZ)`: how people see this custodian (`people.label`)."""
+        return people.label(self.name, self.fingerprint)
 
     def __repr__(self) -> str:
         return f"<PublicCredential {self.name!r} {self.short_fingerprint}>"

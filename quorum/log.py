@@ -369,36 +369,60 @@ class SealPayload:
 
 @dataclass(frozen=True)
 class ProposalPayload:
-    """A request for a quorum operation; its log position is its entry's seq."""
+    """A request for a quorum operation; its log position is its entry's seq.
+
+    A `change-roster` proposal also carries `credentials`: the public
+    credentials of the custodians its roster adds (those not on the roster
+    in force), in roster order, so that the statement custodians sign can
+    name them and the daemon knows them after a restart. Other operations
+    carry no such field.
+    """
 
     id: bytes
     operation: str
     parameters: Parameters
     expires_at: int
     proposer: str
+    credentials: tuple[PublicCredential, ...] = ()
 
     TYPE = "proposal"
     KEYS = ("expires_at", "id", "operation", "parameters", "proposer")
+    ROSTER_KEYS = (*KEYS, "credentials")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "expires_at": self.expires_at,
             "id": self.id.hex(),
             "operation": self.operation,
             "parameters": dict(self.parameters),
             "proposer": self.proposer,
         }
+        if self.operation == "change-roster":
+            out["credentials"] = [c.to_json() for c in self.credentials]
+        return out
 
     @classmethod
     def from_json(cls, value: object) -> ProposalPayload:
-        obj = read_object(value, field="payload", keys=cls.KEYS)
-        name = operation(obj["operation"]).name
+        if not isinstance(value, dict):
+            raise DeserializationError("payload: expected an object")
+        name = operation(value.get("operation")).name
+        roster_change = name == "change-roster"
+        obj = read_object(
+            value, field="payload", keys=cls.ROSTER_KEYS if roster_change else cls.KEYS
+        )
+        credentials: tuple[PublicCredential, ...] = ()
+        if roster_change:
+            items = read_list(obj["credentials"], field="credentials", low=0, high=MAX_ROSTER)
+            credentials = tuple(
+                read_credential(v, field=f"credentials[{i}]") for i, v in enumerate(items)
+            )
         return cls(
             id=read_hex(obj["id"], field="id", size=ID_LEN),
             operation=name,
             parameters=parse_parameters(name, obj["parameters"]),
             expires_at=read_int(obj["expires_at"], field="expires_at"),
             proposer=read_str(obj["proposer"], field="proposer"),
+            credentials=credentials,
         )
 
 

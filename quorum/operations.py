@@ -23,8 +23,9 @@ Parameters are a flat JSON object of strings and integers so that the
 approval statement a custodian reads shows every one of them
 (`statements.ApprovalRequest`). The `roster` parameter of `change-roster`
 is the new custodians' fingerprints, comma-separated, in share-index order;
-the full public credentials arrive in the execution's result and must match
-them one for one.
+the proposal entry carries the public credentials of those not on the
+roster in force (so that their names are in what custodians sign), and the
+execution's result carries all of them, matching the list one for one.
 
 This module also holds the strict JSON field readers used by `log.py`
 (`read_object`, `read_int`, ...): every one raises `DeserializationError`
@@ -42,7 +43,7 @@ from keyquorum.quorum.credentials import PublicCredential
 from keyquorum.quorum.errors import DeserializationError, InvalidInputError, KeyquorumError
 from keyquorum.quorum.shamir import SplitCommitments
 from keyquorum.quorum.statements import MAX_TIMESTAMP as MAX_TIME
-from keyquorum.quorum.statements import ApprovalRequest
+from keyquorum.quorum.statements import ApprovalContext, ApprovalRequest, Person
 
 # Upper bound of every time and duration in the log: 9999-12-31T23:59:59Z.
 # Keeps `time + duration` inside RFC 8785's exact integer range (section 3.2.2.3).
@@ -348,6 +349,30 @@ def parse_parameters(name: str, value: object, *, field: str = "parameters") -> 
     return tuple(checked)
 
 
+#: Parameters that are integers in the log and decimal text on the wire.
+INTEGER_PARAMETERS = frozenset({"duration_seconds", "threshold", "version"})
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,15}")
+
+
+def parameters_from_text(name: str, pairs: Sequence[tuple[str, str]]) -> Parameters:
+    """Parameters as the wire carries them (all text) read into their logged types.
+
+    The integer ones must be plain decimal; then the operation's schema
+    (`parse_parameters`). DeserializationError names what is wrong.
+    """
+    values: dict[str, str | int] = {}
+    for key, value in pairs:
+        if key in values:
+            raise DeserializationError(f"parameter {key!r} is given twice")
+        if key in INTEGER_PARAMETERS:
+            if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
+                raise DeserializationError(f"parameter {key!r} must be a decimal integer")
+            values[key] = int(value)
+        else:
+            values[key] = value
+    return parse_parameters(name, values)
+
+
 def check_parameters(name: str, parameters: Parameters, policy: Policy) -> Parameters:
     """Schema check plus the policy bounds: what a proposal must pass to be logged.
 
@@ -632,23 +657,67 @@ class ProposalLike(Protocol):
     def parameters(self) -> Parameters: ...
 
     @property
+    def time(self) -> int: ...
+
+    @property
     def expires_at(self) -> int: ...
 
     @property
     def log_position(self) -> int: ...
 
+    @property
+    def credentials(self) -> tuple[PublicCredential, ...]: ...
 
-def request_for(proposal: ProposalLike, deployment: str) -> ApprovalRequest:
-    """The request custodians sign for a logged proposal.
+
+class EpochLike(Protocol):
+    """A roster in force (replay's `RosterEpoch` is one)."""
+
+    @property
+    def threshold(self) -> int: ...
+
+    @property
+    def roster(self) -> tuple[PublicCredential, ...]: ...
+
+
+class LogLike(Protocol):
+    """What `request_for` needs of the replayed log (replay's `LogState` is one)."""
+
+    @property
+    def deployment(self) -> str: ...
+
+    @property
+    def policy(self) -> Policy | None: ...
+
+    def roster_at(self, position: int) -> EpochLike: ...
+
+
+def request_for(proposal: ProposalLike, log: LogLike) -> ApprovalRequest:
+    """The request custodians sign for a logged proposal, with what the log says around it.
 
     Its log position is the proposal entry's sequence number, so a signature
-    cannot be moved to an identical proposal made at another point of the log.
+    cannot be moved to an identical proposal made at another point of the
+    log. The context is the roster and threshold in force at that position
+    (a roster change cancels every other pending proposal, so it is also the
+    one in force for every verdict), the policy's destroy wait, and the
+    custodians the proposal adds (their credentials are in its entry).
     """
+    if log.policy is None:
+        raise InvalidInputError("the log has no genesis: no policy, no roster")
+    epoch = log.roster_at(proposal.log_position)
+    context = ApprovalContext(
+        roster=tuple(Person.of(c) for c in epoch.roster),
+        threshold=epoch.threshold,
+        approvals_needed=operation(proposal.operation).required_approvals(epoch.threshold),
+        destroy_wait_seconds=log.policy.destroy_wait_seconds,
+        newcomers=tuple(Person.of(c) for c in proposal.credentials),
+    )
     return ApprovalRequest.from_mapping(
-        deployment=deployment,
+        deployment=log.deployment,
         proposal_id=proposal.id,
         operation=proposal.operation,
         parameters=dict(proposal.parameters),
         log_position=proposal.log_position,
+        proposed_at=proposal.time,
         expires_at=proposal.expires_at,
+        context=context,
     )

@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from keyquorum.quorum import people
 from keyquorum.quorum.checkpoint import NoteVerifier, parse_verifier_key, verify_checkpoint
 from keyquorum.quorum.credentials import PublicCredential
 from keyquorum.quorum.errors import (
@@ -125,6 +126,11 @@ __all__ = [
 ]
 
 
+def _fp(fingerprint: str) -> str:
+    """The people's form of a fingerprint, for messages (`people.display_fingerprint`)."""
+    return people.display_fingerprint(fingerprint)
+
+
 class _RefusedError(Exception):
     """Internal: one check failed; `Replayer` turns it into LogIntegrityError(seq).
 
@@ -164,7 +170,7 @@ class RosterEpoch:
     def credential(self, fingerprint: str) -> PublicCredential:
         index = self._index.get(fingerprint)
         if index is None:
-            raise NotOnRosterError(f"custodian {fingerprint[:16]} is not on the roster")
+            raise NotOnRosterError(f"custodian {_fp(fingerprint)} is not on the roster")
         return self.roster[index - 1]
 
     @property
@@ -244,6 +250,8 @@ class Proposal:
     approvals: Mapping[str, int] = field(default_factory=dict)
     refusals: Mapping[str, int] = field(default_factory=dict)
     status: Literal["pending", "executed", "cancelled"] = "pending"
+    #: change-roster: the public credentials of the custodians it adds.
+    credentials: tuple[PublicCredential, ...] = ()
 
     def is_pending(self, now: int) -> bool:
         return self.status == "pending" and now < self.expires_at
@@ -311,6 +319,17 @@ class LogState:
         if not self.rosters:
             raise StateError("the log has no genesis yet")
         return self.rosters[-1]
+
+    def roster_at(self, position: int) -> RosterEpoch:
+        """The roster in force at entry `position` (the last change at or before it)."""
+        if not self.rosters:
+            raise StateError("the log has no genesis yet")
+        found = self.rosters[0]
+        for epoch in self.rosters:
+            if epoch.seq > position:
+                break
+            found = epoch
+        return found
 
     @property
     def roster(self) -> tuple[PublicCredential, ...]:
@@ -471,23 +490,28 @@ class _Check:
             raise _RefusedError("no policy: the log has no genesis")
         return policy
 
-    def _signed(self, statement: Statement, custodian: str, signature: bytes) -> None:
-        """Step 1: a custodian of the roster in force signed exactly `statement`."""
-        epoch = self.state.epoch
+    def _member(self, custodian: str, what: str) -> PublicCredential:
+        """Step 1: the custodian is on the roster in force; their credential."""
         try:
-            credential = epoch.credential(custodian)
-            signed = SignedStatement(custodian, HybridSignature.from_bytes(signature))
-            verify_statement(statement, signed, credential)
+            return self.state.epoch.credential(custodian)
         except KeyquorumError as e:
-            raise _RefusedError(e, context=f"{statement.kind} by {custodian[:16]}") from e
+            raise _RefusedError(e, context=f"{what} by {_fp(custodian)}") from e
+
+    def _signed(self, statement: Statement, custodian: PublicCredential, signature: bytes) -> None:
+        """Step 1: a custodian of the roster in force signed exactly `statement`."""
+        try:
+            signed = SignedStatement(custodian.fingerprint, HybridSignature.from_bytes(signature))
+            verify_statement(statement, signed, custodian)
+        except KeyquorumError as e:
+            raise _RefusedError(e, context=f"{statement.kind} by {custodian.label}") from e
 
     def _who(self, fingerprint: str) -> str:
-        """A custodian as people read them: name and fingerprint prefix."""
+        """A custodian as people read them: `custodian alice (FKAO-JAYM-D5SP-FPYZ)`."""
         for epoch in reversed(self.state.rosters):
             index = epoch.share_index(fingerprint)
             if index is not None:
-                return f"custodian {epoch.roster[index - 1].name} ({fingerprint[:16]})"
-        return f"custodian {fingerprint[:16]}"
+                return f"custodian {epoch.roster[index - 1].label}"
+        return f"custodian {_fp(fingerprint)}"
 
     def _tenant(self, name: str, *, usable: bool = True) -> Tenant:
         """An existing, not destroyed tenant (and, if `usable`, not being destroyed)."""
@@ -560,16 +584,17 @@ class _Check:
         held = epoch.share_index(p.custodian)
         if held is not None and held != p.index:
             raise _RefusedError(
-                InvalidInputError(f"custodian {p.custodian[:16]} holds share {held}, not {p.index}")
+                InvalidInputError(f"custodian {_fp(p.custodian)} holds share {held}, not {p.index}")
             )
         if p.custodian in state.confirmations:
             raise _RefusedError(
-                InvalidInputError(f"custodian {p.custodian[:16]} already confirmed their share")
+                InvalidInputError(f"custodian {_fp(p.custodian)} already confirmed their share")
             )
+        member = self._member(p.custodian, "confirm-share")
         statement = confirm_share_statement(
-            deployment=state.deployment, custodian=p.custodian, split_id=p.split_id, index=p.index
+            deployment=state.deployment, custodian=member, split_id=p.split_id, index=p.index
         )
-        self._signed(statement, p.custodian, p.signature)
+        self._signed(statement, member, p.signature)
         seq = self.entry.seq
 
         def commit(state: LogState) -> None:
@@ -588,16 +613,17 @@ class _Check:
             raise _RefusedError(f"unseal session {p.session.hex()} was used before")
         seen: set[str] = set()
         for share in p.shares:
-            who = share.custodian[:16]
+            who = _fp(share.custodian)
             if share.custodian in seen:
                 raise _RefusedError(f"custodian {who} takes part twice")
             seen.add(share.custodian)
             index = epoch.share_index(share.custodian)
             if index is not None and index != share.index:
                 raise _RefusedError(f"custodian {who} holds share {index}, not {share.index}")
+            member = self._member(share.custodian, "unseal-share")
             statement = unseal_share_statement(
                 deployment=state.deployment,
-                custodian=share.custodian,
+                custodian=member,
                 replica=p.replica,
                 session=p.session,
                 session_log_size=p.session_log_size,
@@ -605,7 +631,7 @@ class _Check:
                 index=share.index,
                 ciphertext_sha256=share.ciphertext_sha256,
             )
-            self._signed(statement, share.custodian, share.signature)
+            self._signed(statement, member, share.signature)
         if len(seen) < epoch.threshold:
             raise _RefusedError(
                 f"unsealed with {len(seen)} custodians, the threshold is {epoch.threshold}"
@@ -629,16 +655,17 @@ class _Check:
             digest = seal_request_digest(p.signature)
             if digest in state.seal_requests:
                 raise _RefusedError(
-                    ReplayError(f"seal request by {p.custodian[:16]} was already used")
+                    ReplayError(f"seal request by {_fp(p.custodian)} was already used")
                 )
+            member = self._member(p.custodian, "seal")
             statement = seal_statement(
                 deployment=state.deployment,
-                custodian=p.custodian,
+                custodian=member,
                 replica=p.replica,
                 reason=p.reason,
                 requested_at=p.requested_at,
             )
-            self._signed(statement, p.custodian, p.signature)
+            self._signed(statement, member, p.signature)
 
         def commit(state: LogState) -> None:
             if digest is not None:
@@ -667,6 +694,7 @@ class _Check:
         except InvalidInputError as e:
             raise _RefusedError(e, context=p.operation) from e
         self._possible(p.operation, dict(p.parameters))
+        self._newcomers(p)
         record = Proposal(
             id=p.id,
             log_position=entry.seq,
@@ -675,12 +703,38 @@ class _Check:
             parameters=p.parameters,
             expires_at=p.expires_at,
             proposer=p.proposer,
+            credentials=p.credentials,
         )
 
         def commit(state: LogState) -> None:
             state.proposals[p.id] = record
 
         return commit
+
+    def _newcomers(self, p: ProposalPayload) -> None:
+        """Step 3: a change-roster carries the credentials of exactly the custodians it adds.
+
+        In the order of its roster, each the one its fingerprint names, so
+        that the statement can name them; other operations carry none.
+        """
+        if p.operation != "change-roster":
+            if p.credentials:
+                raise _RefusedError(
+                    InvalidInputError(f"a {p.operation} proposal carries public credentials")
+                )
+            return
+        epoch = self.state.epoch
+        listed = str(dict(p.parameters)["roster"]).split(",")
+        expected = [f for f in listed if epoch.share_index(f) is None]
+        got = [c.fingerprint for c in p.credentials]
+        if got != expected:
+            raise _RefusedError(
+                InvalidInputError(
+                    "the proposal must carry the public credentials of exactly the custodians "
+                    f"it adds, in roster order: expected {len(expected)}, got {len(got)} "
+                    "or others"
+                )
+            )
 
     def _open(self, proposal_id: bytes) -> Proposal:
         """Step 2: the proposal exists, is pending, and has not expired at this entry."""
@@ -705,7 +759,7 @@ class _Check:
         # 2. Pending, unexpired, on the roster, one verdict per custodian, signed.
         proposal = self._open(p.proposal)
         epoch = state.epoch
-        who = p.custodian[:16]
+        who = _fp(p.custodian)
         if epoch.share_index(p.custodian) is None:
             raise _RefusedError(
                 NotOnRosterError(f"custodian {who} is not on the roster"), context=entry.type
@@ -715,8 +769,8 @@ class _Check:
             raise _RefusedError(ReplayError(f"{who} already approved proposal {p.proposal.hex()}"))
         if p.custodian in proposal.refusals:
             raise _RefusedError(ReplayError(f"{who} already refused proposal {p.proposal.hex()}"))
-        request = request_for(proposal, state.deployment)
         try:
+            request = request_for(proposal, state)
             signed = SignedStatement(p.custodian, HybridSignature.from_bytes(p.signature))
             if isinstance(p, ApprovalPayload):
                 members = {c.fingerprint: c for c in epoch.roster}

@@ -1,13 +1,31 @@
-"""What a custodian signs: short statements in plain text.
+"""What a custodian signs: short statements in plain text, each a sentence to check.
 
 A custodian approves, refuses, confirms a share, submits a share to unseal
 or seals the service by signing a `Statement`: a few lines of printable
 ASCII that the CLI shows, byte for byte, before it asks for the passphrase
-("what you see is what you sign"). The signature covers exactly the UTF-8
-(here: ASCII) bytes of `Statement.render()`, with the statement kind as the
-signature domain (`HybridSigningKey.sign(kind, text)`), so an approval can
-never pass as a refusal, a seal or a share confirmation; the kind is also
-the first line of the text, so a person reading it sees the same.
+("what you see is what you sign"). The signature covers exactly the ASCII
+bytes of `Statement.render()`, with the statement kind as the signature
+domain (`HybridSigningKey.sign(kind, text)`), so an approval can never pass
+as a refusal, a seal or a share confirmation; the kind is also the first
+line of the text, so a person reading it sees the same.
+
+Every statement opens with a `summary` line, one sentence in the first
+person ("I approve: make tenant acme-health's key usable for 8 h"), then
+the fields that sentence rests on. People are named in the one form of
+`people.label`, "alice (FKAO-JAYM-D5SP-FPYZ)"; a roster change lists the
+roster now and after, who is added and removed, and both thresholds; an
+activation and a destruction give the window, in UTC, in which they end or
+take effect. Times are UTC only, so the signed bytes do not depend on the
+signer's time zone: the CLI shows local times beside the statement, never
+in it.
+
+Approval statements are rendered from an `ApprovalRequest`: the proposal's
+own fields plus its `ApprovalContext` (the roster and threshold in force at
+the proposal, the policy's destroy wait, and the custodians a roster change
+adds), all of which the log holds, so the daemon, the log replay, the CLI
+and the auditor's report render the same text from the same log. How each
+operation reads is one row of `_OPERATION_TEXT`; a kind of operation with
+no row is shown parameter by parameter.
 
 The text is unambiguous by construction: the kind comes from a fixed set,
 field names are lowercase words with no colon, and every value is
@@ -15,7 +33,8 @@ non-empty printable ASCII without control characters, newlines or leading
 or trailing spaces. Each line is therefore exactly one field, split at its
 first ": ", and `Statement.parse` inverts `render` (tests check this), so
 no value can forge another line. ASCII only keeps homoglyphs, bidi
-overrides and Unicode normalisation out of what a person is asked to read.
+overrides and Unicode normalisation out of what a person is asked to read;
+names outside ASCII are escaped (`people.display_name`).
 
 `verify_approvals` is the one check of a quorum of approvals; the daemon
 and the log replay both call it.
@@ -24,13 +43,14 @@ and the log replay both call it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
+from keyquorum.quorum import people
 from keyquorum.quorum.canonical import hex_bytes
-from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
+from keyquorum.quorum.credentials import CustodianCredential, PublicCredential, check_name
 from keyquorum.quorum.errors import (
     DeserializationError,
     ExpiredError,
@@ -44,25 +64,28 @@ from keyquorum.quorum.signatures import HybridSignature, HybridVerifyKey
 
 #: The largest rendered statement, in bytes. A protocol constant, not a
 #: tunable: every verifier must accept exactly the statements every signer
-#: can produce. It fits a change-roster request naming 255 custodians by
-#: their fingerprints (about 16.5 KB on one line), with room to spare.
-MAX_STATEMENT_BYTES = 32 * 1024
+#: can produce. It fits a change-roster that replaces 255 custodians by 255
+#: others, every name 64 escaped characters (about 700 KB), with room left.
+MAX_STATEMENT_BYTES = 1024 * 1024
 
 #: The statement kinds; each is also the signature domain.
 KINDS = ("approve", "refuse", "confirm-share", "unseal-share", "seal")
 VERDICTS = ("approve", "refuse")
 
 PROPOSAL_ID_SIZE = 16
-#: 9999-12-31T23:59:59Z, the last second an ISO 8601 year of four digits shows.
+#: 9999-12-31 23:59:59 UTC, the last second an ISO 8601 year of four digits shows.
 MAX_TIMESTAMP = 253_402_300_799
 
-_HEADER = "keyquorum statement v1: "
+HEADER = "keyquorum statement v2: "
+_HEADER = HEADER
 _INDENT = "  "
 _FIELD_NAME = re.compile(r"(?:  )?[a-z0-9][a-z0-9_.-]*(?: [a-z0-9_.-]+)*")
 _OPERATION = re.compile(r"[a-z][a-z0-9-]*")
 _PARAMETER_KEY = re.compile(r"[a-z][a-z0-9_]*")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _RESERVED = ("deployment",)
+#: How `render_time` writes a time; the CLI finds them in a statement by this.
+TIME_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2} UTC")
 
 
 def _check_value(what: str, value: object) -> str:
@@ -90,6 +113,10 @@ def _check_int(what: str, value: object, low: int, high: int) -> int:
     return value
 
 
+def _fp(fingerprint: str) -> str:
+    return people.display_fingerprint(fingerprint)
+
+
 def _check_fingerprint(what: str, value: object) -> str:
     if not isinstance(value, str) or _FINGERPRINT.fullmatch(value) is None:
         raise InvalidInputError(f"{what}: expected a fingerprint of 64 lowercase hex digits")
@@ -97,14 +124,29 @@ def _check_fingerprint(what: str, value: object) -> str:
 
 
 def render_time(t: int) -> str:
-    """Render Unix seconds as ISO 8601 UTC followed by the number itself.
-
-    Both forms are shown: the date for the person, the integer for a
-    verifier comparing with the log's `time` and `expires_at` fields.
-    """
+    """Unix seconds as `2026-11-25 12:00:00 UTC`: one form, in UTC, for every time shown."""
     _check_int("time", t, 0, MAX_TIMESTAMP)
-    iso = datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return f"{iso} ({t})"
+    return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _render_bound(t: int) -> str:
+    """A computed time (a window's end), which may lie past the last one shown."""
+    return render_time(t) if t <= MAX_TIMESTAMP else "after " + render_time(MAX_TIMESTAMP)
+
+
+def render_duration(seconds: int) -> str:
+    """`8 h`, `7 days`, `1 h 30 min`, `45 s`: whole units, largest first."""
+    _check_int("duration", seconds, 0, MAX_TIMESTAMP)
+    if seconds == 0:
+        return "0 s"
+    parts = []
+    for size, one, many in ((86400, "day", "days"), (3600, "h", "h"), (60, "min", "min")):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {one if count == 1 else many}")
+    if seconds:
+        parts.append(f"{seconds} s")
+    return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -166,6 +208,10 @@ class Statement:
         """The signed bytes: `render()` encoded (ASCII, hence also UTF-8)."""
         return self.render().encode("ascii")
 
+    def field(self, name: str) -> str | None:
+        """The value of field `name` (indent included), or None."""
+        return next((value for key, value in self.fields if key == name), None)
+
     @classmethod
     def parse(cls, text: str) -> Statement:
         """Read a rendered statement back; refuses any text `render` would not produce."""
@@ -199,14 +245,141 @@ class Statement:
         return statement
 
 
+# People ----------------------------------------------------------------------
+
+
+class Named(Protocol):
+    """Anything with a custodian's name and fingerprint (a `PublicCredential`, a `Person`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Person:
+    """A custodian as a statement names them: fingerprint (64 hex) and name."""
+
+    fingerprint: str
+    name: str
+
+    def __post_init__(self) -> None:
+        _check_fingerprint("custodian", self.fingerprint)
+        check_name(self.name)
+
+    @classmethod
+    def of(cls, who: Named) -> Person:
+        return cls(who.fingerprint, who.name)
+
+    @property
+    def label(self) -> str:
+        """`alice (FKAO-JAYM-D5SP-FPYZ)` (`people.label`)."""
+        return people.label(self.name, self.fingerprint)
+
+    def to_json(self) -> dict[str, str]:
+        return {"fingerprint": self.fingerprint, "name": self.name}
+
+    @classmethod
+    def from_json(cls, value: object, *, field: str = "person") -> Person:
+        if not isinstance(value, dict) or set(value) != {"fingerprint", "name"}:
+            raise DeserializationError(f"{field}: expected {{fingerprint, name}}")
+        try:
+            return cls(value["fingerprint"], value["name"])
+        except InvalidInputError as e:
+            raise DeserializationError(f"{field}: {e}") from e
+
+
+def _labels(persons: Sequence[Person]) -> str:
+    return ", ".join(p.label for p in persons) or "nobody"
+
+
+# Approval requests -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApprovalContext:
+    """What the log says around a proposal that its statement shows.
+
+    `roster` (share-index order) and `threshold` are the ones in force at
+    the proposal's log position; `approvals_needed` is what its operation
+    needs of them (k to widen exposure, 1 to narrow it); `newcomers` are
+    the custodians a change-roster proposal adds, whose public credentials
+    its log entry carries.
+    """
+
+    roster: tuple[Person, ...]
+    threshold: int
+    approvals_needed: int
+    destroy_wait_seconds: int
+    newcomers: tuple[Person, ...] = ()
+
+    def __post_init__(self) -> None:
+        for what, group in (("roster", self.roster), ("newcomers", self.newcomers)):
+            if not isinstance(group, tuple) or not all(isinstance(p, Person) for p in group):
+                raise InvalidInputError(f"context {what} must be a tuple of Person")
+        if not self.roster:
+            raise InvalidInputError("context roster is empty")
+        everyone = [p.fingerprint for p in (*self.roster, *self.newcomers)]
+        if len(set(everyone)) != len(everyone):
+            raise InvalidInputError("a custodian appears twice in the context")
+        _check_int("threshold", self.threshold, 1, len(self.roster))
+        _check_int("approvals needed", self.approvals_needed, 1, self.threshold)
+        _check_int("destroy wait", self.destroy_wait_seconds, 1, MAX_TIMESTAMP)
+
+    def person(self, fingerprint: str) -> Person:
+        """The custodian `fingerprint` names: on the roster, or added by this proposal."""
+        for p in (*self.roster, *self.newcomers):
+            if p.fingerprint == fingerprint:
+                return p
+        raise InvalidInputError(
+            f"custodian {people.display_fingerprint(fingerprint)} is neither on the roster "
+            "nor among the custodians the proposal adds"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "approvals_needed": self.approvals_needed,
+            "destroy_wait_seconds": self.destroy_wait_seconds,
+            "newcomers": [p.to_json() for p in self.newcomers],
+            "roster": [p.to_json() for p in self.roster],
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> ApprovalContext:
+        keys = {"approvals_needed", "destroy_wait_seconds", "newcomers", "roster", "threshold"}
+        if not isinstance(value, dict) or set(value) != keys:
+            raise DeserializationError(f"approval context: expected the fields {sorted(keys)}")
+        groups = []
+        for key in ("roster", "newcomers"):
+            items = value[key]
+            if not isinstance(items, list) or len(items) > 255:
+                raise DeserializationError(f"approval context: {key} must be a list")
+            groups.append(
+                tuple(Person.from_json(v, field=f"{key}[{i}]") for i, v in enumerate(items))
+            )
+        try:
+            return cls(
+                roster=groups[0],
+                threshold=value["threshold"],
+                approvals_needed=value["approvals_needed"],
+                destroy_wait_seconds=value["destroy_wait_seconds"],
+                newcomers=groups[1],
+            )
+        except InvalidInputError as e:
+            raise DeserializationError(f"approval context: {e}") from e
+
+
 @dataclass(frozen=True)
 class ApprovalRequest:
-    """A pending proposal as custodians see it: what they approve or refuse.
+    """A proposal as custodians see it: what they approve or refuse.
 
     `parameters` are (key, value) pairs sorted by key, each value a string
-    or an integer (shown in decimal), as `operations.parse_parameters`
-    returns them; `from_mapping` builds them from a JSON object.
-    `log_position` is the proposal entry's seq.
+    or an integer, as `operations.parse_parameters` returns them;
+    `from_mapping` builds them from a JSON object. `log_position` is the
+    proposal entry's seq, `proposed_at` its time.
     """
 
     deployment: str
@@ -214,7 +387,9 @@ class ApprovalRequest:
     operation: str
     parameters: tuple[tuple[str, str | int], ...]
     log_position: int
+    proposed_at: int
     expires_at: int
+    context: ApprovalContext
 
     def __post_init__(self) -> None:
         _check_value("deployment", self.deployment)
@@ -236,7 +411,10 @@ class ApprovalRequest:
         if keys != sorted(set(keys)):
             raise InvalidInputError("parameter keys must be unique and sorted")
         _check_int("log position", self.log_position, 0, 2**53 - 1)
-        _check_int("expires_at", self.expires_at, 0, MAX_TIMESTAMP)
+        _check_int("proposed_at", self.proposed_at, 0, MAX_TIMESTAMP)
+        _check_int("expires_at", self.expires_at, self.proposed_at + 1, MAX_TIMESTAMP)
+        if not isinstance(self.context, ApprovalContext):
+            raise InvalidInputError("context must be an ApprovalContext")
 
     @classmethod
     def from_mapping(
@@ -247,7 +425,9 @@ class ApprovalRequest:
         operation: str,
         parameters: Mapping[str, str | int],
         log_position: int,
+        proposed_at: int,
         expires_at: int,
+        context: ApprovalContext,
     ) -> ApprovalRequest:
         """Build a request from a parameters object (as in a `proposal` log entry)."""
         return cls(
@@ -256,21 +436,38 @@ class ApprovalRequest:
             operation=operation,
             parameters=tuple(sorted(parameters.items(), key=lambda pair: pair[0])),
             log_position=log_position,
+            proposed_at=proposed_at,
             expires_at=expires_at,
+            context=context,
         )
 
     def statement(self, verdict: str) -> Statement:
         """The statement a custodian signs to approve or refuse this request."""
         if verdict not in VERDICTS:
             raise InvalidInputError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        render = _OPERATION_TEXT.get(self.operation, _generic_text)
+        summary, details = render(self, dict(self.parameters))
+        context = self.context
+        verb = "I approve" if verdict == "approve" else "I refuse"
         fields: list[tuple[str, str]] = [
+            ("summary", f"{verb}: {summary}"),
             ("proposal", self.proposal_id.hex()),
+            ("proposed", f"{render_time(self.proposed_at)}, at log position {self.log_position}"),
+            ("expires", render_time(self.expires_at)),
+            (
+                "approvals needed",
+                f"{context.approvals_needed} of the {len(context.roster)} custodians",
+            ),
             ("operation", self.operation),
         ]
-        fields.extend((_INDENT + key, _parameter_text(key, v)) for key, v in self.parameters)
-        fields.append(("proposed at log position", str(self.log_position)))
-        fields.append(("expires", render_time(self.expires_at)))
+        fields.extend((_INDENT + name, value) for name, value in details)
         return Statement(verdict, self.deployment, tuple(fields))
+
+    def window(self, duration: int) -> str:
+        """When something `duration` after the quorum's last approval happens."""
+        earliest = self.proposed_at + duration
+        latest = self.expires_at - 1 + duration
+        return f"between {_render_bound(earliest)} and {_render_bound(latest)}"
 
 
 def _parameter_text(key: str, value: object) -> str:
@@ -282,17 +479,164 @@ def _parameter_text(key: str, value: object) -> str:
     raise InvalidInputError(f"parameter {key!r}: expected a string or an integer")
 
 
+# How each operation reads: (summary sentence, detail fields) from the request.
+
+Params = Mapping[str, str | int]
+OperationText = Callable[[ApprovalRequest, Params], tuple[str, list[tuple[str, str]]]]
+
+
+def _text(params: Params, key: str) -> str:
+    value = params.get(key)
+    if not isinstance(value, str):
+        raise InvalidInputError(f"parameter {key!r}: expected a string")
+    return _check_value(f"parameter {key!r}", value)
+
+
+def _number(params: Params, key: str) -> int:
+    value = params.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(f"parameter {key!r}: expected an integer")
+    return _check_int(f"parameter {key!r}", value, 0, MAX_TIMESTAMP)
+
+
+def _generic_text(request: ApprovalRequest, params: Params) -> tuple[str, list[tuple[str, str]]]:
+    return request.operation, [(k, _parameter_text(k, v)) for k, v in sorted(params.items())]
+
+
+def _create(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    t = _text(p, "tenant")
+    summary = f"create tenant {t}: a new 256-bit key, made in the daemon and kept only wrapped"
+    return summary, [("tenant", t)]
+
+
+def _activate(r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    t, d = _text(p, "tenant"), _number(p, "duration_seconds")
+    return f"make tenant {t}'s key usable for {render_duration(d)}", [
+        ("tenant", t),
+        (
+            "duration",
+            f"{render_duration(d)} ({d} seconds), counted from the approval that "
+            "completes the quorum",
+        ),
+        ("usable until", r.window(d)),
+    ]
+
+
+def _rotate(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    t = _text(p, "tenant")
+    summary = f"add a new key version to tenant {t}; older versions decrypt until disabled"
+    return summary, [("tenant", t)]
+
+
+def _destroy(r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    t, wait = _text(p, "tenant"), r.context.destroy_wait_seconds
+    return (
+        f"destroy tenant {t}'s key: wiped from memory at once, shredded for good "
+        f"{render_duration(wait)} later",
+        [
+            ("tenant", t),
+            ("wiped from memory", "when the approval that completes the quorum is logged"),
+            (
+                "shredded for good",
+                f"{r.window(wait)} ({render_duration(wait)} after that approval; until then "
+                "cancel-destroy can call it off)",
+            ),
+        ],
+    )
+
+
+def _grant(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    b, t = _text(p, "backend"), _text(p, "tenant")
+    return (
+        f"let backend {b} wrap and unwrap with tenant {t}'s key until revoked",
+        [("backend", f"keyquorum://backend/{b}"), ("tenant", t)],
+    )
+
+
+def _revoke(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    b, t = _text(p, "backend"), _text(p, "tenant")
+    return (
+        f"take tenant {t} away from backend {b}",
+        [("backend", f"keyquorum://backend/{b}"), ("tenant", t)],
+    )
+
+
+def _deactivate(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    t = _text(p, "tenant")
+    return f"wipe tenant {t}'s key from memory now; it stays stored, wrapped", [("tenant", t)]
+
+
+def _disable(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    t, v = _text(p, "tenant"), _number(p, "version")
+    return (
+        f"disable key version {v} of tenant {t}: what it encrypted no longer decrypts",
+        [("tenant", t), ("version", str(v))],
+    )
+
+
+def _cancel_destroy(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    t = _text(p, "tenant")
+    return f"call off the scheduled destruction of tenant {t}", [("tenant", t)]
+
+
+def _change_roster(r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    context = r.context
+    now = list(context.roster)
+    after = [context.person(fp) for fp in _text(p, "roster").split(",")]
+    k_now, k_after = context.threshold, _number(p, "threshold")
+    added = [x for x in after if x not in now]
+    removed = [x for x in now if x not in after]
+    fields = [
+        ("threshold", f"{k_now} of {len(now)} now, {k_after} of {len(after)} after"),
+        ("added", _labels(added)),
+        ("removed", _labels(removed)),
+    ]
+    fields.extend((f"share {i} now", x.label) for i, x in enumerate(now, start=1))
+    fields.extend((f"share {i} after", x.label) for i, x in enumerate(after, start=1))
+    summary = (
+        f"change the custodians from {k_now} of {len(now)} to {k_after} of {len(after)} "
+        f"({len(added)} added, {len(removed)} removed): a new master key, every tenant key "
+        "re-wrapped, the old shares worthless"
+    )
+    return summary, fields
+
+
+_OPERATION_TEXT: Mapping[str, OperationText] = {
+    "create-tenant": _create,
+    "activate-tenant": _activate,
+    "rotate-tenant": _rotate,
+    "destroy-tenant": _destroy,
+    "grant": _grant,
+    "change-roster": _change_roster,
+    "deactivate-tenant": _deactivate,
+    "disable-version": _disable,
+    "cancel-destroy": _cancel_destroy,
+    "revoke": _revoke,
+}
+
+
+# What a custodian signs about themselves ----------------------------------------
+
+
 def confirm_share_statement(
-    *, deployment: str, custodian: str, split_id: bytes, index: int
+    *, deployment: str, custodian: Named, split_id: bytes, index: int
 ) -> Statement:
     """What a custodian signs after checking their share at the ceremony (`confirm`)."""
+    who = Person.of(custodian)
+    index = _check_int("share index", index, 1, 255)
+    split = _split_hex(split_id)
     return Statement(
         "confirm-share",
         deployment,
         (
-            ("custodian", _check_fingerprint("custodian", custodian)),
-            ("split", _split_hex(split_id)),
-            ("share index", str(_check_int("share index", index, 1, 255))),
+            (
+                "summary",
+                f"I decrypted my share {index} of split {split[:8]} and checked it against "
+                "its commitment in the log: it is correct",
+            ),
+            ("custodian", who.label),
+            ("split", split),
+            ("share index", str(index)),
         ),
     )
 
@@ -300,7 +644,7 @@ def confirm_share_statement(
 def unseal_share_statement(
     *,
     deployment: str,
-    custodian: str,
+    custodian: Named,
     replica: str,
     session: bytes,
     session_log_size: int,
@@ -317,34 +661,50 @@ def unseal_share_statement(
         raise InvalidInputError("session id must be 1 to 64 bytes")
     if not isinstance(ciphertext_sha256, bytes) or len(ciphertext_sha256) != 32:
         raise InvalidInputError("ciphertext_sha256 must be 32 bytes")
+    who = Person.of(custodian)
+    replica = _check_value("replica", replica)
+    index = _check_int("share index", index, 1, 255)
     return Statement(
         "unseal-share",
         deployment,
         (
-            ("custodian", _check_fingerprint("custodian", custodian)),
-            ("replica", _check_value("replica", replica)),
+            (
+                "summary",
+                f"I give my share {index} to unseal replica {replica} in session "
+                f"{session.hex()[:16]}, encrypted to that session's key",
+            ),
+            ("custodian", who.label),
+            ("replica", replica),
             ("session", session.hex()),
             (
                 "session log size",
                 str(_check_int("session log size", session_log_size, 0, 2**53 - 1)),
             ),
             ("split", _split_hex(split_id)),
-            ("share index", str(_check_int("share index", index, 1, 255))),
+            ("share index", str(index)),
             ("ciphertext sha256", ciphertext_sha256.hex()),
         ),
     )
 
 
 def seal_statement(
-    *, deployment: str, custodian: str, replica: str, reason: str, requested_at: int
+    *, deployment: str, custodian: Named, replica: str, reason: str, requested_at: int
 ) -> Statement:
     """What a custodian signs to seal one replica (or `*`, every replica) at once."""
+    who = Person.of(custodian)
+    replica = _check_value("replica", replica)
+    target = "every replica" if replica == "*" else f"replica {replica}"
     return Statement(
         "seal",
         deployment,
         (
-            ("custodian", _check_fingerprint("custodian", custodian)),
-            ("replica", _check_value("replica", replica)),
+            (
+                "summary",
+                f"I seal {target} now: the master key and every tenant key are wiped "
+                "from memory until custodians unseal again",
+            ),
+            ("custodian", who.label),
+            ("replica", replica),
             ("reason", _check_value("reason", reason)),
             ("requested at", render_time(requested_at)),
         ),
@@ -403,12 +763,12 @@ def _verify_key(signer: str, key: VerifyKey) -> HybridVerifyKey:
     if isinstance(key, PublicCredential):
         if key.fingerprint != signer:
             raise InvalidInputError(
-                f"roster entry {signer[:16]} holds the credential of {key.fingerprint[:16]}"
+                f"roster entry {_fp(signer)} holds the credential of {_fp(key.fingerprint)}"
             )
         return key.verify_key
     if isinstance(key, HybridVerifyKey):
         return key
-    raise InvalidInputError(f"roster entry {signer[:16]}: not a verify key or a credential")
+    raise InvalidInputError(f"roster entry {_fp(signer)}: not a verify key or a credential")
 
 
 def verify_statement(statement: Statement, signed: SignedStatement, verify_key: VerifyKey) -> None:
@@ -419,14 +779,14 @@ def verify_statement(statement: Statement, signed: SignedStatement, verify_key: 
     """
     if isinstance(verify_key, PublicCredential) and verify_key.fingerprint != signed.signer:
         raise SignatureError(
-            f"statement is signed by {signed.signer[:16]}, not by {verify_key.fingerprint[:16]}"
+            f"statement is signed by {_fp(signed.signer)}, not by {_fp(verify_key.fingerprint)}"
         )
     key = _verify_key(signed.signer, verify_key)
     try:
         key.verify(statement.domain, statement.message(), signed.signature)
     except SignatureError as e:
         raise SignatureError(
-            f"{statement.kind} signature of custodian {signed.signer[:16]} does not verify: {e}"
+            f"{statement.kind} signature of custodian {_fp(signed.signer)} does not verify: {e}"
         ) from e
 
 
@@ -511,7 +871,7 @@ def verify_approvals(
     for n, approval in enumerate(approvals):
         if not isinstance(approval, SignedStatement):
             raise InvalidInputError(f"approval {n} is not a SignedStatement")
-        who = approval.signer[:16]
+        who = _fp(approval.signer)
         # 3a. On the roster in force.
         key = keys.get(approval.signer)
         if key is None:

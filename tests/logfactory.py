@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from functools import cache
 
 from keyquorum.quorum import checkpoint, shamir
-from keyquorum.quorum.credentials import CustodianCredential
+from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
 from keyquorum.quorum.log import (
     ApprovalPayload,
     ConfirmPayload,
@@ -201,7 +201,7 @@ class LogFactory:
     def make_confirm(self, cred: CustodianCredential) -> ConfirmPayload:
         index = self.index(cred)
         statement = confirm_share_statement(
-            deployment=DEPLOYMENT, custodian=cred.fingerprint, split_id=self.split_id, index=index
+            deployment=DEPLOYMENT, custodian=cred, split_id=self.split_id, index=index
         )
         signature = cred.sign(statement.domain, statement.message()).to_bytes()
         return ConfirmPayload(cred.fingerprint, self.split_id, index, signature)
@@ -220,7 +220,7 @@ class LogFactory:
             digest = hashlib.sha256(self.rng(64)).digest()
             statement = unseal_share_statement(
                 deployment=DEPLOYMENT,
-                custodian=cred.fingerprint,
+                custodian=cred,
                 replica=replica,
                 session=session,
                 session_log_size=size,
@@ -241,7 +241,7 @@ class LogFactory:
             return SealPayload(replica, None, "shutdown", self.time, None)
         statement = seal_statement(
             deployment=DEPLOYMENT,
-            custodian=cred.fingerprint,
+            custodian=cred,
             replica=replica,
             reason=reason,
             requested_at=self.time,
@@ -257,12 +257,22 @@ class LogFactory:
     def make_proposal(
         self, op: str, *, ttl: int = 3600, pid: bytes | None = None, **params: str | int
     ) -> ProposalPayload:
+        credentials: tuple[PublicCredential, ...] = ()
+        if op == "change-roster":
+            # The custodians the roster adds carry their public credentials.
+            on_roster = {c.fingerprint for c in self.roster}
+            credentials = tuple(
+                by_fingerprint(f).public()
+                for f in str(params["roster"]).split(",")
+                if f not in on_roster
+            )
         return ProposalPayload(
             id=self.rng(16) if pid is None else pid,
             operation=op,
             parameters=tuple(sorted(params.items())),
             expires_at=self.time + ttl,
             proposer="test operator",
+            credentials=credentials,
         )
 
     def propose(self, op: str, *, ttl: int = 3600, **params: str | int) -> bytes:
@@ -281,7 +291,7 @@ class LogFactory:
     ) -> ApprovalPayload | RefusalPayload:
         """A verdict on `pid`, signed over `sign_for`'s request when given (a misdirected one)."""
         target = self.state.proposals[sign_for if sign_for is not None else pid]
-        statement = request_for(target, DEPLOYMENT).statement(verdict)
+        statement = request_for(target, self.state).statement(verdict)
         signature = cred.sign(statement.domain, statement.message()).to_bytes()
         cls = ApprovalPayload if verdict == "approve" else RefusalPayload
         return cls(pid, cred.fingerprint, signature)

@@ -185,15 +185,18 @@ def test_proposal_is_logged_with_the_statement_custodians_sign(daemon: InProcess
     assert last.type == "proposal"
     assert p.log_position == last.seq
     assert p.approve_statement == (
-        "keyquorum statement v1: APPROVE\n"
+        "keyquorum statement v2: APPROVE\n"
         "deployment: test-deployment\n"
+        f"summary: I approve: create tenant {TENANT}: a new 256-bit key, made in the daemon "
+        "and kept only wrapped\n"
         f"proposal: {p.id}\n"
+        f"proposed: {render_time(daemon.clock.now)}, at log position {last.seq}\n"
+        f"expires: {render_time(daemon.clock.now + DEFAULT_LIMITS.proposal_ttl_seconds)}\n"
+        f"approvals needed: {K} of the 7 custodians\n"
         "operation: create-tenant\n"
         f"  tenant: {TENANT}\n"
-        f"proposed at log position: {last.seq}\n"
-        f"expires: {render_time(daemon.clock.now + DEFAULT_LIMITS.proposal_ttl_seconds)}\n"
     )
-    assert p.refuse_statement.startswith("keyquorum statement v1: REFUSE\n")
+    assert p.refuse_statement.startswith("keyquorum statement v2: REFUSE\n")
     listed = daemon.stub.ListProposals(pb.ListProposalsRequest()).proposals
     assert [x.id for x in listed] == [p.id]
 
@@ -695,7 +698,7 @@ def test_seal_wipes_every_tenant_key(daemon: InProcessDaemon, custodians: list[C
     assert not zeroed(buffers)
     actions.seal(
         daemon.stub,
-        custodians[6].fingerprint,
+        custodians[6],
         lambda _t: custodians[6].credential,
         reason="test",
         now=daemon.clock.now,
@@ -854,6 +857,15 @@ def test_roster_change_rotates_the_master_key_and_old_shares_unseal_nothing(
             public_credentials=[henry.public_path.read_bytes()],
         )
     )
+    # What the custodians sign names who comes and who goes, by name and fingerprint;
+    # henry's public credential is in the proposal's entry, so replay renders the same.
+    lines = p.approve_statement.splitlines()
+    assert f"  added: {henry.credential.public().label}" in lines
+    assert f"  removed: {grace.credential.public().label}" in lines
+    assert f"  threshold: {K} of 7 now, 4 of 7 after" in lines
+    assert f"  share 7 after: {henry.credential.public().label}" in lines
+    (logged,) = [e for e in entries(daemon) if e.type == "proposal" and e.payload.id.hex() == p.id]
+    assert [c.fingerprint for c in logged.payload.credentials] == [henry.fingerprint]
     for c in custodians[:K]:
         r = approve(daemon, c, p.id)
     assert r.executed
@@ -882,7 +894,7 @@ def test_roster_change_rotates_the_master_key_and_old_shares_unseal_nothing(
     # Seal; the removed custodian's old share is refused, so are the old shares
     # of those who stayed; four new shares unseal, the activation comes back.
     actions.seal(
-        daemon.stub, custodians[0].fingerprint, lambda _t: custodians[0].credential,
+        daemon.stub, custodians[0], lambda _t: custodians[0].credential,
         reason="roster test", now=daemon.clock.now,
     )  # fmt: skip
     refused(

@@ -283,7 +283,7 @@ class DaemonGovernance(RuleBasedStateMachine):
             c = roster()[0]
             actions.seal(
                 self.daemon.stub,
-                c.fingerprint,
+                c,
                 lambda _t: c,
                 reason="test",
                 now=self.daemon.clock.now,
@@ -363,7 +363,7 @@ class DaemonGovernance(RuleBasedStateMachine):
                 for e in entries
                 if isinstance(e.payload, ApprovalPayload) and e.payload.proposal == p.id
             ]
-            request = request_for(p, state.deployment)
+            request = request_for(p, state)
             verify_approvals(request, approvals, members, K, execution.time).verify()
             assert len({a.signer for a in approvals}) >= K
 

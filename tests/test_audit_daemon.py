@@ -128,14 +128,14 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
             )  # fmt: skip
             assert code == 0, out
             for c in custodians:
-                actions.confirm(d.stub, c.fingerprint, lambda _t, c=c: c.credential)
+                actions.confirm(d.stub, c, lambda _t, c=c: c.credential)
             for c in custodians[:THRESHOLD]:
                 actions.submit_share(d.stub, c.credential)
             governance(d, custodians)
             d.clock.advance(60)
             actions.seal(
                 d.stub,
-                custodians[6].fingerprint,
+                custodians[6],
                 lambda _t: custodians[6].credential,
                 reason="end of audit test",
                 now=d.clock.now,

@@ -42,8 +42,8 @@ from tests.harness import (
 DEPLOYMENT = "cli-deployment"
 MADE_BY_CLI = ("alice", "bob")
 OTHERS = ("carol", "dave", "erin", "frank", "grace")
-SEAL_HEADER = "keyquorum statement v1: SEAL"
-CONFIRM_HEADER = "keyquorum statement v1: CONFIRM-SHARE"
+SEAL_HEADER = "keyquorum statement v2: SEAL"
+CONFIRM_HEADER = "keyquorum statement v2: CONFIRM-SHARE"
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def test_custodian_show(custodians: list[Custodian]) -> None:
     assert ok("custodian", "show", str(c.public_path)).splitlines() == [
         f"name:        {c.name}",
         f"fingerprint: {public.short_fingerprint}",
-        f"full:        {public.fingerprint}",
+        f"shown as:    {c.name} ({public.short_fingerprint})",
     ]
 
 
@@ -255,7 +255,9 @@ def test_ceremony_confirm_unseal_seal_from_the_command_line(
     )  # fmt: skip
     assert out.splitlines()[0] == f"deployment {DEPLOYMENT}: 5 of 7 custodians"
     for i, c in enumerate(custodians, start=1):
-        assert f"  share {i}: {c.name} {c.fingerprint[:16]}" in out.splitlines()
+        assert (
+            f"  share {i}: {c.name} ({c.credential.public().short_fingerprint})" in out.splitlines()
+        )
     lines = status_lines(daemon)
     assert f"deployment {DEPLOYMENT}, replica proc-1: SEALED" in lines
     assert "ceremony confirmed by 0 of 7" in lines
@@ -270,7 +272,7 @@ def test_ceremony_confirm_unseal_seal_from_the_command_line(
     assert_shown_before_prompt(
         shown, CONFIRM_HEADER, "Passphrase for alice.kqcred", alice.passphrase
     )
-    assert f"custodian: {alice.fingerprint}" in shown
+    assert f"custodian: {alice.credential.public().label}" in shown
     assert "ceremony confirmed by 1 of 7" in shown
     # Bob through a descriptor, carol through a file.
     r = _with_fd(
@@ -285,7 +287,7 @@ def test_ceremony_confirm_unseal_seal_from_the_command_line(
         "share confirmed; ceremony confirmed by 3 of 7"
     )
     assert "ceremony confirmed by 3 of 7" in status_lines(daemon)
-    assert "  share 2: bob " + bob.fingerprint[:16] + " (confirmed)" in status_lines(daemon)
+    assert f"  share 2: {bob.credential.public().label}, confirmed" in status_lines(daemon)
 
     for n, c in enumerate(custodians[2:7], start=1):
         r = console("custodian", "unseal", *conn, *c.cli_args())
@@ -294,8 +296,8 @@ def test_ceremony_confirm_unseal_seal_from_the_command_line(
         assert r.stdout.strip() == f"share accepted: {n} of 5; {state}"
         assert c.passphrase.decode() not in r.stdout + r.stderr
         # The exact statement is shown before it is signed.
-        assert "keyquorum statement v1: UNSEAL-SHARE" in r.stderr
-        assert f"custodian: {c.fingerprint}" in r.stderr
+        assert "keyquorum statement v2: UNSEAL-SHARE" in r.stderr
+        assert f"custodian: {c.credential.public().label}" in r.stderr
         if n < 5:
             assert f"unseal progress: {n} of 5" in status_lines(daemon)
     assert f"deployment {DEPLOYMENT}, replica proc-1: UNSEALED" in status_lines(daemon)
@@ -373,7 +375,8 @@ REFUSALS: list[tuple[str, Args, str]] = [
     (
         "no-daemon-there",
         lambda d, _cs, _t: ["status", "--server", "127.0.0.1:1", "--ca", str(d.pki.ca_cert)],
-        "cannot reach the daemon",
+        "cannot reach the daemon at 127.0.0.1:1: nothing listens on 127.0.0.1:1 "
+        "(connection refused)",
     ),
     ("not-on-the-roster", _non_custodian, "not on the roster"),
 ]

@@ -144,13 +144,11 @@ def test_confirm_counts_each_custodian_once(
     daemon: InProcessDaemon, custodians: list[Custodian]
 ) -> None:
     for i, c in enumerate(custodians[:5], start=1):
-        r = actions.confirm(daemon.stub, c.fingerprint, lambda _text, c=c: c.credential)
+        r = actions.confirm(daemon.stub, c, lambda _text, c=c: c.credential)
         assert (r.confirmed_count, r.custodian_count) == (i, 7)
     refused(
         daemon,
-        lambda: actions.confirm(
-            daemon.stub, custodians[0].fingerprint, lambda _t: custodians[0].credential
-        ),
+        lambda: actions.confirm(daemon.stub, custodians[0], lambda _t: custodians[0].credential),
         code=grpc.StatusCode.INVALID_ARGUMENT,
         match="",
     )
@@ -329,7 +327,7 @@ def test_seal_wipes_the_master_key_buffer(
     assert any(buf)
     actions.seal(
         daemon.stub,
-        custodians[6].fingerprint,
+        custodians[6],
         lambda _t: custodians[6].credential,
         reason="test",
         now=daemon.clock.now,
@@ -355,7 +353,7 @@ def test_seal_request_replayed_is_refused(
 
     actions.seal(
         Recorder(),  # type: ignore[arg-type]
-        custodians[0].fingerprint,
+        custodians[0],
         lambda _t: custodians[0].credential,
         reason="x",
         now=daemon.clock.now,
@@ -389,7 +387,7 @@ def test_seal_request_replayed_after_restart_is_refused(
 
         actions.seal(
             Recorder(),  # type: ignore[arg-type]
-            custodians[0].fingerprint,
+            custodians[0],
             lambda _t: custodians[0].credential,
             reason="x",
             now=clock.now,
@@ -412,7 +410,7 @@ def test_stale_seal_request_is_refused(
     with pytest.raises(KeyquorumError, match="too far"):
         actions.seal(
             daemon.stub,
-            custodians[0].fingerprint,
+            custodians[0],
             lambda _t: custodians[0].credential,
             reason="old",
             now=daemon.clock.now - 3600,

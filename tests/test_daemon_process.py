@@ -105,7 +105,7 @@ def unlocker(c: Custodian) -> Callable[[str], CustodianCredential]:
 
 
 def seal_by(stub: pb_grpc.CustodianServiceStub, c: Custodian, reason: str) -> None:
-    actions.seal(stub, c.fingerprint, unlocker(c), reason=reason, now=int(time.time()))
+    actions.seal(stub, c, unlocker(c), reason=reason, now=int(time.time()))
 
 
 def entries(data_dir: Path) -> list[dict[str, object]]:
@@ -205,7 +205,7 @@ def sealed_store(
         stub = stub_of(channel)
         ceremony(stub, custodians)
         for c in custodians[:2]:
-            actions.confirm(stub, c.fingerprint, unlocker(c))
+            actions.confirm(stub, c, unlocker(c))
         unseal(stub, custodians[:THRESHOLD])
         seal_by(stub, custodians[3], "end of test")
     assert proc.stop() == 0

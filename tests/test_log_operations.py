@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -26,8 +27,7 @@ from keyquorum.quorum.operations import (
     request_for,
     result_type,
 )
-from keyquorum.quorum.replay import Proposal
-from tests.logfactory import custodians
+from tests.logfactory import LogFactory, custodians
 
 POLICY = Policy(activation_max_seconds=3600, destroy_wait_seconds=86400, proposal_ttl_seconds=600)
 FP = [c.fingerprint for c in custodians(3)]
@@ -167,22 +167,22 @@ def test_policy_bounds_and_round_trip() -> None:
 
 
 def test_request_for_binds_log_position_and_every_parameter() -> None:
-    proposal = Proposal(
-        id=b"\x11" * 16,
+    log = LogFactory()
+    pid = log.propose("create-tenant", tenant="acme-health")
+    log.approve(pid, log.creds[0])
+    proposal = dataclasses.replace(
+        log.state.proposals[pid],
         log_position=42,
-        time=1_795_600_000,
         operation="activate-tenant",
         parameters=(("duration_seconds", 600), ("tenant", "acme-health")),
-        expires_at=1_795_603_600,
-        proposer="ops",
     )
-    request = request_for(proposal, "acme-prod")
+    request = request_for(proposal, log.state)
     text = request.statement("approve").render()
-    assert "proposed at log position: 42" in text
-    assert "  duration_seconds: 600" in text
-    assert "  tenant: acme-health" in text
-    assert "operation: activate-tenant" in text
-    moved = request_for(
-        Proposal(**{**proposal.__dict__, "log_position": 43}), "acme-prod"
-    ).statement("approve")
-    assert moved.render() != text
+    assert ", at log position 42\n" in text
+    assert "  duration: 10 min (600 seconds), counted from the approval" in text
+    assert "  tenant: acme-health\n" in text
+    assert "operation: activate-tenant\n" in text
+    # The roster in force at the position, and the threshold the operation needs.
+    assert f"approvals needed: {log.k} of the {len(log.creds)} custodians\n" in text
+    moved = request_for(dataclasses.replace(proposal, log_position=43), log.state)
+    assert moved.statement("approve").render() != text

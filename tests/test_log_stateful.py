@@ -393,7 +393,7 @@ class GovernanceMachine(RuleBasedStateMachine):
                 if isinstance(payload, ApprovalPayload) and payload.proposal == proposal.id:
                     signature = HybridSignature.from_bytes(payload.signature)
                     approvals.append(SignedStatement(payload.custodian, signature))
-            request = request_for(proposal, state.deployment)
+            request = request_for(proposal, state)
             result = verify_approvals(request, approvals, roster, K, execution.time)
             result.verify()
             assert len(set(result.signed_by)) >= K

@@ -346,7 +346,7 @@ def test_an_activation_through_a_is_unwrapped_on_b_and_a_seal_of_every_replica_s
     assert unwrapped(b.stub, "acme")
     c = custodians[0]
     # A seal naming replica A: B follows the entry and keeps its keys.
-    actions.seal(a.stub, c.fingerprint, unlocker(c), reason="a", now=1_790_000_000)
+    actions.seal(a.stub, c, unlocker(c), reason="a", now=1_790_000_000)
     assert sealed(a.stub)
     assert b.daemon.catch_up() == 1
     assert not b.daemon.sealed
@@ -354,7 +354,7 @@ def test_an_activation_through_a_is_unwrapped_on_b_and_a_seal_of_every_replica_s
     # A seal of every replica, sent to B this time, seals A too when it follows.
     for x in custodians[:THRESHOLD]:
         actions.submit_share(a.stub, x.credential)
-    actions.seal(b.stub, c.fingerprint, unlocker(c), reason="all", now=1_790_000_000, replica="*")
+    actions.seal(b.stub, c, unlocker(c), reason="all", now=1_790_000_000, replica="*")
     assert b.daemon.sealed
     assert not a.daemon.sealed
     a.daemon.catch_up()
@@ -551,15 +551,13 @@ def test_a_seal_through_a_seals_b(pair: Pair, custodians: list[Custodian]) -> No
     stub_a, stub_b = pair.stubs
     c = custodians[1]
     # A seal naming replica A leaves B unsealed.
-    actions.seal(stub_a, c.fingerprint, unlocker(c), reason="a only", now=int(time.time()))
+    actions.seal(stub_a, c, unlocker(c), reason="a only", now=int(time.time()))
     assert sealed(stub_a)
     time.sleep(BOUND_S)
     assert not sealed(stub_b)
     unseal_both(pair, custodians)
     # A seal of every replica, sent to A, seals B within the bound.
-    actions.seal(
-        stub_a, c.fingerprint, unlocker(c), reason="all", now=int(time.time()), replica="*"
-    )
+    actions.seal(stub_a, c, unlocker(c), reason="all", now=int(time.time()), replica="*")
     assert sealed(stub_a)
     assert until(lambda: sealed(stub_b), BOUND_S) <= BOUND_S
     assert "sealed: sealed through another replica" in pair.b.output()

@@ -1018,9 +1018,7 @@ def seal_daemon(world: World) -> None:
     """One custodian seals the daemon (each request at a new second: one use per request)."""
     world.d.clock.advance(1)
     c = world.custodians[6]
-    actions.seal(
-        world.d.stub, c.fingerprint, lambda _t: c.credential, reason="test", now=world.d.clock.now
-    )
+    actions.seal(world.d.stub, c, lambda _t: c.credential, reason="test", now=world.d.clock.now)
     assert world.d.daemon.sealed
 
 

@@ -221,8 +221,7 @@ class Executions:
             credential = PublicCredential.from_bytes(data)
             if credential.fingerprint not in listed:
                 raise InvalidInputError(
-                    f"public credential of {credential.name} ({credential.fingerprint[:16]}) "
-                    "is not on the proposed roster"
+                    f"public credential of {credential.label} is not on the proposed roster"
                 )
             self._offered[credential.fingerprint] = credential
 
@@ -234,14 +233,16 @@ class Executions:
         after a restart).
         """
         known = {c.fingerprint: c for epoch in st.rosters for c in epoch.roster}
+        # Those a change-roster proposal added are in its log entry.
+        known.update((c.fingerprint, c) for p in st.proposals.values() for c in p.credentials)
         known.update(self._offered)
         roster = []
         for fingerprint in roster_param.split(","):
             credential = known.get(fingerprint)
             if credential is None:
                 raise StateError(
-                    f"the public credential of custodian {fingerprint[:16]} is unknown: "
-                    "give their public file with the proposal or the approval"
+                    f"the public credential of custodian {fingerprint[:16]} "
+                    "is unknown: give their public file with the proposal or the approval"
                 )
             roster.append(credential)
         if len({c.name for c in roster}) != len(roster):

@@ -30,6 +30,7 @@ from keyquorum.hsm.daemon.journal import redeciding
 from keyquorum.hsm.daemon.keys import TenantKeys
 from keyquorum.hsm.daemon.views import ProposalView, VerdictView, proposal_view
 from keyquorum.hsm.pki import ClientIdentity
+from keyquorum.quorum.credentials import PublicCredential
 from keyquorum.quorum.errors import (
     DeserializationError,
     InvalidInputError,
@@ -86,10 +87,12 @@ class Governance:
             ttl = policy_of(st).proposal_ttl_seconds if expires_in is None else expires_in
             if not proposer:
                 raise InvalidInputError("a proposal names its proposer")
+            newcomers: tuple[PublicCredential, ...] = ()
             if name == "change-roster":
                 roster = str(dict(params).get("roster", ""))
                 self._executions.offer_credentials(public_credentials, roster)
-                self._executions.roster_credentials(st, roster)
+                members = self._executions.roster_credentials(st, roster)
+                newcomers = tuple(c for c in members if st.share_index(c.fingerprint) is None)
             elif public_credentials:
                 raise InvalidInputError("public credentials belong to a change-roster proposal")
             now = r.now()
@@ -99,6 +102,7 @@ class Governance:
                 parameters=params,
                 expires_at=now + ttl,
                 proposer=proposer,
+                credentials=newcomers,
             )
             r.journal.append_retrying([payload], time=now)
             log.info("proposal %s: %s %s", payload.id.hex(), name, dict(params))

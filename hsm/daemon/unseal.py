@@ -210,7 +210,7 @@ class Unseal:
             digest = hashlib.sha256(ciphertext).digest()
             statement = statements.unseal_share_statement(
                 deployment=st.deployment,
-                custodian=fingerprint,
+                custodian=custodian,
                 replica=r.name,
                 session=session.session_id,
                 session_log_size=session.log_size,

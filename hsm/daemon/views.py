@@ -64,6 +64,7 @@ class ProposalView:
     refuse_statement: str
     executed_seq: int | None
     result: dict[str, Any] | None
+    context: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def status_view(
 
 
 def proposal_view(st: LogState, p: Proposal, now: int) -> ProposalView:
-    request = request_for(p, st.deployment)
+    request = request_for(p, st)
     status: str = p.status
     if status == "pending" and now >= p.expires_at:
         status = "expired"
@@ -143,6 +144,7 @@ def proposal_view(st: LogState, p: Proposal, now: int) -> ProposalView:
         refuse_statement=request.statement("refuse").render(),
         executed_seq=None if execution is None else execution.seq,
         result=None if execution is None else execution.result.to_json(),
+        context=request.context.to_json(),
     )
 
 

@@ -50,6 +50,7 @@ def _proposal(view: ProposalView) -> pb.Proposal:
         refuse_statement=view.refuse_statement,
         executed_seq=view.executed_seq or 0,
         result=b"" if view.result is None else canonical.encode(view.result),
+        context=canonical.encode(view.context),
     )
 
 
