@@ -8,7 +8,7 @@ TYPES  := build/typecheck
 PROTOS := $(shell find proto -name '*.proto' 2>/dev/null)
 STAMP  := $(VENV)/.installed
 
-.PHONY: all install proto lock lint typecheck fix test test-fast bench demo clean
+.PHONY: all install proto lock lint typecheck fix test test-fast bench demo clean browser
 
 all: test
 
@@ -67,12 +67,24 @@ fix: install
 	$(BIN)/ruff check --fix quorum hsm cli client tests bench
 	$(BIN)/ruff format quorum hsm cli client tests bench
 
-test: lint typecheck
+test: lint typecheck browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Tests only, for the edit loop.
-test-fast: install
+test-fast: install browser
 	$(BIN)/pytest -x -q $(PYTEST_ARGS)
+
+# The HTML audit report is checked in a real headless browser (Debian's
+# chromium, tests/test_audit_html.py). Installed here when missing and we
+# can (root with apt-get, as on CI); otherwise those tests say why they skip.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (Debian) for the HTML report's browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+	  echo "chromium is missing and cannot be installed here (needs root and apt-get): the browser tests will skip"; \
+	fi
 
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)

@@ -24,13 +24,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import click
 import grpc
 
 from keyquorum.quorum import evidence, export, merkle
-from keyquorum.quorum.audit_report import audit, render_text
+from keyquorum.quorum.audit_report import audit
+from keyquorum.quorum.audit_text import render_text
 from keyquorum.quorum.checkpoint import (
     Checkpoint,
     NoteSigner,
@@ -46,6 +47,7 @@ from keyquorum.quorum.errors import (
     KeyquorumError,
     LogIntegrityError,
     StateError,
+    UnverifiableError,
     VerificationError,
 )
 from keyquorum.quorum.log import Entry
@@ -424,6 +426,50 @@ def export_cmd(
     click.echo(f"exported {size} entries and {len(notes)} checkpoints to {out}")
 
 
+#: `audit verify` exit codes: what a script can rely on.
+EXIT_VERIFIED = 0
+EXIT_TAMPERED = 1
+EXIT_USAGE = 2
+EXIT_UNVERIFIABLE = 3
+
+
+def pinned_log_key(option: str | None, path: Path | None) -> str | None:
+    """The log key the auditor pinned, or None: the one place a pin is looked up.
+
+    Today a pin is given explicitly, as `--log-key` or `--log-key-file`;
+    a key found in the export itself is never a pin (whoever wrote the file
+    chose it). A malformed key is a usage error (exit 2), not tampering.
+    """
+    key = _log_key(option, path)
+    if key is None:
+        return None
+    try:
+        verifier = parse_verifier_key(key)
+    except KeyquorumError as e:
+        raise click.UsageError(f"the log key you gave is not a note verifier key: {e}") from None
+    if verifier.sig_type is not SignatureType.ED25519:
+        raise click.UsageError("the log key must be an Ed25519 (type 0x01) note verifier key")
+    return key
+
+
+def parse_utc(text: str | None, option: str) -> int | None:
+    """`2026-11-25`, `2026-11-25T10:00:00Z` or `2026-11-25 10:00:00` (UTC) to Unix seconds."""
+    if text is None:
+        return None
+    from datetime import UTC, datetime
+
+    value = text.strip().removesuffix("Z").removesuffix(" UTC").replace("T", " ")
+    for form in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+        try:
+            return int(datetime.strptime(value, form).replace(tzinfo=UTC).timestamp())
+        except ValueError:
+            continue
+    raise click.BadParameter(
+        f"{text!r} is not a UTC date (2026-11-25) or time (2026-11-25T10:00:00Z)",
+        param_hint=option,
+    )
+
+
 @audit_group.command("verify")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
@@ -435,6 +481,26 @@ def export_cmd(
 @click.option("--cosigner", multiple=True, help="A cosigner (witness) key you trust; repeatable.")
 @click.option("--min-cosigners", default=0, show_default=True, help="Cosigners required.")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON, for machines.")
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the report as one self-contained HTML page here.",
+)
+@click.option("--since", help="Details from this UTC date or time on (2026-11-25[T10:00:00Z]).")
+@click.option("--until", help="Details before this UTC date or time.")
+@click.option(
+    "--type",
+    "types",
+    multiple=True,
+    help="Details of one kind only: roster, confirm, unseal, seal, proposal, tenant, grant, "
+    "checkpoint (or an entry type such as approval); repeatable.",
+)
+@click.option("--tenant", help="Details concerning this tenant only.")
+@click.option(
+    "--custodian",
+    help="Details of what this custodian did (name, FKAO-JAYM-... or fingerprint prefix).",
+)
 @click.option(
     "--save-checkpoint",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -448,23 +514,54 @@ def verify_cmd(
     cosigner: tuple[str, ...],
     min_cosigners: int,
     as_json: bool,
+    html_out: Path | None,
+    since: str | None,
+    until: str | None,
+    types: tuple[str, ...],
+    tenant: str | None,
+    custodian: str | None,
     save_checkpoint: Path | None,
 ) -> None:
     """Verify an export offline and print who authorised what, and when.
 
-    Runs the daemon's own replay over every entry. Exits 0 only if the whole
-    log verifies; otherwise prints the first bad entry (and, for a fork,
-    both checkpoints as evidence) and exits 1.
+    Runs the daemon's own replay over every entry. The report opens with a
+    summary of the whole log; --since, --until, --type, --tenant and
+    --custodian cut down the details after it. Times are UTC.
+
+    \b
+    Exit codes:
+      0  VERIFIED against the log key you pinned (--log-key or --log-key-file)
+      1  the log is not intact: tampered, damaged, truncated, forked, badly signed
+      2  usage error (a bad option, a malformed log key)
+      3  cannot be judged: no log key pinned (the report says NOT VERIFIED),
+         not an export file, nothing that vouches for the entries
 
     \b
     Example:
       keyquorum audit verify kq-export.jsonl --log-key 'keyquorum/acme-prod+1a2b3c4d+AW...' \\
-          --trusted-checkpoint yesterday.checkpoint
+          --trusted-checkpoint yesterday.checkpoint --html report.html
+      keyquorum audit verify kq-export.jsonl --log-key-file acme-prod.vkey \\
+          --since 2026-11-01 --tenant acme-health
     """
-    key = _log_key(log_key, log_key_file)
+    from keyquorum.quorum.audit_report import Filters
+
+    key = pinned_log_key(log_key, log_key_file)
+    try:
+        filters = Filters(
+            since=parse_utc(since, "--since"),
+            until=parse_utc(until, "--until"),
+            sections=frozenset(types),
+            tenant=tenant,
+            custodian=custodian,
+        )
+    except InvalidInputError as e:
+        raise click.UsageError(str(e)) from None
     trusted = None if trusted_checkpoint is None else _read_text(trusted_checkpoint, "checkpoint")
     try:
-        parsed = read_export(file)
+        try:
+            parsed = read_export(file)
+        except DeserializationError as e:
+            raise UnverifiableError(f"{file} is not a keyquorum export: {e}") from e
         with progress_bar(len(parsed.entries), "verifying") as advance:
             report = audit(
                 parsed,
@@ -475,22 +572,46 @@ def verify_cmd(
                 progress=advance,
             )
     except KeyquorumError as e:
-        _fail(e, as_json)
+        _fail(e, as_json, html_out)
+    shown = report.filtered(filters)
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+        click.echo(json.dumps(shown.to_json(), indent=2, sort_keys=True))
     else:
-        click.echo(render_text(report), nl=False)
+        click.echo(render_text(shown), nl=False)
+    if html_out is not None:
+        from keyquorum.quorum.audit_html import render_html
+
+        _write_atomically(html_out, iter([render_html(shown).encode("utf-8")]))
+        click.echo(f"HTML report written to {html_out}", err=True)
+    if not report.verified:
+        sys.exit(EXIT_UNVERIFIABLE)
     if save_checkpoint is not None:
         note = max(parsed.checkpoints, key=_size_of)
         save_checkpoint.write_text(note, encoding="utf-8")
 
 
-def _fail(error: KeyquorumError, as_json: bool) -> None:
+def exit_code_for(error: KeyquorumError) -> int:
+    """Tampered (1), usage (2) or unverifiable (3): what a failed verify means."""
+    if isinstance(error, UnverifiableError):
+        return EXIT_UNVERIFIABLE
+    if isinstance(error, VerificationError | DeserializationError):
+        return EXIT_TAMPERED
+    if isinstance(error, InvalidInputError):
+        return EXIT_USAGE
+    return EXIT_UNVERIFIABLE
+
+
+def _fail(error: KeyquorumError, as_json: bool, html_out: Path | None = None) -> NoReturn:
     seq = error.seq if isinstance(error, LogIntegrityError) else None
     evidence = error.evidence if isinstance(error, ForkError) else ()
+    code = exit_code_for(error)
+    verdict = {EXIT_TAMPERED: "failed", EXIT_USAGE: "usage", EXIT_UNVERIFIABLE: "unverifiable"}
     if as_json:
         out = {
-            "verdict": "failed",
+            "format": "keyquorum/audit-failure",
+            "version": 1,
+            "verdict": verdict[code],
+            "exit_code": code,
             "error": type(error).__name__,
             "message": str(error),
             "seq": seq,
@@ -498,12 +619,18 @@ def _fail(error: KeyquorumError, as_json: bool) -> None:
         }
         click.echo(json.dumps(out, indent=2, sort_keys=True))
     else:
-        click.echo(f"VERIFICATION FAILED: {error}", err=True)
+        head = "VERIFICATION FAILED" if code == EXIT_TAMPERED else "CANNOT VERIFY"
+        click.echo(f"{head}: {error}", err=True)
         if seq is not None:
             click.echo(f"first bad entry: {seq}", err=True)
         for i, note in enumerate(evidence, start=1):
             click.echo(f"\nevidence {i} (a note signed by the log key):\n{note}", err=True)
-    sys.exit(1)
+    if html_out is not None:
+        from keyquorum.quorum.audit_html import render_failure_html
+
+        page = render_failure_html(str(error), seq, evidence)
+        _write_atomically(html_out, iter([page.encode("utf-8")]))
+    sys.exit(code)
 
 
 @audit_group.command("checkpoint")

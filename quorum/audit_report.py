@@ -10,9 +10,10 @@ report a person reads.
 Checks, in order; the first failure raises, naming what is wrong:
 
 0. The export holds at least one entry, and some checkpoint (in the file or
-   the one the auditor trusts) vouches for it.
+   the one the auditor trusts) vouches for it (else `UnverifiableError`).
 1. The log key: the one given (`log_key`, pinned by the auditor), else the
-   one the genesis entry names (trust on first use: the report says so).
+   one the genesis entry names; the report is then "not verified", since
+   whoever wrote the file also chose that key.
 2. Every checkpoint (each one in the file, and `trusted_checkpoint`) is a
    C2SP signed note signed by the log key, with the log key's name as
    origin (`checkpoint.verify_checkpoint`); cosignatures from the
@@ -21,10 +22,13 @@ Checks, in order; the first failure raises, naming what is wrong:
    `ForkError` carrying both notes as evidence.
 4. `verify_log(entries, latest checkpoint)`: every entry replays (chain,
    order, signatures, approvals, executions) and the first `size` entries
-   have the checkpoint's root. A root mismatch is narrowed down with the
-   other checkpoints, to the first entry that changed after a checkpoint
-   that still matches; with a checkpoint per append (what the daemon
-   writes) that is exactly the edited entry.
+   have the checkpoint's root. When that fails, the bytes are examined
+   before the meaning (`_damage`): the first entry whose bytes are not
+   those the checkpoints and the next entry's hash link vouch for is named
+   as damaged, rather than whatever its altered content means to replay
+   (a flipped digit of a time is damage, not "proposal expired"). With a
+   checkpoint per append (what the daemon writes) that is exactly the
+   edited entry; entries missing, added or moved keep replay's message.
 5. Every other checkpoint in the file matches the log at its size; one that
    does not, while the latest does, is a fork (`ForkError`): the log key
    signed two histories.
@@ -45,6 +49,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from keyquorum.quorum import people
 from keyquorum.quorum.checkpoint import (
     Checkpoint,
     NoteVerifier,
@@ -60,7 +65,7 @@ from keyquorum.quorum.errors import (
     LogIntegrityError,
     ProofError,
     RootMismatchError,
-    VerificationError,
+    UnverifiableError,
     with_context,
 )
 from keyquorum.quorum.export import ExportedLog
@@ -93,7 +98,6 @@ __all__ = [
     "Report",
     "audit",
     "build_report",
-    "render_text",
 ]
 
 #: `progress` is called after every this many entries (and at the end).
@@ -113,7 +117,8 @@ class Person:
     fingerprint: str
 
     def label(self) -> str:
-        return f"{self.name} ({self.fingerprint[:16]})"
+        """`alice (FKAO-JAYM-D5SP-FPYZ)`, the one form people see (`people.label`)."""
+        return people.label(self.name, self.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,129 @@ class TrustedRecord:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """A custodian of the roster in force at the end of the log, and what they did."""
+
+    custodian: Person
+    share: int
+    confirmed_seq: int | None
+    approvals: int
+    refusals: int
+    unseals: int
+    seals: int
+
+
+@dataclass(frozen=True)
+class TenantSummary:
+    """A tenant at the end of the log: its state, activations and grants in force."""
+
+    name: str
+    state: str
+    versions: int
+    activations: int
+    last_active_until: int | None
+    backends: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """Something an auditor should look at, with the entry that shows it."""
+
+    seq: int | None
+    what: str
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The whole log on one screen: who holds what, what happened, what stands out."""
+
+    threshold: int
+    holders: tuple[Holder, ...]
+    former: tuple[Person, ...]
+    roster_changes: int
+    unseals: int
+    last_unseal_seq: int | None
+    seals: int
+    seals_by_custodians: int
+    proposals: int
+    executed: int
+    expired: int
+    cancelled: int
+    still_open: int
+    approvals: int
+    refusals: int
+    tenants: tuple[TenantSummary, ...]
+    anomalies: tuple[Anomaly, ...]
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the detail sections of a report show (the summary is the whole log).
+
+    `since` and `until` are Unix seconds (since inclusive, until exclusive);
+    `sections` names detail sections (`SECTIONS`) or entry types
+    (`ENTRY_SECTIONS` maps them); `tenant` keeps what concerns one tenant;
+    `custodian` what one custodian did, named by name, by the base32 groups
+    or by (a prefix of) the 64-hex fingerprint.
+    """
+
+    since: int | None = None
+    until: int | None = None
+    sections: frozenset[str] = frozenset()
+    tenant: str | None = None
+    custodian: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sections) - set(SECTIONS) - set(ENTRY_SECTIONS)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown --type {', '.join(sorted(unknown))}; known: "
+                f"{', '.join(SECTIONS)} (or an entry type: {', '.join(ENTRY_SECTIONS)})"
+            )
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise InvalidInputError("--since must be before --until")
+
+    @property
+    def active(self) -> bool:
+        return self != Filters()
+
+    def shows(self, section: str) -> bool:
+        wanted = {ENTRY_SECTIONS.get(s, s) for s in self.sections}
+        if wanted and section not in wanted:
+            return False
+        if self.tenant is not None and section not in ("proposal", "tenant", "grant"):
+            return False
+        return not (self.custodian is not None and section in ("tenant", "grant", "checkpoint"))
+
+    def when(self, t: int) -> bool:
+        return (self.since is None or t >= self.since) and (self.until is None or t < self.until)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "custodian": self.custodian,
+            "sections": sorted(self.sections),
+            "since": self.since,
+            "tenant": self.tenant,
+            "until": self.until,
+        }
+
+
+#: The report's detail sections, in order; `--type` takes these or entry types.
+SECTIONS = ("roster", "confirm", "unseal", "seal", "proposal", "tenant", "grant", "checkpoint")
+ENTRY_SECTIONS = {
+    "genesis": "roster",
+    "confirm": "confirm",
+    "unseal": "unseal",
+    "seal": "seal",
+    "proposal": "proposal",
+    "approval": "proposal",
+    "refusal": "proposal",
+    "execution": "proposal",
+    "shred": "tenant",
+}
+
+
+@dataclass(frozen=True)
 class Report:
     """Who authorised what, and when, according to a verified log."""
 
@@ -237,10 +365,23 @@ class Report:
     checkpoints: tuple[CheckpointRecord, ...]
     trusted: TrustedRecord | None
     cosigners_required: int
+    summary: Summary
+    filters: Filters = Filters()
+
+    @property
+    def verified(self) -> bool:
+        """Only a log checked against a pinned key is verified."""
+        return self.verdict == "verified"
 
     def to_json(self) -> dict[str, Any]:
-        """The same report for machines (`audit verify --json`)."""
-        return dataclasses.asdict(self)
+        """The same report for machines (`audit verify --json`, docs/schemas/)."""
+        body = dataclasses.asdict(self)
+        body["filters"] = self.filters.to_json()
+        return {"format": "keyquorum/audit-report", "version": 1, **body}
+
+    def filtered(self, filters: Filters) -> Report:
+        """The same report with its detail sections cut down to `filters`."""
+        return _apply(self, filters)
 
 
 # Verification ----------------------------------------------------------------
@@ -272,7 +413,7 @@ def audit(
     if not entries:
         raise LogIntegrityError("the export holds no entries: it has no genesis", seq=0)
     if not exported.checkpoints and trusted_checkpoint is None:
-        raise VerificationError(
+        raise UnverifiableError(
             "the export holds no signed checkpoint and no trusted checkpoint was given: "
             "nothing vouches for these entries"
         )
@@ -302,6 +443,9 @@ def audit(
     try:
         state = verify_log(_feed(entries, tree, progress), latest.note, verifier)
     except LogIntegrityError as e:
+        damaged = _damage(entries, signed, e.seq)
+        if damaged is not None:
+            raise damaged from e
         if isinstance(e.__cause__, RootMismatchError):
             raise _first_changed(tree, signed, latest) from e
         raise
@@ -384,6 +528,75 @@ def _feed(entries: Iterable[bytes], tree: MerkleTree, progress: Progress | None)
             progress(PROGRESS_STEP)
     if progress is not None and done % PROGRESS_STEP:
         progress(done % PROGRESS_STEP)
+
+
+def _damage(
+    entries: Sequence[bytes], signed: Sequence[_Signed], failed_at: int | None
+) -> LogIntegrityError | None:
+    """The first entry whose bytes are not the ones logged, described as damaged.
+
+    Evidence, from the bytes alone: the smallest checkpoint whose root no
+    longer matches (below it the largest one that does), narrowed by the
+    hash link each entry holds to the one before it. An entry whose `seq`
+    is not its position is not damage but a missing, added or moved entry:
+    None then, and replay's own message stands. So is an entry after the
+    one replay failed at (the failure is elsewhere).
+    """
+    leaves = [leaf_hash(raw) for raw in entries]
+    tree = MerkleTree()
+    for leaf in leaves:
+        tree.append(leaf)
+    good, bad = 0, None
+    for s in sorted(signed, key=lambda s: s.checkpoint.size):
+        size = s.checkpoint.size
+        if size > tree.size:
+            break
+        if tree.root(size) == s.checkpoint.root:
+            good = size
+        else:
+            bad = size
+            break
+    end = len(entries) if bad is None else bad
+    damaged: int | None = None
+    evidence: list[str] = []
+    for i in range(good, end):
+        link = _prev_of(entries[i + 1]) if i + 1 < len(entries) else None
+        if link is not None and link != leaves[i]:
+            damaged = i
+            evidence.append(f"entry {i + 1} records another hash of it")
+            break
+    if damaged is None and bad is not None:
+        damaged = bad - 1
+    if damaged is None or (failed_at is not None and damaged > failed_at):
+        return None
+    if bad is not None and damaged == bad - 1:
+        evidence.insert(0, f"the checkpoint of size {bad} signed by the log key has another root")
+    try:
+        entry = Entry.from_bytes(entries[damaged])
+    except DeserializationError as e:
+        reads = f"it no longer parses ({e})"
+    else:
+        if entry.seq != damaged:
+            return None
+        what = f"{_article(entry.type)} {entry.type}"
+        reads = f"as it stands it reads: {what} at {render_time(entry.time)}"
+    return LogIntegrityError(
+        f"damaged: its bytes are not the ones that were logged ({'; '.join(evidence)}); {reads}",
+        seq=damaged,
+    )
+
+
+def _prev_of(raw: bytes) -> bytes | None:
+    """The hash link an entry holds, read without trusting anything else in it."""
+    try:
+        obj = json.loads(raw)
+        return bytes.fromhex(obj["prev"]) if isinstance(obj, dict) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _first_changed(tree: MerkleTree, signed: Sequence[_Signed], latest: _Signed) -> Exception:
@@ -535,7 +748,10 @@ def build_report(
             outcome, outcome_seq = "executed", executed.seq
         elif prop.status == "cancelled":
             outcome_seq = next((s for s in roster_changes if s > prop.log_position), None)
-            outcome = "cancelled by a roster change"
+            if outcome_seq is not None and times[outcome_seq] >= prop.expires_at:
+                outcome, outcome_seq = "expired without enough approvals", None
+            else:
+                outcome = "cancelled by a roster change"
         elif last_time >= prop.expires_at:
             outcome = "expired without enough approvals"
         else:
@@ -605,8 +821,21 @@ def build_report(
         )
         for s in sorted(checkpoints, key=lambda s: (s.checkpoint.size, s.source))
     )
+    summary = _summarize(
+        state,
+        rosters=rosters,
+        confirmations=confirmations,
+        unseals=unseals,
+        seals=seals,
+        proposals=proposals,
+        tenants=tenants,
+        grants=grants,
+        log_key_pinned=log_key_pinned,
+        uncovered=state.size - latest_size,
+        checkpoints=records,
+    )
     return Report(
-        verdict="verified",
+        verdict="verified" if log_key_pinned else "unverified",
         deployment=state.deployment,
         log_key=state.log_key,
         log_key_pinned=log_key_pinned,
@@ -624,6 +853,216 @@ def build_report(
         checkpoints=records,
         trusted=trusted,
         cosigners_required=cosigners_required,
+        summary=summary,
+    )
+
+
+def _summarize(
+    state: LogState,
+    *,
+    rosters: Sequence[RosterRecord],
+    confirmations: Sequence[Confirmation],
+    unseals: Sequence[UnsealRecord],
+    seals: Sequence[SealRecord],
+    proposals: Sequence[ProposalRecord],
+    tenants: Sequence[TenantRecord],
+    grants: Sequence[GrantRecord],
+    log_key_pinned: bool,
+    uncovered: int,
+    checkpoints: Sequence[CheckpointRecord],
+) -> Summary:
+    """The summary section: counted from the records, nothing re-read from the log."""
+    current = rosters[-1]
+    # Confirmations are of the current split: those after the latest roster change.
+    confirmed = {c.custodian.fingerprint: c.seq for c in confirmations if c.seq > current.seq}
+    approved: dict[str, int] = {}
+    refused: dict[str, int] = {}
+    for p in proposals:
+        for v in p.approvals:
+            approved[v.custodian.fingerprint] = approved.get(v.custodian.fingerprint, 0) + 1
+        for v in p.refusals:
+            refused[v.custodian.fingerprint] = refused.get(v.custodian.fingerprint, 0) + 1
+    unsealed: dict[str, int] = {}
+    for u in unseals:
+        for m in u.custodians:
+            unsealed[m.fingerprint] = unsealed.get(m.fingerprint, 0) + 1
+    sealed: dict[str, int] = {}
+    for z in seals:
+        if z.by is not None:
+            sealed[z.by.fingerprint] = sealed.get(z.by.fingerprint, 0) + 1
+    holders = tuple(
+        Holder(
+            custodian=m,
+            share=i,
+            confirmed_seq=confirmed.get(m.fingerprint),
+            approvals=approved.get(m.fingerprint, 0),
+            refusals=refused.get(m.fingerprint, 0),
+            unseals=unsealed.get(m.fingerprint, 0),
+            seals=sealed.get(m.fingerprint, 0),
+        )
+        for i, m in enumerate(current.custodians, start=1)
+    )
+    on_roster = {m.fingerprint for m in current.custodians}
+    former: dict[str, Person] = {}
+    for r in rosters:
+        for m in r.custodians:
+            if m.fingerprint not in on_roster:
+                former.setdefault(m.fingerprint, m)
+    in_force: dict[str, list[str]] = {}
+    for g in grants:
+        if g.ended_seq is None:
+            in_force.setdefault(g.tenant, []).append(g.backend)
+    tenant_summaries = []
+    for t in tenants:
+        record = state.tenants[t.name]
+        activations = [e for e in t.events if e.what.startswith("activated")]
+        tenant_summaries.append(
+            TenantSummary(
+                name=t.name,
+                state=t.state,
+                versions=t.versions,
+                activations=len(activations),
+                last_active_until=record.active_until,
+                backends=tuple(in_force.get(t.name, ())),
+            )
+        )
+    anomalies: list[Anomaly] = []
+    if not log_key_pinned:
+        anomalies.append(
+            Anomaly(None, "the log key was not pinned: it was taken from the file itself")
+        )
+    if uncovered:
+        anomalies.append(
+            Anomaly(
+                state.size - uncovered,
+                f"the last {uncovered} entries are not covered by a checkpoint signed by the "
+                "log key",
+            )
+        )
+    unconfirmed = [m.label() for m in current.custodians if m.fingerprint not in confirmed]
+    if unconfirmed:
+        anomalies.append(
+            Anomaly(
+                None,
+                f"{len(unconfirmed)} of {len(current.custodians)} custodians never confirmed "
+                f"their current share: {', '.join(unconfirmed)}",
+            )
+        )
+    for r in rosters[1:]:
+        anomalies.append(
+            Anomaly(r.seq, f"the roster changed: {r.threshold}-of-{len(r.custodians)}")
+        )
+    for z in seals:
+        if z.by is not None:
+            anomalies.append(
+                Anomaly(z.seq, f"{z.by.label()} sealed {z.replica}: {z.reason!r} (signed)")
+            )
+    for p in proposals:
+        for v in p.refusals:
+            anomalies.append(
+                Anomaly(v.seq, f"{v.custodian.label()} refused proposal {p.id[:8]} ({p.operation})")
+            )
+        if p.outcome.startswith("expired") or p.outcome.startswith("cancelled"):
+            anomalies.append(
+                Anomaly(
+                    p.seq,
+                    f"proposal {p.id[:8]} ({p.operation}) {p.outcome} "
+                    f"({len(p.approvals)} of {p.needed} approvals)",
+                )
+            )
+    for cp in checkpoints:
+        if cp.unknown_signers:
+            anomalies.append(
+                Anomaly(
+                    cp.size - 1,
+                    f"the checkpoint of size {cp.size} carries signatures of keys you did not "
+                    f"give: {', '.join(cp.unknown_signers)}",
+                )
+            )
+    anomalies.sort(key=lambda a: -1 if a.seq is None else a.seq)
+    return Summary(
+        threshold=current.threshold,
+        holders=holders,
+        former=tuple(former.values()),
+        roster_changes=len(rosters) - 1,
+        unseals=len(unseals),
+        last_unseal_seq=unseals[-1].seq if unseals else None,
+        seals=len(seals),
+        seals_by_custodians=sum(1 for z in seals if z.by is not None),
+        proposals=len(proposals),
+        executed=sum(1 for p in proposals if p.outcome == "executed"),
+        expired=sum(1 for p in proposals if p.outcome.startswith("expired")),
+        cancelled=sum(1 for p in proposals if p.outcome.startswith("cancelled")),
+        still_open=sum(1 for p in proposals if p.outcome.startswith("still open")),
+        approvals=sum(len(p.approvals) for p in proposals),
+        refusals=sum(len(p.refusals) for p in proposals),
+        tenants=tuple(tenant_summaries),
+        anomalies=tuple(anomalies),
+    )
+
+
+def _matches_custodian(who: Person, wanted: str) -> bool:
+    """A custodian named by name, base32 groups, or (a prefix of) the 64-hex fingerprint."""
+    text = wanted.strip()
+    if text.lower() == who.name.lower():
+        return True
+    groups = people.display_fingerprint(who.fingerprint)
+    if text.upper().replace("-", "") == groups.replace("-", ""):
+        return True
+    return len(text) >= 8 and who.fingerprint.startswith(text.lower())
+
+
+def _apply(report: Report, f: Filters) -> Report:
+    """`Report.filtered`: each detail section cut down; the summary stays whole."""
+    c = f.custodian
+
+    def someone(persons: Iterable[Person]) -> bool:
+        return c is None or any(_matches_custodian(p, c) for p in persons)
+
+    def proposal_shown(p: ProposalRecord) -> bool:
+        if f.tenant is not None and dict(p.parameters).get("tenant") != f.tenant:
+            return False
+        verdicts = (*p.approvals, *p.refusals)
+        if c is not None and not someone(v.custodian for v in verdicts):
+            return False
+        return f.when(p.time) or any(f.when(v.time) for v in verdicts)
+
+    tenants = tuple(
+        dataclasses.replace(t, events=tuple(e for e in t.events if f.when(e.time)))
+        for t in report.tenants
+        if f.tenant is None or t.name == f.tenant
+    )
+    return dataclasses.replace(
+        report,
+        filters=f,
+        rosters=tuple(
+            r
+            for r in report.rosters
+            if f.shows("roster") and f.when(r.time) and someone(r.custodians)
+        ),
+        confirmations=tuple(
+            x
+            for x in report.confirmations
+            if f.shows("confirm") and f.when(x.time) and someone([x.custodian])
+        ),
+        unseals=tuple(
+            u
+            for u in report.unseals
+            if f.shows("unseal") and f.when(u.time) and someone(u.custodians)
+        ),
+        seals=tuple(
+            z
+            for z in report.seals
+            if f.shows("seal") and f.when(z.time) and (c is None or (z.by and someone([z.by])))
+        ),
+        proposals=tuple(p for p in report.proposals if f.shows("proposal") and proposal_shown(p)),
+        tenants=tuple(t for t in tenants if f.shows("tenant") and (t.events or not f.active)),
+        grants=tuple(
+            g
+            for g in report.grants
+            if f.shows("grant") and (f.tenant is None or g.tenant == f.tenant)
+        ),
+        checkpoints=report.checkpoints if f.shows("checkpoint") else (),
     )
 
 
@@ -678,122 +1117,3 @@ def _tenant_state(destroyed: bool, destroy_at: int | None, until: int | None, no
     if until is not None and now < until:
         return f"active until {render_time(until)}"
     return "inactive"
-
-
-# Rendering -------------------------------------------------------------------------
-
-
-def render_text(report: Report) -> str:
-    """The report as a person reads it (what `audit verify` prints)."""
-    out: list[str] = []
-    w = out.append
-    w("keyquorum audit report")
-    w("=" * 22)
-    w(f"Verdict: {report.verdict.upper()}: every entry replayed and every checkpoint checked")
-    w(f"Deployment:  {report.deployment}")
-    pinned = (
-        "pinned by you" if report.log_key_pinned else "taken from the genesis entry, NOT pinned"
-    )
-    w(f"Log key:     {report.log_key} ({pinned})")
-    w(f"Entries:     {report.entries} (0..{report.entries - 1}), "
-      f"{render_time(report.first_time)} to {render_time(report.last_time)}")  # fmt: skip
-    uncovered = report.entries - report.covered
-    w(
-        f"Covered:     the first {report.covered} by the latest signed checkpoint"
-        + (f"; {uncovered} later entries replayed but not yet checkpointed" if uncovered else "")
-    )
-    if report.trusted is not None:
-        t = report.trusted
-        w(
-            f"Trusted:     your checkpoint of size {t.size} (root {t.root[:16]}...) is extended "
-            f"by {t.extended_by} entries (consistency proof of {t.proof_hashes} hashes verified)"
-        )
-    w("")
-    w("Roster and threshold over time")
-    for roster in report.rosters:
-        rule = f"{roster.threshold}-of-{len(roster.custodians)}"
-        w(f"  entry {roster.seq} at {render_time(roster.time)}: {rule} ({roster.cause})")
-        for i, member in enumerate(roster.custodians, start=1):
-            w(f"    share {i}: {member.label()}")
-    w("")
-    w("Share confirmations")
-    for conf in report.confirmations:
-        w(f"  entry {conf.seq} at {render_time(conf.time)}: {conf.custodian.label()}")
-    _none(out, report.confirmations)
-    w("")
-    w("Unseals (who took part)")
-    for u in report.unseals:
-        names = ", ".join(m.name for m in u.custodians)
-        w(f"  entry {u.seq} at {render_time(u.time)}: replica {u.replica} unsealed by "
-          f"{len(u.custodians)}: {names}")  # fmt: skip
-    _none(out, report.unseals)
-    w("")
-    w("Seals")
-    for seal in report.seals:
-        who = seal.by.label() if seal.by else "the daemon itself"
-        replica = "every replica" if seal.replica == SealPayload.ALL_REPLICAS else seal.replica
-        when = f"entry {seal.seq} at {render_time(seal.time)}"
-        w(f"  {when}: {replica} sealed by {who}: {seal.reason!r}")
-    _none(out, report.seals)
-    w("")
-    w("Proposals")
-    for p in report.proposals:
-        params = ", ".join(f"{k}={v}" for k, v in p.parameters)
-        w(f"  proposal {p.id} at entry {p.seq} ({render_time(p.time)}) by {p.proposer!r}:")
-        w(f"    {p.operation} {params}; needs {p.needed} approval(s); "
-          f"expires {render_time(p.expires_at)}")  # fmt: skip
-        w("    statement the custodians signed:")
-        out.extend(f"      | {line}" for line in p.statement.splitlines())
-        verdicts = [("approved", v) for v in p.approvals] + [("REFUSED", v) for v in p.refusals]
-        for word, v in sorted(verdicts, key=lambda pair: pair[1].seq):
-            w(f"    {word} by {v.custodian.label()} at entry {v.seq}, {render_time(v.time)}")
-        at = "" if p.outcome_seq is None else f" at entry {p.outcome_seq}"
-        w(f"    outcome: {p.outcome}{at}")
-    _none(out, report.proposals)
-    w("")
-    w("Tenants")
-    for tenant in report.tenants:
-        w(f"  {tenant.name}: {tenant.state}, {tenant.versions} key version(s)")
-        for e in tenant.events:
-            w(f"    entry {e.seq} at {render_time(e.time)}: {e.what}")
-    _none(out, report.tenants)
-    w("")
-    w("Grants")
-    for g in report.grants:
-        end = "in force" if g.ended_seq is None else f"{g.ended} at entry {g.ended_seq}"
-        w(f"  {g.backend} -> {g.tenant}: granted at entry {g.granted_seq}, {end}")
-    _none(out, report.grants)
-    w("")
-    w("Checkpoints verified (signed by the log key, matching the entries)")
-    sizes = sorted({cp.size for cp in report.checkpoints})
-    w(f"  {len(report.checkpoints)} checkpoint(s), tree sizes {_ranges(sizes)}")
-    latest = report.checkpoints[-1] if report.checkpoints else None
-    for cp in report.checkpoints:
-        if cp is not latest and not cp.cosigned_by and "export" in cp.source:
-            continue  # listed in the count above; shown when cosigned, trusted or latest
-        cos = ", ".join(f"{n} at {render_time(t)}" for n, t in cp.cosigned_by) or "none known"
-        w(f"  size {cp.size}: root {cp.root[:16]}... ({cp.source}); cosigned by: {cos}")
-        if cp.unknown_signers:
-            w(f"    also signed by keys you did not give: {', '.join(cp.unknown_signers)}")
-    if report.cosigners_required:
-        w(f"  the latest is cosigned by at least {report.cosigners_required} of your cosigners")
-    return "\n".join(out) + "\n"
-
-
-def _ranges(sizes: Sequence[int]) -> str:
-    """1, 2, 3, 7 -> "1..3, 7": every size without a line per checkpoint."""
-    parts: list[str] = []
-    start = prev = None
-    for n in [*sizes, None]:
-        if start is not None and prev is not None and (n is None or n != prev + 1):
-            parts.append(str(start) if start == prev else f"{start}..{prev}")
-            start = None
-        if n is not None and start is None:
-            start = n
-        prev = n
-    return ", ".join(parts) or "none"
-
-
-def _none(out: list[str], items: Sequence[object]) -> None:
-    if not items:
-        out.append("  (none)")

@@ -125,6 +125,12 @@ class RollbackError(VerificationError):
     store restored from an older snapshot, or a daemon showing another history."""
 
 
+class UnverifiableError(KeyquorumError):
+    """The input cannot be judged either way: no pinned key to check it against,
+    nothing that vouches for it, or a file that is not what it claims to be.
+    Not evidence of tampering (`audit verify` exits 3, not 1)."""
+
+
 class NotFoundError(KeyquorumError):
     """The thing asked for does not exist (an unknown proposal id)."""
 

@@ -16,7 +16,8 @@ from functools import cache
 import pytest
 
 from keyquorum.quorum import canonical, export
-from keyquorum.quorum.audit_report import Report, audit, render_text
+from keyquorum.quorum.audit_report import Report, audit
+from keyquorum.quorum.audit_text import render_text
 from keyquorum.quorum.checkpoint import NoteSigner, cosign_checkpoint
 from keyquorum.quorum.errors import (
     DeserializationError,
@@ -189,8 +190,22 @@ def _stripped_relinked(entries: list[bytes], notes: list[str]) -> tuple[list[byt
 
 
 CASES: list[tuple[str, Tamper, type[KeyquorumError], int | None, str]] = [
-    ("edited-entry", _edit_time, LogIntegrityError, 21, "hash chain is broken"),
-    ("edited-and-relinked", _edit_and_relink, LogIntegrityError, 7, "entry 7 changed"),
+    (
+        "edited-entry",
+        _edit_time,
+        LogIntegrityError,
+        20,
+        r"damaged: its bytes are not the ones that were logged \(the checkpoint of size 21 "
+        r"signed by the log key has another root; entry 21 records another hash of it\)",
+    ),
+    (
+        "edited-and-relinked",
+        _edit_and_relink,
+        LogIntegrityError,
+        7,
+        r"entry 7: damaged: .*checkpoint of size 8 .* another root\); as it stands it reads: "
+        r"a proposal at 2026-11-25 ",
+    ),
     ("deleted-entry", _delete, LogIntegrityError, 30, "sequence number 31, expected 30"),
     ("inserted-entry", _insert, LogIntegrityError, 31, "sequence number 30, expected 31"),
     ("reordered-entries", _reorder, LogIntegrityError, 40, "sequence number 41, expected 40"),
@@ -222,6 +237,43 @@ def test_tampered_export_is_refused_naming_the_first_bad_entry(
         assert isinstance(info.value, LogIntegrityError)
         assert info.value.seq == seq
         assert str(info.value).startswith(f"entry {seq}:")
+
+
+def _flip_time_digit(raw: bytes) -> bytes:
+    """The demo's tamper: one bit of a digit of `time`, still canonical JSON."""
+    out = bytearray(raw)
+    at = out.index(b'"time":') + len(b'"time":') + 3
+    out[at] ^= 0x01
+    return bytes(out)
+
+
+def _approval_seq(f: LogFactory) -> int:
+    return next(i for i, raw in enumerate(f.entries) if Entry.from_bytes(raw).type == "approval")
+
+
+@pytest.mark.parametrize("checkpoints", ["every-size", "only-the-last", "none-after-it"], ids=str)
+def test_a_flipped_byte_is_described_as_damage_not_as_what_it_now_means(
+    checkpoints: str,
+) -> None:
+    """A time moved by days makes an approval look late ("expired"): the bytes say damage."""
+    f = _factory()
+    seq = _approval_seq(f)
+    entries = list(f.entries)
+    entries[seq] = _flip_time_digit(entries[seq])
+    if checkpoints == "every-size":
+        notes = _notes(f)
+    elif checkpoints == "only-the-last":
+        notes = [f.checkpoint()]
+    else:  # the entry is past the latest checkpoint: only the hash link vouches for it
+        notes = [f.checkpoint(seq)]
+    with pytest.raises(LogIntegrityError) as info:
+        _audit(_file(entries, notes), log_key=LOG_KEY)
+    assert info.value.seq == seq
+    message = str(info.value)
+    assert message.startswith(f"entry {seq}: damaged: its bytes are not the ones that were logged")
+    assert f"entry {seq + 1} records another hash of it" in message
+    assert "as it stands it reads: an approval at" in message
+    assert "expired" not in message
 
 
 def test_fork_carries_both_notes_as_evidence() -> None:

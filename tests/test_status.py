@@ -37,6 +37,7 @@ EXPECTED: dict[type[e.KeyquorumError], grpc.StatusCode] = {
     e.LogIntegrityError: C.DATA_LOSS,
     e.StorageError: C.UNAVAILABLE,
     e.NotFoundError: C.NOT_FOUND,
+    e.UnverifiableError: C.FAILED_PRECONDITION,
 }
 
 

@@ -32,6 +32,8 @@ _CODES: tuple[tuple[type[e.KeyquorumError], grpc.StatusCode], ...] = (
     (e.DeserializationError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.StateError, grpc.StatusCode.FAILED_PRECONDITION),
+    # Raised by the auditor's offline verify, never by a servicer; mapped all the same.
+    (e.UnverifiableError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

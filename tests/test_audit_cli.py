@@ -1,0 +1,240 @@
+"""`keyquorum audit verify` as an auditor runs it: exit codes, summary, filters, golden reports.
+
+The log is a small export checked in under tests/golden/audit/ (real
+signatures; made by tests/logfactory.py), so its report is pinned byte for
+byte: text, JSON and HTML. `KEYQUORUM_UPDATE_GOLDEN=1` rebuilds the export
+and the reports; the tests compare otherwise.
+
+Exit codes: 0 verified against a pinned key, 1 not intact (tampered,
+damaged), 2 usage error (a malformed key), 3 cannot be judged (no key
+pinned, not an export, nothing vouches for the entries).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+from click.testing import CliRunner, Result
+
+from keyquorum.cli.audit import flip_one_byte
+from keyquorum.cli.main import main as cli_main
+from keyquorum.quorum import export
+from tests.logfactory import LogFactory, log_signer, outsider
+
+GOLDEN = Path(__file__).parent / "golden" / "audit"
+SCHEMAS = Path(__file__).parent.parent / "docs" / "schemas"
+UPDATE = os.environ.get("KEYQUORUM_UPDATE_GOLDEN") == "1"
+LOG_KEY = log_signer().verifier_key()
+EXPORT = GOLDEN / "small.kqexport"
+
+
+def _build_export() -> None:
+    """A small log touching every section of the report (run with KEYQUORUM_UPDATE_GOLDEN=1)."""
+    f = LogFactory(n=5, k=3, seed=b"golden audit")
+    for cred in f.creds[:4]:
+        f.confirm(cred)
+    f.tick()
+    f.unseal("kq-1", f.creds[:3])
+    f.tick(60)
+    f.run("create-tenant", tenant="acme-health")
+    f.run("activate-tenant", tenant="acme-health", duration_seconds=28800)
+    f.run("grant", backend="booking", tenant="acme-health")
+    f.tick(60)
+    refused = f.propose("destroy-tenant", ttl=600, tenant="acme-health")
+    f.refuse(refused, f.creds[4])
+    f.approve(refused, f.creds[0])
+    f.tick(3600)  # it expires with one approval of three
+    f.run("create-tenant", tenant="other-clinic")
+    f.seal("kq-1", f.creds[1])
+    f.tick(86400)
+    roster = ",".join([*(c.fingerprint for c in f.creds[:4]), outsider().fingerprint])
+    f.run("change-roster", roster=roster, threshold=3)
+    f.seal("*", None)
+    notes = [f.checkpoint(n) for n in range(1, len(f.entries) + 1)]
+    GOLDEN.mkdir(parents=True, exist_ok=True)
+    EXPORT.write_bytes(b"".join(export.produce(f.entries, notes)))
+
+
+if UPDATE:
+    _build_export()
+
+
+def verify(*args: str) -> Result:
+    return CliRunner().invoke(cli_main, ["audit", "verify", *args], catch_exceptions=False)
+
+
+def _golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if UPDATE:
+        path.write_text(text, encoding="utf-8")
+    assert path.read_text(encoding="utf-8") == text, f"{path} differs from the report"
+
+
+def _schema(name: str) -> dict[str, object]:
+    schema: dict[str, object] = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema
+
+
+# -- exit codes -------------------------------------------------------------------------------
+
+
+def test_verified_with_a_pinned_key_exits_0_and_pins_the_text_report() -> None:
+    r = verify(str(EXPORT), "--log-key", LOG_KEY)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[2].startswith("Verdict:     VERIFIED: ")
+    _golden("small.report.txt", r.stdout)
+
+
+def test_a_pinned_key_file_works_like_the_option(tmp_path: Path) -> None:
+    key_file = tmp_path / "acme-prod.vkey"
+    key_file.write_text(LOG_KEY + "\n")
+    r = verify(str(EXPORT), "--log-key-file", str(key_file))
+    assert r.exit_code == 0, r.output
+    assert "(pinned by you)" in r.stdout
+
+
+def test_without_a_pinned_key_it_never_says_verified_and_exits_3() -> None:
+    r = verify(str(EXPORT))
+    assert r.exit_code == 3, r.output
+    assert "Verdict:     NOT VERIFIED: " in r.stdout
+    assert "VERIFIED:" not in r.stdout.replace("NOT VERIFIED:", "")
+    assert "the log key was not pinned" in r.stdout
+
+
+def test_a_malformed_key_is_a_usage_error_not_tampering() -> None:
+    r = verify(str(EXPORT), "--log-key", "keyquorum/acme-prod+zz+notbase64")
+    assert r.exit_code == 2, r.output
+    assert "the log key you gave is not a note verifier key" in r.output
+
+
+def test_a_file_that_is_not_an_export_cannot_be_judged(tmp_path: Path) -> None:
+    other = tmp_path / "notes.txt"
+    other.write_text("hello\n")
+    r = verify(str(other), "--log-key", LOG_KEY)
+    assert r.exit_code == 3, r.output
+    assert r.stderr.startswith("CANNOT VERIFY: ")
+    assert "is not a keyquorum export" in r.stderr
+
+
+def test_the_demos_flipped_byte_is_damage_and_exits_1(tmp_path: Path) -> None:
+    tampered = tmp_path / "tampered.kqexport"
+    seq = flip_one_byte(EXPORT, tampered)
+    r = verify(str(tampered), "--log-key", LOG_KEY)
+    assert r.exit_code == 1, r.output
+    first = r.stderr.splitlines()[0]
+    assert first.startswith(f"VERIFICATION FAILED: entry {seq}: damaged: its bytes are not the ")
+    assert "expired" not in r.stderr
+    assert f"first bad entry: {seq}" in r.stderr
+
+
+def test_json_failure_names_the_exit_code_and_entry(tmp_path: Path) -> None:
+    tampered = tmp_path / "tampered.kqexport"
+    seq = flip_one_byte(EXPORT, tampered)
+    r = verify(str(tampered), "--log-key", LOG_KEY, "--json")
+    assert r.exit_code == 1
+    doc = json.loads(r.stdout)
+    jsonschema.validate(doc, _schema("audit-failure"))
+    assert (doc["verdict"], doc["exit_code"], doc["seq"]) == ("failed", 1, seq)
+
+
+# -- summary and filters --------------------------------------------------------------------
+
+
+def test_the_report_opens_with_a_summary_of_who_holds_what() -> None:
+    out = verify(str(EXPORT), "--log-key", LOG_KEY).stdout
+    summary = out[out.index("Summary of the whole log") : out.index("\nDetails")]
+    assert "Who holds a share: 3 of 5 unseal" in summary
+    assert "mallory (" in summary  # added by the roster change
+    assert "no longer on the roster: custodian 4 (" in summary
+    assert "Unseals: 1" in summary
+    assert "acme-health: " in summary
+    assert "granted to: booking" in summary
+    assert "refused proposal" in summary
+    assert "expired without enough approvals (1 of 3 approvals)" in summary
+    # The roster change made new shares, and nobody confirmed theirs since.
+    assert "5 of 5 custodians never confirmed their current share: custodian 0 (" in summary
+    # Each time once, in UTC; no Unix seconds in brackets.
+    assert re.search(r"UTC \([0-9]+\)", out) is None
+
+
+def test_unsigned_text_is_labelled() -> None:
+    out = verify(str(EXPORT), "--log-key", LOG_KEY).stdout
+    assert "proposed by 'test operator' (unsigned text" in out
+    assert "reason (unsigned, written by the daemon): 'shutdown'" in out
+    assert "reason (signed): 'test seal'" in out
+    assert "statement offered (nobody approved it" not in out
+    assert "statement the 1 approver(s) signed" in out
+
+
+def test_filters_cut_the_details_and_keep_the_summary() -> None:
+    whole = verify(str(EXPORT), "--log-key", LOG_KEY).stdout
+    r = verify(str(EXPORT), "--log-key", LOG_KEY, "--tenant", "other-clinic")
+    assert r.exit_code == 0
+    summary = whole[: whole.index("\nDetails")]
+    assert r.stdout.startswith(summary)
+    details = r.stdout[r.stdout.index("\nDetails") :]
+    assert "Details, filtered: tenant other-clinic" in details
+    assert "tenant=other-clinic" in details
+    assert "tenant=acme-health" not in details
+    assert "Unseals (" not in details
+    _golden("small.report-tenant.txt", r.stdout)
+
+
+def test_filter_by_custodian_type_and_time() -> None:
+    r = verify(str(EXPORT), "--log-key", LOG_KEY, "--custodian", "custodian 4", "--type", "refusal")
+    details = r.stdout[r.stdout.index("\nDetails") :]
+    assert "REFUSED by custodian 4" in details
+    assert details.count("  proposal ") == 1
+    assert "Seals" not in details
+    late = verify(str(EXPORT), "--log-key", LOG_KEY, "--since", "2026-11-26", "--type", "seal")
+    details = late.stdout[late.stdout.index("\nDetails") :]
+    assert "sealed by the daemon itself" in details
+    assert "reason (signed): 'test seal'" not in details
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--since", "yesterday"], "is not a UTC date"),
+        (["--type", "everything"], "unknown --type everything"),
+        (["--since", "2026-11-27", "--until", "2026-11-26"], "--since must be before --until"),
+    ],
+    ids=["bad-date", "bad-type", "empty-range"],
+)
+def test_bad_filters_are_usage_errors(args: list[str], message: str) -> None:
+    r = verify(str(EXPORT), "--log-key", LOG_KEY, *args)
+    assert r.exit_code == 2
+    assert message in r.output
+
+
+# -- machine output -----------------------------------------------------------------------
+
+
+def test_json_report_matches_its_schema_and_golden_file() -> None:
+    r = verify(str(EXPORT), "--log-key", LOG_KEY, "--json")
+    assert r.exit_code == 0
+    doc = json.loads(r.stdout)
+    jsonschema.validate(doc, _schema("audit-report"))
+    assert doc["verdict"] == "verified"
+    assert doc["summary"]["threshold"] == 3
+    holder = doc["summary"]["holders"][0]["custodian"]
+    assert len(holder["fingerprint"]) == 64  # the full hash, for machines
+    _golden("small.report.json", r.stdout)
+
+
+def test_html_report_is_golden_and_self_contained(tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    r = verify(str(EXPORT), "--log-key", LOG_KEY, "--html", str(page))
+    assert r.exit_code == 0
+    html = page.read_text(encoding="utf-8")
+    _golden("small.report.html", html)
+    assert "Content-Security-Policy" in html
+    assert "default-src 'none'" in html
+    for marker in ("<script", "src=", "href=", "url(", "@import", "http://", "https://"):
+        assert marker not in html
