@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import hmac
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -12,8 +12,9 @@ import click
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli import display, seen_checkpoints
 from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
+from keyquorum.cli.files import replace_atomically, write_new
 from keyquorum.cli.output import document, emit, json_option, person
-from keyquorum.cli.passphrase import passphrase_options, read_passphrase
+from keyquorum.cli.passphrase import check_strength, passphrase_options, read_passphrase
 from keyquorum.cli.proposal import describe_result
 from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
 from keyquorum.quorum.errors import InvalidInputError, StateError
@@ -71,16 +72,6 @@ def _show_signing(statement: str) -> None:
         click.echo(line, err=True)
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` (never overwrite), with `mode`, durably."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @click.group()
 def custodian() -> None:
     """Custodian credentials, share confirmation, unseal, seal, approvals."""
@@ -104,6 +95,9 @@ def new(name: str, out_dir: Path, passphrase_file: Path | None, passphrase_fd: i
     Argon2id and AES-256-GCM, mode 0600) and NAME.pub.json (public: send it
     to whoever runs the ceremony). Compare the fingerprint aloud.
 
+    The passphrase needs at least 12 characters and must not be easy to
+    guess (several unrelated words work well); see docs/credentials.md.
+
     \b
     Example:
       keyquorum custodian new --name alice --out ~/.keyquorum
@@ -120,13 +114,67 @@ def new(name: str, out_dir: Path, passphrase_file: Path | None, passphrase_fd: i
     with read_passphrase(
         file=passphrase_file, fd=passphrase_fd, prompt="New passphrase", confirm=True
     ) as passphrase:
+        check_strength(passphrase, name=name)
         blob = credential.encrypt(passphrase)
     public = credential.public()
-    _write_new(private_path, blob, 0o600)
-    _write_new(public_path, public.to_bytes(), 0o644)
+    write_new(private_path, blob, 0o600)
+    write_new(public_path, public.to_bytes(), 0o644)
     click.echo(f"private credential: {private_path}")
     click.echo(f"public credential:  {public_path}")
     click.echo(f"fingerprint:        {public.short_fingerprint}")
+
+
+@custodian.command("passphrase")
+@credential_option
+@passphrase_options
+@click.option(
+    "--new-passphrase-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Read the new passphrase from the first line of this file (automation).",
+)
+@click.option(
+    "--new-passphrase-fd",
+    type=int,
+    help="Read the new passphrase from this open file descriptor (automation).",
+)
+def passphrase_cmd(
+    credential_path: Path,
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
+    new_passphrase_file: Path | None,
+    new_passphrase_fd: int | None,
+) -> None:
+    """Change the passphrase of your credential file.
+
+    Asks for the current passphrase, then the new one twice. The keys do
+    not change (nor your fingerprint): the file is encrypted anew, checked
+    to open with the new passphrase, and replaced atomically (a temporary
+    file in the same directory, fsync, rename, fsync of the directory), so
+    a crash leaves the old file or the new one, never neither.
+
+    \b
+    Example:
+      keyquorum custodian passphrase --credential ~/.keyquorum/alice.kqcred
+    """
+    data = credential_path.read_bytes()
+    with read_passphrase(
+        file=passphrase_file,
+        fd=passphrase_fd,
+        prompt=f"Current passphrase for {credential_path.name}",
+    ) as old:
+        credential = CustodianCredential.decrypt(data, old)
+        with read_passphrase(
+            file=new_passphrase_file, fd=new_passphrase_fd, prompt="New passphrase", confirm=True
+        ) as new:
+            if hmac.compare_digest(new.reveal(), old.reveal()):
+                raise InvalidInputError("the new passphrase is the current one")
+            check_strength(new, name=credential.name)
+            blob = credential.encrypt(new)
+            # Never replace a file by one that does not open with what was just typed.
+            if CustodianCredential.decrypt(blob, new).fingerprint != credential.fingerprint:
+                raise StateError("the re-encrypted credential does not check: nothing changed")
+    replace_atomically(credential_path, blob, 0o600)
+    click.echo(f"passphrase changed: {credential_path} (fingerprint {credential.public().label})")
 
 
 @custodian.command("show")

@@ -2,6 +2,14 @@
 
 The passphrase goes straight into a SecretBytes; it is never echoed, logged
 or passed on a command line (where `ps` would show it).
+
+A new passphrase must be strong enough (`check_strength`, docs/credentials.md):
+at least `MIN_LENGTH` characters, and at least 10^`MIN_GUESSES_LOG10`
+guesses by zxcvbn's estimate, which knows common passwords, names, words,
+keyboard patterns, dates, repeats and l33t substitutions, and is told the
+custodian's own name. The estimate needs the passphrase as a Python str,
+an immutable copy that cannot be wiped; the hidden prompt already returns
+one, and the copy lives only for the check.
 """
 
 from __future__ import annotations
@@ -15,6 +23,40 @@ from keyquorum.quorum.errors import InvalidInputError
 from keyquorum.quorum.secret import SecretBytes
 
 MAX_PASSPHRASE = 1024
+#: The least a new passphrase may have: characters, and log10 of zxcvbn's guesses.
+MIN_LENGTH = 12
+MIN_GUESSES_LOG10 = 12
+#: zxcvbn refuses longer input (its matching is quadratic); a longer
+#: passphrase is judged by its first 72 characters.
+ZXCVBN_MAX = 72
+
+
+def check_strength(passphrase: SecretBytes, *, name: str) -> None:
+    """Refuse a weak new passphrase, saying why (module docstring for the rule).
+
+    The message never holds the passphrase: only its length and zxcvbn's
+    generic feedback ("this is a top-100 common password", "add another
+    word or two").
+    """
+    from zxcvbn import zxcvbn
+
+    text = passphrase.reveal().decode("utf-8", errors="replace")
+    if len(text) < MIN_LENGTH:
+        raise InvalidInputError(
+            f"the new passphrase has {len(text)} characters; use at least {MIN_LENGTH} "
+            "(several unrelated words are easiest to remember)"
+        )
+    estimate = zxcvbn(text[:ZXCVBN_MAX], user_inputs=[name, "keyquorum", "custodian"])
+    magnitude = float(estimate["guesses_log10"])
+    if magnitude < MIN_GUESSES_LOG10:
+        feedback = estimate["feedback"]
+        hints = [str(feedback.get("warning") or ""), *map(str, feedback.get("suggestions", []))]
+        why = " ".join(h.rstrip(".") + "." for h in hints if h)
+        raise InvalidInputError(
+            f"the new passphrase is too easy to guess: about 10^{magnitude:.0f} "
+            f"guesses, fewer than the 10^{MIN_GUESSES_LOG10} required. "
+            + (why or "Use several unrelated words.")
+        )
 
 
 def passphrase_options(f: click.decorators.FC) -> click.decorators.FC:
