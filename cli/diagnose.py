@@ -79,8 +79,11 @@ def diagnose(target: Target) -> str | None:
     except OSError as e:
         return f"cannot connect to {target.address}: {e.strerror or e}"
     with sock:
-        # 3. A service that speaks first is not gRPC.
+        # 3. A service that speaks first is not gRPC over TLS; a plaintext
+        # HTTP/2 server speaks first too, with its SETTINGS frame.
         banner = _banner(sock)
+        if _is_h2_settings(banner):
+            return None if target.plaintext else _PLAINTEXT_GRPC.format(address=target.address)
         if banner:
             return (
                 f"{target.address} answered with another service ({_shown(banner)}), "
@@ -210,7 +213,7 @@ def _speaks_h2(target: Target) -> bool:
             head = sock.recv(9)
     except OSError:
         return False
-    return len(head) == 9 and head[3] == H2_SETTINGS
+    return _is_h2_settings(head)
 
 
 def _speaks_http1(target: Target) -> bool:
@@ -222,13 +225,20 @@ def _speaks_http1(target: Target) -> bool:
         return False
 
 
+_PLAINTEXT_GRPC = (
+    "{address} speaks plaintext gRPC, not TLS: a daemon run with --insecure-dev-plaintext. "
+    "Use --insecure-dev-plaintext too (loopback only), or the daemon's TLS port"
+)
+
+
+def _is_h2_settings(data: bytes) -> bool:
+    """An HTTP/2 frame header (RFC 9113, 4.1) of a SETTINGS frame on stream 0."""
+    return len(data) >= 9 and data[3] == H2_SETTINGS and data[5:9] == b"\x00\x00\x00\x00"
+
+
 def _not_tls(target: Target, error: Exception) -> str:
     if _speaks_h2(target):
-        return (
-            f"{target.address} speaks plaintext gRPC, not TLS: a daemon run with "
-            "--insecure-dev-plaintext. Use --insecure-dev-plaintext too (loopback only), "
-            "or the daemon's TLS port"
-        )
+        return _PLAINTEXT_GRPC.format(address=target.address)
     if _speaks_http1(target):
         return f"{target.address} is a plain HTTP server, not a keyquorum daemon: check the port"
     reason = getattr(error, "reason", None) or type(error).__name__
@@ -305,12 +315,31 @@ def _not_from_ca(leaf: x509.Certificate, ca_path: Path) -> str | None:
         except (ValueError, TypeError, InvalidSignature):
             continue
         return None
-    expected = ", ".join(repr(_subject(ca)) for ca in cas)
+    expected = ", ".join(f"{_subject(ca)!r} (key id {_key_id(ca)})" for ca in cas)
     return (
         f"the daemon's certificate (for {_subject(leaf)!r}) was issued by "
-        f"{_issuer(leaf)!r}, but --ca {ca_path} holds {expected}: give the CA that issued "
-        "the daemon's certificate, or check that --server is the daemon you mean"
+        f"{_issuer(leaf)!r} (key id {_issuer_key_id(leaf)}), but --ca {ca_path} holds "
+        f"{expected}: give the CA that issued the daemon's certificate, or check that "
+        "--server is the daemon you mean"
     )
+
+
+def _key_id(cert: x509.Certificate) -> str:
+    """The CA's subject key identifier (RFC 5280, 4.2.1.2), its first 8 bytes in hex."""
+    try:
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return ski.digest.hex()[:16]
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest.hex()[:16]
+
+
+def _issuer_key_id(cert: x509.Certificate) -> str:
+    """The issuer's key identifier the certificate names (RFC 5280, 4.2.1.1)."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return "not given"
+    return aki.key_identifier.hex()[:16] if aki.key_identifier else "not given"
 
 
 def _when(moment: datetime) -> str:
