@@ -29,6 +29,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import click
 import grpc
 
+from keyquorum.cli.output import document, emit, json_option
 from keyquorum.quorum import evidence, export, merkle
 from keyquorum.quorum.audit_report import audit
 from keyquorum.quorum.audit_text import render_text
@@ -356,6 +357,16 @@ def _verified(note: str, log_key: str, what: str) -> VerifiedCheckpoint:
         raise VerificationError(f"{what} does not check under the log key: {e}") from e
 
 
+def _entry_document(raw: bytes) -> dict[str, Any]:
+    entry = Entry.from_bytes(raw)
+    return {
+        "seq": entry.seq,
+        "type": entry.type,
+        "time": entry.time,
+        "leaf_hash": merkle.leaf_hash(raw).hex(),
+    }
+
+
 def _describe(raw: bytes) -> str:
     entry = Entry.from_bytes(raw)
     payload = entry.payload.to_json()
@@ -637,6 +648,7 @@ def _fail(error: KeyquorumError, as_json: bool, html_out: Path | None = None) ->
 @source_options()
 @_with(log_key_options)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Save it here.")
+@json_option
 def checkpoint_cmd(
     server: str | None,
     ca: Path | None,
@@ -647,6 +659,7 @@ def checkpoint_cmd(
     log_key: str | None,
     log_key_file: Path | None,
     out: Path | None,
+    as_json: bool,
 ) -> None:
     """Fetch the latest signed checkpoint, check its signature, print or save it.
 
@@ -665,6 +678,19 @@ def checkpoint_cmd(
     cp = _verified(note, key, "the latest checkpoint").checkpoint
     if out is not None:
         out.write_text(note, encoding="utf-8")
+    if as_json:
+        emit(
+            document(
+                "checkpoint",
+                log_key=key,
+                origin=cp.origin,
+                size=cp.size,
+                root=cp.root.hex(),
+                note=note,
+                verified=True,
+            )
+        )
+        return
     click.echo(note, nl=False)
     click.echo(f"checkpoint of size {cp.size} verified under the log key", err=True)
 
@@ -679,6 +705,7 @@ def checkpoint_cmd(
     help="The checkpoint you trust; the proof is against its root.",
 )
 @_with(log_key_options)
+@json_option
 def prove_inclusion_cmd(
     seq: int,
     server: str | None,
@@ -690,6 +717,7 @@ def prove_inclusion_cmd(
     trusted_checkpoint: Path,
     log_key: str | None,
     log_key_file: Path | None,
+    as_json: bool,
 ) -> None:
     """Check that entry SEQ is in the log your trusted checkpoint vouches for.
 
@@ -704,6 +732,20 @@ def prove_inclusion_cmd(
     with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
         proof, entry, _note = source.inclusion(seq, cp.size)
     evidence.require_included(seq, entry, proof, cp)
+    if as_json:
+        emit(
+            document(
+                "inclusion",
+                log_key=key,
+                seq=seq,
+                entry=_entry_document(entry),
+                tree_size=cp.size,
+                root=cp.root.hex(),
+                proof=[h.hex() for h in proof],
+                verified=True,
+            )
+        )
+        return
     click.echo(_describe(entry))
     click.echo(
         f"included: entry {seq} is in the tree of size {cp.size} with root {cp.root.hex()} "
@@ -725,6 +767,7 @@ def prove_inclusion_cmd(
     type=click.Path(dir_okay=False, path_type=Path),
     help="After success, write the newer checkpoint here (your next trusted one).",
 )
+@json_option
 def prove_consistency_cmd(
     server: str | None,
     ca: Path | None,
@@ -736,6 +779,7 @@ def prove_consistency_cmd(
     log_key: str | None,
     log_key_file: Path | None,
     save: Path | None,
+    as_json: bool,
 ) -> None:
     """Check that the latest checkpoint extends your trusted one (RFC 9162 2.1.4).
 
@@ -755,6 +799,20 @@ def prove_consistency_cmd(
     evidence.require_extends(old.checkpoint, new.checkpoint, proof)
     if save is not None:
         save.write_text(latest_note, encoding="utf-8")
+    if as_json:
+        emit(
+            document(
+                "consistency",
+                log_key=key,
+                old_size=old.checkpoint.size,
+                old_root=old.checkpoint.root.hex(),
+                new_size=new.checkpoint.size,
+                new_root=new.checkpoint.root.hex(),
+                proof=[h.hex() for h in proof],
+                verified=True,
+            )
+        )
+        return
     click.echo(
         f"consistent: the checkpoint of size {new.checkpoint.size} extends your checkpoint "
         f"of size {old.checkpoint.size} ({len(proof)} proof hashes verified)"
@@ -795,12 +853,14 @@ def receipt_cmd(
 @_with(log_key_options)
 @click.option("--cosigner", multiple=True, help="A cosigner (witness) key you trust; repeatable.")
 @click.option("--min-cosigners", default=0, show_default=True, help="Cosigners required.")
+@json_option
 def check_receipt_cmd(
     file: Path,
     log_key: str | None,
     log_key_file: Path | None,
     cosigner: tuple[str, ...],
     min_cosigners: int,
+    as_json: bool,
 ) -> None:
     """Check a receipt offline: signed checkpoint, inclusion proof, the entry itself.
 
@@ -816,6 +876,20 @@ def check_receipt_cmd(
         [parse_verifier_key(c) for c in cosigner],
         min_cosigners=min_cosigners,
     )
+    if as_json:
+        emit(
+            document(
+                "receipt-check",
+                log_key=key,
+                seq=receipt.seq,
+                entry=_entry_document(receipt.entry),
+                tree_size=verified.checkpoint.size,
+                root=verified.checkpoint.root.hex(),
+                cosigned_by=sorted(verified.cosigned_by),
+                verified=True,
+            )
+        )
+        return
     click.echo(_describe(receipt.entry))
     cos = ", ".join(sorted(verified.cosigned_by)) or "no cosigner you named"
     click.echo(
