@@ -49,7 +49,7 @@ def statement_block(text: str, *, heading: str) -> list[str]:
         RULE,
     ]
     local = local_times(text)
-    if local:
+    if local and local_time("2000-01-01 00:00:00 UTC") != "2000-01-01 00:00:00 UTC":
         lines.append(f"Not part of the statement: its times in your local time, {_zone()}:")
         lines.extend(local)
     return lines

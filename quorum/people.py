@@ -28,7 +28,7 @@ import re
 
 from keyquorum.quorum.errors import InvalidInputError
 
-__all__ = ["display_fingerprint", "display_name", "label"]
+__all__ = ["describe_fingerprint", "display_fingerprint", "display_name", "label"]
 
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 #: Printable ASCII that may stand for itself in a name (section "Names" above).
@@ -43,6 +43,14 @@ def display_fingerprint(fingerprint: str) -> str:
         raise InvalidInputError("a fingerprint is 64 lowercase hex digits")
     text = base64.b32encode(bytes.fromhex(fingerprint)[:SHOWN_BYTES]).decode("ascii")
     return "-".join(text[i : i + 4] for i in range(0, 16, 4))
+
+
+def describe_fingerprint(text: object) -> str:
+    """For messages about a value from outside: its people's form, or what it was."""
+    if isinstance(text, str) and _FINGERPRINT.fullmatch(text):
+        return display_fingerprint(text)
+    shown = display_name(str(text)[:20]) if isinstance(text, str) else type(text).__name__
+    return f"{shown!r} (not a fingerprint)"
 
 
 def display_name(name: str) -> str:

@@ -30,6 +30,7 @@ from keyquorum.quorum.errors import (
 )
 from keyquorum.quorum.log import ConfirmPayload, GenesisPayload
 from keyquorum.quorum.operations import EncryptedShare, Policy
+from keyquorum.quorum.people import describe_fingerprint
 from keyquorum.quorum.secret import SecretBytes
 from keyquorum.quorum.signatures import HybridSignature
 
@@ -153,7 +154,9 @@ class Ceremony:
                 return EncryptedShareView(
                     st.deployment, st.split.split_id, share.index, share.ciphertext, st.split
                 )
-        raise NotOnRosterError(f"custodian {fingerprint[:16]} is not on the roster")
+        raise NotOnRosterError(
+            f"custodian {describe_fingerprint(fingerprint)} is not on the roster"
+        )
 
     def confirm(self, fingerprint: str, split_id: bytes, index: int, signature: bytes) -> None:
         """Log a custodian's signed acknowledgement that their share checks out."""

@@ -37,6 +37,7 @@ from keyquorum.quorum.operations import (
     TenantNamed,
     VersionDisabled,
 )
+from keyquorum.quorum.people import describe_fingerprint
 from keyquorum.quorum.replay import LogState, Proposal, Tenant
 from keyquorum.quorum.secret import SecretBytes
 
@@ -241,7 +242,7 @@ class Executions:
             credential = known.get(fingerprint)
             if credential is None:
                 raise StateError(
-                    f"the public credential of custodian {fingerprint[:16]} "
+                    f"the public credential of custodian {describe_fingerprint(fingerprint)} "
                     "is unknown: give their public file with the proposal or the approval"
                 )
             roster.append(credential)

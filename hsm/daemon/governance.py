@@ -38,6 +38,7 @@ from keyquorum.quorum.errors import (
 )
 from keyquorum.quorum.log import ApprovalPayload, ExecutionPayload, ProposalPayload, RefusalPayload
 from keyquorum.quorum.operations import Parameters, operation
+from keyquorum.quorum.people import describe_fingerprint
 from keyquorum.quorum.replay import LogState, Proposal
 from keyquorum.quorum.signatures import HybridSignature
 from keyquorum.quorum.statements import PROPOSAL_ID_SIZE
@@ -174,7 +175,7 @@ class Governance:
         pid = proposal.id.hex()
         if isinstance(entry, RefusalPayload):
             r.journal.append([entry], time=now)
-            log.info("proposal %s refused by %s", pid, fingerprint[:16])
+            log.info("proposal %s refused by %s", pid, describe_fingerprint(fingerprint))
             return self._view(proposal.id, now, executed=False)
         needed = operation(proposal.operation).required_approvals(st.threshold)
         if len(proposal.approvals) + 1 < needed:
@@ -182,7 +183,7 @@ class Governance:
             log.info(
                 "proposal %s approved by %s (%d of %d)",
                 pid,
-                fingerprint[:16],
+                describe_fingerprint(fingerprint),
                 len(proposal.approvals) + 1,
                 needed,
             )

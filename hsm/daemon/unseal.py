@@ -200,7 +200,7 @@ class Unseal:
                 raise ReplayError("share is for another unseal session")
             # 2. custodian
             custodian = st.epoch.credential(fingerprint)
-            name = f"custodian {custodian.name} ({fingerprint[:16]})"
+            name = f"custodian {custodian.label}"
             held = st.epoch.share_index(fingerprint)
             if held != index:
                 raise ShareError(f"{name} holds share {held}, not {index}")
