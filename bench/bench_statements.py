@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from bench.harness import Row, ops_per_second
 from keyquorum.quorum.signatures import HybridSigningKey
-from keyquorum.quorum.statements import ApprovalRequest, SignedStatement, verify_approvals
+from keyquorum.quorum.statements import (
+    ApprovalContext,
+    ApprovalRequest,
+    Person,
+    SignedStatement,
+    verify_approvals,
+)
 
 EXPIRES = 1_795_608_000
 
@@ -19,7 +25,14 @@ def run(quick: bool) -> list[Row]:
         operation="activate-tenant",
         parameters={"tenant": "acme-health", "duration_seconds": 28800},
         log_position=42,
+        proposed_at=EXPIRES - 3600,
         expires_at=EXPIRES,
+        context=ApprovalContext(
+            roster=tuple(Person(fp, f"custodian {i}") for i, fp in enumerate(roster)),
+            threshold=5,
+            approvals_needed=5,
+            destroy_wait_seconds=7 * 86400,
+        ),
     )
     statement = request.statement("approve")
     message = statement.message()

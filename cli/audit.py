@@ -668,7 +668,7 @@ def checkpoint_cmd(
       keyquorum audit checkpoint --server kq.example:7444 --ca ca.crt \\
           --cert auditor.crt --key auditor.key --out today.checkpoint
     """
-    key = _log_key(log_key, log_key_file)
+    key = pinned_log_key(log_key, log_key_file)
     if key is None:
         raise InvalidInputError(
             "give --log-key or --log-key-file: a checkpoint means nothing alone"
@@ -899,7 +899,7 @@ def check_receipt_cmd(
 
 
 def _required_key(option: str | None, path: Path | None) -> str:
-    key = _log_key(option, path)
+    key = pinned_log_key(option, path)
     if key is None:
         raise InvalidInputError("give the log key you trust: --log-key or --log-key-file")
     return key

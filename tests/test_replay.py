@@ -9,10 +9,12 @@ where one exists, and the state left exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 
 import pytest
 
+from keyquorum.quorum import canonical
 from keyquorum.quorum.errors import (
     DeserializationError,
     ExpiredError,
@@ -36,6 +38,7 @@ from keyquorum.quorum.operations import (
     NewVersion,
     Rewrapped,
     RosterChanged,
+    request_for,
 )
 from keyquorum.quorum.replay import LogState, Replayer, replay
 from tests.logfactory import DEPLOYMENT, LogFactory, custodians, outsider, standard_log
@@ -186,6 +189,73 @@ def test_roster_change_puts_the_new_roster_in_force() -> None:
     f.approve(pid, custodians(7)[6])
     f.confirm(custodians(7)[5])
     assert replay(f.entries) == f.state
+
+
+def _roster_proposal(f: LogFactory, credentials: tuple[object, ...] | None) -> bytes:
+    """A change-roster adding custodians 5 and 6, carrying `credentials` (None: the right ones)."""
+    new = custodians(7)[2:7]
+    payload = f.make_proposal(
+        "change-roster", roster=",".join(c.fingerprint for c in new), threshold=4
+    )
+    if credentials is not None:
+        payload = dataclasses.replace(payload, credentials=credentials)  # type: ignore[arg-type]
+    return f.build("proposal", payload)
+
+
+NEWCOMER_CASES = {
+    "none-carried": (lambda: (), "exactly the custodians it adds"),
+    "one-missing": (lambda: (custodians(7)[5].public(),), "exactly the custodians it adds"),
+    "wrong-order": (
+        lambda: (custodians(7)[6].public(), custodians(7)[5].public()),
+        "in roster order",
+    ),
+    "a-member-already-on-the-roster": (
+        lambda: (custodians(7)[2].public(), custodians(7)[5].public(), custodians(7)[6].public()),
+        "exactly the custodians it adds",
+    ),
+    "a-stranger": (
+        lambda: (custodians(7)[5].public(), outsider().public()),
+        "exactly the custodians it adds",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("carried", "match"), list(NEWCOMER_CASES.values()), ids=list(NEWCOMER_CASES)
+)
+def test_a_roster_change_must_carry_exactly_its_newcomers_credentials(
+    carried: Callable[[], tuple[object, ...]], match: str
+) -> None:
+    """Their names are in what custodians sign: the log must hold exactly those credentials."""
+    f = LogFactory()
+    size = f.state.size
+    with pytest.raises(LogIntegrityError, match=match):
+        f.replayer.apply(_roster_proposal(f, carried()))
+    assert f.state.size == size
+    f.replayer.apply(_roster_proposal(f, None))
+
+
+def test_credentials_on_another_operation_are_refused() -> None:
+    f = LogFactory()
+    raw = f.build("proposal", f.make_proposal("create-tenant", tenant="t1"))
+    obj = json.loads(raw)
+    obj["payload"]["credentials"] = [outsider().public().to_json()]
+    with pytest.raises(LogIntegrityError, match="unknown field credentials"):
+        f.replayer.apply(canonical.encode(obj))
+
+
+def test_the_roster_change_statement_names_the_newcomers_from_the_log() -> None:
+    f = LogFactory()
+    new = custodians(7)[2:7]
+    pid = f.propose("change-roster", roster=",".join(c.fingerprint for c in new), threshold=4)
+    text = request_for(f.state.proposals[pid], f.state).statement("approve").render()
+    assert (
+        f"  added: {custodians(7)[5].public().label}, {custodians(7)[6].public().label}\n" in text
+    )
+    assert f"  removed: {C[0].public().label}, {C[1].public().label}\n" in text
+    # Replay of the whole log, from bytes alone, renders the same text.
+    again = replay(f.entries)
+    assert request_for(again.proposals[pid], again).statement("approve").render() == text
 
 
 # -- attacks -----------------------------------------------------------------
