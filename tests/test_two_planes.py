@@ -143,7 +143,7 @@ def test_a_seal_stops_every_data_plane_call_while_governance_is_blocked(
         sealing: Future[pb.SealResponse] = pool.submit(
             actions.seal,
             d.stub,
-            sealer.fingerprint,
+            sealer,
             lambda _text: sealer.credential,
             reason="governance busy",
             now=d.clock(),
