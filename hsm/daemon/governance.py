@@ -37,7 +37,7 @@ from keyquorum.quorum.errors import (
     NotFoundError,
 )
 from keyquorum.quorum.log import ApprovalPayload, ExecutionPayload, ProposalPayload, RefusalPayload
-from keyquorum.quorum.operations import Parameters, operation
+from keyquorum.quorum.operations import INTEGER_PARAMETERS, Parameters, operation
 from keyquorum.quorum.people import describe_fingerprint
 from keyquorum.quorum.replay import LogState, Proposal
 from keyquorum.quorum.signatures import HybridSignature
@@ -45,8 +45,6 @@ from keyquorum.quorum.statements import PROPOSAL_ID_SIZE
 
 log = logging.getLogger(__name__)
 
-#: Parameters carried as integers; every other parameter is text.
-INTEGER_PARAMETERS: Final = frozenset({"duration_seconds", "threshold", "version"})
 _DECIMAL: Final = re.compile(r"[0-9]{1,16}")
 
 
