@@ -326,6 +326,8 @@ def _not_from_ca(leaf: x509.Certificate, ca_path: Path) -> str | None:
 
 def _key_id(cert: x509.Certificate) -> str:
     """The CA's subject key identifier (RFC 5280, 4.2.1.2), its first 8 bytes in hex."""
+    from cryptography import x509
+
     try:
         ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         return ski.digest.hex()[:16]
@@ -335,6 +337,8 @@ def _key_id(cert: x509.Certificate) -> str:
 
 def _issuer_key_id(cert: x509.Certificate) -> str:
     """The issuer's key identifier the certificate names (RFC 5280, 4.2.1.1)."""
+    from cryptography import x509
+
     try:
         aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     except x509.ExtensionNotFound:

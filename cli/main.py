@@ -83,7 +83,7 @@ COMMANDS: Final[dict[str, _Command]] = {
     "status": _Command(
         "keyquorum.cli.ceremony",
         "status",
-        "Show whether the daemon is sealed, unseal progress and the ceremony.",
+        "Show whether the daemon is sealed, unseal progress, the roster and the log key.",
         "cli",
     ),
     "tenant": _Command(
