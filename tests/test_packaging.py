@@ -241,7 +241,7 @@ def test_no_declared_dependency_goes_unused() -> None:
         "click": "import click", "rfc8785": "import rfc8785",
         "grpcio-health-checking": "grpc_health", "grpcio-reflection": "grpc_reflection",
         "prometheus-client": "prometheus_client", "psycopg": "psycopg",
-        "psycopg-pool": "psycopg_pool",
+        "psycopg-pool": "psycopg_pool", "zxcvbn": "from zxcvbn import",
     }  # fmt: skip
     project = PYPROJECT["project"]
     runtime = list(project["dependencies"]) + project["optional-dependencies"]["cli"]
