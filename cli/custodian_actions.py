@@ -59,14 +59,33 @@ def fetch_and_check_share(
     return share, enc
 
 
+def _named(stub: pb_grpc.CustodianServiceStub, who: statements.Named | str) -> statements.Named:
+    """The custodian as statements name them; a bare fingerprint is looked up on the roster.
+
+    The CLI passes the custodian's own public credential (name and
+    fingerprint from their file). A caller with only a fingerprint gets the
+    name the daemon's roster shows; a wrong one would only make a statement
+    that replay, rendering it from the log, does not verify.
+    """
+    if not isinstance(who, str):
+        return who
+    with rpc_errors():
+        status = stub.GetStatus(pb.GetStatusRequest())
+    for member in status.roster:
+        if member.fingerprint == who:
+            return statements.Person(member.fingerprint, member.name)
+    raise InvalidInputError("that fingerprint is not on the daemon's roster")
+
+
 def confirm(
-    stub: pb_grpc.CustodianServiceStub, public: statements.Named, unlock: Unlock
+    stub: pb_grpc.CustodianServiceStub, public: statements.Named | str, unlock: Unlock
 ) -> pb.ConfirmShareResponse:
     """Check one's own share after the ceremony and log a signed acknowledgement.
 
     The statement is shown (through `unlock`) before the credential is
     unlocked; the share is then checked locally before anything is signed.
     """
+    public = _named(stub, public)
     fingerprint = public.fingerprint
     with rpc_errors():
         enc = stub.GetEncryptedShare(pb.GetEncryptedShareRequest(custodian=fingerprint))
@@ -155,7 +174,7 @@ def submit_share(
 
 def seal(
     stub: pb_grpc.CustodianServiceStub,
-    public: statements.Named,
+    public: statements.Named | str,
     unlock: Unlock,
     *,
     reason: str,
@@ -170,6 +189,7 @@ def seal(
     The exact statement is shown (through `unlock`) before the credential is
     unlocked: what you see is what you sign.
     """
+    public = _named(stub, public)
     fingerprint = public.fingerprint
     with rpc_errors():
         status = stub.GetStatus(pb.GetStatusRequest())

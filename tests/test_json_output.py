@@ -193,3 +193,31 @@ def test_every_schema_is_used() -> None:
     expected = {p.name.removesuffix(".schema.json") for p in SCHEMAS.glob("*.schema.json")}
     # The failure document is exercised in tests/test_audit_cli.py.
     assert USED | {"audit-failure"} == expected
+
+
+def test_a_bare_fingerprint_still_names_the_custodian_from_the_roster(
+    daemon: InProcessDaemon, people: list[Custodian]
+) -> None:
+    """actions.seal and confirm take a credential; a fingerprint alone is looked up."""
+    from keyquorum.cli import custodian_actions as actions
+    from keyquorum.quorum.errors import InvalidInputError
+
+    daemon.stub.InitCeremony(
+        pb.InitCeremonyRequest(
+            deployment="json-test",
+            threshold=2,
+            public_credentials=[c.public_path.read_bytes() for c in people],
+        )
+    )
+    shown: list[str] = []
+
+    def unlock(text: str) -> object:
+        shown.append(text)
+        return people[1].credential
+
+    size = daemon.daemon.state.size
+    actions.seal(daemon.stub, people[1].fingerprint, unlock, reason="drill", now=daemon.clock.now)  # type: ignore[arg-type]
+    assert f"custodian: {people[1].credential.public().label}\n" in shown[0]
+    assert daemon.daemon.state.size == size + 1
+    with pytest.raises(InvalidInputError, match="not on the daemon's roster"):
+        actions.seal(daemon.stub, "ab" * 32, unlock, reason="x", now=daemon.clock.now)  # type: ignore[arg-type]

@@ -117,9 +117,7 @@ class Served:
 
     def seal(self) -> None:
         c = self.custodians[6]
-        actions.seal(
-            self.d.stub, c.fingerprint, lambda _t: c.credential, reason="test", now=self.d.clock.now
-        )
+        actions.seal(self.d.stub, c, lambda _t: c.credential, reason="test", now=self.d.clock.now)
 
 
 @contextmanager
