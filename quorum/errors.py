@@ -155,6 +155,10 @@ class LimitExceededError(KeyquorumError):
     """A size or rate limit was exceeded."""
 
 
+class TimeLimitError(LimitExceededError):
+    """Something did not happen in the time allowed (a request message sent too slowly)."""
+
+
 class AppendConflictError(StateError):
     """A log append expected another log size: someone appended first.
 

@@ -15,6 +15,7 @@ C = grpc.StatusCode
 EXPECTED: dict[type[e.KeyquorumError], grpc.StatusCode] = {
     e.KeyquorumError: C.INTERNAL,
     e.InvalidInputError: C.INVALID_ARGUMENT,
+    e.TimeLimitError: C.DEADLINE_EXCEEDED,
     e.DeserializationError: C.INVALID_ARGUMENT,
     e.UnsupportedVersionError: C.INVALID_ARGUMENT,
     e.DecryptionError: C.INVALID_ARGUMENT,

@@ -17,6 +17,7 @@ _CODES: tuple[tuple[type[e.KeyquorumError], grpc.StatusCode], ...] = (
     # The store cannot be used right now (I/O error, database down): retry later.
     (e.StorageError, grpc.StatusCode.UNAVAILABLE),
     (e.SealedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (e.TimeLimitError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (e.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (e.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
