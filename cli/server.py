@@ -9,16 +9,12 @@ file. Any failure up to there is one line on stderr, `error: ...`, and
 exit 1 (a bad flag: exit 2). SIGTERM or SIGINT: STOPPING to systemd, seal
 (the keys are wiped before anything else), stop the listeners, close.
 
-The custodian listener runs on `create_server`'s 16 threads. The mTLS
-listener serves KeyService and AuditService from one pool of
-`MTLS_WORKERS` threads (gRPC's sync server runs every handler on a worker
-thread), the size KeyService is fastest on. An AuditService stream
-(`GetEntries`, `ListCheckpoints`: an export) holds its thread for as long
-as the auditor takes to read it, so at most `AUDIT_STREAMS` (1) runs at
-once; a further one is refused with RESOURCE_EXHAUSTED at its start, and
-KeyService always keeps the other threads. Why this model, its figures and
-its known weakness (a call waiting for its request holds a thread):
-docs/adr/0002.
+The listeners (docs/adr/0007): the custodian port (TLS, peers known by
+address; Seal and GetStatus with lanes of their own) and the mTLS port
+(peers known by their client certificate's SHA-256): KeyService, in this
+process or in `--workers` processes, and AuditService
+(hsm/services/backend_plane.py). Every bound a client can reach is in the
+`Limits` the settings make (cli/server_config.py).
 """
 
 from __future__ import annotations
@@ -37,21 +33,21 @@ from typing import Any
 
 import click
 import grpc
-from grpc_health.v1 import health
 
 from keyquorum.cli import server_config
 from keyquorum.cli.server_config import ServerConfig, split_address
 from keyquorum.hsm import hardening, logs, tls
 from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.datadir import DataDirectory
-from keyquorum.hsm.dataplane import DataPlane, UsageSink
-from keyquorum.hsm.dataplane.ratelimit import RateLimiter
 from keyquorum.hsm.sdnotify import Notifier
-from keyquorum.hsm.services import audit_service, custodian_service, key_service
+from keyquorum.hsm.services import custodian_service
 from keyquorum.hsm.services.access_log import AccessLog
+from keyquorum.hsm.services.admission import AddressPeers
+from keyquorum.hsm.services.backend_plane import BackendPlane, BackendSettings, Sink
 from keyquorum.hsm.services.metrics import Metrics
 from keyquorum.hsm.services.metrics_http import MetricsServer
-from keyquorum.hsm.services.server import Registration, create_server, settle_heap
+from keyquorum.hsm.services.server import Listener, create_server, settle_heap
+from keyquorum.hsm.services.workers import StoreSpec
 from keyquorum.hsm.stderr_relay import StderrRelay
 from keyquorum.hsm.stores import sqlite
 from keyquorum.hsm.stores.base import Store
@@ -60,18 +56,9 @@ from keyquorum.hsm.stores.postgres import PostgresStore
 from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.checkpoint import parse_verifier_key
 from keyquorum.quorum.errors import StorageError
-from keyquorum.quorum.limits import DEFAULT_LIMITS
-from keyquorum.v1 import audit_pb2_grpc as apb_grpc
 
 log = logging.getLogger("keyquorum.server")
 
-#: AuditService streams served at once on the mTLS listener; each holds one
-#: worker thread for its whole length (module docstring).
-AUDIT_STREAMS = 1
-#: The mTLS listener's pool: KeyService's measured best. Exports are rare and
-#: capped, so KeyService always has MTLS_WORKERS - AUDIT_STREAMS threads, which
-#: serve Wraps as fast as MTLS_WORKERS do (docs/adr/0002).
-MTLS_WORKERS = key_service.SERVER_WORKERS
 #: How often the main thread wakes to run a signal handler another thread received.
 SIGNAL_POLL_SECONDS = 0.25
 
@@ -98,38 +85,16 @@ def _open_store(config: ServerConfig, data_dir: DataDirectory) -> Store:
     return SqliteStore.in_directory(data_dir.path)
 
 
-def mtls_server(
-    daemon: Daemon,
-    plane: DataPlane,
-    audit_log: audit_service.AuditLog,
-    *,
-    host: str,
-    port: int,
-    credentials: grpc.ServerCredentials,
-    interceptors: tuple[grpc.ServerInterceptor[Any, Any], ...] = (),
-) -> tuple[grpc.Server, int]:
-    """The mTLS listener (not yet started): KeyService and capped AuditService on MTLS_WORKERS."""
+def _store_spec(config: ServerConfig, data_dir: DataDirectory) -> StoreSpec:
+    """Where worker processes open their own store connection (counters only)."""
+    if config.store == "postgres":
+        return StoreSpec("postgres", dsn=config.dsn or "")
+    return StoreSpec("sqlite", path=str(data_dir.path / sqlite.FILE_NAME))
 
-    def register_audit(server: grpc.Server) -> None:
-        apb_grpc.add_AuditServiceServicer_to_server(
-            audit_service.AuditServicer(audit_log, max_streams=AUDIT_STREAMS), server
-        )
 
-    register: list[Registration] = [register_audit, key_service.register(plane)]
-    mtls_health = health.HealthServicer()
-    server, bound = create_server(
-        host=host,
-        port=port,
-        credentials=credentials,
-        limits=DEFAULT_LIMITS,
-        register=register,
-        service_names=[audit_service.SERVICE_NAME, key_service.SERVICE_NAME],
-        health_servicer=mtls_health,
-        max_workers=MTLS_WORKERS,
-        interceptors=interceptors,
-    )
-    key_service.watch_health(daemon, mtls_health)
-    return server, bound
+def _stop(listener: Listener) -> None:
+    """Stop a listener, its calls in flight given 2 s."""
+    listener.stop(grace=2).wait()
 
 
 def _health(daemon: Daemon) -> Callable[[], tuple[int, str]]:
@@ -146,7 +111,11 @@ def _health(daemon: Daemon) -> Callable[[], tuple[int, str]]:
 def _credentials(
     config: ServerConfig,
 ) -> tuple[grpc.ServerCredentials | None, grpc.ServerCredentials | None]:
-    """(custodian port, mTLS port) credentials; files parsed now, so a bad one is named."""
+    """(custodian port, mTLS port) credentials; files parsed now, so a bad one is named.
+
+    The mTLS port's are checked here only: its listeners (this process's, or
+    the workers') are built from the files (hsm/services/backend_plane.py).
+    """
     if config.insecure_dev_plaintext:
         credentials = None
         log.warning("serving PLAINTEXT gRPC on %s (development only)", config.listen)
@@ -183,27 +152,27 @@ def serve(config: ServerConfig, notifier: Notifier) -> None:
         if config.metrics_listen is not None:
             metrics = Metrics()
             served_store = ObservedStore(store, metrics)
+        limits = config.limits()
         daemon = Daemon(
             served_store,
             data_dir=config.data_dir,
             replica=config.replica,
-            limits=DEFAULT_LIMITS,
+            limits=limits,
             clock=lambda: int(time.time()),
         )
         closing.append(daemon.seal_for_shutdown)
-        interceptors = (metrics.rpc,) if metrics is not None else ()
         host, port = split_address(config.listen)
         grpc_server, bound = create_server(
             host=host,
             port=port,
             credentials=credentials,
-            limits=DEFAULT_LIMITS,
-            register=[custodian_service.register(daemon)],
+            limits=limits,
+            register=[custodian_service.register(daemon, limits)],
             service_names=[custodian_service.SERVICE_NAME],
-            interceptors=interceptors,
+            peers=AddressPeers(),
         )
-        servers = [grpc_server]
-        usage: list[UsageSink] = []
+        closing.append(lambda: _stop(grpc_server))
+        usage: list[Sink] = []
         metrics_server: MetricsServer | None = None
         if metrics is not None and config.metrics_listen is not None:
             metrics.watch(daemon, store)
@@ -212,32 +181,36 @@ def serve(config: ServerConfig, notifier: Notifier) -> None:
                 *split_address(config.metrics_listen), health=_health(daemon)
             )
             closing.append(metrics_server.close)
-        mtls_bound: int | None = None
+        backend: BackendPlane | None = None
         if config.listen_mtls is not None:
             assert mtls_credentials is not None
-            audit_log = audit_service.AuditLog(store, auditor_keys)
+            assert config.tls_cert is not None  # check()
+            assert config.tls_key is not None
+            assert config.client_ca is not None
             if config.access_log is not None:
                 access = AccessLog.in_data_dir(config.access_log, config.data_dir)
                 usage.append(access)
                 closing.append(access.close)
-            plane = DataPlane(
+            mtls_host, mtls_port = split_address(config.listen_mtls)
+            backend = BackendPlane(
                 daemon,
                 store,
-                usage=usage,
-                rate_limit=None if config.rate_limit is None else RateLimiter(config.rate_limit),
+                BackendSettings(
+                    host=mtls_host,
+                    port=mtls_port,
+                    cert=config.tls_cert,
+                    key=config.tls_key,
+                    client_ca=config.client_ca,
+                    limits=limits,
+                    store=_store_spec(config, data_dir),
+                    workers=config.worker_count(),
+                    rate_limit=config.rate_limit,
+                    usage=usage,
+                    auditor_keys=auditor_keys,
+                ),
             )
-            mtls_host, mtls_port = split_address(config.listen_mtls)
-            listener, mtls_bound = mtls_server(
-                daemon,
-                plane,
-                audit_log,
-                host=mtls_host,
-                port=mtls_port,
-                credentials=mtls_credentials,
-                interceptors=interceptors,
-            )
-            servers.append(listener)
-        _run(config, notifier, daemon, servers, bound, mtls_bound, metrics_server)
+            closing.append(backend.close)
+        _run(config, notifier, daemon, grpc_server, bound, backend, metrics_server)
     finally:
         for close in reversed(closing):
             close()
@@ -248,9 +221,9 @@ def _run(
     config: ServerConfig,
     notifier: Notifier,
     daemon: Daemon,
-    servers: list[grpc.Server],
+    custodian_listener: Listener,
     bound: int,
-    mtls_bound: int | None,
+    backend: BackendPlane | None,
     metrics_server: MetricsServer | None,
 ) -> None:
     """Serve until a stop signal; seal first, then stop the listeners."""
@@ -263,16 +236,14 @@ def _run(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    for s in servers:
-        s.start()
+    custodian_listener.start()
     log.info("start-up objects frozen for the garbage collector: %d", settle_heap())
-    if mtls_bound is not None:
+    if backend is not None:
         log.info(
-            "mTLS listener (client certificates required) on port %d: KeyService, AuditService "
-            "(%d threads, at most %d audit streams)",
-            mtls_bound,
-            MTLS_WORKERS,
-            AUDIT_STREAMS,
+            "mTLS listener (client certificates required) on port %d: KeyService (%s), "
+            "AuditService",
+            backend.port,
+            f"{backend.workers} worker processes" if backend.workers else "this process",
         )
     if metrics_server is not None:
         log.info("Prometheus metrics and /health on port %d (plain HTTP)", metrics_server.port)
@@ -295,7 +266,7 @@ def _run(
         _write_ready_file(
             config.ready_file,
             bound,
-            mtls_bound,
+            None if backend is None else backend.port,
             None if metrics_server is None else metrics_server.port,
         )
     # A timed wait, not a plain one: the kernel may deliver SIGTERM to any of
@@ -305,10 +276,9 @@ def _run(
     while not stopping.wait(timeout=SIGNAL_POLL_SECONDS):
         pass
     notifier.notify("STOPPING=1", "STATUS=sealing and stopping")
-    # Seal first, so no call served during the grace period gets a key.
+    # Seal first (the workers too, before it returns), so no call served during
+    # the grace period gets a key; the listeners and workers stop as `serve` closes.
     daemon.seal_for_shutdown()
-    for s in servers:
-        s.stop(grace=2).wait()
 
 
 @click.group()

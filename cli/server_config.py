@@ -20,6 +20,7 @@ client CA, ...) run in `ServerConfig.check`, for flags and file alike, so
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -34,6 +35,7 @@ from typing import Any, Final
 import click
 
 from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 
 #: A value as the file or click gives it, and the folder relative paths are under.
 Convert = Callable[[object, Path | None], object]
@@ -90,6 +92,22 @@ def _positive_number(value: object, _base: Path | None) -> float:
     if not math.isfinite(number) or number <= 0:
         raise ValueError(f"must be a number above 0, got {value!r}")
     return number
+
+
+def _count(value: object, _base: Path | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be a whole number, not {_toml_type(value)}")
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value!r}")
+    return value
+
+
+def _workers(value: object, _base: Path | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be a whole number, not {_toml_type(value)}")
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value!r}")
+    return value
 
 
 def _bool(value: object, _base: Path | None) -> bool:
@@ -236,8 +254,92 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         default="text",
         metavar="|".join(LOG_FORMATS),
     ),
+    # -- the server model (docs/adr/0007): workers, and what one client may hold -------
+    Setting(
+        "workers",
+        _workers,
+        "Processes serving KeyService on the --listen-mtls port (SO_REUSEPORT); 0: the "
+        "daemon serves it itself. Default: the number of cores.",
+        metavar="N",
+    ),
+    *(
+        Setting(key, convert, text + f"  [default: {getattr(DEFAULT_LIMITS, field_)}]", metavar="N")
+        for key, field_, convert, text in (
+            (
+                "max-connections",
+                "max_connections",
+                _count,
+                "Connections open at once per listener.",
+            ),
+            (
+                "max-streams-per-connection",
+                "max_streams_per_connection",
+                _count,
+                "Calls open at once on one connection.",
+            ),
+            (
+                "max-calls-per-peer",
+                "max_calls_per_peer",
+                _count,
+                "Calls being served at once per client certificate (mTLS port) or address "
+                "(custodian port), per listener and serving process.",
+            ),
+            (
+                "max-calls",
+                "max_calls",
+                _count,
+                "Calls being served at once per listener and serving process.",
+            ),
+            (
+                "request-timeout",
+                "request_timeout_seconds",
+                _positive_number,
+                "Seconds from a call's headers to its request message.",
+            ),
+            (
+                "handshake-timeout",
+                "handshake_timeout_seconds",
+                _positive_number,
+                "Seconds from accepting a connection to the end of its TLS handshake.",
+            ),
+            (
+                "connection-idle",
+                "connection_idle_seconds",
+                _count,
+                "Seconds a connection may stay without a call.",
+            ),
+            (
+                "connection-age",
+                "connection_age_seconds",
+                _count,
+                "Seconds after which a connection is closed (calls get --connection-age-grace).",
+            ),
+            (
+                "connection-age-grace",
+                "connection_age_grace_seconds",
+                _count,
+                "Seconds the calls of an aged connection get to finish.",
+            ),
+            ("max-message-bytes", "max_message_bytes", _count, "Largest request or answer."),
+            ("max-metadata-bytes", "max_metadata_bytes", _count, "Largest header block of a call."),
+        )
+    ),
 )
 BY_KEY: Final = {s.key: s for s in SETTINGS}
+#: The settings that are fields of `Limits`: key -> Limits field.
+LIMIT_FIELDS: Final = {
+    "max-connections": "max_connections",
+    "max-streams-per-connection": "max_streams_per_connection",
+    "max-calls-per-peer": "max_calls_per_peer",
+    "max-calls": "max_calls",
+    "request-timeout": "request_timeout_seconds",
+    "handshake-timeout": "handshake_timeout_seconds",
+    "connection-idle": "connection_idle_seconds",
+    "connection-age": "connection_age_seconds",
+    "connection-age-grace": "connection_age_grace_seconds",
+    "max-message-bytes": "max_message_bytes",
+    "max-metadata-bytes": "max_metadata_bytes",
+}
 
 
 # -- the result -------------------------------------------------------------------------
@@ -264,6 +366,18 @@ class ServerConfig:
     ready_file: Path | None
     log_level: str
     log_format: str
+    workers: int | None
+    max_connections: int | None
+    max_streams_per_connection: int | None
+    max_calls_per_peer: int | None
+    max_calls: int | None
+    request_timeout: float | None
+    handshake_timeout: float | None
+    connection_idle: int | None
+    connection_age: int | None
+    connection_age_grace: int | None
+    max_message_bytes: int | None
+    max_metadata_bytes: int | None
     #: key -> "command line", "environment", "FILE line N" or "default".
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -298,6 +412,24 @@ class ServerConfig:
             raise InvalidInputError("--store postgres needs --dsn (or the env KEYQUORUM_DSN)")
         if self.store == "sqlite" and self.dsn:
             raise InvalidInputError("--dsn is for --store postgres")
+        self.limits()
+
+    def limits(self) -> Limits:
+        """`Limits` with the server-model settings given (the others at their defaults)."""
+        given = {
+            field_: value
+            for key, field_ in LIMIT_FIELDS.items()
+            if (value := getattr(self, BY_KEY[key].name)) is not None
+        }
+        return dataclasses.replace(DEFAULT_LIMITS, **given)
+
+    def worker_count(self) -> int:
+        """`workers`, or the number of cores this process may run on."""
+        if self.workers is not None:
+            return self.workers
+        if hasattr(os, "sched_getaffinity"):
+            return len(os.sched_getaffinity(0))
+        return os.cpu_count() or 1
 
     def describe(self) -> list[str]:
         """One line per setting, `key = value  # source`; the DSN is never shown."""
@@ -310,7 +442,7 @@ class ServerConfig:
                 continue
             elif isinstance(value, bool):
                 shown = "true" if value else "false"
-            elif isinstance(value, float):
+            elif isinstance(value, int | float):
                 shown = repr(value)
             elif isinstance(value, tuple):
                 shown = "[" + ", ".join(_quote(str(v)) for v in value) + "]"
@@ -448,7 +580,11 @@ def options(f: Callable[..., Any]) -> Callable[..., Any]:
             option = click.option(
                 f"--{s.key}",
                 s.name,
-                type=float if s.convert is _positive_number else str,
+                type=float
+                if s.convert is _positive_number
+                else int
+                if s.convert in (_count, _workers)
+                else str,
                 multiple=s.multiple,
                 envvar=s.envvar,
                 show_envvar=s.envvar is not None,

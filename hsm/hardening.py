@@ -12,9 +12,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import resource
+import signal
 import sys
 
+_PR_SET_PDEATHSIG = 1
+_PR_GET_PDEATHSIG = 2
 _PR_SET_DUMPABLE = 4
 _PR_GET_DUMPABLE = 3
 
@@ -46,3 +50,30 @@ def is_non_dumpable() -> bool:
     libc = _libc()
     dumpable = libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0) if libc is not None else 1
     return dumpable == 0 and resource.getrlimit(resource.RLIMIT_CORE) == (0, 0)
+
+
+def die_with_parent(parent: int) -> bool:
+    """Be killed (SIGKILL) when the parent process ends; False if that cannot be arranged.
+
+    For `server run`'s worker processes (hsm/services/worker.py): a worker
+    holds tenant keys and must not outlive the daemon that gave them. The
+    parent may have ended before the request took effect, so the parent's
+    pid is checked afterwards.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed, errno %d", ctypes.get_errno())
+        return False
+    return os.getppid() == parent
+
+
+def parent_death_signal() -> int:
+    """The signal this process gets when its parent ends (0: none)."""
+    libc = _libc()
+    if libc is None:
+        return 0
+    value = ctypes.c_int(0)
+    libc.prctl(_PR_GET_PDEATHSIG, ctypes.byref(value), 0, 0, 0)
+    return value.value

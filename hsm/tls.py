@@ -4,10 +4,12 @@
   CA that client certificates must chain to. With `require_client_auth`,
   the handshake fails for a client without a certificate from that CA, so
   an unauthenticated backend never reaches a servicer.
-- `identity_from_auth_context`: the client's `keyquorum://role/name` URI
-  from the certificate gRPC verified. It parses the peer's PEM certificate
-  with `cryptography` instead of trusting gRPC's flattened SAN strings, so
-  a URI is compared exactly as encoded.
+- `identity_from_certificate`: the client's `keyquorum://role/name` URI,
+  read only from a URI subject alternative name of the DER certificate
+  gRPC verified against the client CA (`peer_certificate`), parsed with
+  `cryptography`: never from the subject's CN, a DNS name, or gRPC's
+  flattened SAN strings (`peer_identities()`), which do not say which kind
+  of name a string was. `identity_from_auth_context` is both in one call.
 - Client credentials and the plaintext rule are `keyquorum.client.tls`'s.
 
 Files are parsed when loaded, so a wrong path, a non-PEM file or a key that
@@ -17,6 +19,7 @@ than as an opaque handshake failure later.
 
 from __future__ import annotations
 
+import binascii
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -74,22 +77,57 @@ def server_credentials(
 def identity_from_auth_context(context: HasAuthContext) -> str | None:
     """The verified client's `keyquorum://role/name`, or None without one.
 
-    None means: no TLS, no client certificate, or a certificate with no
-    keyquorum URI (the caller answers UNAUTHENTICATED). A certificate with
-    two keyquorum URIs or a malformed one is refused (`AccessDeniedError`)
-    rather than guessed at. gRPC puts the peer certificate into the auth
-    context only after it verified the chain against the client CA.
+    `identity_from_certificate` of `peer_certificate`: None also without TLS
+    or without a client certificate.
     """
-    auth = context.auth_context()
+    der = peer_certificate(context.auth_context())
+    return None if der is None else identity_from_certificate(der)
+
+
+def peer_certificate(auth: Mapping[str, object]) -> bytes | None:
+    """The DER of the client's leaf certificate from a call's auth context, or None.
+
+    gRPC puts the peer certificate (`x509_pem_cert`) into the auth context
+    only after the handshake verified its chain against the client CA;
+    None means no TLS or no client certificate.
+    """
     if _values(auth, "transport_security_type") != [b"ssl"]:
         return None
     pems = _values(auth, "x509_pem_cert")
     if not pems:
         return None
+    return pem_to_der(pems[0])
+
+
+def pem_to_der(pem: bytes) -> bytes:
+    """The DER bytes of one PEM certificate (DeserializationError if it is not one)."""
+    begin, end = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+    start = pem.find(begin)
+    stop = pem.find(end, start + len(begin)) if start >= 0 else -1
+    if stop < 0:
+        raise DeserializationError("the peer certificate is not valid PEM")
     try:
-        cert = x509.load_pem_x509_certificate(pems[0])
-    except ValueError as e:
+        der = binascii.a2b_base64(pem[start + len(begin) : stop], strict_mode=False)
+    except binascii.Error as e:
         raise DeserializationError("the peer certificate is not valid PEM") from e
+    if not der:
+        raise DeserializationError("the peer certificate is not valid PEM")
+    return der
+
+
+def identity_from_certificate(der: bytes) -> str | None:
+    """The `keyquorum://role/name` URI of a verified client certificate, or None.
+
+    Only URI subject alternative names count: a certificate whose CN or DNS
+    name reads `keyquorum://backend/x` names no identity. None means no
+    keyquorum URI (the caller answers UNAUTHENTICATED). A certificate with
+    two keyquorum URIs or a malformed one is refused (`AccessDeniedError`)
+    rather than guessed at.
+    """
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as e:
+        raise DeserializationError("the peer certificate is not valid DER") from e
     ours = [uri for uri in uri_sans(cert) if uri.startswith(f"{URI_SCHEME}://")]
     if not ours:
         return None

@@ -29,7 +29,8 @@ from keyquorum.hsm import tls
 from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.pki import DevPki
 from keyquorum.hsm.services import custodian_service
-from keyquorum.hsm.services.server import create_server
+from keyquorum.hsm.services.admission import AddressPeers
+from keyquorum.hsm.services.server import Listener, create_server
 from keyquorum.hsm.stores.base import Store
 from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum import canonical, shamir
@@ -111,7 +112,7 @@ class InProcessDaemon:
     daemon: Daemon
     port: int
     clock: FakeClock
-    server: grpc.Server
+    server: Listener
     channel: grpc.Channel
     store: Store
     data_dir: Path
@@ -156,8 +157,9 @@ def in_process_daemon(
         port=0,
         credentials=tls.server_credentials(pki.server_cert, pki.server_key),
         limits=limits,
-        register=[custodian_service.register(daemon)],
+        register=[custodian_service.register(daemon, limits)],
         service_names=[custodian_service.SERVICE_NAME],
+        peers=AddressPeers(),
     )
     server.start()
     channel = tls_channel(pki, f"127.0.0.1:{port}")

@@ -29,6 +29,7 @@ from keyquorum.hsm import tls
 from keyquorum.hsm.daemon.logkey import LogKey
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.hsm.services import audit_service
+from keyquorum.hsm.services.admission import CertificatePeers
 from keyquorum.hsm.services.server import create_server
 from keyquorum.quorum import export
 from keyquorum.quorum.checkpoint import NoteSigner, cosign_checkpoint, parse_verifier_key
@@ -108,6 +109,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
             limits=d.daemon.data_plane_snapshot().limits,
             register=[audit_service.register(audit_log)],
             service_names=[audit_service.SERVICE_NAME],
+            peers=CertificatePeers(),
         )
         server.start()
         try:

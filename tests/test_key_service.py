@@ -27,7 +27,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from grpc_health.v1 import health
 
 from keyquorum.client import KeyClient, KeyServiceError, decrypt_record, encrypt_record, framing
 from keyquorum.client import client as client_module
@@ -38,8 +37,9 @@ from keyquorum.hsm.dataplane.ratelimit import RateLimiter
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.hsm.services import key_service
 from keyquorum.hsm.services.access_log import AccessLog, load_or_create_key
+from keyquorum.hsm.services.admission import CertificatePeers
 from keyquorum.hsm.services.metrics import Metrics
-from keyquorum.hsm.services.server import create_server
+from keyquorum.hsm.services.server import Listener, create_server
 from keyquorum.quorum import canonical
 from keyquorum.quorum.errors import DecryptionError
 from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
@@ -77,9 +77,8 @@ class KeyPlane:
 
     d: InProcessDaemon
     plane: DataPlane
-    server: grpc.Server
+    server: Listener
     port: int
-    health: health.HealthServicer
     pki: DevPki
 
     @property
@@ -108,7 +107,6 @@ def key_plane(
     rate_limit: RateLimiter | None = None,
 ) -> Iterator[KeyPlane]:
     plane = DataPlane(d.daemon, d.store, limits=limits, usage=usage, rate_limit=rate_limit)
-    health_servicer = health.HealthServicer()
     server, port = create_server(
         host="127.0.0.1",
         port=0,
@@ -121,12 +119,12 @@ def key_plane(
         limits=DEFAULT_LIMITS,
         register=[key_service.register(plane)],
         service_names=[key_service.SERVICE_NAME],
-        health_servicer=health_servicer,
+        peers=CertificatePeers(),
     )
-    key_service.watch_health(d.daemon, health_servicer)
+    key_service.watch_health(d.daemon, server)
     server.start()
     try:
-        yield KeyPlane(d, plane, server, port, health_servicer, dev_pki)
+        yield KeyPlane(d, plane, server, port, dev_pki)
     finally:
         server.stop(grace=None).wait()
 
@@ -382,12 +380,12 @@ def test_unauthenticated_certificate_without_identity(world: World, tmp_path: Pa
 def test_identity_cache_never_admits_a_certificate_naming_two_identities(
     world: World, booking: KeyClient, tmp_path: Path
 ) -> None:
-    """The identity cache is keyed on the names gRPC verified, and only holds unambiguous ones.
+    """The identity cache is keyed on the certificate's SHA-256, so each certificate decides.
 
     The booking backend's own certificate is cached first; a certificate of
     the same CA naming booking and a second identity is refused on every
-    call (never cached, never taken for booking), and one naming booking
-    beside a DNS name works as booking.
+    call (never taken for booking), and one naming booking beside a DNS name
+    works as booking.
     """
     assert not isinstance(booking.wrap(TENANT, b"x", CONTEXT), KeyServiceError)
     both = [
@@ -405,27 +403,6 @@ def test_identity_cache_never_admits_a_certificate_naming_two_identities(
     with KeyClient(world.kp.target, ca=world.kp.pki.ca_cert, cert=cert, key=key, attempts=1) as c:
         for _ in range(3):
             assert c.unwrap(c.wrap(TENANT, b"y", CONTEXT).ciphertext, CONTEXT).reveal() == b"y"
-
-
-@pytest.mark.parametrize(
-    ("names", "uri", "cached"),
-    [
-        ((b"keyquorum://backend/booking",), "keyquorum://backend/booking", True),
-        ((b"booking.example", b"keyquorum://backend/booking"), "keyquorum://backend/booking", True),
-        (
-            (b"keyquorum://backend/booking", b"keyquorum://backend/messaging"),
-            "keyquorum://backend/booking",
-            False,
-        ),
-        ((b"booking.example",), "keyquorum://backend/booking", False),
-        ((b"keyquorum://backend/other",), "keyquorum://backend/booking", False),
-    ],
-    ids=["only-it", "beside-a-dns-name", "two-identities", "not-among-them", "another-one"],
-)
-def test_identity_cache_keys_only_unambiguous_names(
-    names: tuple[bytes, ...], uri: str, cached: bool
-) -> None:
-    assert key_service._names_only(names, uri) is cached
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,15 @@
-"""The mTLS listener's threads: audit streams cannot starve KeyService.
+"""The mTLS listener: audit exports cannot starve KeyService or each other.
 
-`keyquorum server run` builds the mTLS listener with `cli.server.mtls_server`:
-`key_service.SERVER_WORKERS` threads for both services, AuditService streams
-capped at `AUDIT_STREAMS` at once, so KeyService always keeps the rest. Here
-the listener is that same function over an in-process daemon, and the
-auditor "reads slowly": the store under its `AuditLog` holds every read
-until the test lets it go, so each export stream keeps its worker thread.
-With the cap full, further streams are refused (RESOURCE_EXHAUSTED), and
-KeyService calls, as many at once as it has threads, still complete. The
-call deadlines below only turn a hang into a failure; nothing is timed.
+`keyquorum server run --workers 0` builds the mTLS listener with
+`backend_plane.mtls_server`: KeyService and AuditService on one serving
+loop, at most `AUDIT_STREAMS` exports at once, each reading the store on
+the audit lane's threads. Here the listener is that same function over an
+in-process daemon, and the store "reads slowly": the store under its
+`AuditLog` holds every read until the test lets it go, so each export keeps
+one audit-lane thread. With the cap full, further streams are refused
+(RESOURCE_EXHAUSTED), KeyService calls still complete, and unary audit calls
+still find a thread. The call deadlines below only turn a hang into a
+failure; nothing is timed.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from typing import Any
 import grpc
 import pytest
 
-from keyquorum.cli import server as cli_server
 from keyquorum.client import tls as client_tls
 from keyquorum.hsm import tls
 from keyquorum.hsm.dataplane import DataPlane
 from keyquorum.hsm.pki import DevPki, make_dev_pki
-from keyquorum.hsm.services import audit_service, key_service
+from keyquorum.hsm.services import audit_service, backend_plane
 from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.quorum.limits import DEFAULT_LIMITS
 from keyquorum.v1 import audit_pb2 as apb
 from keyquorum.v1 import audit_pb2_grpc as apb_grpc
 from keyquorum.v1 import custodian_pb2 as pb
@@ -107,7 +108,7 @@ def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listener]:
         run(d, custodians, "grant", tenant=TENANT, backend="booking")
         run(d, custodians, "activate-tenant", tenant=TENANT, duration_seconds=3600)
         held = HeldStore(d.store)
-        server, port = cli_server.mtls_server(
+        server, port = backend_plane.mtls_server(
             d.daemon,
             DataPlane(d.daemon, d.store, usage=()),
             audit_service.AuditLog(held),  # type: ignore[arg-type]
@@ -119,6 +120,7 @@ def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listener]:
                 client_ca=dev_pki.ca_cert,
                 require_client_auth=True,
             ),
+            limits=DEFAULT_LIMITS,
         )
         server.start()
         try:
@@ -135,7 +137,7 @@ def export(stub: apb_grpc.AuditServiceStub, size: int) -> Any:
 
 def hold_streams(listener: Listener, stub: apb_grpc.AuditServiceStub, size: int) -> list[Any]:
     """AUDIT_STREAMS export streams, each holding its worker thread at the store."""
-    streams = [export(stub, size) for _ in range(cli_server.AUDIT_STREAMS)]
+    streams = [export(stub, size) for _ in range(backend_plane.AUDIT_STREAMS)]
     for _ in streams:
         assert listener.held.entered.acquire(timeout=HANG_GUARD_S), "a stream never started"
     return streams
@@ -169,43 +171,6 @@ def wrap(stub: kpb_grpc.KeyServiceStub, i: int) -> kpb.WrapResponse:
     return response
 
 
-def test_the_listener_has_keyservice_threads_plus_one_per_audit_stream(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    built: dict[str, Any] = {}
-    real = cli_server.create_server
-
-    def recording(**kwargs: Any) -> tuple[grpc.Server, int]:
-        built.update(kwargs)
-        return real(**kwargs)
-
-    monkeypatch.setattr(cli_server, "create_server", recording)
-    dev_pki = make_dev_pki(tmp_path / "pki")
-    with in_process_daemon(tmp_path / "data", dev_pki) as d:
-        server, _port = cli_server.mtls_server(
-            d.daemon,
-            DataPlane(d.daemon, d.store, usage=()),
-            audit_service.AuditLog(d.store),
-            host="127.0.0.1",
-            port=0,
-            credentials=tls.server_credentials(
-                dev_pki.server_cert,
-                dev_pki.server_key,
-                client_ca=dev_pki.ca_cert,
-                require_client_auth=True,
-            ),
-        )
-        server.stop(grace=None).wait()
-    assert cli_server.AUDIT_STREAMS >= 1
-    assert built["max_workers"] == cli_server.MTLS_WORKERS == key_service.SERVER_WORKERS
-    # KeyService keeps at least 3 threads while exports run (3 serve as fast as 4).
-    assert cli_server.MTLS_WORKERS - cli_server.AUDIT_STREAMS >= 3
-    assert set(built["service_names"]) == {
-        audit_service.SERVICE_NAME,
-        key_service.SERVICE_NAME,
-    }
-
-
 def test_full_audit_streams_refuse_more_and_keyservice_still_serves(listener: Listener) -> None:
     audit = apb_grpc.AuditServiceStub(listener.channel(AUDITOR))
     keys = kpb_grpc.KeyServiceStub(listener.channel(BACKEND))
@@ -213,17 +178,16 @@ def test_full_audit_streams_refuse_more_and_keyservice_still_serves(listener: Li
     streams = hold_streams(listener, audit, size)
     try:
         # Every further stream, of either streaming method, is refused at its start.
-        for _ in range(key_service.SERVER_WORKERS):
+        for _ in range(4):
             assert refused_code(export(audit, size)) == grpc.StatusCode.RESOURCE_EXHAUSTED
         listing = audit.ListCheckpoints(apb.ListCheckpointsRequest(), timeout=HANG_GUARD_S)
         assert refused_code(listing) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        # KeyService: as many calls at once as it has threads, all served.
-        with futures.ThreadPoolExecutor(key_service.SERVER_WORKERS) as pool:
-            wrapped = list(
-                pool.map(lambda i: wrap(keys, i), range(1, 4 * key_service.SERVER_WORKERS))
-            )
+        # KeyService: many calls at once, all served.
+        with futures.ThreadPoolExecutor(16) as pool:
+            wrapped = list(pool.map(lambda i: wrap(keys, i), range(1, 65)))
         assert all(w.ciphertext and w.key_version == 1 for w in wrapped)
-        # Unary audit calls are not streams and are not counted.
+        # Unary audit calls are not streams and are not counted; exports never
+        # take every audit-lane thread.
         checkpoint = audit.GetCheckpoint(apb.GetCheckpointRequest(), timeout=HANG_GUARD_S)
         assert checkpoint.size == size
     finally:
@@ -242,7 +206,7 @@ def test_a_cancelled_stream_gives_its_slot_back(listener: Listener) -> None:
     # The threads return once released; then the slots are free again.
     reopened: list[Any] = []
     deadline = time.monotonic() + HANG_GUARD_S
-    while len(reopened) < cli_server.AUDIT_STREAMS:
+    while len(reopened) < backend_plane.AUDIT_STREAMS:
         assert time.monotonic() < deadline, "the cancelled streams' slots never came back"
         call = export(audit, size)
         if started(listener, call):

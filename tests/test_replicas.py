@@ -39,6 +39,7 @@ from keyquorum.hsm.daemon import Daemon, follower
 from keyquorum.hsm.daemon.logkey import KEY_FILE, LogKey
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.hsm.services import custodian_service
+from keyquorum.hsm.services.admission import AddressPeers
 from keyquorum.hsm.services.server import create_server
 from keyquorum.hsm.stores.postgres import PostgresStore
 from keyquorum.hsm.stores.sqlite import SqliteStore
@@ -252,8 +253,9 @@ def serving(daemon: Daemon, pki: DevPki) -> Iterator[pb_grpc.CustodianServiceStu
         port=0,
         credentials=tls.server_credentials(pki.server_cert, pki.server_key),
         limits=DEFAULT_LIMITS,
-        register=[custodian_service.register(daemon)],
+        register=[custodian_service.register(daemon, DEFAULT_LIMITS)],
         service_names=[custodian_service.SERVICE_NAME],
+        peers=AddressPeers(),
     )
     server.start()
     channel = tls_channel(pki, f"127.0.0.1:{port}")

@@ -26,6 +26,7 @@ from keyquorum.hsm.daemon.logkey import KEY_FILE
 from keyquorum.hsm.dataplane import DataPlane, WrapItem
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.hsm.services import custodian_service
+from keyquorum.hsm.services.admission import AddressPeers
 from keyquorum.hsm.services.server import create_server
 from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.errors import StateError
@@ -82,8 +83,9 @@ def serving(
         port=0,
         credentials=tls.server_credentials(pki.server_cert, pki.server_key),
         limits=DEFAULT_LIMITS,
-        register=[custodian_service.register(daemon)],
+        register=[custodian_service.register(daemon, DEFAULT_LIMITS)],
         service_names=[custodian_service.SERVICE_NAME],
+        peers=AddressPeers(),
     )
     server.start()
     channel = tls_channel(pki, f"127.0.0.1:{port}")

@@ -19,7 +19,12 @@ Contract:
   the generation they were prepared under, and take effect only if no
   seal came since; otherwise their secrets are wiped here.
 - Every change republishes the snapshot from the log state as it is now
-  (`log_state()`, the journal's immutable state) and the keyring.
+  (`log_state()`, the journal's immutable state) and the keyring, then,
+  outside the lock, calls each publish listener (`add_publish_listener`:
+  the worker processes of `server run --workers`, hsm/services/workers.py),
+  which reads the latest snapshot itself, so listeners running late or out
+  of order still hand on the newest. A seal returns only after its
+  listeners returned.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class KeyCustody:
         self._generation = 0
         self._snapshot = EMPTY_SNAPSHOT
         self._observers: list[Callable[[bool], None]] = []
+        self._listeners: list[Callable[[], None]] = []
 
     # -- reading -----------------------------------------------------------------------
 
@@ -104,6 +110,7 @@ class KeyCustody:
                 raise SealedError("a seal came while the unseal was completing: still sealed")
             self._master = master
             self._publish_locked()
+        self._published()
         self._notify()
 
     def replace_master(self, master: SecretBytes, generation: int) -> None:
@@ -128,7 +135,8 @@ class KeyCustody:
                 return False
             self._keyring.activate(tenant, until, keys)
             self._publish_locked()
-            return True
+        self._published()
+        return True
 
     def add_version(self, tenant: str, version: int, key: SecretBytes, generation: int) -> bool:
         """A new version of an active tenant (a rotation); otherwise `key` is wiped."""
@@ -138,18 +146,21 @@ class KeyCustody:
                 return False
             kept = self._keyring.add_version(tenant, version, key)
             self._publish_locked()
-            return kept
+        self._published()
+        return kept
 
     def drop_version(self, tenant: str, version: int) -> None:
         with self._lock:
             self._keyring.drop_version(tenant, version)
             self._publish_locked()
+        self._published()
 
     def deactivate(self, tenant: str) -> bool:
         with self._lock:
             held = self._keyring.deactivate(tenant)
             self._publish_locked()
-            return held
+        self._published()
+        return held
 
     def expire(self, now: int) -> list[str]:
         """Wipe the activations that ended at `now`; the tenants wiped."""
@@ -157,7 +168,9 @@ class KeyCustody:
             ended = self._keyring.expire(now)
             if ended:
                 self._publish_locked()
-            return ended
+        if ended:
+            self._published()
+        return ended
 
     # -- seal --------------------------------------------------------------------------
 
@@ -175,6 +188,7 @@ class KeyCustody:
             if self._master is not None:
                 self._master.wipe()
                 self._master = None
+        self._published()
         if was_unsealed:
             self._notify()
         return was_unsealed
@@ -201,6 +215,18 @@ class KeyCustody:
         """Rebuild the data plane's snapshot from the log state and the keyring."""
         with self._lock:
             self._publish_locked()
+        self._published()
+
+    def add_publish_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every publication, outside the lock (see the module doc)."""
+        self._listeners.append(listener)
+
+    def _published(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("publish listener failed")
 
     def _publish_locked(self) -> None:
         self._snapshot = self._build(sealed=self._master is None)

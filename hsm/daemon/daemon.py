@@ -220,6 +220,10 @@ class Daemon:
             self._sweeper.stop()
         self._seal.for_shutdown(reason)
 
+    def add_publish_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every new data-plane snapshot (hsm/daemon/custody.py)."""
+        self._r.custody.add_publish_listener(listener)
+
     def add_seal_observer(self, observer: Callable[[bool], None]) -> None:
         """Call `observer(sealed)` now and after every unseal and seal (gRPC health)."""
         self._r.custody.add_observer(observer)

@@ -10,7 +10,7 @@
   the wire bytes, tested against the Python path.
 """
 
-from keyquorum.hsm.dataplane.counters import EncryptionCounters
+from keyquorum.hsm.dataplane.counters import EncryptionCounters, WouldWait
 from keyquorum.hsm.dataplane.format import (
     AAD_LABEL,
     FORMAT_V1,
@@ -49,6 +49,7 @@ __all__ = [
     "RewrapItem",
     "UnwrapItem",
     "UsageSink",
+    "WouldWait",
     "WrapItem",
     "Wrapped",
     "decrypt",

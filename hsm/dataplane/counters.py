@@ -9,10 +9,17 @@ reserved in the background when three quarters of it are used, so a call
 waits on a disk write only when a block runs out before the next arrived
 (and on the first use after a start). Numbers of a block not used before a
 restart are lost, never reused: the count can only over-state.
+
+A call never waits on the store on an event loop's thread (the serving
+loop, hsm/services/serving_loop.py, serves every call of the process):
+there, where it would wait, the reservation is started in the background
+and `WouldWait` is raised before any number is given out; the caller
+repeats the call on a thread (hsm/services/key_service.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 
@@ -22,7 +29,19 @@ from keyquorum.quorum.limits import DEFAULT_LIMITS, NONCE_BOUND, Limits
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NONCE_BOUND", "EncryptionCounters"]
+__all__ = ["NONCE_BOUND", "EncryptionCounters", "WouldWait"]
+
+
+class WouldWait(Exception):  # noqa: N818 (a signal to the caller, not a failure)
+    """The call would wait for the store on an event loop: repeat it on a thread.
+
+    Not a KeyquorumError, so no item catches it as its own failure: it
+    leaves the whole call, which has given out no number for it.
+    """
+
+
+def _on_event_loop() -> bool:
+    return asyncio.events._get_running_loop() is not None
 
 
 class _Count:
@@ -96,6 +115,9 @@ class EncryptionCounters:
                 if count.failure is not None:
                     failure, count.failure = count.failure, None
                     raise failure
+                if _on_event_loop():
+                    self._prefetch(tenant, version, count)
+                    raise WouldWait(f"{self.name(tenant, version)}: a block is being reserved")
                 if not count.pending:
                     count.pending = True
                     self._lock.release()

@@ -24,6 +24,11 @@ plaintext, a key or the context):
    ciphertext (INVALID_ARGUMENT);
 4. for results carrying a key: no seal happened since the key was taken
    (FAILED_PRECONDITION), so no key leaves after a seal.
+
+A call made on an event loop never waits for the store (counters.py):
+where it would, `WouldWait` leaves the whole call with nothing recorded and
+its rate-limit tokens given back (a batch's usage records are buffered
+until it ends), and the caller repeats the call on a thread.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, TypeVar
 
-from keyquorum.hsm.dataplane.counters import EncryptionCounters
+from keyquorum.hsm.dataplane.counters import EncryptionCounters, WouldWait
 from keyquorum.hsm.dataplane.format import (
     AAD_LABEL,
     Parsed,
@@ -128,7 +133,7 @@ class _Scope:
     lives for one call: nothing in it outlives the call's stack frame.
     """
 
-    __slots__ = ("backend", "contexts", "keys", "left", "now", "snapshot")
+    __slots__ = ("backend", "contexts", "keys", "left", "now", "records", "snapshot")
 
     def __init__(self, backend: str, snapshot: DataPlaneSnapshot, now: int, *, batch: bool) -> None:
         self.backend = backend
@@ -139,6 +144,8 @@ class _Scope:
         self.contexts: dict[tuple[tuple[str, str], ...], bytes] | None = {} if batch else None
         #: Items of the call from the current one on (sizes counter reservations).
         self.left = 1
+        #: A batch's usage records, given to the sinks when it ends (None: at once).
+        self.records: list[tuple[str, str, KeyquorumError | None, bytes | None]] | None = None
 
     def __repr__(self) -> str:
         return f"<scope: {len(self.keys)} keys>"
@@ -353,7 +360,13 @@ class DataPlane:
         except KeyquorumError as e:
             self._record(backend, UNKNOWN, operation, e, None)
             raise
-        return one(operation, item, self._scope(backend, batch=False))
+        try:
+            return one(operation, item, self._scope(backend, batch=False))
+        except WouldWait:
+            # Repeated on a thread: that call takes its token again.
+            if self._rate is not None:
+                self._rate.give_back(backend, 1)
+            raise
 
     def _batch(
         self,
@@ -379,16 +392,28 @@ class DataPlane:
         except KeyquorumError as e:
             self._record(backend, UNKNOWN, operation, e, None)
             raise
+        if self._usage:
+            scope.records = []
         results: list[R | KeyquorumError] = []
         append = results.append
         left = len(items)
-        for item in items:
-            scope.left = left
-            left -= 1
-            try:
-                append(one(operation, item, scope))
-            except KeyquorumError as e:
-                append(e)
+        try:
+            for item in items:
+                scope.left = left
+                left -= 1
+                try:
+                    append(one(operation, item, scope))
+                except KeyquorumError as e:
+                    append(e)
+        except WouldWait:
+            # The call is repeated on a thread, from its first item: nothing of
+            # this attempt is recorded, and its tokens go back.
+            if self._rate is not None:
+                self._rate.give_back(backend, len(items))
+            raise
+        if scope.records:
+            for tenant, op, error, context in scope.records:
+                self._record(backend, tenant, op, error, context)
         return results
 
     def _record(
@@ -419,7 +444,22 @@ class DataPlane:
         """
         if isinstance(error, AccessDeniedError):
             tenant = UNKNOWN
-        self._record(scope.backend, tenant, operation, error, context)
+        self._note(scope, tenant, operation, error, context)
+
+    def _note(
+        self,
+        scope: _Scope,
+        tenant: str,
+        operation: str,
+        error: KeyquorumError | None,
+        context: bytes | None,
+    ) -> None:
+        """One item's usage: to the sinks, or into its batch's buffer."""
+        if self._usage:
+            if scope.records is not None:
+                scope.records.append((tenant, operation, error, context))
+            else:
+                self._record(scope.backend, tenant, operation, error, context)
 
     def _context(self, context: Mapping[str, str], scope: _Scope) -> bytes:
         """The canonical context; in a batch, each distinct context is encoded once."""
@@ -551,7 +591,7 @@ class DataPlane:
         except KeyquorumError as e:
             self._refused(scope, tenant, operation, e, context)
             raise
-        self._record(scope.backend, tenant, operation, None, context)
+        self._note(scope, tenant, operation, None, context)
         return result
 
     def _unwrap(self, operation: str, item: UnwrapItem, scope: _Scope) -> Revealed:
@@ -599,7 +639,7 @@ class DataPlane:
         except KeyquorumError as e:
             self._refused(scope, tenant, operation, e, context)
             raise
-        self._record(scope.backend, tenant, operation, None, context)
+        self._note(scope, tenant, operation, None, context)
         return result
 
     def _generate(self, operation: str, item: GenerateItem, scope: _Scope) -> Revealed:
@@ -629,7 +669,7 @@ class DataPlane:
         except KeyquorumError as e:
             self._refused(scope, tenant, operation, e, context)
             raise
-        self._record(scope.backend, tenant, operation, None, context)
+        self._note(scope, tenant, operation, None, context)
         return result
 
     def _rewrap(self, operation: str, item: RewrapInput, scope: _Scope) -> Wrapped:
@@ -645,7 +685,7 @@ class DataPlane:
         except KeyquorumError as e:
             self._refused(scope, tenant, operation, e, context)
             raise
-        self._record(scope.backend, tenant, operation, None, context)
+        self._note(scope, tenant, operation, None, context)
         return result
 
 

@@ -103,6 +103,14 @@ class AccessLog:
         error: KeyquorumError | None,
         context: bytes | None,
     ) -> None:
+        self.record_outcome(
+            backend, tenant, operation, "OK" if error is None else code_for(error).name, context
+        )
+
+    def record_outcome(
+        self, backend: str, tenant: str, operation: str, outcome: str, context: bytes | None
+    ) -> None:
+        """One line for an item whose outcome is already a code name (a worker's record)."""
         now = self._clock() if self._clock is not None else None
         when = (
             datetime.datetime.now(datetime.UTC)
@@ -115,7 +123,7 @@ class AccessLog:
                 "backend": backend,
                 "tenant": tenant,
                 "operation": operation,
-                "outcome": "OK" if error is None else code_for(error).name,
+                "outcome": outcome,
                 "context_hmac": None if context is None else self.context_hmac(context),
             },
             sort_keys=True,

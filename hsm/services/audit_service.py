@@ -9,8 +9,11 @@ to the daemon's appends.
 
 `AuditServicer` is the thin gRPC layer. Every call first checks the caller:
 a verified client certificate (the mTLS listener requires one) naming a
-`keyquorum://auditor/<name>` identity; no identity is UNAUTHENTICATED,
-another role PERMISSION_DENIED.
+`keyquorum://auditor/<name>` identity (the listener's admission reads it
+from a URI SAN only, hsm/services/admission.py); no identity is
+UNAUTHENTICATED, another role PERMISSION_DENIED. The store is read on the
+audit lane's threads (hsm/services/lanes.py), never on the serving loop;
+an export streams in batches of `READ_BATCH` entries, one lane job each.
 
 Cosigner keys. A cosignature is accepted only from a C2SP cosignature
 (type 0x04) key in `auditor_keys`, which the operator passes at start
@@ -25,23 +28,31 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import grpc
 
-from keyquorum.hsm import tls
-from keyquorum.hsm.pki import ClientIdentity
-from keyquorum.hsm.services.status import abort_with
+from keyquorum.hsm.services.admission import (
+    Admission,
+    Call,
+    Method,
+    ServerStream,
+    Unary,
+    parser,
+    serialize,
+    service,
+)
+from keyquorum.hsm.services.lanes import Lane
+from keyquorum.hsm.services.server import Registration
 from keyquorum.hsm.stores.base import READ_BATCH, Store, check_range
 from keyquorum.quorum import merkle
 from keyquorum.quorum.checkpoint import NoteVerifier, verify_checkpoint
 from keyquorum.quorum.errors import (
-    AccessDeniedError,
     InvalidInputError,
-    KeyquorumError,
     LimitExceededError,
     StateError,
     UnverifiedNoteError,
@@ -50,11 +61,8 @@ from keyquorum.quorum.export import MAX_NOTE
 from keyquorum.quorum.log import Entry, GenesisPayload
 from keyquorum.quorum.note import KEY_HASH_SIZE, SignatureType
 from keyquorum.v1 import audit_pb2 as pb
-from keyquorum.v1 import audit_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 SERVICE_NAME = "keyquorum.v1.AuditService"
 AUDITOR_ROLE = "auditor"
@@ -223,134 +231,126 @@ def _signer(line: str) -> tuple[str, bytes] | None:
     return name, raw[:KEY_HASH_SIZE]
 
 
-class AuditServicer(pb_grpc.AuditServiceServicer):
+class AuditServicer:
     """Auditor-facing RPCs; every call requires an auditor's client certificate.
 
     With `max_streams`, at most that many streaming calls (`ListCheckpoints`,
     `GetEntries`: an export) run at once; a further one is refused at its
-    start with RESOURCE_EXHAUSTED. Each stream holds a worker thread of the
-    gRPC server for as long as the auditor reads, so on a listener shared
-    with KeyService (`keyquorum server run`) the cap keeps exports off the
-    threads KeyService needs. The slot is given back when the stream's
-    generator ends (finished, aborted, or dropped after the client left),
-    i.e. when its thread is free. Unary calls are short and not counted.
+    start with RESOURCE_EXHAUSTED. The audit lane has `threads` more threads
+    than that, so exports reading the store never take every thread from
+    the short unary calls, which are not counted.
     """
 
-    def __init__(self, audit_log: AuditLog, *, max_streams: int | None = None) -> None:
+    def __init__(
+        self,
+        audit_log: AuditLog,
+        *,
+        max_streams: int | None = None,
+        threads: int = 2,
+        waiting: int = 64,
+    ) -> None:
         if max_streams is not None and max_streams < 1:
             raise InvalidInputError("max_streams must be at least 1")
         self._log = audit_log
         self._max_streams = max_streams
-        self._streams = threading.BoundedSemaphore(max_streams) if max_streams else None
+        self._streams = 0
+        self._lane = Lane("audit", threads=threads + (max_streams or 0), waiting=waiting)
 
-    def _capped(self, context: grpc.ServicerContext, stream: Iterator[T]) -> Iterator[T]:
-        """`stream`, holding one of the `max_streams` slots while it runs."""
-        if self._streams is None:
-            yield from stream
-            return
-        if not self._streams.acquire(blocking=False):
-            abort_with(
-                context,
-                LimitExceededError(
-                    f"this listener serves at most {self._max_streams} audit streams at once: "
-                    "retry when an export has finished"
-                ),
+    def _stream_slot(self) -> None:
+        if self._max_streams is not None and self._streams >= self._max_streams:
+            raise LimitExceededError(
+                f"this listener serves at most {self._max_streams} audit streams at once: "
+                "retry when an export has finished"
             )
-        try:
-            yield from stream
-        finally:
-            self._streams.release()
+        self._streams += 1
 
-    @staticmethod
-    def _call(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except KeyquorumError as e:
-            abort_with(context, e)
-
-    @staticmethod
-    def _auditor(context: grpc.ServicerContext) -> str:
-        """The caller's identity URI; aborts unless it is an auditor's."""
-        try:
-            uri = tls.identity_from_auth_context(context)
-        except KeyquorumError as e:
-            abort_with(context, e)
-        if uri is None:
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "an auditor client certificate (keyquorum://auditor/<name>) is required",
-            )
-            raise AssertionError("grpc context.abort returned")  # pragma: no cover
-        identity = ClientIdentity.parse(uri)
-        if identity.role != AUDITOR_ROLE:
-            abort_with(context, AccessDeniedError(f"{uri} is not an auditor"))
-        return uri
-
-    def GetCheckpoint(
-        self, request: pb.GetCheckpointRequest, context: grpc.ServicerContext
+    async def GetCheckpoint(
+        self, request: pb.GetCheckpointRequest, call: Call
     ) -> pb.SignedCheckpoint:
-        self._auditor(context)
-        size, note = self._call(context, lambda: self._log.checkpoint(request.size))
+        call.peer.require(AUDITOR_ROLE)
+        size, note = await self._lane.run(lambda: self._log.checkpoint(request.size))
         return pb.SignedCheckpoint(size=size, note=note)
 
-    def ListCheckpoints(
-        self, request: pb.ListCheckpointsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.SignedCheckpoint]:
-        return self._capped(context, self._list_checkpoints(context))
-
-    def _list_checkpoints(self, context: grpc.ServicerContext) -> Iterator[pb.SignedCheckpoint]:
-        self._auditor(context)
-        for size, note in self._call(context, self._log.checkpoints):
-            yield pb.SignedCheckpoint(size=size, note=note)
-
-    def GetEntries(
-        self, request: pb.GetEntriesRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.LogEntry]:
-        return self._capped(context, self._get_entries(request, context))
-
-    def _get_entries(
-        self, request: pb.GetEntriesRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.LogEntry]:
-        self._auditor(context)
-        rows = self._call(context, lambda: self._log.entries(request.start, request.end))
+    async def ListCheckpoints(
+        self, request: pb.ListCheckpointsRequest, call: Call
+    ) -> AsyncIterator[pb.SignedCheckpoint]:
+        call.peer.require(AUDITOR_ROLE)
+        self._stream_slot()
         try:
-            for seq, data in rows:
-                yield pb.LogEntry(seq=seq, data=data)
-        except KeyquorumError as e:
-            abort_with(context, e)
+            for size, note in await self._lane.run(self._log.checkpoints):
+                yield pb.SignedCheckpoint(size=size, note=note)
+        finally:
+            self._streams -= 1
 
-    def GetInclusionProof(
-        self, request: pb.GetInclusionProofRequest, context: grpc.ServicerContext
+    async def GetEntries(
+        self, request: pb.GetEntriesRequest, call: Call
+    ) -> AsyncIterator[pb.LogEntry]:
+        call.peer.require(AUDITOR_ROLE)
+        self._stream_slot()
+        try:
+            rows = self._log.entries(request.start, request.end)
+            while True:
+                batch = await self._lane.run(lambda: list(itertools.islice(rows, READ_BATCH)))
+                if not batch:
+                    return
+                for seq, data in batch:
+                    yield pb.LogEntry(seq=seq, data=data)
+        finally:
+            self._streams -= 1
+
+    async def GetInclusionProof(
+        self, request: pb.GetInclusionProofRequest, call: Call
     ) -> pb.InclusionProof:
-        self._auditor(context)
-        size, proof, entry, note = self._call(
-            context, lambda: self._log.inclusion(request.index, request.tree_size)
+        call.peer.require(AUDITOR_ROLE)
+        size, proof, entry, note = await self._lane.run(
+            lambda: self._log.inclusion(request.index, request.tree_size)
         )
         return pb.InclusionProof(
             index=request.index, tree_size=size, hashes=proof, entry=entry, checkpoint=note
         )
 
-    def GetConsistencyProof(
-        self, request: pb.GetConsistencyProofRequest, context: grpc.ServicerContext
+    async def GetConsistencyProof(
+        self, request: pb.GetConsistencyProofRequest, call: Call
     ) -> pb.ConsistencyProof:
-        self._auditor(context)
-        size, proof, note = self._call(
-            context, lambda: self._log.consistency(request.size1, request.size2)
+        call.peer.require(AUDITOR_ROLE)
+        size, proof, note = await self._lane.run(
+            lambda: self._log.consistency(request.size1, request.size2)
         )
         return pb.ConsistencyProof(size1=request.size1, size2=size, hashes=proof, checkpoint=note)
 
-    def AddCosignature(
-        self, request: pb.AddCosignatureRequest, context: grpc.ServicerContext
+    async def AddCosignature(
+        self, request: pb.AddCosignatureRequest, call: Call
     ) -> pb.SignedCheckpoint:
-        who = self._auditor(context)
-        size, note = self._call(context, lambda: self._log.add_cosignature(request.note, who))
+        who = call.peer.require(AUDITOR_ROLE)
+        size, note = await self._lane.run(lambda: self._log.add_cosignature(request.note, who))
         return pb.SignedCheckpoint(size=size, note=note)
 
 
-def register(audit_log: AuditLog) -> Callable[[grpc.Server], None]:
-    """A `create_server` registration for the AuditService over `audit_log`."""
+def methods(servicer: AuditServicer) -> dict[str, Method]:
+    """The six methods, their requests parsed with protobuf (malformed: INVALID_ARGUMENT)."""
+    return {
+        "GetCheckpoint": Unary(servicer.GetCheckpoint, parser(pb.GetCheckpointRequest), serialize),
+        "ListCheckpoints": ServerStream(
+            servicer.ListCheckpoints, parser(pb.ListCheckpointsRequest), serialize
+        ),
+        "GetEntries": ServerStream(servicer.GetEntries, parser(pb.GetEntriesRequest), serialize),
+        "GetInclusionProof": Unary(
+            servicer.GetInclusionProof, parser(pb.GetInclusionProofRequest), serialize
+        ),
+        "GetConsistencyProof": Unary(
+            servicer.GetConsistencyProof, parser(pb.GetConsistencyProofRequest), serialize
+        ),
+        "AddCosignature": Unary(
+            servicer.AddCosignature, parser(pb.AddCosignatureRequest), serialize
+        ),
+    }
 
-    def add(server: grpc.Server) -> None:
-        pb_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit_log), server)
 
-    return add
+def register(audit_log: AuditLog, *, max_streams: int | None = None) -> Registration:
+    """The AuditService over `audit_log`, for `create_server`."""
+
+    def build(admission: Admission) -> grpc.GenericRpcHandler[Any, Any]:
+        servicer = AuditServicer(audit_log, max_streams=max_streams)
+        return service(admission, SERVICE_NAME, methods(servicer))
+
+    return Registration(build)

@@ -1,28 +1,51 @@
 """CustodianService: a thin gRPC layer over `Daemon`.
 
-Each method converts the request, calls the daemon, and converts the
-answer; every `KeyquorumError` becomes a status code through
+Each method converts the request, calls the daemon on a lane's thread
+(hsm/services/lanes.py: the daemon takes the governance lock and does store
+I/O, which the serving loop never waits on), and converts the answer; every
+`KeyquorumError` becomes a status code through
 `keyquorum.hsm.services.status`, the one place that mapping lives.
+
+The emergency seal always gets through (docs/adr/0007): Seal and GetStatus
+are reserved methods (`RESERVED`, not counted against the listener's call
+caps) with lanes of their own, so no flood of other calls, nor of calls
+that never send their request, can take their threads. A seal wipes the
+keys before it waits for the governance lock (hsm/daemon/seal.py), and
+status never waits for that lock (`Daemon.status`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, Final, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from keyquorum.hsm.daemon import Daemon, ProposalView, StatusView, VerdictView
+from keyquorum.hsm.services.admission import (
+    Admission,
+    Call,
+    Method,
+    Unary,
+    parser,
+    serialize,
+    service,
+)
+from keyquorum.hsm.services.lanes import Lane
 from keyquorum.hsm.services.refusals import RefusalLog
-from keyquorum.hsm.services.status import abort_with
+from keyquorum.hsm.services.server import Registration
 from keyquorum.quorum import canonical
 from keyquorum.quorum.errors import DeserializationError, KeyquorumError
+from keyquorum.quorum.limits import Limits
 from keyquorum.v1 import custodian_pb2 as pb
-from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
-SERVICE_NAME = "keyquorum.v1.CustodianService"
+SERVICE_NAME: Final = "keyquorum.v1.CustodianService"
+#: Methods with capacity of their own that no other call can take.
+RESERVED: Final = frozenset({f"/{SERVICE_NAME}/Seal", f"/{SERVICE_NAME}/GetStatus"})
 
 
 def _hex(value: str, field: str) -> bytes:
@@ -85,38 +108,44 @@ def _status(view: StatusView) -> pb.Status:
     )
 
 
-class CustodianServicer(pb_grpc.CustodianServiceServicer):
-    """Custodian-facing RPCs; authentication is by the custodians' signatures."""
+class CustodianServicer:
+    """Custodian-facing RPCs; authentication is by the custodians' signatures.
 
-    def __init__(self, daemon: Daemon, refusals: RefusalLog | None = None) -> None:
+    Every method runs the daemon on a lane's thread: Seal on the seal lane,
+    GetStatus on the status lane, the rest on the governance lane.
+    """
+
+    def __init__(self, daemon: Daemon, limits: Limits, refusals: RefusalLog | None = None) -> None:
         self._daemon = daemon
         self._refusals = refusals if refusals is not None else RefusalLog(self._on_roster)
+        self._seal_lane = Lane("seal", threads=limits.seal_threads, waiting=limits.seal_waiting)
+        self._status_lane = Lane(
+            "status", threads=limits.status_threads, waiting=limits.status_waiting
+        )
+        self._lane = Lane(
+            "governance", threads=limits.governance_threads, waiting=limits.governance_waiting
+        )
 
     def _on_roster(self, fingerprint: str) -> bool:
         return any(c.fingerprint == fingerprint for c in self._daemon.state.roster)
 
-    def _call(
-        self,
-        context: grpc.ServicerContext,
-        method: str,
-        fn: Callable[[], T],
-        *,
-        who: str = "",
+    async def _call(
+        self, method: str, fn: Callable[[], T], *, who: str = "", lane: Lane | None = None
     ) -> T:
+        """`fn()` on a lane's thread (the governance lane by default); refusals logged."""
         try:
-            return fn()
+            return await (lane or self._lane).run(fn)
         except KeyquorumError as e:
             self._refusals.record(method, who, e)
-            abort_with(context, e)
+            raise
 
-    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.Status:
-        return _status(self._call(context, "GetStatus", self._daemon.status))
+    async def GetStatus(self, request: pb.GetStatusRequest, call: Call) -> pb.Status:
+        return _status(await self._call("GetStatus", self._daemon.status, lane=self._status_lane))
 
-    def InitCeremony(
-        self, request: pb.InitCeremonyRequest, context: grpc.ServicerContext
+    async def InitCeremony(
+        self, request: pb.InitCeremonyRequest, call: Call
     ) -> pb.InitCeremonyResponse:
-        view = self._call(
-            context,
+        view = await self._call(
             "InitCeremony",
             lambda: self._daemon.init_ceremony(
                 request.deployment, request.threshold, list(request.public_credentials)
@@ -130,11 +159,10 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
             roster=status.roster,
         )
 
-    def GetEncryptedShare(
-        self, request: pb.GetEncryptedShareRequest, context: grpc.ServicerContext
+    async def GetEncryptedShare(
+        self, request: pb.GetEncryptedShareRequest, call: Call
     ) -> pb.EncryptedShare:
-        share = self._call(
-            context,
+        share = await self._call(
             "GetEncryptedShare",
             lambda: self._daemon.encrypted_share(request.custodian),
             who=request.custodian,
@@ -149,11 +177,10 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
             split_commitments=canonical.encode(share.commitments.to_json()),
         )
 
-    def ConfirmShare(
-        self, request: pb.ConfirmShareRequest, context: grpc.ServicerContext
+    async def ConfirmShare(
+        self, request: pb.ConfirmShareRequest, call: Call
     ) -> pb.ConfirmShareResponse:
-        view = self._call(
-            context,
+        view = await self._call(
             "ConfirmShare",
             lambda: self._daemon.confirm_share(
                 request.custodian,
@@ -169,10 +196,10 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
             log_size=view.log_size,
         )
 
-    def OpenUnsealSession(
-        self, request: pb.OpenUnsealSessionRequest, context: grpc.ServicerContext
+    async def OpenUnsealSession(
+        self, request: pb.OpenUnsealSessionRequest, call: Call
     ) -> pb.UnsealSession:
-        s = self._call(context, "OpenUnsealSession", self._daemon.open_unseal_session)
+        s = await self._call("OpenUnsealSession", self._daemon.open_unseal_session)
         return pb.UnsealSession(
             session_id=s.session_id.hex(),
             public_key=s.public_key,
@@ -185,11 +212,8 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
             progress=s.progress,
         )
 
-    def SubmitShare(
-        self, request: pb.SubmitShareRequest, context: grpc.ServicerContext
-    ) -> pb.UnsealProgress:
-        p = self._call(
-            context,
+    async def SubmitShare(self, request: pb.SubmitShareRequest, call: Call) -> pb.UnsealProgress:
+        p = await self._call(
             "SubmitShare",
             lambda: self._daemon.submit_share(
                 _hex(request.session_id, "session_id"),
@@ -202,9 +226,8 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
         )
         return pb.UnsealProgress(have=p.have, need=p.need, sealed=p.sealed, log_size=p.log_size)
 
-    def Seal(self, request: pb.SealRequest, context: grpc.ServicerContext) -> pb.SealResponse:
-        size = self._call(
-            context,
+    async def Seal(self, request: pb.SealRequest, call: Call) -> pb.SealResponse:
+        size = await self._call(
             "Seal",
             lambda: self._daemon.seal(
                 request.custodian,
@@ -214,22 +237,20 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
                 replica=request.replica or None,
             ),
             who=request.custodian,
+            lane=self._seal_lane,
         )
         return pb.SealResponse(log_size=size)
 
-    def GetLogExtension(
-        self, request: pb.GetLogExtensionRequest, context: grpc.ServicerContext
+    async def GetLogExtension(
+        self, request: pb.GetLogExtensionRequest, call: Call
     ) -> pb.LogExtension:
-        note, proof = self._call(
-            context,
-            "GetLogExtension",
-            lambda: self._daemon.checkpoint_with_proof(request.first_size),
+        note, proof = await self._call(
+            "GetLogExtension", lambda: self._daemon.checkpoint_with_proof(request.first_size)
         )
         return pb.LogExtension(checkpoint=note, proof=proof)
 
-    def Propose(self, request: pb.ProposeRequest, context: grpc.ServicerContext) -> pb.Proposal:
-        view = self._call(
-            context,
+    async def Propose(self, request: pb.ProposeRequest, call: Call) -> pb.Proposal:
+        view = await self._call(
             "Propose",
             lambda: self._daemon.propose(
                 request.operation,
@@ -242,31 +263,23 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
         )
         return _proposal(view)
 
-    def ListProposals(
-        self, request: pb.ListProposalsRequest, context: grpc.ServicerContext
+    async def ListProposals(
+        self, request: pb.ListProposalsRequest, call: Call
     ) -> pb.ListProposalsResponse:
-        views = self._call(
-            context,
+        views = await self._call(
             "ListProposals",
             lambda: self._daemon.list_proposals(include_closed=request.include_closed),
         )
         return pb.ListProposalsResponse(proposals=[_proposal(v) for v in views])
 
-    def GetProposal(
-        self, request: pb.GetProposalRequest, context: grpc.ServicerContext
-    ) -> pb.Proposal:
-        view = self._call(
-            context,
-            "GetProposal",
-            lambda: self._daemon.get_proposal(_hex(request.id, "proposal id")),
+    async def GetProposal(self, request: pb.GetProposalRequest, call: Call) -> pb.Proposal:
+        view = await self._call(
+            "GetProposal", lambda: self._daemon.get_proposal(_hex(request.id, "proposal id"))
         )
         return _proposal(view)
 
-    def Approve(
-        self, request: pb.VerdictRequest, context: grpc.ServicerContext
-    ) -> pb.VerdictResponse:
-        view = self._call(
-            context,
+    async def Approve(self, request: pb.VerdictRequest, call: Call) -> pb.VerdictResponse:
+        view = await self._call(
             "Approve",
             lambda: self._daemon.approve(
                 _hex(request.proposal, "proposal id"),
@@ -278,11 +291,8 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
         )
         return _verdict(view)
 
-    def Refuse(
-        self, request: pb.VerdictRequest, context: grpc.ServicerContext
-    ) -> pb.VerdictResponse:
-        view = self._call(
-            context,
+    async def Refuse(self, request: pb.VerdictRequest, call: Call) -> pb.VerdictResponse:
+        view = await self._call(
             "Refuse",
             lambda: self._daemon.refuse(
                 _hex(request.proposal, "proposal id"), request.custodian, request.signature
@@ -291,10 +301,10 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
         )
         return _verdict(view)
 
-    def ListTenants(
-        self, request: pb.ListTenantsRequest, context: grpc.ServicerContext
+    async def ListTenants(
+        self, request: pb.ListTenantsRequest, call: Call
     ) -> pb.ListTenantsResponse:
-        views = self._call(context, "ListTenants", self._daemon.tenants)
+        views = await self._call("ListTenants", self._daemon.tenants)
         return pb.ListTenantsResponse(
             tenants=[
                 pb.Tenant(
@@ -312,10 +322,34 @@ class CustodianServicer(pb_grpc.CustodianServiceServicer):
         )
 
 
-def register(daemon: Daemon) -> Callable[[grpc.Server], None]:
-    """A registration callback for `create_server`."""
+#: Each method's request message.
+_REQUESTS: Final[dict[str, type[Message]]] = {
+    "GetStatus": pb.GetStatusRequest,
+    "InitCeremony": pb.InitCeremonyRequest,
+    "GetEncryptedShare": pb.GetEncryptedShareRequest,
+    "ConfirmShare": pb.ConfirmShareRequest,
+    "OpenUnsealSession": pb.OpenUnsealSessionRequest,
+    "SubmitShare": pb.SubmitShareRequest,
+    "Seal": pb.SealRequest,
+    "GetLogExtension": pb.GetLogExtensionRequest,
+    "Propose": pb.ProposeRequest,
+    "ListProposals": pb.ListProposalsRequest,
+    "GetProposal": pb.GetProposalRequest,
+    "Approve": pb.VerdictRequest,
+    "Refuse": pb.VerdictRequest,
+    "ListTenants": pb.ListTenantsRequest,
+}
 
-    def add(server: grpc.Server) -> None:
-        pb_grpc.add_CustodianServiceServicer_to_server(CustodianServicer(daemon), server)
 
-    return add
+def register(daemon: Daemon, limits: Limits) -> Registration:
+    """The CustodianService for `create_server`, Seal and GetStatus reserved."""
+
+    def build(admission: Admission) -> grpc.GenericRpcHandler[Any, Any]:
+        servicer = CustodianServicer(daemon, limits)
+        methods: dict[str, Method] = {
+            name: Unary(getattr(servicer, name), parser(request), serialize)
+            for name, request in _REQUESTS.items()
+        }
+        return service(admission, SERVICE_NAME, methods)
+
+    return Registration(build, RESERVED)

@@ -1,20 +1,21 @@
 """KeyService: the backends' gRPC API, a thin layer over `DataPlane`.
 
-Every call first establishes who calls (`_backend`): the verified client
-certificate of the mTLS listener must name `keyquorum://backend/<name>`.
-No identity: UNAUTHENTICATED (in practice the handshake already failed);
-another role (an auditor's certificate): PERMISSION_DENIED. Then the
-request is converted, the data plane decides, and the answer is converted
-back; every `KeyquorumError` becomes a status code through
-`keyquorum.hsm.services.status`, for a batch item as `ItemError` with the same code.
+Every call first establishes who calls: the listener's admission
+(hsm/services/admission.py) knows the peer by its verified client
+certificate (cached by the SHA-256 of its DER; its identity comes only from
+a URI SAN), and the call needs `keyquorum://backend/<name>`. No identity:
+UNAUTHENTICATED (in practice the handshake already failed); another role
+(an auditor's certificate): PERMISSION_DENIED. Then the request is
+converted, the data plane decides, and the answer is converted back; every
+`KeyquorumError` becomes a status code through
+`keyquorum.hsm.services.status`, for a batch item as `ItemError` with the
+same code.
 
-Certificates are parsed once: the identity read from a verified peer
-certificate (`tls.identity_from_auth_context`, X.509 parsed from the PEM
-gRPC puts in the auth context only after the chain verified against the
-client CA) is cached under the subject alternative names gRPC reports for
-that peer (`peer_identities()`), and only when those names contain that
-identity and no other keyquorum URI; so a busy backend's calls neither
-re-parse X.509 nor copy the auth context each time.
+The data plane is synchronous and CPU-bound: it runs in the servicer's
+coroutine on the serving loop, with no thread hand-off. The one thing in
+it that can wait, a counter block from the store, raises `WouldWait` on the
+loop instead (hsm/dataplane/counters.py); the call is then repeated on the
+`waits` lane's threads.
 
 Wrap, Unwrap and BatchWrap take their request as wire bytes and hand it to
 the data plane's `*_serialized` methods, which answer through the C wire
@@ -22,9 +23,7 @@ codec what it accepts whole (docs/adr/0001); anything else is parsed here
 with protobuf (malformed: INVALID_ARGUMENT) and goes the Python way, the
 reference. Wrap's answer (`encode_wrap_response`) and the answers of
 BatchWrap's Python path and BatchRewrap (`encode_wrap_results`) are written
-in protobuf wire format, byte-identical to the protobuf library's. The
-handlers are registered as the generated `add_KeyServiceServicer_to_server`
-would (one generic handler), with those (de)serialisers replaced.
+in protobuf wire format, byte-identical to the protobuf library's.
 
 `watch_health` ties the standard health service to the seal state: the
 KeyService reports NOT_SERVING while sealed and SERVING when unsealed, so
@@ -33,46 +32,43 @@ load balancers stop sending backends to a sealed replica.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health, health_pb2
 
-from keyquorum.hsm import tls
 from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.dataplane import (
     DataPlane,
     GenerateItem,
     Revealed,
     UnwrapItem,
+    WouldWait,
     Wrapped,
 )
-from keyquorum.hsm.pki import URI_SCHEME, ClientIdentity
-from keyquorum.hsm.services.status import abort_with, code_for
-from keyquorum.quorum.errors import (
-    AccessDeniedError,
-    DeserializationError,
-    KeyquorumError,
-    UnauthenticatedError,
+from keyquorum.hsm.services.admission import (
+    Admission,
+    Call,
+    Method,
+    Peer,
+    Unary,
+    parser,
+    serialize,
+    service,
 )
+from keyquorum.hsm.services.lanes import Lane
+from keyquorum.hsm.services.server import Listener, Registration
+from keyquorum.hsm.services.status import code_for
+from keyquorum.quorum.errors import DeserializationError, KeyquorumError
 from keyquorum.v1 import key_pb2 as pb
 
 SERVICE_NAME: Final = "keyquorum.v1.KeyService"
 BACKEND_ROLE: Final = "backend"
-#: Distinct client certificates remembered; the cache starts over past this.
-IDENTITY_CACHE: Final = 1024
-#: Threads for a server whose calls are the KeyService's (`create_server(max_workers=)`).
-#: The handlers run Python under one interpreter lock, so threads beyond a few add
-#: no throughput, only lock hand-offs: measured on 2 cores at 64 calls in flight,
-#: 16 threads serve about half the Wraps/s that 3 or 4 do (docs/adr/0002).
-#: A handler that waits (a counter block from the store) holds one.
-SERVER_WORKERS: Final = 4
+#: Threads that repeat a call which would have waited for the store on the loop.
+WAIT_THREADS: Final = 2
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
+T = TypeVar("T")
 
 
 def _item_error(error: KeyquorumError) -> pb.ItemError:
@@ -112,30 +108,6 @@ def _generated(result: Revealed) -> pb.GenerateDataKeyResponse:
 
 def _rewrapped(result: Wrapped) -> pb.RewrapResponse:
     return pb.RewrapResponse(ciphertext=result.ciphertext, key_version=result.version)
-
-
-def _identity_key(context: grpc.ServicerContext) -> tuple[bytes, ...] | None:
-    """The identity cache's key: the subject alternative names gRPC verified, or None.
-
-    `peer_identities()` is what gRPC's TLS layer reports as the peer's
-    identity once the chain verified against the client CA (the certificate's
-    SANs; None for an unauthenticated peer). It costs a fraction of building
-    the whole auth context (`auth_context()`, which also copies the PEM).
-    """
-    names = context.peer_identities()
-    return tuple(names) if names else None
-
-
-def _names_only(key: tuple[bytes, ...], uri: str) -> bool:
-    """True if the verified names include `uri` and no other keyquorum identity.
-
-    Only such keys are cached: a later certificate with the same names then
-    names this identity, and only it, among what gRPC verified.
-    """
-    if not all(isinstance(n, bytes) for n in key):
-        return False
-    ours = [n for n in key if n.startswith(URI_SCHEME.encode() + b"://")]
-    return ours == [uri.encode()]
 
 
 def _unwrap_item(r: pb.UnwrapRequest) -> UnwrapItem:
@@ -256,95 +228,82 @@ class KeyServicer:
     the serialised request.
     """
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, *, waiting: int = 1024) -> None:
         self._plane = plane
-        self._identities: dict[tuple[bytes, ...], str] = {}
-        self._lock = threading.Lock()
+        self._waits = Lane("data-plane waits", threads=WAIT_THREADS, waiting=waiting)
 
-    def _backend(self, context: grpc.ServicerContext, operation: str) -> str:
-        """The caller's identity URI; aborts unless it is a backend's."""
-        key = _identity_key(context)
-        if key is not None:
-            cached = self._identities.get(key)
-            if cached is not None:
-                return cached
+    def _backend(self, peer: Peer, operation: str) -> str:
+        """The caller's identity URI; refused unless it is a backend's."""
         try:
-            uri = tls.identity_from_auth_context(context)
-            if uri is None:
-                raise UnauthenticatedError(
-                    "a backend client certificate (keyquorum://backend/<name>) is required"
-                )
-            if ClientIdentity.parse(uri).role != BACKEND_ROLE:
-                raise AccessDeniedError(f"{uri} is not a backend identity")
+            return peer.require(BACKEND_ROLE)
         except KeyquorumError as e:
             self._plane.refused(operation, e)
-            abort_with(context, e)
-        if key is not None and _names_only(key, uri):
-            with self._lock:
-                if len(self._identities) >= IDENTITY_CACHE:
-                    self._identities.clear()
-                self._identities[key] = uri
-        return uri
+            raise
 
-    def Wrap(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        """Takes the request serialised: the data plane's C parser reads the wire bytes."""
-        who = self._backend(context, "wrap")
+    async def _run(self, fn: Callable[[], T]) -> T:
+        """`fn()` here on the loop; on a thread if it would wait for the store."""
         try:
-            result = self._plane.wrap_serialized(who, request)
-            if result is None:
-                result = self._plane.wrap(who, _parse(pb.WrapRequest, request))
-        except KeyquorumError as e:
-            abort_with(context, e)
+            return fn()
+        except WouldWait:
+            return await self._waits.run(fn)
+
+    def _wrap(self, who: str, request: bytes) -> Wrapped:
+        plane = self._plane
+        result = plane.wrap_serialized(who, request)
+        if result is None:
+            result = plane.wrap(who, _parse(pb.WrapRequest, request))
+        return result
+
+    async def Wrap(self, request: bytes, call: Call) -> bytes:
+        """Takes the request serialised: the data plane's C parser reads the wire bytes."""
+        who = self._backend(call.peer, "wrap")
+        try:
+            result = self._wrap(who, request)
+        except WouldWait:
+            result = await self._waits.run(lambda: self._wrap(who, request))
         return encode_wrap_response(result)
 
-    def Unwrap(self, request: bytes, context: grpc.ServicerContext) -> pb.UnwrapResponse:
-        """Takes the request serialised, as Wrap does."""
-        who = self._backend(context, "unwrap")
-        try:
-            result = self._plane.unwrap_serialized(who, request)
-            if result is None:
-                parsed = _parse(pb.UnwrapRequest, request)
-                result = self._plane.unwrap(who, _unwrap_item(parsed))
-            return _unwrapped(result)
-        except KeyquorumError as e:
-            abort_with(context, e)
+    def _unwrap(self, who: str, request: bytes) -> pb.UnwrapResponse:
+        plane = self._plane
+        result = plane.unwrap_serialized(who, request)
+        if result is None:
+            result = plane.unwrap(who, _unwrap_item(_parse(pb.UnwrapRequest, request)))
+        return _unwrapped(result)
 
-    def GenerateDataKey(
-        self, request: pb.GenerateDataKeyRequest, context: grpc.ServicerContext
+    async def Unwrap(self, request: bytes, call: Call) -> pb.UnwrapResponse:
+        """Takes the request serialised, as Wrap does (Unwrap never waits for the store)."""
+        return self._unwrap(self._backend(call.peer, "unwrap"), request)
+
+    async def GenerateDataKey(
+        self, request: pb.GenerateDataKeyRequest, call: Call
     ) -> pb.GenerateDataKeyResponse:
-        who = self._backend(context, "generate_data_key")
-        try:
-            return _generated(self._plane.generate_data_key(who, _generate_item(request)))
-        except KeyquorumError as e:
-            abort_with(context, e)
+        who = self._backend(call.peer, "generate_data_key")
+        item = _generate_item(request)
+        return _generated(await self._run(lambda: self._plane.generate_data_key(who, item)))
 
-    def Rewrap(self, request: pb.RewrapRequest, context: grpc.ServicerContext) -> pb.RewrapResponse:
-        who = self._backend(context, "rewrap")
-        try:
-            return _rewrapped(self._plane.rewrap(who, request))
-        except KeyquorumError as e:
-            abort_with(context, e)
+    async def Rewrap(self, request: pb.RewrapRequest, call: Call) -> pb.RewrapResponse:
+        who = self._backend(call.peer, "rewrap")
+        return _rewrapped(await self._run(lambda: self._plane.rewrap(who, request)))
 
-    def BatchWrap(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def _batch_wrap(self, who: str, request: bytes) -> bytes:
+        plane = self._plane
+        answer = plane.batch_wrap_serialized(who, request)
+        if answer is not None:
+            return answer
+        return encode_wrap_results(
+            plane.batch_wrap(who, _parse(pb.BatchWrapRequest, request).items)
+        )
+
+    async def BatchWrap(self, request: bytes, call: Call) -> bytes:
         """Takes the request serialised: the data plane's C fast path reads the wire bytes."""
-        who = self._backend(context, "batch_wrap")
-        try:
-            answer = self._plane.batch_wrap_serialized(who, request)
-            if answer is not None:
-                return answer
-            results = self._plane.batch_wrap(who, _parse(pb.BatchWrapRequest, request).items)
-        except KeyquorumError as e:
-            abort_with(context, e)
-        return encode_wrap_results(results)
+        who = self._backend(call.peer, "batch_wrap")
+        return await self._run(lambda: self._batch_wrap(who, request))
 
-    def BatchUnwrap(
-        self, request: pb.BatchUnwrapRequest, context: grpc.ServicerContext
+    async def BatchUnwrap(
+        self, request: pb.BatchUnwrapRequest, call: Call
     ) -> pb.BatchUnwrapResponse:
-        who = self._backend(context, "batch_unwrap")
-        try:
-            results = self._plane.batch_unwrap(who, [_unwrap_item(r) for r in request.items])
-        except KeyquorumError as e:
-            abort_with(context, e)
+        who = self._backend(call.peer, "batch_unwrap")
+        results = self._plane.batch_unwrap(who, [_unwrap_item(r) for r in request.items])
         return pb.BatchUnwrapResponse(
             results=[
                 pb.UnwrapResult(error=_item_error(r))
@@ -354,16 +313,12 @@ class KeyServicer:
             ]
         )
 
-    def BatchGenerateDataKey(
-        self, request: pb.BatchGenerateDataKeyRequest, context: grpc.ServicerContext
+    async def BatchGenerateDataKey(
+        self, request: pb.BatchGenerateDataKeyRequest, call: Call
     ) -> pb.BatchGenerateDataKeyResponse:
-        who = self._backend(context, "batch_generate_data_key")
-        try:
-            results = self._plane.batch_generate_data_key(
-                who, [_generate_item(r) for r in request.items]
-            )
-        except KeyquorumError as e:
-            abort_with(context, e)
+        who = self._backend(call.peer, "batch_generate_data_key")
+        items = [_generate_item(r) for r in request.items]
+        results = await self._run(lambda: self._plane.batch_generate_data_key(who, items))
         return pb.BatchGenerateDataKeyResponse(
             results=[
                 pb.GenerateDataKeyResult(error=_item_error(r))
@@ -373,73 +328,40 @@ class KeyServicer:
             ]
         )
 
-    def BatchRewrap(self, request: pb.BatchRewrapRequest, context: grpc.ServicerContext) -> bytes:
-        who = self._backend(context, "batch_rewrap")
-        try:
-            results = self._plane.batch_rewrap(who, request.items)
-        except KeyquorumError as e:
-            abort_with(context, e)
+    async def BatchRewrap(self, request: pb.BatchRewrapRequest, call: Call) -> bytes:
+        who = self._backend(call.peer, "batch_rewrap")
+        results = await self._run(lambda: self._plane.batch_rewrap(who, request.items))
         return encode_wrap_results(results)
 
 
-def _handler(
-    behavior: Callable[[Req, grpc.ServicerContext], Resp],
-    deserializer: Callable[[bytes], Req],
-    serializer: Callable[[Resp], bytes],
-) -> grpc.RpcMethodHandler[Req, Resp]:
-    return grpc.unary_unary_rpc_method_handler(
-        behavior, request_deserializer=deserializer, response_serializer=serializer
-    )
-
-
-def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
-
-
-def method_handlers(servicer: KeyServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
-    """The eight methods' handlers, as the generated code makes them, but for what goes as
-    wire bytes: the requests of Wrap, Unwrap and BatchWrap, and the wrap answers."""
+def methods(servicer: KeyServicer) -> dict[str, Method]:
+    """The eight methods, with what goes as wire bytes: the requests of Wrap, Unwrap
+    and BatchWrap (read by the data plane) and the wrap answers (written here)."""
     return {
-        "Wrap": _handler(servicer.Wrap, _raw, _raw),
-        "Unwrap": _handler(servicer.Unwrap, _raw, _serialize),
-        "GenerateDataKey": _handler(
-            servicer.GenerateDataKey, pb.GenerateDataKeyRequest.FromString, _serialize
+        "Wrap": Unary(servicer.Wrap, _raw, _raw),
+        "Unwrap": Unary(servicer.Unwrap, _raw, serialize),
+        "GenerateDataKey": Unary(
+            servicer.GenerateDataKey, parser(pb.GenerateDataKeyRequest), serialize
         ),
-        "Rewrap": _handler(servicer.Rewrap, pb.RewrapRequest.FromString, _serialize),
-        "BatchWrap": _handler(servicer.BatchWrap, _raw, _raw),
-        "BatchUnwrap": _handler(servicer.BatchUnwrap, pb.BatchUnwrapRequest.FromString, _serialize),
-        "BatchGenerateDataKey": _handler(
-            servicer.BatchGenerateDataKey, pb.BatchGenerateDataKeyRequest.FromString, _serialize
+        "Rewrap": Unary(servicer.Rewrap, parser(pb.RewrapRequest), serialize),
+        "BatchWrap": Unary(servicer.BatchWrap, _raw, _raw),
+        "BatchUnwrap": Unary(servicer.BatchUnwrap, parser(pb.BatchUnwrapRequest), serialize),
+        "BatchGenerateDataKey": Unary(
+            servicer.BatchGenerateDataKey, parser(pb.BatchGenerateDataKeyRequest), serialize
         ),
-        "BatchRewrap": _handler(servicer.BatchRewrap, pb.BatchRewrapRequest.FromString, _raw),
+        "BatchRewrap": Unary(servicer.BatchRewrap, parser(pb.BatchRewrapRequest), _raw),
     }
 
 
-def register(plane: DataPlane) -> Callable[[grpc.Server], None]:
-    """A `create_server` registration for the KeyService over `plane`.
+def register(plane: DataPlane) -> Registration:
+    """The KeyService over `plane`, for `create_server`."""
 
-    One generic handler for the service, the way the benchmark's echo is
-    registered too, so both go through the same dispatch.
-    """
+    def build(admission: Admission) -> grpc.GenericRpcHandler[Any, Any]:
+        return service(admission, SERVICE_NAME, methods(KeyServicer(plane)))
 
-    def add(server: grpc.Server) -> None:
-        handlers = method_handlers(KeyServicer(plane))
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-        )
-
-    return add
+    return Registration(build)
 
 
-def watch_health(daemon: Daemon, servicer: health.HealthServicer) -> None:
+def watch_health(daemon: Daemon, listener: Listener) -> None:
     """KeyService is NOT_SERVING while the daemon is sealed, SERVING when unsealed."""
-
-    def on_seal_state(sealed: bool) -> None:
-        servicer.set(
-            SERVICE_NAME,
-            health_pb2.HealthCheckResponse.NOT_SERVING
-            if sealed
-            else health_pb2.HealthCheckResponse.SERVING,
-        )
-
-    daemon.add_seal_observer(on_seal_state)
+    daemon.add_seal_observer(lambda sealed: listener.set_health(SERVICE_NAME, not sealed))

@@ -129,7 +129,19 @@ class Metrics(AppendObserver):
         context: bytes | None,  # noqa: ARG002 (the UsageSink protocol; metrics never see it)
     ) -> None:
         """Count one item."""
-        outcome = "OK" if error is None else code_for(error).name
+        self.record_outcome(
+            backend, tenant, operation, "OK" if error is None else code_for(error).name, None
+        )
+
+    def record_outcome(
+        self,
+        backend: str,
+        tenant: str,
+        operation: str,
+        outcome: str,
+        context: bytes | None,  # noqa: ARG002 (the OutcomeSink protocol; metrics never see it)
+    ) -> None:
+        """Count one item whose outcome is already a code name (a worker's record)."""
         labels = (backend, tenant, operation, outcome)
         child = self._children.get(labels)
         if child is None:

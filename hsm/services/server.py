@@ -1,77 +1,129 @@
-"""Building the gRPC server: services, health, reflection, limits, TLS.
+"""Building a gRPC listener: the server model, its bounds, health, reflection, TLS.
 
-`create_server()` returns `(server, port)` so tests bind port 0 and learn the
-port. Servicers are registered by the caller through `register`, so this
-module knows nothing of the daemon's logic.
+The model (docs/adr/0007): grpc.aio servers on the process's serving loop
+(hsm/services/serving_loop.py), every method admitted by
+hsm/services/admission.py, and every bound a peer can reach set from the
+one `Limits` (`grpc_options`): connections per listener, streams per
+connection, the TLS handshake's time, idle and maximum connection age,
+keepalive enforcement, message and header sizes.
+
+`create_server()` returns `(listener, port)` so tests bind port 0 and learn
+the port. Services are registered by the caller (`Registration`), so this
+module knows nothing of the daemon's logic. A `Listener` is driven from any
+thread (`start`, `stop`); its server lives on the serving loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable, Sequence
-from concurrent import futures
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from keyquorum.hsm.services.admission import Admission, GuardedRegistry, PeerSource
+from keyquorum.hsm.services.serving_loop import ServingLoop, serving_loop
 from keyquorum.quorum.errors import InvalidInputError
 from keyquorum.quorum.limits import Limits
 
-Registration = Callable[[grpc.Server], None]
-
-#: Seconds between two log lines about requests gRPC could not parse.
-UNPARSEABLE_REPORT_INTERVAL = 60.0
+log = logging.getLogger(__name__)
 
 
-class UnparseableRequestLog(logging.Filter):
-    """Turns gRPC's traceback per unparseable request into a line a minute.
+@dataclass(frozen=True)
+class Registration:
+    """One service for `create_server`: its handler, built over the listener's admission.
 
-    gRPC logs "Exception deserializing message!" with a full traceback for
-    every request its deserializer rejects (and answers INTERNAL). Anyone who
-    reaches the custodian port, which needs no client certificate, could grow
-    the daemon's log at will that way. This filter, on gRPC's `grpc._common`
-    logger, lets through the first such record of each interval without its
-    traceback, saying how many were dropped since the last one; every other
-    record passes unchanged.
+    `reserved`: full method names (`/package.Service/Method`) that skip the
+    listener's call caps (docs/adr/0007: the custodian plane's Seal and
+    GetStatus).
     """
+
+    build: Callable[[Admission], grpc.GenericRpcHandler[Any, Any]]
+    reserved: frozenset[str] = field(default_factory=frozenset)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def grpc_options(limits: Limits, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """gRPC core's settings for one listener, every bound from `limits`.
+
+    `grpc.max_allowed_incoming_connections` is gRPC core's per-listener
+    connection quota: a connection past it is closed at accept, and one
+    still in its TLS handshake counts. `reuse_port` lets worker processes
+    share the mTLS port (SO_REUSEPORT, `server run --workers`).
+    """
+    return [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.max_metadata_size", limits.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.server_handshake_timeout_ms", _ms(limits.handshake_timeout_seconds)),
+        ("grpc.max_connection_idle_ms", _ms(limits.connection_idle_seconds)),
+        ("grpc.max_connection_age_ms", _ms(limits.connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", _ms(limits.connection_age_grace_seconds)),
+        ("grpc.keepalive_time_ms", _ms(limits.keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", _ms(limits.keepalive_timeout_seconds)),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(limits.min_client_ping_seconds)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+    ]
+
+
+class Listener:
+    """A grpc.aio server on the serving loop, started and stopped from any thread."""
 
     def __init__(
         self,
-        interval: float = UNPARSEABLE_REPORT_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
+        server: aio.Server,
+        admission: Admission,
+        health_servicer: HealthServicer,
+        loop: ServingLoop,
     ) -> None:
-        super().__init__()
-        self._interval = interval
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._last: float | None = None
-        self._dropped = 0
+        self._server = server
+        self.admission = admission
+        self.health = health_servicer
+        self._loop = loop
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Exception deserializing"):
-            return True
-        now = self._clock()
-        with self._lock:
-            if self._last is not None and now - self._last < self._interval:
-                self._dropped += 1
-                return False
-            dropped, self._dropped, self._last = self._dropped, 0, now
-        error = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else "?"
-        record.msg = "gRPC could not parse a request (%s); %d more not logged since the last line"
-        record.args = (error, dropped)
-        record.exc_info = None
-        record.exc_text = None
-        return True
+    def start(self) -> None:
+        self._loop.run(self._server.start())
 
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stop serving (calls in flight get `grace` seconds); the event is set when done."""
+        done = threading.Event()
 
-_UNPARSEABLE = UnparseableRequestLog()
-logging.getLogger("grpc._common").addFilter(_UNPARSEABLE)
+        async def stop() -> None:
+            try:
+                await self._server.stop(grace)
+            finally:
+                done.set()
+
+        self._loop.call_soon(lambda: asyncio.ensure_future(stop()))
+        return done
+
+    def set_health(self, service: str, serving: bool) -> None:
+        """Report `service` SERVING or NOT_SERVING on this listener (from any thread)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self._loop.call_soon(lambda: asyncio.ensure_future(self.health.set(service, status)))
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.admission!r}>"
 
 
 def create_server(
@@ -82,37 +134,69 @@ def create_server(
     limits: Limits,
     register: Sequence[Registration],
     service_names: Sequence[str],
-    health_servicer: health.HealthServicer | None = None,
-    max_workers: int = 16,
-    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
-) -> tuple[grpc.Server, int]:
-    """A started-ready (not yet started) server and the port it is bound to.
+    peers: PeerSource,
+    reuse_port: bool = False,
+) -> tuple[Listener, int]:
+    """A listener (not yet started) and the port it is bound to.
 
-    `credentials=None` means plaintext; callers decide that only through
-    `keyquorum.client.tls.check_plaintext_allowed` (explicit flag, loopback).
     An address that cannot be bound is an `InvalidInputError` naming the
     address and the reason (e.g. "Address already in use").
+    `credentials=None` means plaintext; callers decide that only through
+    `keyquorum.client.tls.check_plaintext_allowed` (explicit flag, loopback),
+    or for a Unix socket (`host="unix:/path"`, port 0: the daemon's internal
+    audit listener). `peers` says who a call comes from (`CertificatePeers`
+    on an mTLS port, `AddressPeers` on a TLS one, `ForwardedPeers` inside).
     """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        interceptors=list(interceptors),
-        options=[
-            ("grpc.max_receive_message_length", limits.max_message_bytes),
-            ("grpc.max_send_message_length", limits.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
+    loop = serving_loop()
+    return loop.run(
+        _create(
+            host=host,
+            port=port,
+            credentials=credentials,
+            limits=limits,
+            register=register,
+            service_names=service_names,
+            peers=peers,
+            reuse_port=reuse_port,
+            loop=loop,
+        )
     )
-    for add in register:
-        add(server)
-    health_servicer = health_servicer or health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in service_names:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+
+
+async def _create(
+    *,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None,
+    limits: Limits,
+    register: Sequence[Registration],
+    service_names: Sequence[str],
+    peers: PeerSource,
+    reuse_port: bool,
+    loop: ServingLoop,
+) -> tuple[Listener, int]:
+    reserved: set[str] = set()
+    for registration in register:
+        reserved |= registration.reserved
+    admission = Admission(limits, peers, reserved=reserved)
+    server = aio.server(options=grpc_options(limits, reuse_port=reuse_port))
+    for registration in register:
+        server.add_generic_rpc_handlers((registration.build(admission),))
+    guarded: Any = GuardedRegistry(server, admission)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
+    for name in ("", *service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]
+            (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        ),
+        guarded,
     )
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if host.startswith("unix:"):
+        address = host
+    else:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = (
             server.add_secure_port(address, credentials)
@@ -123,11 +207,13 @@ def create_server(
         bound = 0
     if bound == 0:
         raise InvalidInputError(f"cannot listen on {address}: {_bind_failure(host, port)}")
-    return server, bound
+    return Listener(server, admission, health_servicer, loop), bound
 
 
 def _bind_failure(host: str, port: int) -> str:
     """Why gRPC could not bind (it only says that it failed): the OS's answer to a bind."""
+    if host.startswith("unix:"):
+        return "gRPC refused the Unix socket's path"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as e:
