@@ -54,15 +54,16 @@ class Limits:
     # Each listener (the custodian port, the mTLS port) and each serving process
     # applies them on its own.
     #: Connections open at once on one listener; more are closed at accept.
-    max_connections: int = 512
+    max_connections: int = 256
     #: Calls open at once on one connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
-    max_streams_per_connection: int = 100
-    #: Calls open at once from one peer: one client certificate (its SHA-256) on
-    #: the mTLS port, one address on the custodian port.
+    max_streams_per_connection: int = 64
+    #: Calls being served at once (their request in) from one peer: one client
+    #: certificate (its SHA-256) on the mTLS port, one address on the custodian port.
     max_calls_per_peer: int = 128
-    #: Calls open at once on one listener, all peers together.
+    #: Calls being served at once on one listener, all peers together.
     max_calls: int = 2048
     #: Time from a call's headers to its request message; then the call is ended.
+    #: Until then a call holds one stream and about 7 KiB, nothing else.
     request_timeout_seconds: float = 10.0
     #: Time from accepting a connection to the end of its TLS handshake.
     handshake_timeout_seconds: float = 10.0

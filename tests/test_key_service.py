@@ -406,6 +406,63 @@ def test_identity_cache_never_admits_a_certificate_naming_two_identities(
 
 
 @pytest.mark.parametrize(
+    ("common_name", "sans"),
+    [
+        ("keyquorum://backend/booking", []),
+        ("forged", [x509.DNSName("keyquorum://backend/booking")]),
+        ("keyquorum://backend/booking", [x509.DNSName("keyquorum://backend/booking")]),
+    ],
+    ids=["cn", "dns-san", "both"],
+)
+def test_a_forged_name_is_never_served_as_the_backend(
+    world: World, tmp_path: Path, common_name: str, sans: list[x509.GeneralName]
+) -> None:
+    """A CA-signed certificate showing booking's identity as a CN or DNS name is nobody.
+
+    On a fresh listener (an empty identity cache): refused before the real
+    booking certificate calls, and after it has called; and on the module's
+    listener, where booking has been calling all along. The metrics never
+    count one of its calls as booking's.
+    """
+    from tests.test_abuse import client_cert
+
+    cert, key = client_cert(world.kp.pki, tmp_path / "forged", common_name, sans)
+
+    def forged_wrap(kp: KeyPlane) -> object:
+        with KeyClient(kp.target, ca=kp.pki.ca_cert, cert=cert, key=key, attempts=1) as c:
+            return code_of(lambda: c.wrap(TENANT, b"x", CONTEXT))
+
+    def booking_ok(kp: KeyPlane) -> None:
+        with kp.client() as c:
+            assert c.unwrap(c.wrap(TENANT, b"ok", CONTEXT).ciphertext, CONTEXT).reveal() == b"ok"
+
+    booked = _booking_wraps(world)
+    with key_plane(world.kp.d, world.kp.pki) as fresh:
+        for when in ("before", "after"):
+            if when == "after":
+                booking_ok(fresh)
+            error = forged_wrap(fresh)
+            assert isinstance(error, KeyServiceError), when
+            assert error.code == C.UNAUTHENTICATED, (when, str(error))
+    error = forged_wrap(world.kp)
+    assert isinstance(error, KeyServiceError)
+    assert error.code == C.UNAUTHENTICATED
+    assert _booking_wraps(world) == booked
+
+
+def _booking_wraps(world: World) -> float:
+    """Wraps the module's listener counted for booking (fresh listeners have no sinks)."""
+    return sum(
+        s.value
+        for m in world.metrics.registry.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+        and s.labels.get("backend") == "booking"
+        and s.labels.get("operation") == "wrap"
+    )
+
+
+@pytest.mark.parametrize(
     ("call", "match"),
     [
         ("wrap", "not a backend identity"),

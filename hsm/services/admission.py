@@ -1,32 +1,35 @@
 """Admission to a gRPC listener: who the peer is, how much it may hold, for how long.
 
 Every method of every service on a listener goes through `Admission`
-(docs/adr/0007). At a call's start, before its request message:
+(docs/adr/0007):
 
-1. the peer is established (`PeerSource`): on the mTLS port the client
-   certificate gRPC verified against the client CA, known by the SHA-256 of
-   its DER (`CertificatePeers`; its keyquorum identity comes only from a URI
-   SAN of that certificate and is cached under that hash, never under a
-   name); on the custodian port the client's address (`AddressPeers`);
-2. the call is counted against its peer's cap (`max_calls_per_peer`) and the
-   listener's (`max_calls`); over either it ends at once with
-   RESOURCE_EXHAUSTED, saying which cap and that it is this peer's own;
-3. the request message must arrive within `request_timeout_seconds` of the
-   headers, or the call ends with DEADLINE_EXCEEDED. Waiting for it holds
-   no thread: a coroutine on the serving loop (hsm/services/serving_loop.py).
+1. at a call's start, its peer is established (`PeerSource`): on the mTLS
+   port the client certificate gRPC verified against the client CA, known
+   by the SHA-256 of its DER (`CertificatePeers`; its keyquorum identity
+   comes only from a URI SAN of that certificate and is cached under that
+   hash, never under a name); on the custodian port the client's address
+   (`AddressPeers`);
+2. the request message must arrive within `request_timeout_seconds` of the
+   call's headers, or the call ends with DEADLINE_EXCEEDED. Waiting for it
+   holds no thread and no count: a coroutine on the serving loop
+   (hsm/services/serving_loop.py), one stream of one connection, bounded
+   by the listener's connection and stream caps and by this deadline;
+3. once its request is in, the call counts against its peer's cap
+   (`max_calls_per_peer`) and the listener's (`max_calls`) until it ends;
+   over either it ends at once with RESOURCE_EXHAUSTED, saying which cap.
 
-Reserved methods (the custodian plane's Seal and GetStatus) skip step 2: a
-flood on other methods, or of calls that never send a request, cannot take
-their place; once their request has arrived, their own lane runs them
-(hsm/services/lanes.py). What any call holds before that is one stream of
-one connection, bounded by the listener's connection and stream caps and by
-step 3.
+So header-only calls cannot take a place from anyone, even from a client
+behind the same address; a flood of complete requests is capped per peer.
+Reserved methods (the custodian plane's Seal and GetStatus) skip step 3
+and run on lanes of their own (hsm/services/lanes.py), so no flood of
+other calls can take their place.
 
-Unary methods are registered as stream-request handlers so that step 3 is
+Unary methods are registered as stream-request handlers so that step 2 is
 our code (gRPC reads a unary request before any handler runs, with no time
 limit). Servicers of our own (`unary`, `server_stream`) receive the parsed
 request and a `Call` carrying the peer; third-party services (health,
-reflection) are wrapped as they are (`guarded_registry`).
+reflection) are wrapped as they are (`GuardedRegistry`); a call that
+streams its requests (reflection) counts from its start.
 
 All of this runs on the serving loop only, so the counts need no lock.
 """
@@ -353,14 +356,14 @@ def _unary(
 
     async def handle(_requests: object, context: aio.ServicerContext[Any, Any]) -> Any:
         peer = peers.peer(context)
-        if counted:
-            try:
-                admission.enter(peer)
-            except KeyquorumError as e:
-                await _abort(context, e)
         try:
-            request = parse(await admission.read_request(context))
-            return await behavior(request, Call(peer, context))
+            raw = await admission.read_request(context)
+            if counted:
+                admission.enter(peer)
+        except KeyquorumError as e:
+            await _abort(context, e)
+        try:
+            return await behavior(parse(raw), Call(peer, context))
         except KeyquorumError as e:
             await _abort(context, e)
         finally:
@@ -379,14 +382,14 @@ def _server_stream(
         _requests: object, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         peer = peers.peer(context)
-        if counted:
-            try:
-                admission.enter(peer)
-            except KeyquorumError as e:
-                await _abort(context, e)
         try:
-            request = parse(await admission.read_request(context))
-            async for answer in behavior(request, Call(peer, context)):
+            raw = await admission.read_request(context)
+            if counted:
+                admission.enter(peer)
+        except KeyquorumError as e:
+            await _abort(context, e)
+        try:
+            async for answer in behavior(parse(raw), Call(peer, context)):
                 yield answer
         except KeyquorumError as e:
             await _abort(context, e)
@@ -404,8 +407,9 @@ class GuardedRegistry:
     """What generated `add_*_to_server` functions call, wrapping every method.
 
     Unary-request methods become stream-request handlers that read their
-    request within the timeout; every method is counted per peer while it
-    runs. The wrapped handlers go to `server`.
+    request within the timeout, then count per peer while they run;
+    stream-request methods count from their start. The wrapped handlers go
+    to `server`.
     """
 
     def __init__(self, server: aio.Server, admission: Admission) -> None:
@@ -489,17 +493,13 @@ def _guard(
     async def called(_requests: object, context: aio.ServicerContext[Any, Any]) -> Any:
         peer = peers.peer(context)
         try:
+            request = deserialize(await admission.read_request(context))
             admission.enter(peer)
         except KeyquorumError as e:
             await _abort(context, e)
+        except DecodeError:  # a library service's protobuf request
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
         try:
-            try:
-                raw = await admission.read_request(context)
-                request = deserialize(raw)
-            except KeyquorumError as e:
-                await _abort(context, e)
-            except DecodeError:  # a library service's protobuf request
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
             result = unary(request, context)
             if inspect.isasyncgen(result):
                 async for answer in result:

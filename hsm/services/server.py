@@ -69,6 +69,11 @@ def grpc_options(limits: Limits, *, reuse_port: bool = False) -> list[tuple[str,
         ("grpc.max_metadata_size", limits.max_metadata_bytes),
         ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
         ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        # gRPC's CVE-2023-44487 (rapid reset) protection, its default, stated:
+        # streams the server has not freed yet count against the cap, and one
+        # past it is refused (RST_STREAM REFUSED_STREAM: not processed, safe to
+        # retry; the client sees UNAVAILABLE).
+        ("grpc.http.overload_protection", 1),
         ("grpc.max_allowed_incoming_connections", limits.max_connections),
         ("grpc.server_handshake_timeout_ms", _ms(limits.handshake_timeout_seconds)),
         ("grpc.max_connection_idle_ms", _ms(limits.connection_idle_seconds)),
