@@ -142,6 +142,7 @@ class BackendPlane:
         chain, key = load_pair(settings.cert, settings.key, "server")
         pool = WorkerPool(
             daemon.data_plane_snapshot,
+            daemon.now,
             WorkerSettings(
                 host=settings.host,
                 port=settings.port,

@@ -126,6 +126,9 @@ class Worker:
         self._channel = channel
         self._limits = Limits(**config["limits"])
         self._snapshot: DataPlaneSnapshot = EMPTY_SNAPSHOT
+        #: The daemon's time when it sent the last snapshot (its clock never runs back
+        #: before the log's last entry; ours follows it).
+        self._floor = 0
         self._reader = SnapshotReader(self._limits)
         chain, key, ca, token, dsn = (bytes(f) for f in files)
         for buffer in files:
@@ -164,7 +167,8 @@ class Worker:
         return self._snapshot
 
     def now(self) -> int:
-        return int(time.time())
+        """The wall clock, never before the daemon's time at its last snapshot."""
+        return max(int(time.time()), self._floor)
 
     # -- the channel -------------------------------------------------------------
 
@@ -172,7 +176,14 @@ class Worker:
         """Apply frames until `stop` or the channel closes; then wipe and stop."""
         serving = False
         try:
-            self._channel.send({"kind": "hello", "pid": os.getpid()})
+            self._channel.send(
+                {
+                    "kind": "hello",
+                    "pid": os.getpid(),
+                    "non_dumpable": hardening.is_non_dumpable(),
+                    "parent_death_signal": hardening.parent_death_signal(),
+                }
+            )
             while True:
                 header, attachments = self._channel.receive()
                 kind = header.get("kind")
@@ -182,6 +193,7 @@ class Worker:
                     log.error("unknown frame %r from the daemon; stopping", kind)
                     return 1
                 applied = self._reader.apply(header, attachments)
+                self._floor = max(self._floor, int(header.get("now", 0)))
                 self._snapshot = applied.snapshot
                 self._reader.wipe_dropped(header["drop"])
                 self._listener.set_health(key_service.SERVICE_NAME, not applied.snapshot.sealed)

@@ -106,6 +106,10 @@ class _Worker:
         self.acked = 0
         self.born = time.monotonic()
         self.cond = threading.Condition()
+        #: What the worker said of itself at start (`hello`).
+        self.facts: dict[str, Any] = {}
+        #: Usage records received from it.
+        self.records = 0
 
     @property
     def pid(self) -> int:
@@ -130,12 +134,14 @@ class WorkerPool:
     def __init__(
         self,
         latest: Callable[[], DataPlaneSnapshot],
+        now: Callable[[], int],
         settings: WorkerSettings,
         count: int,
     ) -> None:
         if count < 1:
             raise InvalidInputError("a worker pool needs at least one worker")
         self._latest = latest
+        self._now = now
         self._settings = settings
         self._count = count
         self._sync_seconds = settings.limits.worker_sync_seconds
@@ -196,6 +202,26 @@ class WorkerPool:
         with self._lock:
             return [w.pid for w in self._workers if w is not None and w.state != _DEAD]
 
+    def facts(self) -> list[dict[str, Any]]:
+        """What each live worker said of itself: non-dumpable, signal on the daemon's death."""
+        with self._lock:
+            return [dict(w.facts) for w in self._workers if w is not None and w.state != _DEAD]
+
+    def records(self) -> list[int]:
+        """Usage records received from each worker slot's current process."""
+        with self._lock:
+            return [0 if w is None else w.records for w in self._workers]
+
+    def acknowledged(self) -> list[int]:
+        """The last snapshot each live worker confirmed (for tests)."""
+        with self._lock:
+            return [w.acked for w in self._workers if w is not None and w.state != _DEAD]
+
+    @property
+    def sequence(self) -> int:
+        """The last snapshot sent."""
+        return self._seq
+
     def serving(self) -> int:
         with self._lock:
             return sum(1 for w in self._workers if w is not None and w.state == _SERVING)
@@ -234,6 +260,7 @@ class WorkerPool:
     def _send_snapshot(self, worker: _Worker, snapshot: DataPlaneSnapshot, seq: int) -> None:
         try:
             header, keys = worker.keys.frame(snapshot, seq)
+            header["now"] = self._now()
             worker.channel.send(header, keys)
         except OSError as e:
             self._kill(worker, f"could not take snapshot {seq}: {e}")
@@ -323,8 +350,18 @@ class WorkerPool:
                         worker.acked = max(worker.acked, int(header["seq"]))
                         worker.cond.notify_all()
                 elif kind == "usage":
+                    worker.records += len(header["records"])
                     self._usage(header["records"])
                 elif kind == "hello":
+                    worker.facts = {
+                        k: header.get(k) for k in ("non_dumpable", "parent_death_signal")
+                    }
+                    if worker.facts != {
+                        "non_dumpable": True,
+                        "parent_death_signal": signal.SIGKILL,
+                    }:
+                        self._kill(worker, f"is not hardened ({worker.facts})")
+                        continue
                     self._sync(worker)
                 elif kind == "serving":
                     with worker.cond:
