@@ -96,10 +96,13 @@ class Cipher:
 
     def decrypt(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytearray:
         """The plaintext in a fresh bytearray (as `decrypt` above)."""
-        _check_nonce(nonce)
+        if len(nonce) != NONCE_SIZE:
+            _check_nonce(nonce)
         if len(ciphertext) < TAG_SIZE:
             raise DecryptionError(f"ciphertext is shorter than the {TAG_SIZE}-byte tag")
-        aesgcm = self._open()
+        aesgcm = self._aesgcm
+        if aesgcm is None:
+            raise StateError("this AES-256-GCM key was wiped")
         try:
             return bytearray(aesgcm.decrypt(nonce, ciphertext, aad))
         except InvalidTag as e:

@@ -3,8 +3,11 @@
 - the flat-context RFC 8785 encoder against the `rfc8785` package, byte for
   byte, on contexts hypothesis makes (ASCII keys with JSON's special
   characters, any values: controls, quotes, non-BMP, U+2028);
-- BatchWrap's hand-written wire format against the protobuf library's own
-  serialisation, byte for byte, and parsed back;
+- BatchWrap's and BatchUnwrap's hand-written wire formats against the
+  protobuf library's own serialisation, byte for byte, and parsed back;
+- BatchUnwrap's short way (`DataPlane.batch_unwrap_requests`) against the
+  reference `batch_unwrap`: the same results, errors and usage records for
+  batches mixing ordinary items with every kind of refusal;
 - nonces drawn in blocks: none repeats, across threads and after a fork, and a
   batch's `take_many` is the stream `take` gives one by one, across refills;
 - counter reservations for a batch never hand out a number twice and stop
@@ -29,12 +32,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keyquorum.hsm import dataplane
-from keyquorum.hsm.dataplane import EncryptionCounters, NoncePool, Wrapped
+from keyquorum.hsm.dataplane import EncryptionCounters, NoncePool, Revealed, Wrapped
 from keyquorum.hsm.dataplane import format as dataplane_format
 from keyquorum.hsm.dataplane import nonces as dataplane_nonces
 from keyquorum.hsm.services.key_service import (
     _item_error,
+    _unwrapped,
     _wrapped,
+    encode_unwrap_results,
     encode_wrap_response,
     encode_wrap_results,
 )
@@ -48,6 +53,7 @@ from keyquorum.quorum.errors import (
     SealedError,
 )
 from keyquorum.quorum.limits import Limits
+from keyquorum.quorum.secret import SecretBytes
 from keyquorum.v1 import key_pb2 as pb
 
 # -- RFC 8785 of flat contexts ----------------------------------------------------------
@@ -162,6 +168,61 @@ def test_wrap_answer_bytes_are_protobufs_own(result: Wrapped) -> None:
     wire = encode_wrap_response(result)
     assert wire == _wrapped(result).SerializeToString(deterministic=True)
     assert pb.WrapResponse.FromString(wire) == _wrapped(result)
+
+
+def _revealed(tenant: str, version: int, plaintext: bytes | None, sealed: bytes | None) -> Revealed:
+    return Revealed(
+        tenant,
+        version,
+        b"ct",
+        None if plaintext is None else SecretBytes(plaintext),
+        sealed,
+    )
+
+
+UNWRAP_RESULTS = st.lists(
+    st.one_of(
+        st.builds(
+            _revealed,
+            st.sampled_from(["acme-health", "a", "t" * 63, ""]),
+            st.one_of(st.integers(0, 300), st.integers(0, 2**32 - 1)),
+            st.one_of(st.none(), st.binary(max_size=200)),
+            st.one_of(st.none(), st.binary(min_size=1, max_size=200)),
+        ),
+        ERRORS,
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(results=UNWRAP_RESULTS)
+def test_batch_unwrap_answer_bytes_are_protobufs_own(
+    results: list[Revealed | KeyquorumError],
+) -> None:
+    copies = [
+        r
+        if isinstance(r, KeyquorumError)
+        else _revealed(
+            r.tenant, r.version, None if r.plaintext is None else r.plaintext.reveal(), r.sealed
+        )
+        for r in results
+    ]
+    expected = pb.BatchUnwrapResponse(
+        results=[
+            pb.UnwrapResult(error=_item_error(r))
+            if isinstance(r, KeyquorumError)
+            else pb.UnwrapResult(ok=_unwrapped(r))
+            for r in copies
+        ]
+    )
+    wire = encode_unwrap_results(results)
+    assert wire == expected.SerializeToString(deterministic=True)
+    assert pb.BatchUnwrapResponse.FromString(wire) == expected
+    # Every plaintext was wiped once written.
+    assert all(
+        r.plaintext.wiped for r in results if isinstance(r, Revealed) and r.plaintext is not None
+    )
 
 
 # -- nonces ---------------------------------------------------------------------------

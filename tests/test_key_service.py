@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from keyquorum.client import KeyClient, KeyServiceError, decrypt_record, encrypt_record, framing
 from keyquorum.client import client as client_module
 from keyquorum.hsm import dataplane, pki, tls
-from keyquorum.hsm.dataplane import DataPlane, UsageSink
+from keyquorum.hsm.dataplane import DataPlane, Revealed, UsageSink
 from keyquorum.hsm.dataplane import plane as dataplane_plane
 from keyquorum.hsm.dataplane.ratelimit import RateLimiter
 from keyquorum.hsm.pki import DevPki, make_dev_pki
@@ -41,7 +41,7 @@ from keyquorum.hsm.services.admission import CertificatePeers
 from keyquorum.hsm.services.metrics import Metrics
 from keyquorum.hsm.services.server import Listener, create_server
 from keyquorum.quorum import canonical
-from keyquorum.quorum.errors import DecryptionError
+from keyquorum.quorum.errors import DecryptionError, KeyquorumError
 from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 from keyquorum.quorum.operations import TENANT_RE
 from keyquorum.quorum.sealing import SealingPrivateKey
@@ -888,3 +888,83 @@ def test_without_the_c_extension_every_call_takes_the_python_path(
         with pytest.raises(grpc.RpcError) as info:
             call(b"\xff\xff", timeout=10)
         assert info.value.code() == C.INVALID_ARGUMENT
+
+
+class _Records:
+    """A usage sink that keeps every record."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, str, str, bytes | None]] = []
+
+    def record(
+        self,
+        backend: str,
+        tenant: str,
+        operation: str,
+        error: KeyquorumError | None,
+        context: bytes | None,
+    ) -> None:
+        outcome = "OK" if error is None else f"{type(error).__name__}: {error}"
+        self.records.append((backend, tenant, operation, outcome, context))
+
+
+def test_batch_unwrap_short_way_is_the_reference(world: World, booking: KeyClient) -> None:
+    """`batch_unwrap_requests` gives `batch_unwrap`'s results, errors and records, item by item.
+
+    Ordinary items (the short way, with its header cache cold and then warm)
+    beside every kind of item it hands to the reference: another context,
+    an altered tag, a short ciphertext, an unknown format, a tenant not
+    granted, a version the tenant never had, a recipient key.
+    """
+    good = [
+        (booking.wrap(TENANT, f"secret {i}".encode(), CONTEXT | {"n": str(i)}).ciphertext, i)
+        for i in range(3)
+    ]
+    with world.kp.client(MESSAGING) as messaging:
+        foreign = messaging.wrap("messaging-only", b"x", CONTEXT).ciphertext
+    ct0 = good[0][0]
+    head = 2 + ct0[1] + 4
+    altered = ct0[:-1] + bytes([ct0[-1] ^ 1])
+    forged_version = ct0[: head - 4] + (9).to_bytes(4, "big") + ct0[head:]
+    recipient = SealingPrivateKey.generate()
+    items = [
+        *[kpb.UnwrapRequest(ciphertext=ct, context=CONTEXT | {"n": str(i)}) for ct, i in good],
+        kpb.UnwrapRequest(ciphertext=ct0, context={"n": "other"}),
+        kpb.UnwrapRequest(ciphertext=altered, context=CONTEXT | {"n": "0"}),
+        kpb.UnwrapRequest(ciphertext=ct0[: head + 10], context=CONTEXT),
+        kpb.UnwrapRequest(ciphertext=b"\x07" + ct0[1:], context=CONTEXT),
+        kpb.UnwrapRequest(ciphertext=b"", context=CONTEXT),
+        kpb.UnwrapRequest(ciphertext=foreign, context=CONTEXT),
+        kpb.UnwrapRequest(ciphertext=forged_version, context=CONTEXT | {"n": "0"}),
+        kpb.UnwrapRequest(
+            ciphertext=good[1][0],
+            context=CONTEXT | {"n": "1"},
+            recipient_public_key=recipient.public_key().to_bytes(),
+        ),
+        *[kpb.UnwrapRequest(ciphertext=ct, context=CONTEXT | {"n": str(i)}) for ct, i in good],
+    ]
+
+    def outcomes(
+        results: list[Revealed | KeyquorumError],
+    ) -> list[tuple[str, object, object, object]]:
+        out: list[tuple[str, object, object, object]] = []
+        for r in results:
+            if isinstance(r, KeyquorumError):
+                out.append((type(r).__name__, str(r), None, None))
+            else:
+                plain = None if r.plaintext is None else r.plaintext.reveal()
+                out.append(("ok", r.tenant, r.version, plain if r.sealed is None else "sealed"))
+                r.wipe()
+        return out
+
+    who = "keyquorum://backend/booking"
+    reference_sink, short_sink = _Records(), _Records()
+    reference = DataPlane(world.kp.d.daemon, world.kp.d.store, usage=(reference_sink,))
+    short = DataPlane(world.kp.d.daemon, world.kp.d.store, usage=(short_sink,))
+    expected = outcomes(reference.batch_unwrap(who, [key_service._unwrap_item(i) for i in items]))
+    for _ in range(2):  # the header cache cold, then warm
+        short_sink.records.clear()
+        assert outcomes(short.batch_unwrap_requests(who, items)) == expected
+        assert short_sink.records == reference_sink.records
+    assert [e[0] for e in expected[:3]] == ["ok"] * 3
+    assert {e[0] for e in expected[3:-3]} > {"ok"}

@@ -75,6 +75,17 @@ class WrapInput(Protocol):
     def context(self) -> Mapping[str, str]: ...
 
 
+class UnwrapInput(Protocol):
+    """What BatchUnwrap reads of an item: KeyService's `UnwrapRequest` as it came."""
+
+    @property
+    def ciphertext(self) -> bytes: ...
+    @property
+    def context(self) -> Mapping[str, str]: ...
+    @property
+    def recipient_public_key(self) -> bytes: ...
+
+
 class RewrapInput(Protocol):
     """What Rewrap reads of an item: a `RewrapItem` or a `RewrapRequest`."""
 

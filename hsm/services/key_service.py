@@ -189,6 +189,71 @@ def encode_wrap_results(results: Sequence[Wrapped | KeyquorumError]) -> bytes:
     return b"".join(parts)
 
 
+_TAG_3_LEN: Final = b"\x1a"  # field 3, length-delimited (UnwrapResponse.tenant)
+_TAG_4_VARINT: Final = b"\x20"  # field 4, varint (UnwrapResponse.key_version)
+
+
+def encode_unwrap_results(results: Sequence[Revealed | KeyquorumError]) -> bytes:
+    """A serialised BatchUnwrapResponse; every plaintext is wiped once written.
+
+    `repeated UnwrapResult results = 1`, each a oneof of `UnwrapResponse ok =
+    1` (`bytes plaintext = 1`, `bytes sealed_plaintext = 2`, `string tenant =
+    3`, `uint32 key_version = 4`) or `ItemError error = 2`, as the protobuf
+    library writes them (tests/test_dataplane_fast.py compares bytes).
+    """
+    parts: list[bytes | memoryview] = []
+    append = parts.append
+    #: (plaintext length, tenant, version) -> (bytes before the plaintext, after it)
+    frames: dict[tuple[int, str, int], tuple[bytes, bytes]] = {}
+    try:
+        for result in results:
+            if isinstance(result, KeyquorumError):
+                error = _error_bytes(result)
+                append(_TAG_1_LEN + _varint(len(error)))
+                append(error)
+                continue
+            plain = result.plaintext.view() if result.plaintext is not None else b""
+            if result.sealed:
+                append(_unwrap_result(plain, result))
+                continue
+            frame = frames.get((len(plain), result.tenant, result.version))
+            if frame is None:
+                frame = frames[(len(plain), result.tenant, result.version)] = _unwrap_frame(
+                    len(plain), result
+                )
+            append(frame[0])
+            append(plain)
+            append(frame[1])
+        return b"".join(parts)
+    finally:
+        for result in results:
+            if not isinstance(result, KeyquorumError):
+                result.wipe()
+
+
+def _unwrap_frame(size: int, result: Revealed) -> tuple[bytes, bytes]:
+    """An `UnwrapResult` around a plaintext of `size` bytes, without it: (before, after)."""
+    name = result.tenant.encode()
+    tail = (_TAG_3_LEN + _varint(len(name)) + name if name else b"") + (
+        _TAG_4_VARINT + _varint(result.version) if result.version else b""
+    )
+    head = _TAG_1_LEN + _varint(size) if size else b""
+    ok = len(head) + size + len(tail)
+    ok_field = _TAG_1_LEN + _varint(ok)
+    return _TAG_1_LEN + _varint(len(ok_field) + ok) + ok_field + head, tail
+
+
+def _unwrap_result(plain: bytes | memoryview, result: Revealed) -> bytes:
+    """An `UnwrapResult` with a sealed plaintext (and, by the API, no plaintext)."""
+    sealed = result.sealed or b""
+    before, after = _unwrap_frame(len(plain), result)
+    seal = _TAG_2_LEN + _varint(len(sealed)) + sealed
+    body = before[-len(_TAG_1_LEN + _varint(len(plain))) :] if plain else b""
+    ok = len(body) + len(plain) + len(seal) + len(after)
+    ok_field = _TAG_1_LEN + _varint(ok)
+    return _TAG_1_LEN + _varint(len(ok_field) + ok) + ok_field + body + bytes(plain) + seal + after
+
+
 def encode_wrap_response(result: Wrapped) -> bytes:
     """A serialised WrapResponse (`bytes ciphertext = 1`, `uint32 key_version = 2`).
 
@@ -299,19 +364,10 @@ class KeyServicer:
         who = self._backend(call.peer, "batch_wrap")
         return await self._run(lambda: self._batch_wrap(who, request))
 
-    async def BatchUnwrap(
-        self, request: pb.BatchUnwrapRequest, call: Call
-    ) -> pb.BatchUnwrapResponse:
+    async def BatchUnwrap(self, request: pb.BatchUnwrapRequest, call: Call) -> bytes:
+        """Answers the serialised response (`encode_unwrap_results`)."""
         who = self._backend(call.peer, "batch_unwrap")
-        results = self._plane.batch_unwrap(who, [_unwrap_item(r) for r in request.items])
-        return pb.BatchUnwrapResponse(
-            results=[
-                pb.UnwrapResult(error=_item_error(r))
-                if isinstance(r, KeyquorumError)
-                else pb.UnwrapResult(ok=_unwrapped(r))
-                for r in results
-            ]
-        )
+        return encode_unwrap_results(self._plane.batch_unwrap_requests(who, request.items))
 
     async def BatchGenerateDataKey(
         self, request: pb.BatchGenerateDataKeyRequest, call: Call
@@ -345,7 +401,7 @@ def methods(servicer: KeyServicer) -> dict[str, Method]:
         ),
         "Rewrap": Unary(servicer.Rewrap, parser(pb.RewrapRequest), serialize),
         "BatchWrap": Unary(servicer.BatchWrap, _raw, _raw),
-        "BatchUnwrap": Unary(servicer.BatchUnwrap, parser(pb.BatchUnwrapRequest), serialize),
+        "BatchUnwrap": Unary(servicer.BatchUnwrap, parser(pb.BatchUnwrapRequest), _raw),
         "BatchGenerateDataKey": Unary(
             servicer.BatchGenerateDataKey, parser(pb.BatchGenerateDataKeyRequest), serialize
         ),
