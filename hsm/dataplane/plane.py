@@ -76,14 +76,33 @@ from keyquorum.quorum.operations import TENANT_RE
 from keyquorum.quorum.sealing import SealingPublicKey
 from keyquorum.quorum.secret import SecretBytes
 
-try:  # the wire codec in C (hsm/dataplane/_wire.c); optional, see batch_wrap_serialized
+try:  # the wire codec in C (hsm/dataplane/_wire.c, docs/adr/0001)
     from keyquorum.hsm.dataplane import _wire
 
-    #: True when the wire codec is built (`make install` builds it where OpenSSL's
-    #: headers are; tests require it on CI: KEYQUORUM_REQUIRE_NATIVE).
+    #: True when the wire codec is built (`make install` builds it, or fails; a
+    #: build without it is `KEYQUORUM_WITHOUT_NATIVE=1`, see `require_wire_codec`).
     WIRE_CODEC_BUILT = True
 except ImportError:  # pragma: no cover
     WIRE_CODEC_BUILT = False
+
+#: The environment variable that makes running without the wire codec a choice.
+WITHOUT_NATIVE: Final = "KEYQUORUM_WITHOUT_NATIVE"
+
+
+def require_wire_codec() -> None:
+    """Refuse to serve without the C wire codec unless the operator chose that.
+
+    Without it every call takes the Python path (same results, more CPU per
+    call); that must be a decision (`KEYQUORUM_WITHOUT_NATIVE=1`, at install
+    and at start), never a silent consequence of a missing compiler.
+    """
+    if not WIRE_CODEC_BUILT and os.environ.get(WITHOUT_NATIVE) != "1":
+        raise StateError(
+            "the data plane's C wire codec (hsm/dataplane/_wire.c) is not built: install "
+            "a C compiler and OpenSSL's headers (Debian: libssl-dev) and run `make clean "
+            f"install`, or set {WITHOUT_NATIVE}=1 to serve with the Python path only"
+        )
+
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +190,7 @@ class DataPlane:
         rate_limit: RateLimit | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
+        require_wire_codec()
         self._source = source
         self._published = source.data_plane_snapshot
         if limits is None:

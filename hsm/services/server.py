@@ -69,11 +69,19 @@ def grpc_options(limits: Limits, *, reuse_port: bool = False) -> list[tuple[str,
         ("grpc.max_metadata_size", limits.max_metadata_bytes),
         ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
         ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
-        # gRPC's CVE-2023-44487 (rapid reset) protection, its default, stated:
-        # streams the server has not freed yet count against the cap, and one
-        # past it is refused (RST_STREAM REFUSED_STREAM: not processed, safe to
-        # retry; the client sees UNAVAILABLE).
-        ("grpc.http.overload_protection", 1),
+        # Streams count as HTTP/2 counts them, as the client sees them: a client
+        # at the cap waits for one of its calls to end. (gRPC's default also
+        # counts streams the server has not freed yet, which no client can know,
+        # and refuses the rest: a client keeping 64 calls in flight saw some
+        # refused.) What a client that opens and resets streams at once (rapid
+        # reset, CVE-2023-44487) can make the server hold is bounded instead by
+        # the calls gRPC keeps before the application takes them: past
+        # max_pending_requests they are refused at random, past the hard limit
+        # always; the serving loop takes them as they come and drops each one
+        # its client cancelled.
+        ("grpc.http.overload_protection", 0),
+        ("grpc.server.max_pending_requests", limits.max_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * limits.max_calls),
         ("grpc.max_allowed_incoming_connections", limits.max_connections),
         ("grpc.server_handshake_timeout_ms", _ms(limits.handshake_timeout_seconds)),
         ("grpc.max_connection_idle_ms", _ms(limits.connection_idle_seconds)),
