@@ -86,6 +86,7 @@ class UsageForwarder:
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
         self._records: list[list[Any]] = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, name="kq-usage", daemon=True)
         self._thread.start()
@@ -100,14 +101,16 @@ class UsageForwarder:
     ) -> None:
         outcome = "OK" if error is None else code_for(error).name
         text = None if context is None else context.decode("utf-8", "surrogateescape")
-        self._records.append([backend, tenant, operation, outcome, text])
+        with self._lock:
+            self._records.append([backend, tenant, operation, outcome, text])
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(USAGE_FLUSH_SECONDS):
             self.flush()
 
     def flush(self) -> None:
-        records, self._records = self._records, []
+        with self._lock:
+            records, self._records = self._records, []
         if records:
             try:
                 self._channel.send({"kind": "usage", "records": records})
