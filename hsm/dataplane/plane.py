@@ -63,6 +63,7 @@ from keyquorum.hsm.dataplane.nonces import NoncePool
 from keyquorum.hsm.dataplane.snapshot import DataPlaneSnapshot, HeldKey, SnapshotSource
 from keyquorum.hsm.pki import ClientIdentity
 from keyquorum.hsm.stores.base import Store
+from keyquorum.quorum import aead
 from keyquorum.quorum.errors import (
     AccessDeniedError,
     InvalidInputError,
@@ -118,7 +119,7 @@ R = TypeVar("R")
 #: Headers remembered per (tenant, version) before the cache starts over.
 HEADER_CACHE: Final = 4096
 #: A ciphertext's nonce and tag: what follows its header at least.
-NONCE_AND_TAG: Final = 12 + 16
+NONCE_AND_TAG: Final = aead.NONCE_SIZE + aead.TAG_SIZE
 #: Backend identities remembered (their parsed names) before the cache starts over.
 IDENTITY_CACHE: Final = 1024
 
@@ -675,8 +676,9 @@ class DataPlane:
                     # 1. and 2.
                     key = scope.keys.get((tenant, version)) or self._key(scope, tenant, version)
                     # 3.
+                    nonce_end = end + aead.NONCE_SIZE
                     plain = key.cipher.decrypt(
-                        ciphertext[end : end + 12], ciphertext[end + 12 :], key.aad + context
+                        ciphertext[end:nonce_end], ciphertext[nonce_end:], key.aad + context
                     )
                 except KeyquorumError:
                     pass

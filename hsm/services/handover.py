@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from keyquorum.hsm.daemon.tenant_keys import TENANT_KEY_SIZE
 from keyquorum.hsm.dataplane.snapshot import DataPlaneSnapshot, HeldKey, TenantAccess
 from keyquorum.quorum import aead
 from keyquorum.quorum.errors import DeserializationError, StateError
@@ -46,7 +47,6 @@ _PREFIX: Final = struct.Struct(">II")
 MAX_HEADER: Final = 64 * 1024 * 1024
 #: Largest attachments of one frame.
 MAX_ATTACHMENTS: Final = 64 * 1024 * 1024
-KEY_SIZE: Final = 32
 
 
 class ChannelClosed(Exception):  # noqa: N818 (an end of stream, not a failure)
@@ -160,7 +160,7 @@ class KeysSent:
                 known = self._serials.get(id(key))
                 if known is None:
                     view = key.view()
-                    if len(view) != KEY_SIZE:
+                    if len(view) != TENANT_KEY_SIZE:
                         raise StateError("a held tenant key is not 32 bytes")
                     serial = self._next
                     self._next += 1
@@ -263,7 +263,7 @@ class SnapshotReader:
         if (
             not isinstance(new, list)
             or len(new) != len(attachments)
-            or any(len(a) != KEY_SIZE for a in attachments)
+            or any(len(a) != TENANT_KEY_SIZE for a in attachments)
             or any(serial in self._keys for serial in new)
         ):
             for buffer in attachments:

@@ -1,12 +1,11 @@
 """The one mapping from keyquorum's error tree to gRPC status codes.
 
-Servicers never choose a code themselves: they raise, and `abort_with` maps.
+Servicers never choose a code themselves: they raise, and admission
+(hsm/services/admission.py) ends the call with `code_for`'s code.
 Messages come from the errors, which never carry key material.
 """
 
 from __future__ import annotations
-
-from typing import NoReturn
 
 import grpc
 
@@ -49,11 +48,5 @@ def code_for(error: e.KeyquorumError) -> grpc.StatusCode:
 #: Trailing metadata on every error the daemon answers with: the error's
 #: class name, so a client tells "the daemon answered UNAVAILABLE (its store
 #: is down)" from "the daemon could not be reached" (cli/connect.py).
+#: Admission sets it (hsm/services/admission.py).
 ERROR_METADATA = "keyquorum-error"
-
-
-def abort_with(context: grpc.ServicerContext, error: e.KeyquorumError) -> NoReturn:
-    """End the call with the status code and message of `error`, marked as the daemon's."""
-    context.set_trailing_metadata(((ERROR_METADATA, type(error).__name__),))
-    context.abort(code_for(error), str(error))
-    raise AssertionError("grpc context.abort returned")  # pragma: no cover
