@@ -8,9 +8,8 @@ process's serving loop (docs/adr/0007), grpc.aio listeners made by the same
 
 - `key`: KeyService over the daemon's data plane, in the daemon process
   (`--workers 0`);
-- `python`: the same with the data plane's C wire codec unused (single
-  requests parsed with protobuf, BatchWrap's Python loop): the baseline for
-  ADR 0001's standing condition and for BatchUnwrap's target;
+- `python`: the same with the data plane's C wire codec unused (BatchWrap's
+  Python loop): the baseline for BatchUnwrap's target;
 - `echo`: the same messages answered with precomputed bytes of the same
   size, requests not even parsed;
 - two worker pools (hsm/services/workers.py), one and two worker processes,
@@ -28,8 +27,6 @@ Rows:
   100 at 8 in flight, each against its echo (ops/s and server CPU per call);
 - BatchUnwrap against BatchWrap's Python path, server CPU per item (target
   <= 1.0x: issue 16);
-- Wrap and Unwrap at 64 in flight with the C request parsers against without
-  them, server CPU per call (ADR 0001: they stay only if they save > 10%);
 - BatchWrap items/s at 8 in flight, `--workers 2` against `--workers 1`
   (target >= 1.5x);
 - a well-behaved client's Wrap p99 (8 in flight, workers 2) while each abuse
@@ -109,13 +106,7 @@ def _serve(work: Path) -> None:
             return int(time.time())
 
     class PythonPath(DataPlane):
-        """The data plane with its C wire codec unused: protobuf and Python loops only."""
-
-        def wrap_serialized(self, _identity: str, _request: bytes) -> None:
-            return None
-
-        def unwrap_serialized(self, _identity: str, _request: bytes) -> None:
-            return None
+        """The data plane with its C wire codec unused: BatchWrap's Python loop."""
 
         def batch_wrap_serialized(self, _identity: str, _request: bytes) -> None:
             return None
@@ -448,25 +439,9 @@ def _against_echo(
 def _codec_rows(
     ch: _Channels, ready: dict[str, Any], req: dict[str, Any], timing: tuple[float, int]
 ) -> list[Row]:
-    """ADR 0001's standing condition, and BatchUnwrap's target, in the same run."""
+    """BatchUnwrap's target: per item at most what BatchWrap's Python path costs."""
     rows = []
     pid = [ready["pid"]]
-    for name in ("Wrap", "Unwrap"):
-        with_c, without = ch.method("key", name), ch.method("python", name)
-        c = _Side(lambda m=with_c, n=name: _Load(m, req[n], 64), pid)
-        py = _Side(lambda m=without, n=name: _Load(m, req[n], 64), pid)
-        _alternate((c, py), timing)
-        saved = 1 - c.cpu_us / py.cpu_us
-        rows.append(
-            Row(
-                f"{name}, 64 in flight, request read in C (parse_{name.lower()}) (server CPU "
-                f"{c.cpu_us:.1f} us/call against {py.cpu_us:.1f}: saves {saved:.0%}; "
-                f"ADR 0001 keeps it only above 10%)",
-                c.rate,
-                f"{name}, request parsed by protobuf",
-                py.rate,
-            )
-        )
     unwrap_m, wrap_m = ch.method("key", "BatchUnwrap"), ch.method("python", "BatchWrap")
     bu = _Side(lambda: _Load(unwrap_m, req["BatchUnwrap"], 8), pid, BATCH)
     bw = _Side(lambda: _Load(wrap_m, req["BatchWrap"], 8), pid, BATCH)

@@ -1,8 +1,6 @@
 /*
  * keyquorum.hsm.dataplane._wire: the BatchWrap loop in C, for batches where every
- * item succeeds; and the reading of one Wrap or Unwrap request (`parse_wrap`,
- * `parse_unwrap`: the fields, and the context's canonical encoding, which
- * were most of a single call's time in the interpreter).
+ * item succeeds (docs/adr/0001).
  *
  * Why this exists: a BatchWrap of 100 items spends most of its time in the
  * interpreter, one item at a time (reading protobuf fields, encoding the
@@ -339,56 +337,6 @@ static int parse_item(span_t body, const limits_t *limits, item_t *item)
     return context_fits(limits, item);
 }
 
-/*
- * An UnwrapRequest { bytes ciphertext = 1; map<string, string> context = 2;
- * bytes recipient_public_key = 3; } whose context step 0 would accept, each
- * field at most once (a missing bytes field is empty, as in protobuf). The
- * ciphertext and recipient are not looked into: the Python side parses them.
- * Sets out[0] to the ciphertext, out[1] to the recipient key.
- */
-static int parse_unwrap_fields(span_t body, const limits_t *limits, item_t *item, span_t out[2])
-{
-    const uint8_t *p = body.p;
-    const uint8_t *end = body.p + body.n;
-    int have_ciphertext = 0;
-    int have_recipient = 0;
-    item->pairs = 0;
-    out[0].p = out[1].p = body.p;
-    out[0].n = out[1].n = 0;
-    while (p < end) {
-        size_t number;
-        span_t field;
-        if (!read_len_field(&p, end, &number, &field)) {
-            return 0;
-        }
-        if (number == 1 && !have_ciphertext) {
-            out[0] = field;
-            have_ciphertext = 1;
-        } else if (number == 2) {
-            if (!add_pair(field, limits, item)) {
-                return 0;
-            }
-        } else if (number == 3 && !have_recipient) {
-            out[1] = field;
-            have_recipient = 1;
-        } else {
-            return 0;
-        }
-    }
-    return context_fits(limits, item);
-}
-
-/* parse_item for a single Wrap: out[0] the tenant, out[1] the plaintext. */
-static int parse_wrap_fields(span_t body, const limits_t *limits, item_t *item, span_t out[2])
-{
-    if (!parse_item(body, limits, item)) {
-        return 0;
-    }
-    out[0] = item->tenant;
-    out[1] = item->plaintext;
-    return 1;
-}
-
 static uint8_t *write_json(uint8_t *out, const item_t *item)
 {
     *out++ = '{';
@@ -564,79 +512,6 @@ static PyObject *wire_scan(PyObject *self, PyObject *args)
         PyList_SET_ITEM(result, (Py_ssize_t)i, pair);
     }
     return result;
-}
-
-/* The context of a parsed item as a new bytes object (its RFC 8785 JSON). */
-static PyObject *context_bytes(const item_t *item)
-{
-    PyObject *context = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)item->json_len);
-    if (context == NULL) {
-        return NULL;
-    }
-    uint8_t *start = (uint8_t *)PyBytes_AS_STRING(context);
-    if ((size_t)(write_json(start, item) - start) != item->json_len) {
-        /* json_string_len and json_string disagree: a bug here, never a request's fault. */
-        Py_DECREF(context);
-        PyErr_SetString(PyExc_SystemError, "_wire: context length mismatch");
-        return NULL;
-    }
-    return context;
-}
-
-typedef int (*fields_parser_t)(span_t, const limits_t *, item_t *, span_t out[2]);
-
-/* (out[0], out[1], context JSON) of one request, None if `parse` refuses it;
-   `first_is_str`: out[0] is the tenant (ASCII, checked), else bytes. */
-static PyObject *parse_one(PyObject *args, fields_parser_t parse, int first_is_str)
-{
-    span_t whole;
-    limits_t limits;
-    if (!request_args(args, &whole, &limits)) {
-        return NULL;
-    }
-    item_t *item = new_item();
-    if (item == NULL) {
-        return NULL;
-    }
-    span_t out[2];
-    PyObject *result = NULL;
-    if (!parse(whole, &limits, item, out)) {
-        result = Py_NewRef(Py_None);
-    } else {
-        PyObject *context = context_bytes(item);
-        if (context != NULL) {
-            result = Py_BuildValue(first_is_str ? "(s#y#N)" : "(y#y#N)", (const char *)out[0].p,
-                                   (Py_ssize_t)out[0].n, (const char *)out[1].p,
-                                   (Py_ssize_t)out[1].n, context);
-        }
-    }
-    PyMem_Free(item);
-    return result;
-}
-
-PyDoc_STRVAR(parse_wrap_doc,
-"parse_wrap(request, limits) -> tuple[str, bytes, bytes] | None\n\n"
-"A serialised WrapRequest as (tenant, plaintext, RFC 8785 context JSON);\n"
-"None unless it passes the data plane's step-0 checks (limits as for scan;\n"
-"max_items is not used) in the shapes this module handles.");
-
-static PyObject *wire_parse_wrap(PyObject *self, PyObject *args)
-{
-    (void)self;
-    return parse_one(args, parse_wrap_fields, 1);
-}
-
-PyDoc_STRVAR(parse_unwrap_doc,
-"parse_unwrap(request, limits) -> tuple[bytes, bytes, bytes] | None\n\n"
-"A serialised UnwrapRequest as (ciphertext, recipient_public_key, RFC 8785\n"
-"context JSON); None unless its context passes the data plane's step-0\n"
-"checks (limits as for parse_wrap) in the shapes this module handles. The\n"
-"ciphertext and the key are returned as they are, for Python to check.");
-
-static PyObject *wire_parse_unwrap(PyObject *self, PyObject *args)
-{
-    (void)self;
-    return parse_one(args, parse_unwrap_fields, 0);
 }
 
 /* -- sealing ----------------------------------------------------------------------------- */
@@ -911,8 +786,6 @@ done:
 static PyMethodDef wire_methods[] = {
     {"scan", wire_scan, METH_VARARGS, scan_doc},
     {"seal", wire_seal, METH_VARARGS, seal_doc},
-    {"parse_wrap", wire_parse_wrap, METH_VARARGS, parse_wrap_doc},
-    {"parse_unwrap", wire_parse_unwrap, METH_VARARGS, parse_unwrap_doc},
     {NULL, NULL, 0, NULL},
 };
 

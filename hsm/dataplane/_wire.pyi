@@ -1,4 +1,4 @@
-"""Types of the C accelerator hsm/dataplane/_wire.c (BatchWrap's per-item loop, Wrap's step 0)."""
+"""Types of the C accelerator hsm/dataplane/_wire.c (BatchWrap's per-item loop)."""
 
 Limits = tuple[int, int, int, int]
 
@@ -12,5 +12,3 @@ def seal(
     want_contexts: bool,
     /,
 ) -> tuple[bytes, list[tuple[int, bytes]] | None]: ...
-def parse_wrap(request: bytes, limits: Limits, /) -> tuple[str, bytes, bytes] | None: ...
-def parse_unwrap(request: bytes, limits: Limits, /) -> tuple[bytes, bytes, bytes] | None: ...

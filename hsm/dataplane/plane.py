@@ -9,9 +9,9 @@ checks each tenant's grant and activation once per key version, at the
 first item that names it, and uses that key until the batch ends; a seal
 during a call closes the key's cipher, so no later item encrypts or
 decrypts with it, and step 4 stops every result that would carry a key.
-BatchWrap, Wrap and Unwrap requests are read in C where their shape allows
-(`_wire`, hsm/dataplane/_wire.c); the Python path here is the reference
-they are tested against and decides every other request.
+BatchWrap requests are read and sealed in C where every item would succeed
+(`_wire`, hsm/dataplane/_wire.c, docs/adr/0001); the Python path here is the
+reference it is tested against and decides every other request.
 
 Order of checks for one item (each failure names itself, none carries
 plaintext, a key or the context):
@@ -229,41 +229,8 @@ class DataPlane:
     def wrap(self, identity: str, item: WrapInput) -> Wrapped:
         return self._single(identity, "wrap", item, self._wrap)
 
-    def wrap_serialized(self, identity: str, request: bytes) -> Wrapped | None:
-        """Wrap of a serialised WrapRequest whose step 0 C did, or None.
-
-        `_wire.parse_wrap` reads the fields and encodes the context over
-        the wire bytes, most of what a single Wrap spends in the interpreter;
-        steps 1 to 3 are `wrap`'s own code. None, with nothing recorded and
-        nothing taken, for any request it does not accept whole (malformed,
-        over a limit, a non-ASCII context key, a repeated field...) or when
-        the extension is not built: the caller then parses the request and
-        calls `wrap`, which decides (tests/test_wire.py compares both).
-        """
-        if not WIRE_CODEC_BUILT:
-            return None
-        fields = _wire.parse_wrap(request, self._wire_limits)
-        if fields is None:
-            return None
-        return self._single(identity, "wrap", fields, self._wrap_checked)
-
     def unwrap(self, identity: str, item: UnwrapItem) -> Revealed:
         return self._single(identity, "unwrap", item, self._unwrap)
-
-    def unwrap_serialized(self, identity: str, request: bytes) -> Revealed | None:
-        """Unwrap of a serialised UnwrapRequest whose context C encoded, or None.
-
-        As `wrap_serialized`: `_wire.parse_unwrap` reads the fields and
-        encodes the context; the ciphertext and the recipient key are checked
-        here as `unwrap` checks them. None (nothing recorded, nothing taken)
-        for a request it does not accept whole: parse it and call `unwrap`.
-        """
-        if not WIRE_CODEC_BUILT:
-            return None
-        fields = _wire.parse_unwrap(request, self._wire_limits)
-        if fields is None:
-            return None
-        return self._single(identity, "unwrap", fields, self._unwrap_encoded)
 
     def generate_data_key(self, identity: str, item: GenerateItem) -> Revealed:
         return self._single(identity, "generate_data_key", item, self._generate)
@@ -692,18 +659,6 @@ class DataPlane:
                     plain[:] = bytes(len(plain))
         # Not ordinary, or it failed: the reference decides, from the item's start.
         return self._unwrap(operation, _as_item(item), scope)
-
-    def _unwrap_encoded(
-        self, operation: str, item: tuple[bytes, bytes, bytes], scope: _Scope
-    ) -> Revealed:
-        """`_unwrap` of (ciphertext, recipient key, the context already encoded)."""
-        ciphertext, recipient, context = item
-        try:
-            parsed = parse(ciphertext)
-        except KeyquorumError as e:
-            self._refused(scope, UNKNOWN, operation, e, None)
-            raise
-        return self._unwrap_checked(operation, parsed, ciphertext, context, recipient, scope)
 
     def _unwrap_checked(
         self,

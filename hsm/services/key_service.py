@@ -17,13 +17,14 @@ it that can wait, a counter block from the store, raises `WouldWait` on the
 loop instead (hsm/dataplane/counters.py); the call is then repeated on the
 `waits` lane's threads.
 
-Wrap, Unwrap and BatchWrap take their request as wire bytes and hand it to
-the data plane's `*_serialized` methods, which answer through the C wire
-codec what it accepts whole (docs/adr/0001); anything else is parsed here
-with protobuf (malformed: INVALID_ARGUMENT) and goes the Python way, the
-reference. Wrap's answer (`encode_wrap_response`) and the answers of
-BatchWrap's Python path and BatchRewrap (`encode_wrap_results`) are written
-in protobuf wire format, byte-identical to the protobuf library's.
+BatchWrap takes its request as wire bytes and hands it to
+`DataPlane.batch_wrap_serialized`, which answers through the C wire codec
+when it accepts the batch whole (docs/adr/0001); anything else is parsed
+here with protobuf (malformed: INVALID_ARGUMENT) and goes the Python way,
+the reference. The answers of Wrap (`encode_wrap_response`), of BatchWrap's
+Python path and BatchRewrap (`encode_wrap_results`) and of BatchUnwrap
+(`encode_unwrap_results`) are written in protobuf wire format,
+byte-identical to the protobuf library's.
 
 `watch_health` ties the standard health service to the seal state: the
 KeyService reports NOT_SERVING while sealed and SERVING when unsealed, so
@@ -286,11 +287,11 @@ def _parse(message: type[M], request: bytes) -> M:
 class KeyServicer:
     """Backend-facing RPCs; every call requires a backend's client certificate.
 
-    Unwrap, GenerateDataKey, Rewrap, BatchUnwrap and BatchGenerateDataKey
-    return response messages; Wrap, BatchWrap and BatchRewrap return the
-    serialised response (`encode_wrap_response`, `encode_wrap_results`),
-    registered with a pass-through serialiser. Wrap, Unwrap and BatchWrap take
-    the serialised request.
+    Unwrap, GenerateDataKey, Rewrap and BatchGenerateDataKey return response
+    messages; Wrap, BatchWrap, BatchUnwrap and BatchRewrap return the
+    serialised response (`encode_wrap_response`, `encode_wrap_results`,
+    `encode_unwrap_results`), registered with a pass-through serialiser.
+    BatchWrap takes the serialised request.
     """
 
     def __init__(self, plane: DataPlane, *, waiting: int = 1024) -> None:
@@ -312,32 +313,14 @@ class KeyServicer:
         except WouldWait:
             return await self._waits.run(fn)
 
-    def _wrap(self, who: str, request: bytes) -> Wrapped:
-        plane = self._plane
-        result = plane.wrap_serialized(who, request)
-        if result is None:
-            result = plane.wrap(who, _parse(pb.WrapRequest, request))
-        return result
-
-    async def Wrap(self, request: bytes, call: Call) -> bytes:
-        """Takes the request serialised: the data plane's C parser reads the wire bytes."""
+    async def Wrap(self, request: pb.WrapRequest, call: Call) -> bytes:
         who = self._backend(call.peer, "wrap")
-        try:
-            result = self._wrap(who, request)
-        except WouldWait:
-            result = await self._waits.run(lambda: self._wrap(who, request))
-        return encode_wrap_response(result)
+        return encode_wrap_response(await self._run(lambda: self._plane.wrap(who, request)))
 
-    def _unwrap(self, who: str, request: bytes) -> pb.UnwrapResponse:
-        plane = self._plane
-        result = plane.unwrap_serialized(who, request)
-        if result is None:
-            result = plane.unwrap(who, _unwrap_item(_parse(pb.UnwrapRequest, request)))
-        return _unwrapped(result)
-
-    async def Unwrap(self, request: bytes, call: Call) -> pb.UnwrapResponse:
-        """Takes the request serialised, as Wrap does (Unwrap never waits for the store)."""
-        return self._unwrap(self._backend(call.peer, "unwrap"), request)
+    async def Unwrap(self, request: pb.UnwrapRequest, call: Call) -> pb.UnwrapResponse:
+        """Unwrap never waits for the store: it runs here, on the loop."""
+        who = self._backend(call.peer, "unwrap")
+        return _unwrapped(self._plane.unwrap(who, _unwrap_item(request)))
 
     async def GenerateDataKey(
         self, request: pb.GenerateDataKeyRequest, call: Call
@@ -394,8 +377,8 @@ def methods(servicer: KeyServicer) -> dict[str, Method]:
     """The eight methods, with what goes as wire bytes: the requests of Wrap, Unwrap
     and BatchWrap (read by the data plane) and the wrap answers (written here)."""
     return {
-        "Wrap": Unary(servicer.Wrap, _raw, _raw),
-        "Unwrap": Unary(servicer.Unwrap, _raw, serialize),
+        "Wrap": Unary(servicer.Wrap, parser(pb.WrapRequest), _raw),
+        "Unwrap": Unary(servicer.Unwrap, parser(pb.UnwrapRequest), serialize),
         "GenerateDataKey": Unary(
             servicer.GenerateDataKey, parser(pb.GenerateDataKeyRequest), serialize
         ),
