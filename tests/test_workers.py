@@ -18,6 +18,7 @@ ends with theirs). Deadlines only turn a hang into a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -433,3 +434,23 @@ def test_a_worker_refuses_to_start_without_its_daemon(tmp_path: Path) -> None:
     ours.close()
     assert result.returncode == 2
     assert b"cannot arrange to die with the daemon" in result.stderr
+
+
+def test_a_worker_that_does_not_confirm_in_time_is_killed_and_replaced(world: World) -> None:
+    """A stopped worker cannot confirm a change: it is killed, then replaced; none serves stale."""
+    victim = world.pool.pids()[1]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        # A narrowing the stopped worker cannot confirm.
+        run(world.d, world.custodians, "deactivate-tenant", tenant=TENANT)
+        assert victim not in world.pool.pids()
+        assert not Path(f"/proc/{victim}").exists() or "zombie" in _state(victim)
+        all_refused(
+            on_fresh_connections(world, wrap_ok), grpc.StatusCode.FAILED_PRECONDITION, "not active"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    run(world.d, world.custodians, "activate-tenant", tenant=TENANT, duration_seconds=86400)
+    assert world.pool.wait_serving(2, HANG_GUARD_S)
+    assert all(isinstance(r, bytes) for r in on_fresh_connections(world, wrap_ok))
