@@ -3,7 +3,7 @@
 The benchmark starts one server process itself (`python -m
 bench.bench_dataplane --serve DIR`): a real daemon (ceremony, unseal, a
 tenant created, granted and activated by five custodians) and, on that
-process's serving loop (docs/adr/0007), grpc.aio listeners made by the same
+process's serving loop (docs/adr/0009), grpc.aio listeners made by the same
 `create_server` with the same mTLS setup and admission:
 
 - `key`: KeyService over the daemon's data plane, in the daemon process
@@ -37,6 +37,8 @@ Rows:
   of 100) against keyquorum with one worker, same load shape, server CPU per
   operation (targets: single calls <= 1.1x, batch items <= 0.6x);
 - Wrap at 64 in flight while governance appends flat out, against idle;
+- Wrap at 64 in flight with the RPC metrics `--metrics-listen` turns on,
+  against without;
 - in process: the data plane's format code against bare AES-256-GCM.
 """
 
@@ -95,6 +97,7 @@ def _serve(work: Path) -> None:
     from keyquorum.hsm.services import key_service
     from keyquorum.hsm.services.admission import CertificatePeers
     from keyquorum.hsm.services.backend_plane import BackendPlane, BackendSettings
+    from keyquorum.hsm.services.metrics import Metrics
     from keyquorum.hsm.services.server import create_server, settle_heap
     from keyquorum.hsm.services.workers import StoreSpec
     from keyquorum.quorum.limits import DEFAULT_LIMITS
@@ -124,10 +127,13 @@ def _serve(work: Path) -> None:
         run(d, custodians, "activate-tenant", tenant=TENANT, duration_seconds=24 * 3600)
         ready: dict[str, Any] = {"work": str(work), "ca": str(pki.ca_cert), "pid": os.getpid()}
         listeners = []
-        for name, registration in (
-            ("key", key_service.register(DataPlane(d.daemon, d.store))),
-            ("python", key_service.register(PythonPath(d.daemon, d.store))),
-            ("echo", _echo_registration()),
+        plane = DataPlane(d.daemon, d.store)
+        for name, registration, observe in (
+            ("key", key_service.register(plane), None),
+            ("python", key_service.register(PythonPath(d.daemon, d.store)), None),
+            ("echo", _echo_registration(), None),
+            # As `server run --metrics-listen` serves it: every call's RPC metrics.
+            ("metered", key_service.register(plane), Metrics().rpc.observe),
         ):
             listener, ready[f"{name}_port"] = create_server(
                 host="127.0.0.1",
@@ -137,6 +143,7 @@ def _serve(work: Path) -> None:
                 register=[registration],
                 service_names=[KEYSERVICE],
                 peers=CertificatePeers(),
+                observe=observe,
             )
             listener.start()
             listeners.append(listener)
@@ -458,6 +465,23 @@ def _codec_rows(
         )
     )
     return rows
+
+
+def _metrics_row(
+    ch: _Channels, ready: dict[str, Any], req: dict[str, Any], timing: tuple[float, int]
+) -> Row:
+    """Wrap at 64 in flight with the RPC metrics on (`--metrics-listen`), against off."""
+    metered_m, plain_m = ch.method("metered", "Wrap"), ch.method("key", "Wrap")
+    metered = _Side(lambda: _Load(metered_m, req["Wrap"], 64), [ready["pid"]])
+    plain = _Side(lambda: _Load(plain_m, req["Wrap"], 64), [ready["pid"]])
+    _alternate((metered, plain), timing)
+    return Row(
+        f"KeyService Wrap, 64 in flight, RPC metrics on (server CPU {metered.cpu_us:.1f} "
+        f"us/call, {metered.cpu_us / plain.cpu_us:.2f}x; p99 {_ms(metered.p(0.99))})",
+        metered.rate,
+        f"the same without them (p99 {_ms(plain.p(0.99))})",
+        plain.rate,
+    )
 
 
 def _workers_row(
@@ -843,6 +867,7 @@ def _client_rows(ready: dict[str, Any], quick: bool) -> list[Row]:
         for part in (_against_echo, _codec_rows, _abuse_rows, _openbao_rows):
             rows += part(ch, ready, req, timing)
         rows.append(_workers_row(ch, ready, req, timing))
+        rows.append(_metrics_row(ch, ready, req, timing))
         rows.append(_governance_row(ch, ready, req, timing))
     finally:
         ch.close()

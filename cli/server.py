@@ -9,7 +9,7 @@ file. Any failure up to there is one line on stderr, `error: ...`, and
 exit 1 (a bad flag: exit 2). SIGTERM or SIGINT: STOPPING to systemd, seal
 (the keys are wiped before anything else), stop the listeners, close.
 
-The listeners (docs/adr/0007): the custodian port (TLS, peers known by
+The listeners (docs/adr/0009): the custodian port (TLS, peers known by
 address; Seal and GetStatus with lanes of their own) and the mTLS port
 (peers known by their client certificate's SHA-256): KeyService, in this
 process or in `--workers` processes, and AuditService
@@ -170,6 +170,7 @@ def serve(config: ServerConfig, notifier: Notifier) -> None:
             register=[custodian_service.register(daemon, limits)],
             service_names=[custodian_service.SERVICE_NAME],
             peers=AddressPeers(),
+            observe=None if metrics is None else metrics.rpc.observe,
         )
         closing.append(lambda: _stop(grpc_server))
         usage: list[Sink] = []
@@ -207,6 +208,7 @@ def serve(config: ServerConfig, notifier: Notifier) -> None:
                     rate_limit=config.rate_limit,
                     usage=usage,
                     auditor_keys=auditor_keys,
+                    observe=None if metrics is None else metrics.rpc.observe,
                 ),
             )
             closing.append(backend.close)

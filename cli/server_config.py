@@ -254,7 +254,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         default="text",
         metavar="|".join(LOG_FORMATS),
     ),
-    # -- the server model (docs/adr/0007): workers, and what one client may hold -------
+    # -- the server model (docs/adr/0009): workers, and what one client may hold -------
     Setting(
         "workers",
         _workers,

@@ -50,7 +50,7 @@ class Limits:
     #: Encryption counter values reserved per store write.
     counter_block: int = 65536
 
-    # What one peer can hold of a gRPC listener (docs/adr/0007; README "Limits").
+    # What one peer can hold of a gRPC listener (docs/adr/0009; README "Limits").
     # Each listener (the custodian port, the mTLS port) and each serving process
     # applies them on its own.
     #: Connections open at once on one listener; more are closed at accept.

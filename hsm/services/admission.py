@@ -1,7 +1,7 @@
 """Admission to a gRPC listener: who the peer is, how much it may hold, for how long.
 
 Every method of every service on a listener goes through `Admission`
-(docs/adr/0007):
+(docs/adr/0009):
 
 1. at a call's start, its peer is established (`PeerSource`): on the mTLS
    port the client certificate gRPC verified against the client CA, known
@@ -41,6 +41,7 @@ import hashlib
 import hmac
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Protocol, TypeVar
@@ -67,6 +68,9 @@ log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+#: Told each call's method (`/package.Service/Method`), status code name and seconds.
+Observer = Callable[[str, str, float], None]
 
 #: What `context.read()` returns when the client closed without a message.
 _EOF: Final[object] = aio.EOF  # type: ignore[attr-defined]
@@ -223,7 +227,16 @@ class Call:
 class Admission:
     """One listener's caps: calls per peer and in all, and the request's arrival time."""
 
-    def __init__(self, limits: Limits, peers: PeerSource, *, reserved: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        peers: PeerSource,
+        *,
+        reserved: Iterable[str] = (),
+        observe: Observer | None = None,
+    ) -> None:
+        #: Told every call's method, status code name and seconds (the RPC metrics).
+        self.observe = observe
         self._per_peer = limits.max_calls_per_peer
         self._total_cap = limits.max_calls
         self._timeout = limits.request_timeout_seconds
@@ -337,14 +350,17 @@ def service(
     """One service of ours, every method admitted (see the module docstring)."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method, spec in methods.items():
-        counted = f"/{name}/{method}" not in admission.reserved
+        path = f"/{name}/{method}"
+        counted = path not in admission.reserved
         if isinstance(spec, Unary):
             handlers[method] = grpc.stream_unary_rpc_method_handler(
-                _unary(admission, spec, counted), response_serializer=spec.serialize
+                _observed(admission.observe, path, _unary(admission, spec, counted)),
+                response_serializer=spec.serialize,
             )
         else:
             handlers[method] = grpc.stream_stream_rpc_method_handler(
-                _server_stream(admission, spec, counted), response_serializer=spec.serialize
+                _observed_stream(admission.observe, path, _server_stream(admission, spec, counted)),
+                response_serializer=spec.serialize,
             )
     return grpc.method_handlers_generic_handler(name, handlers)
 
@@ -400,6 +416,68 @@ def _server_stream(
     return handle
 
 
+def _code_name(context: aio.ServicerContext[Any, Any]) -> str:
+    """The status a call ended with when its handler raised (an abort sets it)."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+def _observed(
+    observe: Observer | None,
+    method: str,
+    handler: Callable[[object, aio.ServicerContext[Any, Any]], Awaitable[Any]],
+) -> Callable[[object, aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    """`handler`, its outcome and time told to `observe` (the RPC metrics), if given."""
+    if observe is None:
+        return handler
+
+    async def timed(requests: object, context: aio.ServicerContext[Any, Any]) -> Any:
+        start = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            result = await handler(requests, context)
+            code = "OK"
+            return result
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = _code_name(context)
+            raise
+        finally:
+            observe(method, code, time.perf_counter() - start)
+
+    return timed
+
+
+def _observed_stream(
+    observe: Observer | None,
+    method: str,
+    handler: Callable[[object, aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+) -> Callable[[object, aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    """`_observed` for a handler that yields its answers: timed until the last one."""
+    if observe is None:
+        return handler
+
+    async def timed(requests: object, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        start = time.perf_counter()
+        code = "UNKNOWN"
+        try:
+            async for answer in handler(requests, context):
+                yield answer
+            code = "OK"
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            code = _code_name(context)
+            raise
+        finally:
+            observe(method, code, time.perf_counter() - start)
+
+    return timed
+
+
 # -- third-party services (health, reflection) ------------------------------------
 
 
@@ -445,14 +523,14 @@ class _GuardedHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         if method in self._cache:
             return self._cache[method]
         inner = self._inner.service(handler_call_details)
-        wrapped = None if inner is None else _guard(inner, self._admission)
+        wrapped = None if inner is None else _guard(inner, self._admission, method)
         if len(self._cache) < 256:
             self._cache[method] = wrapped
         return wrapped
 
 
 def _guard(
-    inner: grpc.RpcMethodHandler[Any, Any], admission: Admission
+    inner: grpc.RpcMethodHandler[Any, Any], admission: Admission, method: str
 ) -> grpc.RpcMethodHandler[Any, Any]:
     peers = admission.peers
     serialize = inner.response_serializer
@@ -476,14 +554,15 @@ def _guard(
             finally:
                 admission.leave(peer)
 
+        timed = _observed(admission.observe, method, streamed)
         if inner.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                streamed,
+                timed,
                 request_deserializer=inner.request_deserializer,
                 response_serializer=serialize,
             )
         return grpc.stream_unary_rpc_method_handler(
-            streamed,
+            timed,
             request_deserializer=inner.request_deserializer,
             response_serializer=serialize,
         )
@@ -509,6 +588,7 @@ def _guard(
         finally:
             admission.leave(peer)
 
+    timed_call = _observed(admission.observe, method, called)
     if inner.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(called, response_serializer=serialize)
-    return grpc.stream_unary_rpc_method_handler(called, response_serializer=serialize)
+        return grpc.stream_stream_rpc_method_handler(timed_call, response_serializer=serialize)
+    return grpc.stream_unary_rpc_method_handler(timed_call, response_serializer=serialize)

@@ -1,6 +1,6 @@
 """The mTLS port: KeyService and AuditService, served by the daemon or by workers.
 
-`server run --listen-mtls` (docs/adr/0007):
+`server run --listen-mtls` (docs/adr/0009):
 - `workers=0`: the daemon's own serving loop serves both services on the
   port (`mtls_server`), KeyService over the daemon's snapshot;
 - `workers=N`: N worker processes share the port (hsm/services/workers.py)
@@ -29,7 +29,7 @@ from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.dataplane import DataPlane, UsageSink
 from keyquorum.hsm.dataplane.ratelimit import RateLimiter
 from keyquorum.hsm.services import audit_service, key_service
-from keyquorum.hsm.services.admission import CertificatePeers, ForwardedPeers
+from keyquorum.hsm.services.admission import CertificatePeers, ForwardedPeers, Observer
 from keyquorum.hsm.services.server import Listener, create_server
 from keyquorum.hsm.services.workers import OutcomeSink, StoreSpec, WorkerPool, WorkerSettings
 from keyquorum.hsm.stores.base import Store
@@ -62,6 +62,8 @@ class BackendSettings:
     rate_limit: float | None = None
     usage: Sequence[Sink] = ()
     auditor_keys: Sequence[NoteVerifier] = field(default_factory=tuple)
+    #: Told every call's method, code and seconds (RPC metrics), the workers' too.
+    observe: Observer | None = None
 
 
 def mtls_server(
@@ -73,6 +75,7 @@ def mtls_server(
     port: int,
     credentials: grpc.ServerCredentials,
     limits: Limits,
+    observe: Observer | None = None,
 ) -> tuple[Listener, int]:
     """The in-process mTLS listener (not started): KeyService, and AuditService."""
     listener, bound = create_server(
@@ -86,6 +89,7 @@ def mtls_server(
         ],
         service_names=[audit_service.SERVICE_NAME, key_service.SERVICE_NAME],
         peers=CertificatePeers(),
+        observe=observe,
     )
     key_service.watch_health(daemon, listener)
     return listener, bound
@@ -121,6 +125,7 @@ class BackendPlane:
                 port=settings.port,
                 credentials=credentials,
                 limits=settings.limits,
+                observe=settings.observe,
             )
             self._listeners.append(listener)
             listener.start()
@@ -153,6 +158,7 @@ class BackendPlane:
                 store=settings.store,
                 rate_limit=settings.rate_limit,
                 usage=settings.usage,
+                observe=settings.observe,
                 audit_socket=socket_path,
                 audit_token=token,
             ),

@@ -6,7 +6,7 @@ I/O, which the serving loop never waits on), and converts the answer; every
 `KeyquorumError` becomes a status code through
 `keyquorum.hsm.services.status`, the one place that mapping lives.
 
-The emergency seal always gets through (docs/adr/0007): Seal and GetStatus
+The emergency seal always gets through (docs/adr/0009): Seal and GetStatus
 are reserved methods (`RESERVED`, not counted against the listener's call
 caps) with lanes of their own, so no flood of other calls, nor of calls
 that never send their request, can take their threads. A seal wipes the

@@ -7,7 +7,7 @@ holding nothing. Each lane has `threads` threads and room for `waiting`
 more calls; a call that finds the room full is refused at once with
 RESOURCE_EXHAUSTED naming the lane, rather than queued without end.
 
-The custodian plane has three (docs/adr/0007): Seal and GetStatus each
+The custodian plane has three (docs/adr/0009): Seal and GetStatus each
 have their own, so no other call, however many, can take their threads;
 every other governance call shares the third. A call's place is given back
 when its function returns, or when it is dropped before it started (its

@@ -8,8 +8,9 @@ it can sit on an operators' network without client certificates. Names
 - `keyquorum_rpc_requests_total{service,method,code}` and
   `keyquorum_rpc_duration_seconds{service,method,code}` (histogram): every
   gRPC call on both listeners, by status code name ("OK" for success),
-  timed in the server's handler (a stream until its last message), from a
-  server interceptor (`RpcMetrics`).
+  timed in the server's handler (a stream until its last message), told by
+  every listener's admission (`RpcMetrics.observe`, hsm/services/admission.py;
+  worker processes send theirs to the daemon).
 - `keyquorum_keyservice_requests_total{backend,tenant,operation,outcome}`:
   KeyService items; a batch counts each of its items (`record`, the data
   plane's `UsageSink`).
@@ -45,7 +46,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import grpc
 from prometheus_client import (
@@ -290,14 +291,13 @@ def _counter_labels(name: str) -> tuple[str, str] | None:
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
-class _WithCode(Protocol):
-    """gRPC's servicer context has `code()` (the code set or aborted with); the stubs lack it."""
+class RpcMetrics:
+    """Counts and times every call of the listeners it observes, by method and code.
 
-    def code(self) -> grpc.StatusCode | None: ...
-
-
-class RpcMetrics(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Counts and times every call of the servers it is given to, by method and code."""
+    `observe` is the listeners' observer (hsm/services/admission.py): told each
+    call's method, status code name and seconds when the call ends. Worker
+    processes send theirs to the daemon's (hsm/services/workers.py).
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._requests = Counter(
@@ -314,30 +314,10 @@ class RpcMetrics(grpc.ServerInterceptor):  # type: ignore[type-arg]
             registry=registry,
         )
         self._lock = threading.Lock()
-        # method -> (the handler gRPC resolved, our timed copy of it)
-        self._wrapped: dict[
-            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
-        ] = {}
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED, no label made
-            return None
-        method = handler_call_details.method
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = self._wrap(method, handler)
-        with self._lock:
-            self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _observe(self, method: str, code: str, seconds: float) -> None:
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        """One call of `method` (`/package.Service/Method`) that ended with `code`."""
         key = (method, code)
         children = self._children.get(key)
         if children is None:
@@ -352,57 +332,3 @@ class RpcMetrics(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 )
         children[0].inc()
         children[1].observe(seconds)
-
-    def _wrap(
-        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        def done(context: grpc.ServicerContext, start: float, failed: bool) -> None:
-            code = cast(_WithCode, context).code()
-            if code is not None:
-                name = code.name
-            elif not failed:
-                name = "OK"
-            else:
-                name = "UNKNOWN" if context.is_active() else "CANCELLED"
-            self._observe(method, name, time.perf_counter() - start)
-
-        def unary(inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
-            def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
-                start = time.perf_counter()
-                try:
-                    response = inner(request, context)
-                except BaseException:
-                    done(context, start, True)
-                    raise
-                done(context, start, False)
-                return response
-
-            return behaviour
-
-        def streaming(inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
-            def behaviour(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start = time.perf_counter()
-                failed = True
-                try:
-                    yield from inner(request, context)
-                    failed = False
-                finally:
-                    done(context, start, failed)
-
-            return behaviour
-
-        kinds = {
-            "unary_unary": (unary, grpc.unary_unary_rpc_method_handler),
-            "stream_unary": (unary, grpc.stream_unary_rpc_method_handler),
-            "unary_stream": (streaming, grpc.unary_stream_rpc_method_handler),
-            "stream_stream": (streaming, grpc.stream_stream_rpc_method_handler),
-        }
-        for attribute, (timed, make) in kinds.items():
-            inner = getattr(handler, attribute)
-            if inner is not None:
-                return make(
-                    timed(inner),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler

@@ -1,6 +1,6 @@
 """Building a gRPC listener: the server model, its bounds, health, reflection, TLS.
 
-The model (docs/adr/0007): grpc.aio servers on the process's serving loop
+The model (docs/adr/0009): grpc.aio servers on the process's serving loop
 (hsm/services/serving_loop.py), every method admitted by
 hsm/services/admission.py, and every bound a peer can reach set from the
 one `Limits` (`grpc_options`): connections per listener, streams per
@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from keyquorum.hsm.services.admission import Admission, GuardedRegistry, PeerSource
+from keyquorum.hsm.services.admission import Admission, GuardedRegistry, Observer, PeerSource
 from keyquorum.hsm.services.serving_loop import ServingLoop, serving_loop
 from keyquorum.quorum.errors import InvalidInputError
 from keyquorum.quorum.limits import Limits
@@ -43,7 +43,7 @@ class Registration:
     """One service for `create_server`: its handler, built over the listener's admission.
 
     `reserved`: full method names (`/package.Service/Method`) that skip the
-    listener's call caps (docs/adr/0007: the custodian plane's Seal and
+    listener's call caps (docs/adr/0009: the custodian plane's Seal and
     GetStatus).
     """
 
@@ -149,8 +149,12 @@ def create_server(
     service_names: Sequence[str],
     peers: PeerSource,
     reuse_port: bool = False,
+    observe: Observer | None = None,
 ) -> tuple[Listener, int]:
     """A listener (not yet started) and the port it is bound to.
+
+    `observe` is told every call's method, status code name and seconds (the
+    RPC metrics, `Metrics.rpc.observe`).
 
     An address that cannot be bound is an `InvalidInputError` naming the
     address and the reason (e.g. "Address already in use").
@@ -171,6 +175,7 @@ def create_server(
             service_names=service_names,
             peers=peers,
             reuse_port=reuse_port,
+            observe=observe,
             loop=loop,
         )
     )
@@ -186,12 +191,13 @@ async def _create(
     service_names: Sequence[str],
     peers: PeerSource,
     reuse_port: bool,
+    observe: Observer | None,
     loop: ServingLoop,
 ) -> tuple[Listener, int]:
     reserved: set[str] = set()
     for registration in register:
         reserved |= registration.reserved
-    admission = Admission(limits, peers, reserved=reserved)
+    admission = Admission(limits, peers, reserved=reserved, observe=observe)
     server = aio.server(options=grpc_options(limits, reuse_port=reuse_port))
     for registration in register:
         server.add_generic_rpc_handlers((registration.build(admission),))

@@ -81,11 +81,12 @@ AUDIT_METHODS: Final = {
 
 
 class UsageForwarder:
-    """A usage sink that batches records for the daemon (metrics and access log there)."""
+    """Batches usage records and calls' RPC metrics for the daemon (its sinks have them)."""
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
         self._records: list[list[Any]] = []
+        self._calls: list[list[Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, name="kq-usage", daemon=True)
@@ -104,6 +105,11 @@ class UsageForwarder:
         with self._lock:
             self._records.append([backend, tenant, operation, outcome, text])
 
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        """The listener's observer: one call's method, code and seconds."""
+        with self._lock:
+            self._calls.append([method, code, seconds])
+
     def _flush_loop(self) -> None:
         while not self._stop.wait(USAGE_FLUSH_SECONDS):
             self.flush()
@@ -111,9 +117,10 @@ class UsageForwarder:
     def flush(self) -> None:
         with self._lock:
             records, self._records = self._records, []
-        if records:
+            calls, self._calls = self._calls, []
+        if records or calls:
             try:
-                self._channel.send({"kind": "usage", "records": records})
+                self._channel.send({"kind": "usage", "records": records, "calls": calls})
             except OSError:
                 return
 
@@ -137,13 +144,13 @@ class Worker:
         for buffer in files:
             buffer[:] = bytes(len(buffer))
         self._store = _open_store(config["store"], dsn.decode())
-        self._usage = UsageForwarder(channel) if config["usage"] else None
+        self._usage = UsageForwarder(channel) if config["usage"] or config.get("observe") else None
         rate = config["rate_limit"]
         self.plane = DataPlane(
             self,
             self._store,
             limits=self._limits,
-            usage=() if self._usage is None else (self._usage,),
+            usage=() if self._usage is None or not config["usage"] else (self._usage,),
             rate_limit=None if rate is None else RateLimiter(rate),
         )
         credentials = grpc.ssl_server_credentials(
@@ -161,6 +168,9 @@ class Worker:
             service_names=[audit_service.SERVICE_NAME, key_service.SERVICE_NAME],
             peers=CertificatePeers(),
             reuse_port=True,
+            observe=None
+            if self._usage is None or not config.get("observe")
+            else self._usage.observe,
         )
         self._listener.set_health(key_service.SERVICE_NAME, False)
 

@@ -3,7 +3,7 @@
 N processes (hsm/services/worker.py) serve KeyService on the mTLS port,
 which they share (SO_REUSEPORT: the kernel spreads connections over them),
 so the data plane uses N cores; the custodian plane and the audit plane stay
-in the daemon (docs/adr/0007). Contract:
+in the daemon (docs/adr/0009). Contract:
 
 - Keys reach a worker only over its private socketpair (handover.py), never
   a file or the environment. A worker asks to die with the daemon and is
@@ -18,8 +18,9 @@ in the daemon (docs/adr/0007). Contract:
   go the same way.
 - A worker that dies is replaced; a new worker gets the newest snapshot
   before it serves. Respawns back off while workers keep dying young.
-- Usage records of the workers (metrics, access log) arrive in batches and
-  go to the daemon's sinks (`OutcomeSink`).
+- Usage records of the workers (metrics, access log) and their calls' RPC
+  metrics arrive in batches and go to the daemon's sinks (`OutcomeSink`,
+  `observe`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class WorkerSettings:
     store: StoreSpec
     rate_limit: float | None = None
     usage: Sequence[OutcomeSink] = ()
+    #: Told each call's method, code and seconds the workers served (RPC metrics).
+    observe: Callable[[str, str, float], None] | None = None
     audit_socket: str | None = None
     audit_token: bytes = field(default=b"", repr=False)
 
@@ -328,6 +331,7 @@ class WorkerPool:
             "limits": dataclasses.asdict(s.limits),
             "store": {"kind": s.store.kind, "path": s.store.path},
             "usage": bool(s.usage),
+            "observe": s.observe is not None,
             "rate_limit": s.rate_limit,
             "audit_socket": s.audit_socket,
         }
@@ -352,6 +356,7 @@ class WorkerPool:
                 elif kind == "usage":
                     worker.records += len(header["records"])
                     self._usage(header["records"])
+                    self._calls(header.get("calls", []))
                 elif kind == "hello":
                     worker.facts = {
                         k: header.get(k) for k in ("non_dumpable", "parent_death_signal")
@@ -396,6 +401,12 @@ class WorkerPool:
             raw = None if context is None else str(context).encode("utf-8", "surrogateescape")
             for sink in self._settings.usage:
                 sink.record_outcome(str(backend), str(tenant), str(operation), str(outcome), raw)
+
+    def _calls(self, calls: list[list[Any]]) -> None:
+        observe = self._settings.observe
+        if observe is not None:
+            for method, code, seconds in calls:
+                observe(str(method), str(code), float(seconds))
 
     def _respawn_loop(self) -> None:
         while (index := self._next_dead()) is not None:
