@@ -330,3 +330,46 @@ def test_help_lists_config_and_the_file_keys() -> None:
     assert result.returncode == 0
     assert "--config FILE" in result.stdout
     assert "--log-format" in result.stdout
+
+
+# -- the server model's settings (docs/adr/0009) ------------------------------------------
+
+
+def test_the_server_models_settings_make_the_limits(tmp_path: Path, pki: DevPki) -> None:
+    """File keys and flags both reach `Limits`; what is not set keeps its default."""
+    from keyquorum.quorum.limits import DEFAULT_LIMITS
+
+    config = write(
+        tmp_path / "server.toml",
+        'data-dir = "data"\n' + tls_lines(pki) + "workers = 0\nmax-calls-per-peer = 7\n"
+        "request-timeout = 2.5\nconnection-idle = 30\n",
+    )
+    got = resolve({"max-connections": 9}, {"max-connections": "command line"}, config)
+    got.check()
+    limits = got.limits()
+    assert got.worker_count() == 0
+    assert limits.max_calls_per_peer == 7
+    assert limits.request_timeout_seconds == 2.5
+    assert limits.connection_idle_seconds == 30
+    assert limits.max_connections == 9
+    assert limits.max_calls == DEFAULT_LIMITS.max_calls
+    assert resolve({}, {}, write(tmp_path / "d.toml", 'data-dir = "d"\n')).worker_count() >= 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("workers = -1\n", "workers: must be 0 or more"),
+        ("max-calls = 0\n", "max-calls: must be at least 1"),
+        ("max-streams-per-connection = 1.5\n", "must be a whole number"),
+        ('request-timeout = "soon"\n', "request-timeout: must be a number"),
+        ("max-calls-per-peer = 50\nmax-calls = 10\n", "max_calls_per_peer cannot exceed max_calls"),
+    ],
+    ids=["negative-workers", "zero-calls", "fractional-streams", "text-timeout", "peer-over-all"],
+)
+def test_bad_server_model_settings_are_refused(
+    tmp_path: Path, pki: DevPki, text: str, message: str
+) -> None:
+    config = write(tmp_path / "server.toml", 'data-dir = "d"\n' + tls_lines(pki) + text)
+    with pytest.raises(InvalidInputError, match=message):
+        resolve({}, {}, config).check()
