@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -152,6 +153,12 @@ def test_grpcurl_health_wrap_unwrap_and_refusals(running: Running) -> None:
     )
     assert "PermissionDenied" in out.stderr
     # The usage record saw all of it: metrics on their own port, the access log.
+    # Worker processes send their usage records to the daemon in batches (every
+    # 0.1 s, docs/adr/0009): wait for the fourth line; 10 s only turns a hang
+    # into a failure.
+    deadline = time.monotonic() + 10
+    while len(running.access_log.read_text().splitlines()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
     url = f"http://127.0.0.1:{running.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         metrics = response.read().decode()

@@ -275,9 +275,9 @@ def test_an_unreadable_tls_key_is_one_line(tmp_path: Path, pki: DevPki) -> None:
 
 
 def test_an_unknown_key_in_the_file_is_one_line_naming_it(tmp_path: Path, pki: DevPki) -> None:
-    config = write(tmp_path / "s.toml", 'data-dir = "d"\n' + tls_lines(pki) + "workers = 9\n")
+    config = write(tmp_path / "s.toml", 'data-dir = "d"\n' + tls_lines(pki) + "threads = 9\n")
     message = one_line_error(keyquorum("server", "run", "--config", str(config)))
-    assert message == f"error: {config} line 4: unknown key 'workers'"
+    assert message == f"error: {config} line 4: unknown key 'threads'"
 
 
 def test_a_missing_config_file_is_one_line(tmp_path: Path) -> None:

@@ -374,14 +374,17 @@ def test_a_worker_killed_under_load_is_replaced_and_nothing_is_answered_wrongly(
 
 
 def _children(pid: int) -> list[int]:
+    """The worker processes among `pid`'s children."""
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
+                command = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            worker = b"keyquorum.hsm.services.worker" in command
+            if worker and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.append(int(entry.name))
     return out
 

@@ -51,6 +51,12 @@ class Registration:
     reserved: frozenset[str] = field(default_factory=frozenset)
 
 
+#: The fewest calls gRPC holds before the server takes them (a burst of new calls
+#: waits there a moment); past this the random refusals start, even when `max_calls`
+#: is set lower.
+PENDING_FLOOR = 1024
+
+
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -80,8 +86,8 @@ def grpc_options(limits: Limits, *, reuse_port: bool = False) -> list[tuple[str,
         # always; the serving loop takes them as they come and drops each one
         # its client cancelled.
         ("grpc.http.overload_protection", 0),
-        ("grpc.server.max_pending_requests", limits.max_calls),
-        ("grpc.server.max_pending_requests_hard_limit", 2 * limits.max_calls),
+        ("grpc.server.max_pending_requests", max(PENDING_FLOOR, limits.max_calls)),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * max(PENDING_FLOOR, limits.max_calls)),
         ("grpc.max_allowed_incoming_connections", limits.max_connections),
         ("grpc.server_handshake_timeout_ms", _ms(limits.handshake_timeout_seconds)),
         ("grpc.max_connection_idle_ms", _ms(limits.connection_idle_seconds)),
