@@ -209,6 +209,8 @@ def serve(config: ServerConfig, notifier: Notifier) -> None:
                     usage=usage,
                     auditor_keys=auditor_keys,
                     observe=None if metrics is None else metrics.rpc.observe,
+                    log_level=config.log_level,
+                    log_format=config.log_format,
                 ),
             )
             closing.append(backend.close)

@@ -64,6 +64,9 @@ class BackendSettings:
     auditor_keys: Sequence[NoteVerifier] = field(default_factory=tuple)
     #: Told every call's method, code and seconds (RPC metrics), the workers' too.
     observe: Observer | None = None
+    #: The daemon's log level and format, which the workers' lines follow.
+    log_level: str = "INFO"
+    log_format: str = "text"
 
 
 def mtls_server(
@@ -161,6 +164,8 @@ class BackendPlane:
                 observe=settings.observe,
                 audit_socket=socket_path,
                 audit_token=token,
+                log_level=settings.log_level,
+                log_format=settings.log_format,
             ),
             settings.workers,
         )

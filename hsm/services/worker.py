@@ -43,7 +43,7 @@ from typing import Any, Final
 import grpc
 from grpc import aio
 
-from keyquorum.hsm import hardening, tls
+from keyquorum.hsm import hardening, logs, tls
 from keyquorum.hsm.dataplane import DataPlane
 from keyquorum.hsm.dataplane.ratelimit import RateLimiter
 from keyquorum.hsm.dataplane.snapshot import EMPTY_SNAPSHOT, DataPlaneSnapshot
@@ -322,6 +322,9 @@ def main(argv: list[str]) -> int:
         if header.get("kind") != "config" or len(files) != 5:
             log.error("the daemon's first frame is not a configuration")
             return 2
+        logs.configure(
+            header.get("log_level", "INFO"), header.get("log_format", "text"), sys.stderr
+        )
         worker = Worker(channel, header, files)
     except (ChannelClosed, KeyquorumError, OSError) as e:
         log.error("worker could not start: %s", e)

@@ -92,6 +92,9 @@ class WorkerSettings:
     observe: Callable[[str, str, float], None] | None = None
     audit_socket: str | None = None
     audit_token: bytes = field(default=b"", repr=False)
+    #: The daemon's log level and format (hsm/logs.py), for the workers' lines.
+    log_level: str = "INFO"
+    log_format: str = "text"
 
 
 _STARTING, _SYNCED, _SERVING, _DEAD = "starting", "synced", "serving", "dead"
@@ -243,6 +246,8 @@ class WorkerPool:
     def publish(self) -> None:
         """Bring every synced worker to the newest snapshot; kill one that does not confirm."""
         with self._publish_lock:
+            if self._closing:  # the workers were told to stop and wipe their keys
+                return
             snapshot = self._latest()
             self._seq += 1
             seq = self._seq
@@ -334,6 +339,8 @@ class WorkerPool:
             "observe": s.observe is not None,
             "rate_limit": s.rate_limit,
             "audit_socket": s.audit_socket,
+            "log_level": s.log_level,
+            "log_format": s.log_format,
         }
         return header, [
             s.tls_chain,
