@@ -402,10 +402,12 @@ def test_workers_die_with_the_daemon(tmp_path: Path) -> None:
         "--workers",
         "2",
     )
-    ready = json.loads((data.parent / f"{data.name}.ready").read_text())
-    workers = _children(int(ready["pid"]))
-    assert len(workers) == 2
-    proc.stop(signal.SIGKILL)
+    try:
+        ready = json.loads((data.parent / f"{data.name}.ready").read_text())
+        workers = _children(int(ready["pid"]))
+        assert len(workers) == 2
+    finally:
+        proc.stop(signal.SIGKILL)
     deadline = time.monotonic() + HANG_GUARD_S
     while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers):
         assert time.monotonic() < deadline, "a worker outlived the daemon"
