@@ -57,6 +57,7 @@ __all__ = [
     "cosign_checkpoint",
     "parse_verifier_key",
     "sign_checkpoint",
+    "unverified_size",
     "verify_checkpoint",
 ]
 
@@ -146,6 +147,21 @@ class VerifiedCheckpoint:
                 f"checkpoint cosigned by {len(self.cosigned_by)} known cosigners, "
                 f"{threshold} required"
             )
+
+
+def unverified_size(note: str) -> int:
+    """The tree size a checkpoint note claims, read without checking any signature.
+
+    For indexing and cheap consistency checks only (a store row against its
+    note, a note filed under its size); nothing may be trusted on it.
+    `DeserializationError` if the note's body is not a checkpoint.
+    """
+    if not isinstance(note, str):
+        raise DeserializationError("a checkpoint note is text")
+    text, sep, _ = note.rpartition("\n\n")
+    if not sep:
+        raise DeserializationError("a checkpoint note has a blank line before its signatures")
+    return Checkpoint.parse(text + "\n").size
 
 
 def parse_verifier_key(vkey: str) -> NoteVerifier:

@@ -340,6 +340,19 @@ class MerkleTree:
         self._size = index + 1
         return index
 
+    def truncate(self, size: int) -> None:
+        """Forget every leaf from `size` on: the tree as it was at `size`.
+
+        For an append that failed after its leaves were added (the daemon
+        adds them first, to sign the new tree head it writes with them).
+        """
+        size = self._require_past_size("size", size)
+        for level, nodes in enumerate(self._levels):
+            del nodes[(size >> level) * HASH_SIZE :]
+        while len(self._levels) > 1 and not self._levels[-1]:
+            self._levels.pop()
+        self._size = size
+
     def leaf_hash(self, index: int) -> bytes:
         """The hash of leaf `index`."""
         self._require_index(index, self._size)

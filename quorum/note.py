@@ -234,8 +234,41 @@ class NoteVerifier:
             raise SignatureError(f"signature by {self._label()} does not verify") from e
         return timestamp
 
+    def verify_message(self, message: bytes, signature: bytes) -> None:
+        """Check a plain Ed25519 signature made by `NoteSigner.sign_message`.
+
+        Only for type 0x01 keys, and only for messages that carry a NUL byte
+        in their first `MESSAGE_DOMAIN_BYTES` (a domain prefix): a note text
+        holds no control character, so such a message can never be taken
+        for a signed note or a cosignature, nor the reverse.
+        """
+        _check_message(message)
+        if self.sig_type is not SignatureType.ED25519:
+            raise InvalidInputError(f"{self._label()} is not an Ed25519 (0x01) key")
+        if len(signature) != ED25519_SIGNATURE_SIZE:
+            raise SignatureError(
+                f"signature by {self._label()} is {len(signature)} bytes, "
+                f"want {ED25519_SIGNATURE_SIZE}"
+            )
+        try:
+            Ed25519PublicKey.from_public_bytes(self.public_key).verify(signature, message)
+        except InvalidSignature as e:
+            raise SignatureError(f"signature by {self._label()} does not verify") from e
+
     def _label(self) -> str:
         return f"{self.name}+{self.key_hash.hex()}"
+
+
+#: A message signed with `sign_message` has a NUL byte within its first this many bytes.
+MESSAGE_DOMAIN_BYTES = 64
+
+
+def _check_message(message: bytes) -> None:
+    if not isinstance(message, bytes) or b"\x00" not in message[:MESSAGE_DOMAIN_BYTES]:
+        raise InvalidInputError(
+            "a signed message starts with a domain prefix ending in NUL, so that it can "
+            "never be read as a note text"
+        )
 
 
 # -- signers ---------------------------------------------------------------------------
@@ -297,6 +330,18 @@ class NoteSigner:
         from keyquorum.quorum.checkpoint import Checkpoint, sign_checkpoint
 
         return sign_checkpoint(Checkpoint(self.name, size, root, tuple(extensions)), self)
+
+    def sign_message(self, message: bytes) -> bytes:
+        """A plain Ed25519 signature over `message` (a 0x01 key only).
+
+        `message` must carry a NUL-terminated domain prefix (see
+        `NoteVerifier.verify_message`), so the same key's note signatures
+        and message signatures never stand in for each other.
+        """
+        _check_message(message)
+        if self.sig_type is not SignatureType.ED25519:
+            raise InvalidInputError(f"{self!r} is not an Ed25519 (0x01) key")
+        return self._key.sign(message)
 
     def _signature_line(self, text: bytes, timestamp: int | None) -> str:
         if self.sig_type is SignatureType.ED25519:
