@@ -122,7 +122,14 @@ class ForkError(VerificationError):
 class RollbackError(VerificationError):
     """The log does not extend a checkpoint this machine saw before: it is
     shorter, or an RFC 9162 consistency proof from that checkpoint fails. A
-    store restored from an older snapshot, or a daemon showing another history."""
+    store restored from an older snapshot, or a daemon showing another history.
+
+    `evidence` holds the signed notes that cannot both be true (the one seen
+    before, then the one shown now), when the refusing party has them."""
+
+    def __init__(self, message: str, *, evidence: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.evidence = evidence
 
 
 class UnverifiableError(KeyquorumError):

@@ -69,27 +69,41 @@ def require_extends(trusted: Checkpoint, current: Checkpoint, proof: Sequence[by
 
 
 def require_extends_notes(
-    trusted_note: str, current_note: str, proof: Sequence[bytes], verifier: NoteVerifier
+    trusted_note: str,
+    current_note: str,
+    proof: Sequence[bytes],
+    verifier: NoteVerifier,
+    current_verifier: NoteVerifier | None = None,
 ) -> Checkpoint:
-    """`require_extends` for two signed notes, both first checked under `verifier`.
+    """`require_extends` for two signed notes, checked under the log key first.
 
-    Returns the current checkpoint.
+    `trusted_note` is checked under `verifier`, `current_note` under
+    `current_verifier` (the same key unless the log key was rotated in
+    between: the caller has checked that rotation). A refusal carries both
+    notes as its evidence. Returns the current checkpoint.
     """
     trusted = verify_checkpoint(trusted_note, verifier).checkpoint
-    current = verify_checkpoint(current_note, verifier).checkpoint
-    require_extends(trusted, current, proof)
+    current = verify_checkpoint(current_note, current_verifier or verifier).checkpoint
+    try:
+        require_extends(trusted, current, proof)
+    except RollbackError as e:
+        raise RollbackError(str(e), evidence=(trusted_note, current_note)) from e.__cause__
     return current
 
 
 def require_tree_extends(
-    trusted_note: str, tree: merkle.MerkleTree, current_note: str, verifier: NoteVerifier
+    trusted_note: str,
+    tree: merkle.MerkleTree,
+    current_note: str,
+    verifier: NoteVerifier,
+    current_verifier: NoteVerifier | None = None,
 ) -> None:
     """`require_extends_notes` for a holder of the whole tree: it makes the proof itself."""
     trusted = verify_checkpoint(trusted_note, verifier).checkpoint
     proof: list[bytes] = []
     if 0 < trusted.size < tree.size:
         proof = tree.consistency_proof(trusted.size, tree.size)
-    require_extends_notes(trusted_note, current_note, proof, verifier)
+    require_extends_notes(trusted_note, current_note, proof, verifier, current_verifier)
 
 
 def require_included(seq: int, entry: bytes, proof: Sequence[bytes], cp: Checkpoint) -> None:

@@ -7,7 +7,7 @@ import inspect
 import grpc
 import pytest
 
-from keyquorum.hsm.services.status import code_for
+from keyquorum.hsm.services.status import code_for, message_for
 from keyquorum.quorum import errors as e
 
 C = grpc.StatusCode
@@ -36,6 +36,8 @@ EXPECTED: dict[type[e.KeyquorumError], grpc.StatusCode] = {
     e.SealedError: C.FAILED_PRECONDITION,
     e.LimitExceededError: C.RESOURCE_EXHAUSTED,
     e.LogIntegrityError: C.DATA_LOSS,
+    e.RollbackError: C.DATA_LOSS,
+    e.ForkError: C.DATA_LOSS,
     e.StorageError: C.UNAVAILABLE,
     e.NotFoundError: C.NOT_FOUND,
     e.UnverifiableError: C.FAILED_PRECONDITION,
@@ -67,3 +69,17 @@ def test_every_error_class_has_a_pinned_code(cls: type[e.KeyquorumError]) -> Non
     else:
         expected = EXPECTED[cls]
     assert code_for(_instance(cls)) == expected
+
+
+def test_rollback_and_fork_refusals_carry_their_evidence() -> None:
+    """Both notes that cannot both be true reach the caller whole, after the message."""
+    seen, shown = "keyquorum/x\n5\nAAAA\n\n— sig one\n", "keyquorum/x\n3\nBBBB\n\n— sig two\n"
+    rollback = e.RollbackError("the log was rolled back", evidence=(seen, shown))
+    fork = e.ForkError("fork at size 5", size=5, evidence=(seen, shown))
+    for error in (rollback, fork):
+        assert code_for(error) == C.DATA_LOSS
+        text = message_for(error)
+        assert text.startswith(str(error))
+        assert f"evidence 1:\n{seen}" in text
+        assert f"evidence 2:\n{shown}" in text
+    assert message_for(e.RollbackError("no evidence kept")) == "no evidence kept"

@@ -52,7 +52,7 @@ from grpc import aio
 
 from keyquorum.hsm import tls
 from keyquorum.hsm.pki import ClientIdentity
-from keyquorum.hsm.services.status import ERROR_METADATA, code_for
+from keyquorum.hsm.services.status import ERROR_METADATA, code_for, message_for
 from keyquorum.quorum.errors import (
     AccessDeniedError,
     DeserializationError,
@@ -297,8 +297,11 @@ class Admission:
 
 
 async def _abort(context: aio.ServicerContext[Any, Any], error: KeyquorumError) -> None:
-    """End the call with `error`'s code and message, marked as the daemon's answer."""
-    await context.abort(code_for(error), str(error), ((ERROR_METADATA, type(error).__name__),))
+    """End the call with `error`'s code and message (with any signed evidence,
+    `message_for`), marked as the daemon's answer."""
+    await context.abort(
+        code_for(error), message_for(error), ((ERROR_METADATA, type(error).__name__),)
+    )
 
 
 # -- our own servicers ---------------------------------------------------------

@@ -26,7 +26,10 @@ _CODES: tuple[tuple[type[e.KeyquorumError], grpc.StatusCode], ...] = (
     (e.ThresholdError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.SignatureError, grpc.StatusCode.PERMISSION_DENIED),
     (e.NotOnRosterError, grpc.StatusCode.PERMISSION_DENIED),
+    # The log is not the history it must be: tampered, rolled back, forked.
     (e.LogIntegrityError, grpc.StatusCode.DATA_LOSS),
+    (e.RollbackError, grpc.StatusCode.DATA_LOSS),
+    (e.ForkError, grpc.StatusCode.DATA_LOSS),
     (e.VerificationError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.DecryptionError, grpc.StatusCode.INVALID_ARGUMENT),
     (e.DeserializationError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -50,3 +53,18 @@ def code_for(error: e.KeyquorumError) -> grpc.StatusCode:
 #: is down)" from "the daemon could not be reached" (cli/connect.py).
 #: Admission sets it (hsm/services/admission.py).
 ERROR_METADATA = "keyquorum-error"
+
+
+def message_for(error: e.KeyquorumError) -> str:
+    """The status message: the error's, then any signed notes it carries as evidence.
+
+    A rollback or a fork is proven by two notes the log key signed; the
+    caller gets them whole, so the refusal can be shown to anyone.
+    """
+    evidence: tuple[str, ...] = ()
+    if isinstance(error, e.RollbackError | e.ForkError):
+        evidence = error.evidence
+    parts = [str(error)]
+    parts.extend(f"evidence {i}:\n{note}" for i, note in enumerate(evidence, start=1))
+    return "\n\n".join(parts)
+
