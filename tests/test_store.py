@@ -10,13 +10,14 @@ named as such.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from keyquorum.hsm.stores import sqlite as sqlite_store
 from keyquorum.hsm.stores.base import LogRecord, ShredSalt, Store, leaf_hash
 from keyquorum.hsm.stores.postgres import PostgresStore
 from keyquorum.hsm.stores.sqlite import SqliteStore
+from keyquorum.quorum.merkle import EMPTY_ROOT
+from keyquorum.quorum.note import NoteSigner
 from keyquorum.quorum.errors import (
     AppendConflictError,
     InvalidInputError,
@@ -130,13 +133,31 @@ def rec(seq: int, body: bytes | None = None) -> LogRecord:
     return (seq, leaf_hash(entry), entry)
 
 
+_NOTE_KEY = NoteSigner.generate("keyquorum/store-tests")
+
+
+def note(size: int) -> str:
+    """A signed checkpoint note claiming `size` (the store reads only its size)."""
+    root = hashlib.sha256(b"%d" % size).digest() if size else EMPTY_ROOT
+    return _NOTE_KEY.sign_checkpoint(size, root)
+
+
+def note_for(expected_size: int, entries: Sequence[LogRecord]) -> str:
+    """The note an append of `entries` at `expected_size` writes with them."""
+    return note(expected_size + len(entries))
+
+
 def salt(n: int) -> bytes:
     # Distinctive 32-byte pattern that appears nowhere else in the file.
     return bytes([0xA5, n]) * 16
 
 
 def fill(s: Store, n: int) -> None:
-    s.append([rec(i) for i in range(n)], expected_size=0)
+    s.append(
+        [rec(i) for i in range(n)],
+        expected_size=0,
+        checkpoint=note_for(0, [rec(i) for i in range(n)]),
+    )
 
 
 # -- log -----------------------------------------------------------------
@@ -152,8 +173,10 @@ def test_empty_store(store: Store) -> None:
 
 
 def test_append_read_round_trip(store: Store) -> None:
-    store.append([rec(0)], expected_size=0)
-    store.append([rec(1), rec(2), rec(3)], expected_size=1)
+    store.append([rec(0)], expected_size=0, checkpoint=note_for(0, [rec(0)]))
+    store.append(
+        [rec(1), rec(2), rec(3)], expected_size=1, checkpoint=note_for(1, [rec(1), rec(2), rec(3)])
+    )
     assert store.size() == 4
     assert store.read(0, 4) == [rec(i)[2] for i in range(4)]
     assert store.read(1, 3) == [rec(1)[2], rec(2)[2]]
@@ -170,24 +193,29 @@ def test_read_all_crosses_batches(store: Store, monkeypatch: pytest.MonkeyPatch)
 
 def test_entry_bytes_are_kept_exactly(store: Store) -> None:
     odd = bytes(range(256)) + b"\x00\xff" * 100  # NULs, high bytes: not text
-    store.append([rec(0, odd)], expected_size=0)
+    store.append([rec(0, odd)], expected_size=0, checkpoint=note_for(0, [rec(0, odd)]))
     assert store.read(0, 1) == [odd]
 
 
 def test_multi_entry_append_is_one_transaction(store: Store) -> None:
-    store.append([rec(0)], expected_size=0, shred_salts=[("t", 1, salt(1))])
+    store.append(
+        [rec(0)], expected_size=0, checkpoint=note_for(0, [rec(0)]), shred_salts=[("t", 1, salt(1))]
+    )
     # The second salt collides with a stored one, so the whole call fails:
     # neither its entries nor its other salt may appear.
     with pytest.raises(StateError, match="exists"):
         store.append(
             [rec(1), rec(2), rec(3)],
             expected_size=1,
+            checkpoint=note_for(1, [rec(1), rec(2), rec(3)]),
             shred_salts=[("u", 1, salt(2)), ("t", 1, salt(3))],
         )
     assert store.size() == 1
     assert store.get_shred_salt("u", 1) is None
     assert store.get_shred_salt("t", 1) == salt(1)
-    store.append([rec(1), rec(2), rec(3)], expected_size=1)
+    store.append(
+        [rec(1), rec(2), rec(3)], expected_size=1, checkpoint=note_for(1, [rec(1), rec(2), rec(3)])
+    )
     assert store.size() == 4
 
 
@@ -195,12 +223,18 @@ def test_multi_entry_append_is_one_transaction(store: Store) -> None:
     "expected", [0, 1, 3, 9], ids=["behind-by-two", "behind-by-one", "ahead-by-one", "far-ahead"]
 )
 def test_conflict_on_wrong_expected_size_writes_nothing(store: Store, expected: int) -> None:
-    store.append([rec(0)], expected_size=0, shred_salts=[("gone", 1, salt(9))])
-    store.append([rec(1)], expected_size=1)
+    store.append(
+        [rec(0)],
+        expected_size=0,
+        checkpoint=note_for(0, [rec(0)]),
+        shred_salts=[("gone", 1, salt(9))],
+    )
+    store.append([rec(1)], expected_size=1, checkpoint=note_for(1, [rec(1)]))
     with pytest.raises(AppendConflictError, match="log size is 2") as info:
         store.append(
             [rec(expected, b"loser"), rec(expected + 1, b"loser2")],
             expected_size=expected,
+            checkpoint=note_for(expected, [rec(expected, b"loser"), rec(expected + 1, b"loser2")]),
             shred_salts=[("new", 1, salt(1))],
             erase_tenants=["gone"],
         )
@@ -247,7 +281,13 @@ def test_malformed_append_is_refused_before_writing(
     message: str,
 ) -> None:
     with pytest.raises(InvalidInputError, match=message):
-        store.append(entries, expected_size=expected, shred_salts=salts, erase_tenants=erase)
+        store.append(
+            entries,
+            expected_size=expected,
+            checkpoint=note_for(expected, entries),
+            shred_salts=salts,
+            erase_tenants=erase,
+        )
     assert store.size() == 0
     assert store.get_shred_salt("t", 1) is None
 
@@ -272,8 +312,14 @@ def test_read_preconditions(store: Store, start: int, end: int, message: str) ->
 def test_reopen_keeps_everything(store_factory: StoreFactory) -> None:
     a = store_factory.open()
     fill(a, 3)
-    a.append([rec(3)], expected_size=3, shred_salts=[("t", 1, salt(1)), ("t", 2, salt(2))])
-    a.put_checkpoint(4, "checkpoint four\n")
+    a.append(
+        [rec(3)],
+        expected_size=3,
+        checkpoint=note_for(3, [rec(3)]),
+        shred_salts=[("t", 1, salt(1)), ("t", 2, salt(2))],
+    )
+    cosigned = note(4) + "— witness AAAAAAAA\n"
+    a.put_checkpoint(4, cosigned)
     a.set_meta("deployment", "clinic-eu")
     a.close()
     b = store_factory.open()
@@ -281,11 +327,12 @@ def test_reopen_keeps_everything(store_factory: StoreFactory) -> None:
     assert list(b.read_all()) == [rec(i)[2] for i in range(4)]
     assert b.leaf_hashes() == [rec(i)[1] for i in range(4)]
     assert b.get_shred_salt("t", 2) == salt(2)
-    assert b.latest_checkpoint() == (4, "checkpoint four\n")
+    assert b.latest_checkpoint() == (4, cosigned)
+    assert b.head() == (4, (4, cosigned))
     assert b.get_meta("deployment") == "clinic-eu"
     with pytest.raises(AppendConflictError):
-        b.append([rec(3)], expected_size=3)
-    b.append([rec(4)], expected_size=4)
+        b.append([rec(3)], expected_size=3, checkpoint=note_for(3, [rec(3)]))
+    b.append([rec(4)], expected_size=4, checkpoint=note_for(4, [rec(4)]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -309,7 +356,11 @@ def test_any_batching_reads_back_as_one_log(
         try:
             size = 0
             for n in batches:
-                s.append([rec(size + i) for i in range(n)], expected_size=size)
+                s.append(
+                    [rec(size + i) for i in range(n)],
+                    expected_size=size,
+                    checkpoint=note_for(size, [rec(size + i) for i in range(n)]),
+                )
                 size += n
             assert s.size() == size
             assert s.read(0, size) == [rec(i)[2] for i in range(size)]
@@ -336,7 +387,11 @@ def test_racing_appends_have_exactly_one_winner(store_factory: StoreFactory) -> 
     def race(i: int) -> None:
         barrier.wait()
         try:
-            writers[i].append([rec(1, b"writer %d" % i)], expected_size=1)
+            writers[i].append(
+                [rec(1, b"writer %d" % i)],
+                expected_size=1,
+                checkpoint=note_for(1, [rec(1, b"writer %d" % i)]),
+            )
             outcome[i] = "won"
         except AppendConflictError:
             outcome[i] = "conflict"
@@ -367,7 +422,11 @@ def test_thread_pool_appends_are_gap_free(store: Store) -> None:
             while True:
                 size = store.size()
                 try:
-                    store.append([rec(size, body)], expected_size=size)
+                    store.append(
+                        [rec(size, body)],
+                        expected_size=size,
+                        checkpoint=note_for(size, [rec(size, body)]),
+                    )
                 except AppendConflictError:
                     with won_lock:
                         conflicts[0] += 1
@@ -393,22 +452,51 @@ def test_thread_pool_appends_are_gap_free(store: Store) -> None:
 # -- checkpoints ---------------------------------------------------------
 
 
-def test_checkpoints(store: Store) -> None:
-    fill(store, 5)
-    store.put_checkpoint(1, "one\n")
-    store.put_checkpoint(3, "three\n")
-    store.put_checkpoint(3, "three\n\ncosigned\n")  # same size: replaced
-    assert store.latest_checkpoint() == (3, "three\n\ncosigned\n")
-    assert store.checkpoints() == [(1, "one\n"), (3, "three\n\ncosigned\n")]
-    with pytest.raises(StateError, match="older than the latest"):
-        store.put_checkpoint(2, "two\n")
-    with pytest.raises(InvalidInputError, match="beyond the log: 6 > 5"):
-        store.put_checkpoint(6, "six\n")
+def test_checkpoints_are_written_with_their_entries(store: Store) -> None:
+    """Every append stores the note of its new size in its own transaction; a note
+    is later replaced only by one of the same size (cosignatures added)."""
+    assert store.head() == (0, None)
+    store.append([rec(0)], expected_size=0, checkpoint=note(1))
+    store.append([rec(1), rec(2)], expected_size=1, checkpoint=note(3))
+    assert store.checkpoints() == [(1, note(1)), (3, note(3))]
+    assert store.head() == (3, (3, note(3)))
+    assert store.checkpoint_at(3) == note(3)
+    assert store.checkpoint_at(2) is None
+    cosigned = note(1) + "— witness AAAAAAAA\n"
+    store.put_checkpoint(1, cosigned)  # same size: replaced
+    assert store.checkpoints() == [(1, cosigned), (3, note(3))]
+    assert store.latest_checkpoint() == (3, note(3))
+    with pytest.raises(StateError, match="written with the entries"):
+        store.put_checkpoint(2, note(2))  # never added apart from its entries
+    with pytest.raises(InvalidInputError, match="beyond the log: 6 > 3"):
+        store.put_checkpoint(6, note(6))
+    with pytest.raises(InvalidInputError, match="of tree size 3, not 1"):
+        store.put_checkpoint(1, note(3))  # a row and its note never disagree
     with pytest.raises(InvalidInputError, match="non-empty"):
-        store.put_checkpoint(4, "")
+        store.put_checkpoint(1, "")
     with pytest.raises(InvalidInputError, match="UTF-8"):
-        store.put_checkpoint(4, "bad \udc80 surrogate")
-    assert store.latest_checkpoint() == (3, "three\n\ncosigned\n")
+        store.put_checkpoint(1, "bad \udc80 surrogate")
+    with pytest.raises(InvalidInputError, match="not a checkpoint"):
+        store.put_checkpoint(1, "one\n")
+    assert store.checkpoints() == [(1, cosigned), (3, note(3))]
+
+
+@pytest.mark.parametrize(
+    ("size", "text", "message"),
+    [
+        (2, lambda: note(3), "of tree size 3, not 2"),
+        (2, lambda: note(1), "of tree size 1, not 2"),
+        (2, lambda: "not a note", "not a checkpoint"),
+    ],
+    ids=["note-too-long", "note-too-short", "not-a-note"],
+)
+def test_an_append_whose_checkpoint_is_not_of_its_size_writes_nothing(
+    store: Store, size: int, text: Callable[[], str], message: str
+) -> None:
+    fill(store, 1)
+    with pytest.raises(InvalidInputError, match=message):
+        store.append([rec(1)], expected_size=1, checkpoint=text())
+    assert store.head() == (1, (1, note(1)))
 
 
 # -- shred salts ---------------------------------------------------------
@@ -416,7 +504,12 @@ def test_checkpoints(store: Store) -> None:
 
 def test_salts_round_trip_and_are_write_once(store: Store) -> None:
     store.put_shred_salt("clinic", 1, salt(1))
-    store.append([rec(0)], expected_size=0, shred_salts=[("clinic", 2, salt(2))])
+    store.append(
+        [rec(0)],
+        expected_size=0,
+        checkpoint=note_for(0, [rec(0)]),
+        shred_salts=[("clinic", 2, salt(2))],
+    )
     assert store.get_shred_salt("clinic", 1) == salt(1)
     assert store.get_shred_salt("clinic", 2) == salt(2)
     assert store.get_shred_salt("clinic", 3) is None
@@ -437,10 +530,68 @@ def test_erase_removes_every_version_of_one_tenant_only(store: Store) -> None:
 
 
 def test_erase_in_the_same_transaction_as_the_shred_entry(store: Store) -> None:
-    store.append([rec(0)], expected_size=0, shred_salts=[("doomed", 1, salt(1))])
-    store.append([rec(1, b"shred doomed")], expected_size=1, erase_tenants=["doomed"])
+    store.append(
+        [rec(0)],
+        expected_size=0,
+        checkpoint=note_for(0, [rec(0)]),
+        shred_salts=[("doomed", 1, salt(1))],
+    )
+    store.append(
+        [rec(1, b"shred doomed")],
+        expected_size=1,
+        checkpoint=note_for(1, [rec(1, b"shred doomed")]),
+        erase_tenants=["doomed"],
+    )
     assert store.get_shred_salt("doomed", 1) is None
     assert store.read(1, 2) == [b"shred doomed"]
+
+
+def test_replacing_salts_erases_the_old_ones_in_the_same_transaction(store: Store) -> None:
+    """A roster change re-wraps every key under a fresh salt: the old salt is gone
+    in the transaction that logs the new wrapping, and nothing else changes."""
+    fill(store, 1)
+    store.put_shred_salt("clinic", 1, salt(1))
+    store.put_shred_salt("clinic", 2, salt(2))
+    store.put_shred_salt("other", 1, salt(3))
+    store.append(
+        [rec(1, b"roster change")],
+        expected_size=1,
+        checkpoint=note(2),
+        replace_salts=[("clinic", 1, salt(11)), ("clinic", 2, salt(12))],
+    )
+    assert store.get_shred_salt("clinic", 1) == salt(11)
+    assert store.get_shred_salt("clinic", 2) == salt(12)
+    assert store.get_shred_salt("other", 1) == salt(3)
+    # Only a stored salt is replaced; a refused append changes nothing.
+    with pytest.raises(StateError, match="replace"):
+        store.append(
+            [rec(2)],
+            expected_size=2,
+            checkpoint=note(3),
+            replace_salts=[("clinic", 1, salt(21)), ("clinic", 9, salt(22))],
+        )
+    assert store.head() == (2, (2, note(2)))
+    assert store.get_shred_salt("clinic", 1) == salt(11)
+    with pytest.raises(InvalidInputError, match="given twice"):
+        store.append(
+            [rec(2)],
+            expected_size=2,
+            checkpoint=note(3),
+            shred_salts=[("clinic", 1, salt(31))],
+            replace_salts=[("clinic", 1, salt(32))],
+        )
+
+
+def test_sqlite_replaced_salt_bytes_are_gone_from_the_files(tmp_path: Path) -> None:
+    store_factory = _sqlite_factory(tmp_path)
+    s = store_factory.open()
+    old_salt = bytes.fromhex("6b28" * 16)
+    fill(s, 1)
+    s.put_shred_salt("clinic", 1, old_salt)
+    assert old_salt in _file_bytes(store_factory)
+    s.append([rec(1)], expected_size=1, checkpoint=note(2), replace_salts=[("clinic", 1, salt(5))])
+    assert old_salt not in _file_bytes(store_factory)
+    assert s.get_shred_salt("clinic", 1) == salt(5)
 
 
 def _file_bytes(factory: StoreFactory) -> bytes:
@@ -454,13 +605,23 @@ def test_sqlite_erased_salt_bytes_are_gone_from_the_files(tmp_path: Path, via: s
     store_factory = _sqlite_factory(tmp_path)
     s = store_factory.open()
     secret_salt = bytes.fromhex("5a17" * 16)
-    s.append([rec(0)], expected_size=0, shred_salts=[("doomed", 1, secret_salt)])
+    s.append(
+        [rec(0)],
+        expected_size=0,
+        checkpoint=note_for(0, [rec(0)]),
+        shred_salts=[("doomed", 1, secret_salt)],
+    )
     s.put_shred_salt("kept", 1, salt(3))
     fill_more = [rec(i, b"padding %d" % i + bytes(200)) for i in range(1, 40)]
-    s.append(fill_more, expected_size=1)
+    s.append(fill_more, expected_size=1, checkpoint=note_for(1, fill_more))
     assert secret_salt in _file_bytes(store_factory)  # the search can see it
     if via == "append":
-        s.append([rec(40, b"shred")], expected_size=40, erase_tenants=["doomed"])
+        s.append(
+            [rec(40, b"shred")],
+            expected_size=40,
+            checkpoint=note_for(40, [rec(40, b"shred")]),
+            erase_tenants=["doomed"],
+        )
     else:
         s.erase_shred_salts("doomed")
     # While still open (WAL file present or truncated) and after close.
@@ -659,15 +820,15 @@ def test_sqlite_failed_write_rolls_back_and_stops_the_store(tmp_path: Path) -> N
     s._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1000)
     batch = [rec(1), rec(2, b"x" * 5000), rec(3)]
     with pytest.raises(StorageError, match="nothing was committed"):
-        s.append(batch, expected_size=1)
+        s.append(batch, expected_size=1, checkpoint=note_for(1, batch))
     with pytest.raises(StorageError, match="stopped after a failed write"):
         s.size()
     with pytest.raises(StorageError, match="stopped after a failed write"):
-        s.append([rec(1)], expected_size=1)
+        s.append([rec(1)], expected_size=1, checkpoint=note_for(1, [rec(1)]))
     s.close()
     with SqliteStore.in_directory(tmp_path) as again:
         assert again.size() == 1
-        again.append([rec(1)], expected_size=1)
+        again.append([rec(1)], expected_size=1, checkpoint=note_for(1, [rec(1)]))
 
 
 @pytest.mark.parametrize(
@@ -736,11 +897,17 @@ def _raw(dsn: str) -> psycopg.Connection[tuple[object, ...]]:
 
 
 def _raw_insert(conn: psycopg.Connection[tuple[object, ...]], seq: int, prev: bytes) -> None:
+    """Another writer's append, done by hand: the entry and the checkpoint covering it."""
     body = b"raw %d" % seq
-    conn.execute(
-        "INSERT INTO log_entries (seq, leaf_hash, prev_leaf_hash, entry) VALUES (%s, %s, %s, %s)",
-        (seq, leaf_hash(body), prev, body),
-    )
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO log_entries (seq, leaf_hash, prev_leaf_hash, entry) "
+            "VALUES (%s, %s, %s, %s)",
+            (seq, leaf_hash(body), prev, body),
+        )
+        conn.execute(
+            "INSERT INTO checkpoints (size, note) VALUES (%s, %s)", (seq + 1, note(seq + 1))
+        )
 
 
 _H2 = rec(2)[1]
@@ -773,6 +940,14 @@ _BYPASS: list[tuple[str, str, tuple[object, ...], str]] = [
         "leaf_hash_is_rfc9162",
     ),
     ("move-head", "UPDATE log_head SET size = 0", (), "moves only by appending"),
+    (
+        "entry-without-its-checkpoint",
+        "INSERT INTO log_entries VALUES (3, %s, %s, 'x')",
+        (leaf_hash(b"x"), _H2),
+        "committed without the checkpoint that covers them",
+    ),
+    ("delete-checkpoint", "DELETE FROM checkpoints", (), "never deleted"),
+    ("truncate-checkpoints", "TRUNCATE checkpoints", (), "never deleted"),
     ("delete-head", "DELETE FROM log_head", (), "one fixed row"),
     ("replace-salt", "UPDATE shred_salts SET salt = %s", (bytes(32),), "never replaced"),
     ("counter-back", "UPDATE counters SET next = 0", (), "never goes back"),
@@ -799,14 +974,16 @@ def test_postgres_schema_refuses_writes_that_bypass_the_class(
         assert s.read(0, 3) == [rec(i)[2] for i in range(3)]
         assert s.leaf_hashes() == [rec(i)[1] for i in range(3)]
         assert s.get_shred_salt("t", 1) == salt(1)
-        s.append([rec(3)], expected_size=3)  # the head still agrees with the rows
+        s.append(
+            [rec(3)], expected_size=3, checkpoint=note_for(3, [rec(3)])
+        )  # the head still agrees with the rows
 
 
 @pg
 def test_postgres_rows_carry_the_chain_of_leaf_hashes(pg_dsn: str) -> None:
     with PostgresStore.open(pg_dsn) as s:
         fill(s, 2)
-        s.append([rec(2), rec(3)], expected_size=2)
+        s.append([rec(2), rec(3)], expected_size=2, checkpoint=note_for(2, [rec(2), rec(3)]))
         with _raw(pg_dsn) as raw:
             rows = raw.execute(
                 "SELECT seq, prev_leaf_hash, leaf_hash FROM log_entries ORDER BY seq"
@@ -839,7 +1016,7 @@ def test_postgres_loser_waits_for_the_head_lock_then_conflicts(pg_dsn: str) -> N
 
 def _append_into(s: Store, record: LogRecord, outcome: list[BaseException | None]) -> None:
     try:
-        s.append([record], expected_size=record[0])
+        s.append([record], expected_size=record[0], checkpoint=note_for(record[0], [record]))
         outcome.append(None)
     except BaseException as e:
         outcome.append(e)
@@ -893,7 +1070,7 @@ def test_postgres_fsync_turned_off_by_reload_stops_appends(pg_restartable: Resta
             admin.execute("SELECT pg_reload_conf()")
             _until(lambda: s.durability_settings()["fsync"] == "off")
             with pytest.raises(StorageError, match="fsync is off"):
-                s.append([rec(1)], expected_size=1)
+                s.append([rec(1)], expected_size=1, checkpoint=note_for(1, [rec(1)]))
             with pytest.raises(StorageError, match="fsync is off"):
                 PostgresStore.open(dsn)
             assert s.size() == 1
@@ -901,7 +1078,7 @@ def test_postgres_fsync_turned_off_by_reload_stops_appends(pg_restartable: Resta
             admin.execute("ALTER SYSTEM RESET fsync")
             admin.execute("SELECT pg_reload_conf()")
         _until(lambda: s.durability_settings()["fsync"] == "on")
-        s.append([rec(1)], expected_size=1)
+        s.append([rec(1)], expected_size=1, checkpoint=note_for(1, [rec(1)]))
 
 
 @pg
@@ -913,11 +1090,11 @@ def test_postgres_server_started_with_fsync_off_is_refused(pg_restartable: Resta
         with pytest.raises(StorageError, match="fsync is off"):
             PostgresStore.open(dsn)
         with pytest.raises(StorageError, match="fsync is off"):  # the pool refuses too
-            s.append([rec(1)], expected_size=1)
+            s.append([rec(1)], expected_size=1, checkpoint=note_for(1, [rec(1)]))
         cluster.restart()
         _until(lambda: _succeeds(s.size))
         assert s.size() == 1
-        s.append([rec(1)], expected_size=1)
+        s.append([rec(1)], expected_size=1, checkpoint=note_for(1, [rec(1)]))
 
 
 @pg
@@ -932,7 +1109,7 @@ def test_postgres_stopped_under_the_store_fails_clearly_and_recovers(
         cluster.stop()
         for call in (
             s.size,
-            lambda: s.append([rec(2)], expected_size=2),
+            lambda: s.append([rec(2)], expected_size=2, checkpoint=note_for(2, [rec(2)])),
             lambda: s.read(0, 2),
             lambda: s.get_shred_salt("t", 1),
         ):
@@ -948,7 +1125,7 @@ def test_postgres_stopped_under_the_store_fails_clearly_and_recovers(
         assert time.monotonic() - started < 10
         assert s.read(0, 2) == [rec(0)[2], rec(1)[2]]
         assert s.get_shred_salt("t", 1) == salt(1)
-        s.append([rec(2)], expected_size=2)
+        s.append([rec(2)], expected_size=2, checkpoint=note_for(2, [rec(2)]))
         assert any("available again" in r.getMessage() for r in caplog.records)
 
 
@@ -976,7 +1153,9 @@ def test_postgres_follower_is_woken_by_notify(pg_dsn: str) -> None:
         PostgresStore.open(pg_dsn) as leader,
     ):
         fill(leader, 1)
-        timer = threading.Timer(0.3, lambda: leader.append([rec(1)], expected_size=1))
+        timer = threading.Timer(
+            0.3, lambda: leader.append([rec(1)], expected_size=1, checkpoint=note_for(1, [rec(1)]))
+        )
         started = time.monotonic()
         timer.start()
         assert follower.wait_for_append(1, timeout=20) == 2
@@ -1012,11 +1191,13 @@ def test_postgres_follower_survives_losing_its_listen_connection(pg_dsn: str) ->
             "WHERE query LIKE 'LISTEN keyquorum_log%%' AND pid <> pg_backend_pid()"
         ).fetchone()
         assert killed == (1,)
-        timer = threading.Timer(0.3, lambda: leader.append([rec(1)], expected_size=1))
+        timer = threading.Timer(
+            0.3, lambda: leader.append([rec(1)], expected_size=1, checkpoint=note_for(1, [rec(1)]))
+        )
         timer.start()
         assert follower.wait_for_append(1, timeout=20) == 2
         timer.join()
-        leader.append([rec(2)], expected_size=2)
+        leader.append([rec(2)], expected_size=2, checkpoint=note_for(2, [rec(2)]))
         assert follower.wait_for_append(2, timeout=20) == 3  # listening again
 
 
@@ -1055,7 +1236,7 @@ def test_postgres_replicas_starting_together_migrate_once(pg_dsn: str) -> None:
     try:
         assert errors == []
         assert [s.schema_version() for s in stores] == [postgres_store.SCHEMA_VERSION] * 4
-        stores[0].append([rec(0)], expected_size=0)
+        stores[0].append([rec(0)], expected_size=0, checkpoint=note_for(0, [rec(0)]))
         assert [s.size() for s in stores] == [1] * 4
     finally:
         for s in stores:
@@ -1068,8 +1249,18 @@ def test_postgres_erased_salt_is_gone_for_every_session(pg_dsn: str) -> None:
     (Dead tuples and WAL keep the bytes for a while: docs/postgres.md.)"""
     with PostgresStore.open(pg_dsn) as s, _raw(pg_dsn) as raw:
         secret_salt = bytes.fromhex("5a17" * 16)
-        s.append([rec(0)], expected_size=0, shred_salts=[("doomed", 1, secret_salt)])
-        s.append([rec(1, b"shred")], expected_size=1, erase_tenants=["doomed"])
+        s.append(
+            [rec(0)],
+            expected_size=0,
+            checkpoint=note_for(0, [rec(0)]),
+            shred_salts=[("doomed", 1, secret_salt)],
+        )
+        s.append(
+            [rec(1, b"shred")],
+            expected_size=1,
+            checkpoint=note_for(1, [rec(1, b"shred")]),
+            erase_tenants=["doomed"],
+        )
         found = raw.execute("SELECT count(*) FROM shred_salts WHERE salt = %s", (secret_salt,))
         assert found.fetchone() == (0,)
         assert s.get_shred_salt("doomed", 1) is None
@@ -1080,12 +1271,12 @@ def test_postgres_text_with_nul_is_refused_as_input(pg_dsn: str) -> None:
     with PostgresStore.open(pg_dsn) as s:
         fill(s, 1)
         with pytest.raises(InvalidInputError, match="must not contain NUL"):
-            s.put_checkpoint(1, "note\x00")
+            s.put_checkpoint(1, note(1) + "\x00")
         with pytest.raises(InvalidInputError, match="must not contain NUL"):
             s.set_meta("deployment", "a\x00b")
         with pytest.raises(InvalidInputError, match="PostgreSQL refused a value"):
             s.put_shred_salt("t", 2**31, salt(1))
-        assert s.latest_checkpoint() is None
+        assert s.latest_checkpoint() == (1, note(1))
 
 
 @pg
@@ -1145,8 +1336,8 @@ def test_postgres_connection_lost_during_commit_says_the_outcome_is_unknown(pg_d
             "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION die_at_commit()"
         )
         with pytest.raises(StorageError, match="failed during COMMIT, so the write may or may not"):
-            s.append([rec(1)], expected_size=1)
+            s.append([rec(1)], expected_size=1, checkpoint=note_for(1, [rec(1)]))
         admin.execute("DROP TRIGGER die_at_commit ON log_entries")
         assert s.size() == 1  # re-read: this one did not commit
-        s.append([rec(1)], expected_size=1)
+        s.append([rec(1)], expected_size=1, checkpoint=note_for(1, [rec(1)]))
         assert s.read(1, 2) == [rec(1)[2]]

@@ -1,17 +1,22 @@
 """The storage contract of the daemon, independent of the database.
 
-A `Store` keeps four things and nothing else:
+A `Store` keeps these things and nothing else:
 
 1. The quorum log: entries `(seq, leaf_hash, entry_bytes)`, append-only and
    gap-free. `seq` runs 0, 1, 2, ... with no gaps or duplicates; `leaf_hash`
    is the entry's RFC 9162 section 2.1.1 leaf hash, SHA-256(0x00 || entry),
    kept so the Merkle tree is rebuilt at start without re-hashing; the
    entry bytes are exactly what was hashed and signed (never re-encoded).
-2. Signed checkpoints (C2SP signed notes) by tree size.
+2. Signed checkpoints (C2SP signed notes) by tree size: one per append,
+   written in the append's own transaction (below). A stored note may later
+   be replaced by the same checkpoint with cosignatures added
+   (`put_checkpoint`), never by another tree head, and no checkpoint is
+   ever added apart from its entries.
 3. The erasable shred-salt table: one 32-byte salt per tenant key version.
    The log binds each salt by its hash; erasing a tenant's salts makes its
    logged wrapped keys unopenable for good (crypto-shredding, see
-   docs/approvals.md). Erasing must remove the bytes, not just the row.
+   docs/approvals.md). Erasing or replacing a salt must remove the old
+   bytes, not just the row.
 4. A small key-value `meta` table (schema version, deployment id).
 5. Named counters that only grow, reserved in blocks (`reserve_block`):
    the data plane's per-key-version encryption counts, so the NIST SP
@@ -21,25 +26,34 @@ Append is the one write that matters, so its rules are part of the
 contract, and every backend runs the same conformance suite
 (tests/test_store.py):
 
-- One call is one transaction: every entry, every new shred salt and
-  every salt erasure in the call is committed together or not at all, and
-  is durable (fsynced) when the call returns. An execution entry and the
-  salt it binds (create-tenant, rotate-tenant), or a `shred` entry and the
-  erasure it records, therefore never exist one without the other.
+- One call is one transaction: every entry, the signed checkpoint that
+  covers them (`checkpoint`, a note of exactly the new log size), every
+  new shred salt, every salt replaced and every salt erasure in the call
+  are committed together or not at all, and are durable (fsynced) when
+  the call returns. So no entry is ever stored without the checkpoint
+  that vouches for it: the daemon refuses, at start and when it follows
+  other replicas, any entry beyond the last signed checkpoint, which is
+  therefore tampering, never a crash (docs/log-format.md). An execution
+  entry and the salt it binds (create-tenant, rotate-tenant, the fresh
+  salts of a roster change), or a `shred` entry and the erasure it
+  records, never exist one without the other either.
 - The call states the log size it was decided on (`expected_size`). If
   the stored size differs, another writer won: `AppendConflictError`, and
   nothing is written. This is what makes appends linearisable across
   threads, processes and (with PostgreSQL) replicas.
 - Malformed calls (seq not consecutive from `expected_size`, a leaf hash
-  that does not match its entry, a salt of the wrong size) are caller bugs:
-  `InvalidInputError` before the database is touched.
+  that does not match its entry, a checkpoint note of another size, a
+  salt of the wrong size) are caller bugs: `InvalidInputError` before the
+  database is touched.
 - A failed commit stops the store: every later call raises
   `StorageError` until it is reopened (after an fsync failure the kernel
   may have dropped the dirty pages, so retrying could report success for
   data that is not on disk).
 
-The store does not judge entries: replay (`keyquorum.quorum.replay`) is the
-one verifier, and it runs over what the store returns.
+The store does not judge entries or signatures: replay
+(`keyquorum.quorum.replay`) is the one verifier, and it runs over what the
+store returns. It reads only a checkpoint note's claimed size, to keep a
+row and its note in step.
 """
 
 from __future__ import annotations
@@ -49,7 +63,8 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Final, Protocol
 
-from keyquorum.quorum.errors import InvalidInputError, LimitExceededError
+from keyquorum.quorum.checkpoint import unverified_size
+from keyquorum.quorum.errors import DeserializationError, InvalidInputError, LimitExceededError
 
 SCHEMA_VERSION_KEY: Final = "schema_version"
 """The `meta` key holding the schema version; `set_meta` refuses to write it."""
@@ -72,7 +87,10 @@ LogRecord = tuple[int, bytes, bytes]
 """(seq, leaf_hash, entry bytes) as passed to `Store.append`."""
 
 ShredSalt = tuple[str, int, bytes]
-"""(tenant, version, salt) as passed to `Store.append(shred_salts=...)`."""
+"""(tenant, version, salt) as passed to `Store.append(shred_salts=..., replace_salts=...)`."""
+
+Head = tuple[int, tuple[int, str] | None]
+"""(log size, latest checkpoint as (size, note) or None), read at one instant."""
 
 
 class Store(Protocol):
@@ -87,11 +105,18 @@ class Store(Protocol):
         entries: Sequence[LogRecord],
         *,
         expected_size: int,
+        checkpoint: str,
         shred_salts: Sequence[ShredSalt] = (),
         erase_tenants: Sequence[str] = (),
+        replace_salts: Sequence[ShredSalt] = (),
     ) -> None:
-        """Append entries, store new salts and erase tenants' salts in one
-        durable transaction; `AppendConflictError` if the size moved."""
+        """Append entries with the checkpoint note covering them, store new
+        salts, replace salts (the old bytes erased) and erase tenants' salts,
+        in one durable transaction; `AppendConflictError` if the size moved."""
+        ...
+
+    def head(self) -> Head:
+        """The log size and the latest checkpoint, read at one instant."""
         ...
 
     def read(self, start: int, end: int) -> list[bytes]:
@@ -107,11 +132,16 @@ class Store(Protocol):
         ...
 
     def put_checkpoint(self, size: int, note_text: str) -> None:
-        """Record a signed checkpoint note for tree size `size`."""
+        """Replace the stored note of tree size `size` (cosignatures added);
+        `StateError` when no checkpoint of that size was appended."""
         ...
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
         """The checkpoint with the largest size, or None before the first."""
+        ...
+
+    def checkpoint_at(self, size: int) -> str | None:
+        """The stored note of tree size `size`, or None."""
         ...
 
     def checkpoints(self) -> list[tuple[int, str]]:
@@ -162,18 +192,22 @@ def check_append(
     entries: Sequence[LogRecord],
     *,
     expected_size: int,
+    checkpoint: str,
     shred_salts: Sequence[ShredSalt],
     erase_tenants: Sequence[str],
+    replace_salts: Sequence[ShredSalt] = (),
 ) -> None:
     """Preconditions of `Store.append`, shared by every backend.
 
     Checked before any database work, so a malformed call never opens a
     transaction. The seq numbers must already be consecutive from
-    `expected_size`: a call that disagrees with itself is a bug, not a race.
+    `expected_size`, and the checkpoint note must claim the size the log
+    will have: a call that disagrees with itself is a bug, not a race.
     """
     check_size("expected_size", expected_size)
     if not entries:
         raise InvalidInputError("append needs at least one entry")
+    check_checkpoint(expected_size + len(entries), checkpoint)
     for i, record in enumerate(entries):
         if not isinstance(record, tuple) or len(record) != 3:
             raise InvalidInputError(f"entry {i} must be a (seq, leaf_hash, entry) tuple")
@@ -188,14 +222,15 @@ def check_append(
         if hashed != leaf_hash(entry):
             raise InvalidInputError(f"entry {seq}: leaf hash is not SHA-256(0x00 || entry)")
     seen: set[tuple[str, int]] = set()
-    for i, item in enumerate(shred_salts):
-        if not isinstance(item, tuple) or len(item) != 3:
-            raise InvalidInputError(f"shred salt {i} must be a (tenant, version, salt) tuple")
-        tenant, version, salt = item
-        check_salt(tenant, version, salt)
-        if (tenant, version) in seen:
-            raise InvalidInputError(f"shred salt for {tenant!r} version {version} given twice")
-        seen.add((tenant, version))
+    for what, items in (("shred salt", shred_salts), ("replaced salt", replace_salts)):
+        for i, item in enumerate(items):
+            if not isinstance(item, tuple) or len(item) != 3:
+                raise InvalidInputError(f"{what} {i} must be a (tenant, version, salt) tuple")
+            tenant, version, salt = item
+            check_salt(tenant, version, salt)
+            if (tenant, version) in seen:
+                raise InvalidInputError(f"a salt for {tenant!r} version {version} given twice")
+            seen.add((tenant, version))
     for tenant in erase_tenants:
         check_tenant(tenant)
     both = {tenant for tenant, _ in seen} & set(erase_tenants)
@@ -243,6 +278,7 @@ def check_salt(tenant: str, version: int, salt: bytes) -> None:
 
 
 def check_checkpoint(size: int, note_text: str) -> None:
+    """A note that claims tree size `size` (its signatures are replay's to check)."""
     check_size("checkpoint size", size)
     if not isinstance(note_text, str) or not note_text:
         raise InvalidInputError("checkpoint note must be a non-empty string")
@@ -250,6 +286,12 @@ def check_checkpoint(size: int, note_text: str) -> None:
         note_text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InvalidInputError("checkpoint note is not valid UTF-8 text") from e
+    try:
+        claimed = unverified_size(note_text)
+    except DeserializationError as e:
+        raise InvalidInputError(f"checkpoint note is not a checkpoint: {e}") from e
+    if claimed != size:
+        raise InvalidInputError(f"the checkpoint note is of tree size {claimed}, not {size}")
 
 
 def check_reserve(counter: str, block: int, limit: int) -> None:

@@ -216,6 +216,29 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """CREATE TRIGGER counters_no_truncate BEFORE TRUNCATE ON counters
            FOR EACH STATEMENT EXECUTE FUNCTION keyquorum_refuse('a counter is never deleted')""",
     ),
+    (
+        # No entry commits without the checkpoint that covers it: checked at
+        # COMMIT (a deferred constraint trigger), after the append's own
+        # checkpoint insert, for every writer that goes through PostgreSQL.
+        """CREATE FUNCTION keyquorum_log_covered() RETURNS trigger
+           LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+           BEGIN
+             IF NOT EXISTS (
+               SELECT 1 FROM checkpoints WHERE size = (SELECT size FROM log_head)
+             ) THEN
+               RAISE EXCEPTION 'keyquorum: log entries committed without the checkpoint '
+                 'that covers them' USING ERRCODE = 'check_violation';
+             END IF;
+             RETURN NULL;
+           END $$""",
+        """CREATE CONSTRAINT TRIGGER log_entries_covered AFTER INSERT ON log_entries
+           DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION keyquorum_log_covered()""",
+        """CREATE TRIGGER checkpoints_kept BEFORE DELETE ON checkpoints
+           FOR EACH ROW EXECUTE FUNCTION keyquorum_refuse('a checkpoint is never deleted')""",
+        """CREATE TRIGGER checkpoints_no_truncate BEFORE TRUNCATE ON checkpoints
+           FOR EACH STATEMENT EXECUTE FUNCTION keyquorum_refuse('a checkpoint is never deleted')""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -461,15 +484,20 @@ class PostgresStore:
         entries: Sequence[LogRecord],
         *,
         expected_size: int,
+        checkpoint: str,
         shred_salts: Sequence[ShredSalt] = (),
         erase_tenants: Sequence[str] = (),
+        replace_salts: Sequence[ShredSalt] = (),
     ) -> None:
         store.check_append(
             entries,
             expected_size=expected_size,
+            checkpoint=checkpoint,
             shred_salts=shred_salts,
             erase_tenants=erase_tenants,
+            replace_salts=replace_salts,
         )
+        _check_no_nul("checkpoint note", checkpoint)
 
         def body(conn: _Conn) -> None:
             # 1. Lock the head: appenders queue here, one at a time.
@@ -496,6 +524,15 @@ class PostgresStore:
                 ).fetchone()
                 if taken is not None:
                     raise StateError(f"a shred salt for {taken[0]!r} version {taken[1]} exists")
+            if replace_salts:
+                held = conn.execute(
+                    "SELECT count(*) FROM shred_salts s "
+                    "JOIN unnest(%s::text[], %s::integer[]) AS n (tenant, version) "
+                    "USING (tenant, version)",
+                    ([t for t, _, _ in replace_salts], [v for _, v, _ in replace_salts]),
+                ).fetchone()
+                if held is None or int(held[0]) != len(replace_salts):
+                    raise StateError("a salt to replace is not stored")
             # 5. Rows chained to the head; the trigger checks seq and chain again.
             prevs = [head_hash, *(hashed for _, hashed, _ in entries[:-1])]
             with conn.cursor() as cur:
@@ -507,10 +544,25 @@ class PostgresStore:
                         for (seq, hashed, raw), prev in zip(entries, prevs, strict=True)
                     ],
                 )
+                # The new log size, vouched for in the same transaction (the
+                # deferred trigger checks it is there at COMMIT).
+                cur.execute(
+                    "INSERT INTO checkpoints (size, note) VALUES (%s, %s)",
+                    (expected_size + len(entries), checkpoint),
+                )
                 if shred_salts:
                     cur.executemany(
                         "INSERT INTO shred_salts (tenant, version, salt) VALUES (%s, %s, %s)",
                         list(shred_salts),
+                    )
+                if replace_salts:
+                    cur.executemany(
+                        "DELETE FROM shred_salts WHERE tenant = %s AND version = %s",
+                        [(t, v) for t, v, _ in replace_salts],
+                    )
+                    cur.executemany(
+                        "INSERT INTO shred_salts (tenant, version, salt) VALUES (%s, %s, %s)",
+                        list(replace_salts),
                     )
                 if erase_tenants:
                     cur.execute(
@@ -523,6 +575,21 @@ class PostgresStore:
             )
 
         self._run(body, write=True)
+
+    def head(self) -> store.Head:
+        def body(conn: _Conn) -> store.Head:
+            # One statement, one snapshot: an append commits its entries and
+            # its checkpoint together, so both are seen or neither.
+            row = conn.execute(
+                "SELECT h.size, c.size, c.note FROM log_head h LEFT JOIN LATERAL "
+                "(SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1) c ON true"
+            ).fetchone()
+            if row is None:
+                raise StorageError("the log head row is missing")
+            latest = None if row[1] is None else (int(row[1]), str(row[2]))
+            return int(row[0]), latest
+
+        return self._run(body, write=False)
 
     def read(self, start: int, end: int) -> list[bytes]:
         def body(conn: _Conn) -> list[bytes]:
@@ -599,29 +666,35 @@ class PostgresStore:
     # -- checkpoints -----------------------------------------------------
 
     def put_checkpoint(self, size: int, note_text: str) -> None:
-        """Store a checkpoint note; sizes never go back, an equal size replaces
-        the note (the same checkpoint with cosignatures added)."""
+        """Replace the note of an appended checkpoint (the same checkpoint with
+        cosignatures added); a checkpoint is never added apart from its entries."""
         store.check_checkpoint(size, note_text)
         _check_no_nul("checkpoint note", note_text)
 
         def body(conn: _Conn) -> None:
-            # The head lock also orders checkpoint writers of all replicas,
-            # so two of them cannot interleave the check and the insert.
-            row = conn.execute("SELECT size FROM log_head FOR UPDATE").fetchone()
+            row = conn.execute("SELECT size FROM log_head").fetchone()
             log_size = 0 if row is None else int(row[0])
             if size > log_size:
                 raise InvalidInputError(f"checkpoint size is beyond the log: {size} > {log_size}")
-            latest_row = conn.execute("SELECT max(size) FROM checkpoints").fetchone()
-            latest = None if latest_row is None else latest_row[0]
-            if latest is not None and size < latest:
-                raise StateError(f"checkpoint size {size} is older than the latest ({latest})")
-            conn.execute(
-                "INSERT INTO checkpoints (size, note) VALUES (%s, %s) "
-                "ON CONFLICT (size) DO UPDATE SET note = excluded.note",
-                (size, note_text),
-            )
+            updated = conn.execute(
+                "UPDATE checkpoints SET note = %s WHERE size = %s", (note_text, size)
+            ).rowcount
+            if updated != 1:
+                raise StateError(
+                    f"no checkpoint of size {size} is stored: checkpoints are written with "
+                    "the entries they cover"
+                )
 
         self._run(body, write=True)
+
+    def checkpoint_at(self, size: int) -> str | None:
+        store.check_size("checkpoint size", size)
+
+        def body(conn: _Conn) -> str | None:
+            row = conn.execute("SELECT note FROM checkpoints WHERE size = %s", (size,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return self._run(body, write=False)
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
         def body(conn: _Conn) -> tuple[int, str] | None:

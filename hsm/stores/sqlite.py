@@ -321,14 +321,18 @@ class SqliteStore:
         entries: Sequence[LogRecord],
         *,
         expected_size: int,
+        checkpoint: str,
         shred_salts: Sequence[ShredSalt] = (),
         erase_tenants: Sequence[str] = (),
+        replace_salts: Sequence[ShredSalt] = (),
     ) -> None:
         store.check_append(
             entries,
             expected_size=expected_size,
+            checkpoint=checkpoint,
             shred_salts=shred_salts,
             erase_tenants=erase_tenants,
+            replace_salts=replace_salts,
         )
 
         def body(cur: sqlite3.Cursor) -> None:
@@ -342,11 +346,27 @@ class SqliteStore:
             for tenant, version, _ in shred_salts:
                 if _has_salt(cur, tenant, version):
                     raise StateError(f"a shred salt for {tenant!r} version {version} exists")
+            for tenant, version, _ in replace_salts:
+                if not _has_salt(cur, tenant, version):
+                    raise StateError(f"no shred salt for {tenant!r} version {version} to replace")
             cur.executemany(
                 "INSERT INTO log_entries (seq, leaf_hash, entry) VALUES (?, ?, ?)", entries
             )
+            # The new log size, vouched for in the same transaction. A row of
+            # that size cannot exist (sizes only grow): the insert refuses it.
+            cur.execute(
+                "INSERT INTO checkpoints (size, note) VALUES (?, ?)",
+                (expected_size + len(entries), checkpoint),
+            )
             cur.executemany(
                 "INSERT INTO shred_salts (tenant, version, salt) VALUES (?, ?, ?)", shred_salts
+            )
+            cur.executemany(
+                "DELETE FROM shred_salts WHERE tenant = ? AND version = ?",
+                [(t, v) for t, v, _ in replace_salts],
+            )
+            cur.executemany(
+                "INSERT INTO shred_salts (tenant, version, salt) VALUES (?, ?, ?)", replace_salts
             )
             cur.executemany(
                 "DELETE FROM shred_salts WHERE tenant = ?", [(t,) for t in erase_tenants]
@@ -354,8 +374,20 @@ class SqliteStore:
 
         with self._lock:
             self._write(body)
-            if erase_tenants or self._scrub_pending:
+            if erase_tenants or replace_salts or self._scrub_pending:
                 self._scrub_wal()
+
+    def head(self) -> store.Head:
+        def body(conn: sqlite3.Connection) -> store.Head:
+            # One connection behind one lock: nothing of ours writes between
+            # the two reads, and only this process writes the file.
+            size = self._size(conn)
+            row = conn.execute(
+                "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1"
+            ).fetchone()
+            return size, None if row is None else (int(row[0]), str(row[1]))
+
+        return self._read(body)
 
     def read(self, start: int, end: int) -> list[bytes]:
         def body(conn: sqlite3.Connection) -> list[bytes]:
@@ -383,25 +415,34 @@ class SqliteStore:
     # -- checkpoints -----------------------------------------------------
 
     def put_checkpoint(self, size: int, note_text: str) -> None:
-        """Store a checkpoint note; sizes never go back, an equal size replaces
-        the note (the same checkpoint with cosignatures added)."""
+        """Replace the note of an appended checkpoint (the same checkpoint with
+        cosignatures added); a checkpoint is never added apart from its entries."""
         store.check_checkpoint(size, note_text)
 
         def body(cur: sqlite3.Cursor) -> None:
             log_size = self._size(cur)
             if size > log_size:
                 raise InvalidInputError(f"checkpoint size is beyond the log: {size} > {log_size}")
-            latest = cur.execute("SELECT max(size) FROM checkpoints").fetchone()[0]
-            if latest is not None and size < latest:
-                raise StateError(f"checkpoint size {size} is older than the latest ({latest})")
-            cur.execute(
-                "INSERT INTO checkpoints (size, note) VALUES (?, ?) "
-                "ON CONFLICT (size) DO UPDATE SET note = excluded.note",
-                (size, note_text),
-            )
+            updated = cur.execute(
+                "UPDATE checkpoints SET note = ? WHERE size = ?", (note_text, size)
+            ).rowcount
+            if updated != 1:
+                raise StateError(
+                    f"no checkpoint of size {size} is stored: checkpoints are written with "
+                    "the entries they cover"
+                )
 
         with self._lock:
             self._write(body)
+
+    def checkpoint_at(self, size: int) -> str | None:
+        store.check_size("checkpoint size", size)
+
+        def body(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT note FROM checkpoints WHERE size = ?", (size,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return self._read(body)
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
         def body(conn: sqlite3.Connection) -> tuple[int, str] | None:
