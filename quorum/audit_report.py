@@ -85,6 +85,7 @@ from keyquorum.quorum.operations import (
     GrantChanged,
     NewVersion,
     RosterChanged,
+    TenantResult,
     VersionDisabled,
     operation,
     request_for,
@@ -783,7 +784,7 @@ def build_report(
     grants: list[GrantRecord] = []
     for x in state.executions:
         r = x.result
-        if isinstance(r, RosterChanged):
+        if not isinstance(r, TenantResult):
             continue
         approvers = ", ".join(person(fp).name for fp in x.approvers)
         carried = f" (proposal {x.proposal.hex()[:8]}, approved by {approvers})"

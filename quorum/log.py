@@ -22,6 +22,7 @@ shred salts appear only as their SHA-256, approvals are signatures.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -68,8 +69,11 @@ VERSION = 1
 MAX_SEQ = 2**53 - 1
 GENESIS_PREV = bytes(32)
 MAX_SIGNATURE = 8192
+ED25519_SIGNATURE = 64
 ENTRY_KEYS = ("payload", "prev", "seq", "time", "type", "v")
 SHARE_INFO_PREFIX = b"keyquorum/v1/share-encryption\0"
+#: Domain of the log key's signature over an entry the daemon writes on its own.
+LOG_SIGNATURE_DOMAIN = b"keyquorum/v1/log-entry\0"
 
 __all__ = [
     "ENTRY_TYPES",
@@ -91,6 +95,8 @@ __all__ = [
     "UnsealPayload",
     "UnsealShare",
     "entry_hash",
+    "log_signature_message",
+    "needs_log_signature",
     "next_entry",
     "share_info",
 ]
@@ -137,6 +143,13 @@ def _signature(value: object, *, field: str) -> bytes:
     except KeyquorumError as e:
         raise DeserializationError(f"{field}: not a hybrid signature: {e}") from e
     return raw
+
+
+def _log_signature(value: object, *, field: str) -> bytes | None:
+    """The log key's Ed25519 signature over an entry, or None (replay refuses a missing one)."""
+    if value is None:
+        return None
+    return read_hex(value, field=field, size=ED25519_SIGNATURE)
 
 
 def _log_key(value: object, *, field: str) -> str:
@@ -322,7 +335,8 @@ class SealPayload:
     """A replica (or `"*"`, all) dropped the master key.
 
     Either a custodian asked (their signature over statement `seal`), or the
-    daemon sealed itself at shutdown (`custodian` and `signature` null).
+    daemon sealed itself at shutdown (`custodian` and `signature` null, and
+    `log_signature` the log key's signature over the entry).
     """
 
     replica: str
@@ -330,18 +344,22 @@ class SealPayload:
     reason: str
     requested_at: int
     signature: bytes | None
+    log_signature: bytes | None = None
 
     TYPE = "seal"
-    KEYS = ("custodian", "reason", "replica", "requested_at", "signature")
+    KEYS = ("custodian", "log_signature", "reason", "replica", "requested_at", "signature")
     ALL_REPLICAS = "*"
 
     def __post_init__(self) -> None:
         if (self.custodian is None) != (self.signature is None):
             raise InvalidInputError("a seal has a signature exactly when it names a custodian")
+        if self.custodian is not None and self.log_signature is not None:
+            raise InvalidInputError("a custodian's seal is signed by the custodian, not the log")
 
     def to_json(self) -> dict[str, Any]:
         return {
             "custodian": self.custodian,
+            "log_signature": None if self.log_signature is None else self.log_signature.hex(),
             "reason": self.reason,
             "replica": self.replica,
             "requested_at": self.requested_at,
@@ -355,6 +373,8 @@ class SealPayload:
         signature = obj["signature"]
         if (custodian is None) != (signature is None):
             raise DeserializationError("seal: signature must be null exactly when custodian is")
+        if custodian is not None and obj["log_signature"] is not None:
+            raise DeserializationError("seal: a custodian's seal carries no log_signature")
         replica = obj["replica"]
         if replica != cls.ALL_REPLICAS:
             replica = read_str(replica, field="replica", pattern=NAME_RE)
@@ -364,6 +384,7 @@ class SealPayload:
             reason=read_str(obj["reason"], field="reason"),
             requested_at=read_int(obj["requested_at"], field="requested_at"),
             signature=None if signature is None else _signature(signature, field="signature"),
+            log_signature=_log_signature(obj["log_signature"], field="log_signature"),
         )
 
 
@@ -371,7 +392,11 @@ class SealPayload:
 class ProposalPayload:
     """A request for a quorum operation; its log position is its entry's seq.
 
-    A `change-roster` proposal also carries `credentials`: the public
+    `proposer` is the fingerprint of a custodian on the roster in force or
+    of a proposer the quorum registered (`add-proposer`); `signature` is
+    theirs over the `propose` statement of exactly this id, operation,
+    parameters and expiry (`statements.proposal_statement`). A
+    `change-roster` proposal also carries `credentials`: the public
     credentials of the custodians its roster adds (those not on the roster
     in force), in roster order, so that the statement custodians sign can
     name them and the daemon knows them after a restart. Other operations
@@ -383,10 +408,11 @@ class ProposalPayload:
     parameters: Parameters
     expires_at: int
     proposer: str
+    signature: bytes
     credentials: tuple[PublicCredential, ...] = ()
 
     TYPE = "proposal"
-    KEYS = ("expires_at", "id", "operation", "parameters", "proposer")
+    KEYS = ("expires_at", "id", "operation", "parameters", "proposer", "signature")
     ROSTER_KEYS = (*KEYS, "credentials")
 
     def to_json(self) -> dict[str, Any]:
@@ -396,6 +422,7 @@ class ProposalPayload:
             "operation": self.operation,
             "parameters": dict(self.parameters),
             "proposer": self.proposer,
+            "signature": self.signature.hex(),
         }
         if self.operation == "change-roster":
             out["credentials"] = [c.to_json() for c in self.credentials]
@@ -421,7 +448,8 @@ class ProposalPayload:
             operation=name,
             parameters=parse_parameters(name, obj["parameters"]),
             expires_at=read_int(obj["expires_at"], field="expires_at"),
-            proposer=read_str(obj["proposer"], field="proposer"),
+            proposer=read_fingerprint(obj["proposer"], field="proposer"),
+            signature=_signature(obj["signature"], field="signature"),
             credentials=credentials,
         )
 
@@ -479,17 +507,23 @@ class RefusalPayload(_Verdict):
 
 @dataclass(frozen=True)
 class ExecutionPayload:
-    """An approved operation took effect; `result` is its logged outcome."""
+    """An approved operation took effect; `result` is its logged outcome.
+
+    The daemon makes the result (wrapped keys, salts' hashes, shares), so it
+    signs the entry with the log key in force before it (`log_signature`).
+    """
 
     proposal: bytes
     operation: str
     result: Result
+    log_signature: bytes | None = None
 
     TYPE = "execution"
-    KEYS = ("operation", "proposal", "result")
+    KEYS = ("log_signature", "operation", "proposal", "result")
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "log_signature": None if self.log_signature is None else self.log_signature.hex(),
             "operation": self.operation,
             "proposal": self.proposal.hex(),
             "result": self.result.to_json(),
@@ -503,25 +537,36 @@ class ExecutionPayload:
             proposal=read_hex(obj["proposal"], field="proposal", size=ID_LEN),
             operation=name,
             result=parse_result(name, obj["result"]),
+            log_signature=_log_signature(obj["log_signature"], field="log_signature"),
         )
 
 
 @dataclass(frozen=True)
 class ShredPayload:
-    """The destroy wait of `tenant` ended: its shred salts are erased for good."""
+    """The destroy wait of `tenant` ended: its shred salts are erased for good.
+
+    Written by the daemon on its own, so signed with the log key (`log_signature`).
+    """
 
     tenant: str
+    log_signature: bytes | None = None
 
     TYPE = "shred"
-    KEYS = ("tenant",)
+    KEYS = ("log_signature", "tenant")
 
     def to_json(self) -> dict[str, Any]:
-        return {"tenant": self.tenant}
+        return {
+            "log_signature": None if self.log_signature is None else self.log_signature.hex(),
+            "tenant": self.tenant,
+        }
 
     @classmethod
     def from_json(cls, value: object) -> ShredPayload:
         obj = read_object(value, field="payload", keys=cls.KEYS)
-        return cls(tenant=read_str(obj["tenant"], field="tenant", pattern=TENANT_RE))
+        return cls(
+            tenant=read_str(obj["tenant"], field="tenant", pattern=TENANT_RE),
+            log_signature=_log_signature(obj["log_signature"], field="log_signature"),
+        )
 
 
 Payload = (
@@ -624,12 +669,46 @@ class LogHead(Protocol):
     def time(self) -> int: ...
 
 
-def next_entry(state: LogHead | None, type: str, payload: Payload, time: int) -> bytes:
+def needs_log_signature(payload: Payload) -> bool:
+    """Whether the daemon writes this entry on its own, so the log key signs it.
+
+    Executions (the daemon makes their results), shreds, and seals that
+    name no custodian (the daemon sealing itself at shutdown).
+    """
+    if isinstance(payload, ExecutionPayload | ShredPayload):
+        return True
+    return isinstance(payload, SealPayload) and payload.custodian is None
+
+
+def log_signature_message(entry: Entry) -> bytes:
+    """What the log key signs for a daemon-written entry (`needs_log_signature`).
+
+    `LOG_SIGNATURE_DOMAIN` (it ends in NUL, so it is never a note text), then
+    the RFC 8785 bytes of the whole entry with `log_signature` null: its seq,
+    prev and time bind the signature to this one place in this one log.
+    """
+    if not needs_log_signature(entry.payload):
+        raise InvalidInputError(f"a {entry.type} entry is not signed by the log key")
+    obj = entry.to_json()
+    obj["payload"]["log_signature"] = None
+    return LOG_SIGNATURE_DOMAIN + canonical.encode(obj)
+
+
+def next_entry(
+    state: LogHead | None,
+    type: str,
+    payload: Payload,
+    time: int,
+    *,
+    sign: Callable[[bytes], bytes] | None = None,
+) -> bytes:
     """The bytes of the entry that would follow `state` (None: the genesis).
 
-    Only the form and the chain link are built here; the daemon passes the
-    result to `Replayer.apply` on a copy of its state before storing it, so
-    that it never appends what replay would refuse.
+    Only the form, the chain link and, for an entry the daemon writes on its
+    own, the log key's signature (`sign`, over `log_signature_message`) are
+    made here; the daemon passes the result to `Replayer.apply` on a copy
+    of its state before storing it, so that it never appends what replay
+    would refuse.
     """
     if state is None:
         seq, prev, last = 0, GENESIS_PREV, 0
@@ -639,4 +718,11 @@ def next_entry(state: LogHead | None, type: str, payload: Payload, time: int) ->
         raise InvalidInputError(f"time {time} is before the last entry's time {last}")
     if (type == GenesisPayload.TYPE) != (seq == 0):
         raise InvalidInputError("the genesis is entry 0 and only entry 0")
-    return Entry(seq=seq, prev=prev, type=type, time=time, payload=payload).to_bytes()
+    entry = Entry(seq=seq, prev=prev, type=type, time=time, payload=payload)
+    if sign is not None and needs_log_signature(payload):
+        assert isinstance(payload, ExecutionPayload | ShredPayload | SealPayload)
+        signature = sign(log_signature_message(entry))
+        entry = dataclasses.replace(
+            entry, payload=dataclasses.replace(payload, log_signature=signature)
+        )
+    return entry.to_bytes()

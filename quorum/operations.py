@@ -14,10 +14,18 @@ threshold `k`; one that narrows exposure needs a single custodian.
 | `destroy-tenant`    | tenant                   | k         | `DestroyScheduled`           |
 | `grant`             | backend, tenant          | k         | `GrantChanged`               |
 | `change-roster`     | threshold, roster        | k         | `RosterChanged`              |
+| `add-proposer`      | name, proposer           | k         | `ProposerAdded`              |
+| `add-witness`       | witness, witness_threshold | k       | `WitnessChanged`             |
+| `remove-witness`    | witness, witness_threshold | k       | `WitnessChanged`             |
+| `rotate-log-key`    | log_key                  | k         | `LogKeyRotated`              |
 | `deactivate-tenant` | tenant                   | 1         | `TenantNamed`                |
 | `disable-version`   | tenant, version          | 1         | `VersionDisabled`            |
 | `cancel-destroy`    | tenant                   | 1         | `TenantNamed`                |
 | `revoke`            | backend, tenant          | 1         | `GrantChanged`               |
+| `remove-proposer`   | proposer                 | 1         | `ProposerRemoved`            |
+
+Removing a witness needs k like adding one: fewer independent parties
+watching the log widens what a dishonest daemon could get away with.
 
 Parameters are a flat JSON object of strings and integers so that the
 approval statement a custodian reads shows every one of them
@@ -26,6 +34,10 @@ is the new custodians' fingerprints, comma-separated, in share-index order;
 the proposal entry carries the public credentials of those not on the
 roster in force (so that their names are in what custodians sign), and the
 execution's result carries all of them, matching the list one for one.
+`add-proposer` names a proposer credential by its fingerprint and name
+(the credential itself is in the result). `witness` is a C2SP cosignature
+(0x04) verifier key, `log_key` a C2SP Ed25519 (0x01) verifier key named as
+the deployment's checkpoint origin.
 
 This module also holds the strict JSON field readers used by `log.py`
 (`read_object`, `read_int`, ...): every one raises `DeserializationError`
@@ -41,6 +53,7 @@ from typing import Any, Protocol
 
 from keyquorum.quorum.credentials import PublicCredential
 from keyquorum.quorum.errors import DeserializationError, InvalidInputError, KeyquorumError
+from keyquorum.quorum.note import NoteVerifier, SignatureType
 from keyquorum.quorum.shamir import SplitCommitments
 from keyquorum.quorum.statements import MAX_TIMESTAMP as MAX_TIME
 from keyquorum.quorum.statements import ApprovalContext, ApprovalRequest, Person
@@ -275,6 +288,38 @@ def _threshold(value: object, field: str) -> int:
     return read_int(value, field=field, low=2, high=MAX_ROSTER)
 
 
+def read_vkey(value: object, *, field: str, sig_type: SignatureType) -> str:
+    """A C2SP signed-note verifier key string of `sig_type`, as given (not re-encoded)."""
+    text = read_str(value, field=field)
+    try:
+        verifier = NoteVerifier.from_vkey(text)
+    except KeyquorumError as e:
+        raise DeserializationError(f"{field}: not a note verifier key: {e}") from e
+    if verifier.sig_type is not sig_type:
+        raise DeserializationError(f"{field}: expected a key of type 0x{sig_type:02x}")
+    return text
+
+
+def _witness(value: object, field: str) -> str:
+    return read_vkey(value, field=field, sig_type=SignatureType.COSIGNATURE_V1)
+
+
+def _log_key_param(value: object, field: str) -> str:
+    return read_vkey(value, field=field, sig_type=SignatureType.ED25519)
+
+
+def _witness_threshold(value: object, field: str) -> int:
+    return read_int(value, field=field, low=0, high=MAX_ROSTER)
+
+
+def _proposer(value: object, field: str) -> str:
+    return read_fingerprint(value, field=field)
+
+
+def _name(value: object, field: str) -> str:
+    return read_str(value, field=field)
+
+
 def _roster(value: object, field: str) -> str:
     if not isinstance(value, str):
         raise DeserializationError(f"{field}: expected comma-separated fingerprints")
@@ -295,6 +340,11 @@ _CHECKERS: Mapping[str, Callable[[object, str], ParamValue]] = {
     "version": _version,
     "threshold": _threshold,
     "roster": _roster,
+    "proposer": _proposer,
+    "name": _name,
+    "witness": _witness,
+    "witness_threshold": _witness_threshold,
+    "log_key": _log_key_param,
 }
 
 
@@ -320,10 +370,15 @@ OPERATIONS: Mapping[str, Operation] = {
         Operation("destroy-tenant", ("tenant",), widening=True),
         Operation("grant", ("backend", "tenant"), widening=True),
         Operation("change-roster", ("roster", "threshold"), widening=True),
+        Operation("add-proposer", ("name", "proposer"), widening=True),
+        Operation("add-witness", ("witness", "witness_threshold"), widening=True),
+        Operation("remove-witness", ("witness", "witness_threshold"), widening=True),
+        Operation("rotate-log-key", ("log_key",), widening=True),
         Operation("deactivate-tenant", ("tenant",), widening=False),
         Operation("disable-version", ("tenant", "version"), widening=False),
         Operation("cancel-destroy", ("tenant",), widening=False),
         Operation("revoke", ("backend", "tenant"), widening=False),
+        Operation("remove-proposer", ("proposer",), widening=False),
     )
 }
 
@@ -400,6 +455,38 @@ def check_parameters(name: str, parameters: Parameters, policy: Policy) -> Param
 
 def parameters_to_json(parameters: Parameters) -> dict[str, ParamValue]:
     return dict(parameters)
+
+
+#: Parameters carried as integers; every other parameter is text.
+INTEGER_PARAMETERS = frozenset({"duration_seconds", "threshold", "version", "witness_threshold"})
+_DECIMAL = re.compile(r"[0-9]{1,16}")
+_BACKEND_IDENTITY = "keyquorum://backend/"
+
+
+def parameters_from_text(pairs: Sequence[tuple[str, str]]) -> Parameters:
+    """Parameters as people and the wire give them (text) to the types the log holds.
+
+    The integer parameters must be plain decimal; a grant's backend may be
+    its certificate identity `keyquorum://backend/<name>`, logged as <name>.
+    Sorted by key. The proposer's CLI and the daemon both call this, so the
+    statement a proposer signs is the one replay rebuilds; schema and policy
+    checks are `check_parameters`'s.
+    """
+    out: dict[str, ParamValue] = {}
+    for key, value in pairs:
+        if key in out:
+            raise InvalidInputError(f"parameter {key!r} is given twice")
+        if key in INTEGER_PARAMETERS:
+            if not _DECIMAL.fullmatch(value):
+                raise InvalidInputError(f"parameter {key!r} must be a decimal integer")
+            out[key] = int(value)
+        elif key == "backend" and value.startswith("keyquorum://"):
+            if not value.startswith(_BACKEND_IDENTITY):
+                raise InvalidInputError(f"{value} is not a backend identity")
+            out[key] = value[len(_BACKEND_IDENTITY) :]
+        else:
+            out[key] = value
+    return tuple(sorted(out.items()))
 
 
 # Results -------------------------------------------------------------------
@@ -538,15 +625,20 @@ class VersionDisabled:
 class Rewrapped:
     """One tenant key version re-wrapped under the new master key of a roster change.
 
-    The shred salt is unchanged, so its logged hash still binds it.
+    Under a FRESH shred salt (its SHA-256 here): the old salt is erased in
+    the same store transaction, so the wrapping the log still holds from
+    before the change opens with nothing anyone holds, not even the old
+    roster's master key.
     """
 
     tenant: str
     version: int
     wrapped_key: bytes
+    shred_salt_sha256: bytes
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "shred_salt_sha256": self.shred_salt_sha256.hex(),
             "tenant": self.tenant,
             "version": self.version,
             "wrapped_key": self.wrapped_key.hex(),
@@ -554,12 +646,16 @@ class Rewrapped:
 
     @classmethod
     def from_json(cls, value: object, field: str) -> Rewrapped:
-        obj = read_object(value, field=field, keys=("tenant", "version", "wrapped_key"))
+        keys = ("shred_salt_sha256", "tenant", "version", "wrapped_key")
+        obj = read_object(value, field=field, keys=keys)
         return cls(
             tenant=_tenant(obj["tenant"], f"{field}.tenant"),
             version=_version(obj["version"], f"{field}.version"),
             wrapped_key=read_hex(
                 obj["wrapped_key"], field=f"{field}.wrapped_key", max_size=MAX_WRAPPED_KEY
+            ),
+            shred_salt_sha256=read_hex(
+                obj["shred_salt_sha256"], field=f"{field}.shred_salt_sha256", size=32
             ),
         )
 
@@ -604,6 +700,78 @@ class RosterChanged:
         return cls(threshold, roster, split, shares, rewrapped)
 
 
+@dataclass(frozen=True)
+class ProposerAdded:
+    """`add-proposer`: the public credential whose signature may now propose."""
+
+    proposer: PublicCredential
+
+    def to_json(self) -> dict[str, Any]:
+        return {"proposer": self.proposer.to_json()}
+
+    @classmethod
+    def from_json(cls, value: object, field: str) -> ProposerAdded:
+        obj = read_object(value, field=field, keys=("proposer",))
+        return cls(read_credential(obj["proposer"], field=f"{field}.proposer"))
+
+
+@dataclass(frozen=True)
+class ProposerRemoved:
+    """`remove-proposer`: that credential's signature proposes nothing from now on."""
+
+    proposer: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"proposer": self.proposer}
+
+    @classmethod
+    def from_json(cls, value: object, field: str) -> ProposerRemoved:
+        obj = read_object(value, field=field, keys=("proposer",))
+        return cls(_proposer(obj["proposer"], f"{field}.proposer"))
+
+
+@dataclass(frozen=True)
+class WitnessChanged:
+    """`add-witness` / `remove-witness`: the witness key, and the threshold m after."""
+
+    witness: str
+    witness_threshold: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"witness": self.witness, "witness_threshold": self.witness_threshold}
+
+    @classmethod
+    def from_json(cls, value: object, field: str) -> WitnessChanged:
+        obj = read_object(value, field=field, keys=("witness", "witness_threshold"))
+        return cls(
+            _witness(obj["witness"], f"{field}.witness"),
+            _witness_threshold(obj["witness_threshold"], f"{field}.witness_threshold"),
+        )
+
+
+@dataclass(frozen=True)
+class LogKeyRotated:
+    """`rotate-log-key`: checkpoints after this entry are signed by `log_key`.
+
+    The entry itself is signed by `previous_log_key` (the key in force before
+    it), so anyone holding the old key can follow the chain to the new one.
+    """
+
+    previous_log_key: str
+    log_key: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"log_key": self.log_key, "previous_log_key": self.previous_log_key}
+
+    @classmethod
+    def from_json(cls, value: object, field: str) -> LogKeyRotated:
+        obj = read_object(value, field=field, keys=("log_key", "previous_log_key"))
+        return cls(
+            previous_log_key=_log_key_param(obj["previous_log_key"], f"{field}.previous_log_key"),
+            log_key=_log_key_param(obj["log_key"], f"{field}.log_key"),
+        )
+
+
 Result = (
     NewVersion
     | Activated
@@ -612,6 +780,14 @@ Result = (
     | TenantNamed
     | VersionDisabled
     | RosterChanged
+    | ProposerAdded
+    | ProposerRemoved
+    | WitnessChanged
+    | LogKeyRotated
+)
+#: Results that name a tenant (every other one is about the deployment itself).
+TenantResult = (
+    NewVersion | Activated | DestroyScheduled | GrantChanged | TenantNamed | VersionDisabled
 )
 
 _RESULTS: Mapping[str, Any] = {
@@ -625,6 +801,11 @@ _RESULTS: Mapping[str, Any] = {
     "disable-version": VersionDisabled,
     "cancel-destroy": TenantNamed,
     "revoke": GrantChanged,
+    "add-proposer": ProposerAdded,
+    "remove-proposer": ProposerRemoved,
+    "add-witness": WitnessChanged,
+    "remove-witness": WitnessChanged,
+    "rotate-log-key": LogKeyRotated,
 }
 
 

@@ -27,16 +27,23 @@ Checks for each entry, in order (docs/log-format.md repeats them):
    executed, not cancelled), the entry's time is before its expiry, the
    signer is on the roster, has given no verdict on it before, and the
    signature verifies over the proposal's approve (or refuse) statement.
-3. `proposal`: a fresh id, parameters valid for the operation and within
-   the policy, expiry after the entry's time and within the policy's TTL,
-   the operation possible in the current state. `execution`: the proposal
+3. `proposal`: signed by its proposer (a custodian on the roster in force
+   or a proposer the quorum registered) over the `propose` statement, a
+   fresh id, parameters valid for the operation and within the policy,
+   expiry after the entry's time and within the policy's TTL, the
+   operation possible in the current state. `execution`: the proposal
    is pending and unexpired, has the approvals its operation needs (k for
    widening, 1 for narrowing), and the result is the one the state and
    the parameters allow (tenant exists, is not destroyed, version numbers
    in order, `active_until` = time + duration, ...). `shred`: the tenant's
    destroy wait is over.
 4. An executed roster change puts the new roster in force, resets share
-   confirmations and cancels every other pending proposal.
+   confirmations and cancels every other pending proposal; its re-wrapped
+   keys carry fresh shred salts (no salt hash is reused).
+5. Entries the daemon writes on its own (executions, shreds, the daemon's
+   own seal) carry the log key's signature (`log.log_signature_message`),
+   by the key in force before the entry; `rotate-log-key` changes that
+   key, and every checkpoint after it.
 
 Replay is deterministic: the state is a function of the bytes alone (no
 clock, no randomness, dicts in insertion order), so every machine computes
@@ -46,15 +53,22 @@ the same state from the same log.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from keyquorum.quorum import people
-from keyquorum.quorum.checkpoint import NoteVerifier, parse_verifier_key, verify_checkpoint
+from keyquorum.quorum.checkpoint import (
+    NoteVerifier,
+    parse_verifier_key,
+    unverified_size,
+    verify_checkpoint,
+)
 from keyquorum.quorum.credentials import PublicCredential
 from keyquorum.quorum.errors import (
+    AccessDeniedError,
     DeserializationError,
     ExpiredError,
     InvalidInputError,
@@ -64,6 +78,7 @@ from keyquorum.quorum.errors import (
     NotOnRosterError,
     ReplayError,
     RootMismatchError,
+    SignatureError,
     StateError,
     ThresholdError,
 )
@@ -82,18 +97,25 @@ from keyquorum.quorum.log import (
     ShredPayload,
     UnsealPayload,
     entry_hash,
+    log_signature_message,
+    needs_log_signature,
 )
 from keyquorum.quorum.merkle import EMPTY_ROOT, CompactRange, leaf_hash
 from keyquorum.quorum.operations import (
     Activated,
     DestroyScheduled,
     GrantChanged,
+    LogKeyRotated,
     NewVersion,
     Parameters,
+    ProposerAdded,
+    ProposerRemoved,
     Result,
     RosterChanged,
     TenantNamed,
+    TenantResult,
     VersionDisabled,
+    WitnessChanged,
     check_parameters,
     operation,
     request_for,
@@ -104,6 +126,7 @@ from keyquorum.quorum.statements import (
     SignedStatement,
     Statement,
     confirm_share_statement,
+    proposal_statement,
     render_time,
     seal_statement,
     unseal_share_statement,
@@ -115,11 +138,13 @@ __all__ = [
     "Execution",
     "LogState",
     "Proposal",
+    "RegisteredProposer",
     "Replayer",
     "RosterEpoch",
     "Tenant",
     "TenantVersion",
     "Unsealed",
+    "WitnessPolicy",
     "replay",
     "seal_request_digest",
     "verify_log",
@@ -271,6 +296,37 @@ class Execution:
 
 
 @dataclass(frozen=True)
+class RegisteredProposer:
+    """A proposer credential the quorum registered (`add-proposer` at entry `seq`)."""
+
+    credential: PublicCredential
+    seq: int
+
+
+@dataclass(frozen=True)
+class WitnessPolicy:
+    """The witnesses whose cosignatures count, and how many are required (m),
+    for every checkpoint of at least `from_size` entries (until the next policy)."""
+
+    from_size: int
+    witnesses: tuple[str, ...]
+    threshold: int
+
+    def verifiers(self) -> list[NoteVerifier]:
+        """The witnesses' keys, to check cosignatures with."""
+        return [_verifier(vkey) for vkey in self.witnesses]
+
+
+NO_WITNESSES = WitnessPolicy(0, (), 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _verifier(vkey: str) -> NoteVerifier:
+    """A verifier key string parsed once (they were checked when the entry was decoded)."""
+    return parse_verifier_key(vkey)
+
+
+@dataclass(frozen=True)
 class Unsealed:
     """A replica holding the master key since entry `seq`, and who unsealed it."""
 
@@ -307,6 +363,12 @@ class LogState:
     grants: dict[tuple[str, str], int] = field(default_factory=dict)
     proposals: dict[bytes, Proposal] = field(default_factory=dict)
     executions: list[Execution] = field(default_factory=list)
+    #: (first tree size it signs, verifier key): the genesis key, then each rotation's.
+    log_keys: list[tuple[int, str]] = field(default_factory=list)
+    #: Registered proposers by fingerprint (custodians on the roster may propose too).
+    proposers: dict[str, RegisteredProposer] = field(default_factory=dict)
+    #: The witness policy in force, and every earlier one (by first tree size).
+    witness_policies: list[WitnessPolicy] = field(default_factory=list)
 
     @property
     def initialized(self) -> bool:
@@ -368,6 +430,37 @@ class LogState:
         """Proposals still open for verdicts at `now`, oldest first."""
         return [p for p in self.proposals.values() if p.is_pending(now)]
 
+    def key_at(self, size: int) -> str:
+        """The log key that signs the checkpoint of `size` entries (and the entries
+        the daemon writes as entry `size`); "" before the genesis."""
+        key = self.log_keys[0][1] if self.log_keys else ""
+        for first, vkey in self.log_keys:
+            if first <= size:
+                key = vkey
+        return key
+
+    @property
+    def witness_policy(self) -> WitnessPolicy:
+        """The witnesses and threshold m in force (none before the first add-witness)."""
+        return self.witness_policies[-1] if self.witness_policies else NO_WITNESSES
+
+    def witnesses_at(self, size: int) -> WitnessPolicy:
+        """The witness policy that applies to the checkpoint of `size` entries."""
+        policy = NO_WITNESSES
+        for candidate in self.witness_policies:
+            if candidate.from_size <= size:
+                policy = candidate
+        return policy
+
+    def proposer_name(self, fingerprint: str) -> str | None:
+        """The name of a custodian (any roster) or registered proposer, or None."""
+        for epoch in reversed(self.rosters):
+            index = epoch.share_index(fingerprint)
+            if index is not None:
+                return epoch.roster[index - 1].name
+        registered = self.proposers.get(fingerprint)
+        return None if registered is None else registered.credential.name
+
     def copy(self) -> LogState:
         """An independent copy (the records inside are immutable and shared)."""
         return dataclasses.replace(
@@ -381,6 +474,9 @@ class LogState:
             grants=dict(self.grants),
             proposals=dict(self.proposals),
             executions=list(self.executions),
+            log_keys=list(self.log_keys),
+            proposers=dict(self.proposers),
+            witness_policies=list(self.witness_policies),
         )
 
 
@@ -467,6 +563,9 @@ class _Check:
             return self.genesis(payload)
         if entry.seq == 0:
             raise _RefusedError(f"the first entry is a {entry.type}, not the genesis")
+        # 5. What the daemon writes on its own carries the log key's signature.
+        if needs_log_signature(payload):
+            self._log_signed()
         if isinstance(payload, ConfirmPayload):
             return self.confirm(payload)
         if isinstance(payload, UnsealPayload):
@@ -489,6 +588,25 @@ class _Check:
         if policy is None:
             raise _RefusedError("no policy: the log has no genesis")
         return policy
+
+    def _log_signed(self) -> None:
+        """Step 5: the log key in force signed this entry (`log.log_signature_message`)."""
+        entry = self.entry
+        signature = getattr(entry.payload, "log_signature", None)
+        key = self.state.log_key
+        if signature is None:
+            raise _RefusedError(
+                SignatureError(
+                    f"a {entry.type} is written by the daemon and signed by the log key; "
+                    "this one is not signed"
+                )
+            )
+        try:
+            _verifier(key).verify_message(log_signature_message(entry), signature)
+        except KeyquorumError as e:
+            raise _RefusedError(
+                SignatureError(f"the {entry.type} is not signed by the log key in force ({e})")
+            ) from e
 
     def _member(self, custodian: str, what: str) -> PublicCredential:
         """Step 1: the custodian is on the roster in force; their credential."""
@@ -559,6 +677,50 @@ class _Check:
                 raise _RefusedError(f"the destroy wait of {tenant.name!r} is over")
         elif name == "revoke" and not state.granted(str(params["backend"]), str(params["tenant"])):
             raise _RefusedError(f"{params['backend']} holds no grant on {params['tenant']!r}")
+        elif name == "add-proposer":
+            fingerprint = str(params["proposer"])
+            if fingerprint in state.proposers:
+                raise _RefusedError(f"proposer {_fp(fingerprint)} is already registered")
+            if state.share_index(fingerprint) is not None:
+                raise _RefusedError(
+                    f"{_fp(fingerprint)} is a custodian on the roster: custodians propose anyway"
+                )
+        elif name == "remove-proposer":
+            fingerprint = str(params["proposer"])
+            if fingerprint not in state.proposers:
+                raise _RefusedError(f"{_fp(fingerprint)} is not a registered proposer")
+        elif name in ("add-witness", "remove-witness"):
+            self._witness_change(name, str(params["witness"]), int(params["witness_threshold"]))
+        elif name == "rotate-log-key":
+            new_key = str(params["log_key"])
+            if any(vkey == new_key for _, vkey in state.log_keys):
+                raise _RefusedError("the new log key was used by this log before")
+            if _verifier(new_key).name != _verifier(state.log_key).name:
+                raise _RefusedError(
+                    f"the new log key is named {_verifier(new_key).name}, the log's checkpoints "
+                    f"are {_verifier(state.log_key).name}'s"
+                )
+
+    def _witness_change(self, name: str, witness: str, threshold: int) -> tuple[str, ...]:
+        """Step 3 for add-witness / remove-witness: the witness set and m after it."""
+        current = self.state.witness_policy.witnesses
+        key = _verifier(witness)
+        if name == "add-witness":
+            if any(_verifier(w).name == key.name for w in current):
+                raise _RefusedError(f"a witness named {key.name} is already registered")
+            after = (*current, witness)
+        else:
+            if witness not in current:
+                raise _RefusedError(f"{key.name} is not a registered witness")
+            after = tuple(w for w in current if w != witness)
+        if threshold > len(after):
+            raise _RefusedError(
+                InvalidInputError(
+                    f"witness threshold {threshold} exceeds the {len(after)} witness(es) after "
+                    f"this {name}"
+                )
+            )
+        return after
 
     # -- per type --------------------------------------------------------
 
@@ -568,6 +730,7 @@ class _Check:
         def commit(state: LogState) -> None:
             state.deployment = p.deployment
             state.log_key = p.log_key
+            state.log_keys.append((1, p.log_key))
             state.policy = p.policy
             state.rosters.append(epoch)
 
@@ -680,6 +843,31 @@ class _Check:
     def proposal(self, p: ProposalPayload) -> Commit:
         state, entry = self.state, self.entry
         policy = self.policy
+        # 3. A custodian on the roster or a registered proposer signed exactly this.
+        credential = state.custodian(p.proposer)
+        if credential is None:
+            registered = state.proposers.get(p.proposer)
+            if registered is None:
+                raise _RefusedError(
+                    AccessDeniedError(
+                        f"proposer {_fp(p.proposer)} is neither a custodian on the roster nor "
+                        "a proposer the quorum registered (add-proposer)"
+                    )
+                )
+            credential = registered.credential
+        try:
+            statement = proposal_statement(
+                deployment=state.deployment,
+                proposer=credential,
+                proposal_id=p.id,
+                operation=p.operation,
+                parameters=dict(p.parameters),
+                expires_at=p.expires_at,
+            )
+            signed = SignedStatement(p.proposer, HybridSignature.from_bytes(p.signature))
+            verify_statement(statement, signed, credential)
+        except KeyquorumError as e:
+            raise _RefusedError(e, context=f"proposal by {credential.label}") from e
         if p.id in state.proposals:
             raise _RefusedError(f"proposal id {p.id.hex()} is already taken")
         if not 1 <= p.expires_at - entry.time <= policy.proposal_ttl_seconds:
@@ -833,10 +1021,12 @@ class _Check:
         seq, time = entry.seq, entry.time
         policy = self.policy
         tenant_name = str(params.get("tenant", ""))
-        if not isinstance(result, RosterChanged) and result.tenant != tenant_name:
+        if isinstance(result, TenantResult) and result.tenant != tenant_name:
             raise _RefusedError(
                 f"result names tenant {result.tenant!r}, the proposal {tenant_name!r}"
             )
+        if not isinstance(result, TenantResult | RosterChanged):
+            return self._deployment_change(name, params, result)
 
         if isinstance(result, NewVersion):
             existing = state.tenants.get(tenant_name)
@@ -928,6 +1118,61 @@ class _Check:
 
         return self._roster_change(params, result)
 
+    def _deployment_change(
+        self,
+        name: str,
+        params: Mapping[str, str | int],
+        result: ProposerAdded | ProposerRemoved | WitnessChanged | LogKeyRotated,
+    ) -> Commit:
+        """Step 3 for proposers, witnesses and the log key: the result is the proposal's."""
+        state, seq = self.state, self.entry.seq
+        if isinstance(result, ProposerAdded):
+            credential = result.proposer
+            if credential.fingerprint != params["proposer"] or credential.name != params["name"]:
+                raise _RefusedError(
+                    f"the credential of {credential.label} is not "
+                    "the proposer the proposal names"
+                )
+            record = RegisteredProposer(credential, seq)
+
+            def add_proposer(state: LogState) -> None:
+                state.proposers[credential.fingerprint] = record
+
+            return add_proposer
+        if isinstance(result, ProposerRemoved):
+            if result.proposer != params["proposer"]:
+                raise _RefusedError("the result removes another proposer than the proposal")
+
+            def remove_proposer(state: LogState) -> None:
+                del state.proposers[result.proposer]
+
+            return remove_proposer
+        if isinstance(result, WitnessChanged):
+            if (result.witness, result.witness_threshold) != (
+                params["witness"],
+                params["witness_threshold"],
+            ):
+                raise _RefusedError(
+                    "the result names another witness or threshold than the proposal"
+                )
+            after = self._witness_change(name, result.witness, result.witness_threshold)
+            policy = WitnessPolicy(seq + 1, after, result.witness_threshold)
+
+            def change_witnesses(state: LogState) -> None:
+                state.witness_policies.append(policy)
+
+            return change_witnesses
+        if result.previous_log_key != state.log_key:
+            raise _RefusedError("the rotation names another previous log key than the one in force")
+        if result.log_key != params["log_key"]:
+            raise _RefusedError("the rotation names another new log key than the proposal")
+
+        def rotate(state: LogState) -> None:
+            state.log_key = result.log_key
+            state.log_keys.append((seq + 1, result.log_key))
+
+        return rotate
+
     def _roster_change(self, params: Mapping[str, str | int], result: RosterChanged) -> Commit:
         state, entry = self.state, self.entry
         seq = entry.seq
@@ -953,10 +1198,17 @@ class _Check:
                 "rewrapped keys must be every version of every tenant not destroyed, "
                 f"sorted: expected {len(expected)}, got {len(got)} or in another order"
             )
+        # Fresh salts: none of the new hashes was ever bound before, none twice.
+        old_hashes = {v.shred_salt_sha256 for t in state.tenants.values() for v in t.versions}
+        new_hashes = [r.shred_salt_sha256 for r in result.rewrapped]
+        if len(set(new_hashes)) != len(new_hashes) or old_hashes & set(new_hashes):
+            raise _RefusedError(
+                "a roster change re-wraps every key under a fresh shred salt; this one reuses one"
+            )
         epoch = RosterEpoch(
             seq, result.threshold, result.roster, result.split, result.encrypted_shares
         )
-        rewrapped = {(r.tenant, r.version): r.wrapped_key for r in result.rewrapped}
+        rewrapped = {(r.tenant, r.version): r for r in result.rewrapped}
         executed = self.entry.payload
         this = executed.proposal if isinstance(executed, ExecutionPayload) else b""
 
@@ -971,7 +1223,11 @@ class _Check:
                 if tenant.destroyed:
                     continue
                 versions = tuple(
-                    dataclasses.replace(v, wrapped_key=rewrapped[(name, v.version)])
+                    dataclasses.replace(
+                        v,
+                        wrapped_key=rewrapped[(name, v.version)].wrapped_key,
+                        shred_salt_sha256=rewrapped[(name, v.version)].shred_salt_sha256,
+                    )
                     for v in tenant.versions
                 )
                 state.tenants[name] = dataclasses.replace(tenant, versions=versions)
@@ -1010,53 +1266,75 @@ def verify_log(
     """Replay a whole log and check it against a signed checkpoint: the auditor's verify.
 
     The daemon at start and the auditor's offline `verify` call this.
+    `log_verifier` is the log key the caller trusts: the genesis's, or one a
+    `rotate-log-key` of this log put in force (a key pinned after following
+    a rotation).
 
-    0. The checkpoint note is signed by `log_verifier` (C2SP signed note,
-       `checkpoint.verify_checkpoint`; its errors pass through unchanged:
-       `SignatureError`, `UnverifiedNoteError`, `DeserializationError`,
-       `VerificationError` for another origin).
-    1. The genesis names the same log key (`log_key`), so a checkpoint
-       signed by some other key cannot vouch for this log.
-    2. Every entry replays (`Replayer.apply`: chain, order, signatures,
-       approvals, executions).
-    3. The log holds at least the checkpoint's size: a log shorter than its
+    0. The checkpoint note is read for its size (not yet trusted).
+    1. Every entry replays (`Replayer.apply`: chain, order, signatures,
+       approvals, executions, the log key's signatures).
+    2. The key the caller trusts is one of the log's keys (the genesis's or
+       a rotation's), so a log rebuilt under another key is refused; the
+       chain of rotations after it is replay's (each signed by the key
+       before it).
+    3. The checkpoint is signed by the key in force at its size (C2SP signed
+       note, `checkpoint.verify_checkpoint`; its errors pass through
+       unchanged: `SignatureError`, `UnverifiedNoteError`,
+       `DeserializationError`, `VerificationError` for another origin).
+    4. The log holds at least the checkpoint's size: a log shorter than its
        latest checkpoint was truncated.
-    4. The RFC 9162 root of the first `size` entries is the checkpoint's
+    5. The RFC 9162 root of the first `size` entries is the checkpoint's
        root (`RootMismatchError` as the cause), so an entry rewritten with a
        valid chain after it, or a rewritten last entry, is caught.
 
     Entries past the checkpoint are replayed (and so checked for chain and
-    signatures) but not covered by it. Every failure of the log itself is a
-    `LogIntegrityError` naming the entry where it shows.
+    signatures) but not covered by it (the daemon refuses them at start).
+    Every failure of the log itself is a `LogIntegrityError` naming the
+    entry where it shows.
     """
     verifier = parse_verifier_key(log_verifier) if isinstance(log_verifier, str) else log_verifier
-    # 0. The checkpoint is the log key's.
-    checkpoint = verify_checkpoint(checkpoint_text, verifier).checkpoint
+    # 0. The size the checkpoint claims.
+    note = (
+        checkpoint_text.decode("utf-8") if isinstance(checkpoint_text, bytes) else checkpoint_text
+    )
+    claimed = unverified_size(note)
     replayer = Replayer()
     tree = CompactRange()
-    root_at_size = EMPTY_ROOT if checkpoint.size == 0 else None
+    root_at_size = EMPTY_ROOT if claimed == 0 else None
     for raw in entries:
-        # 2. Replay.
+        # 1. Replay.
         replayer.apply(raw)
         tree.append(leaf_hash(raw))
-        if tree.size == 1 and replayer.state.log_key != verifier.vkey():
-            # 1. The genesis's log key signed the checkpoint.
-            raise LogIntegrityError(
-                "the genesis log key is not the key that signed the checkpoint", seq=0
-            )
-        if tree.size == checkpoint.size:
+        if tree.size == claimed:
             root_at_size = tree.root()
     state = replayer.state
-    # 3. Not truncated.
+    if state.size == 0:
+        # No genesis names a key: the trusted one must have signed the checkpoint.
+        verify_checkpoint(note, verifier)
+        if claimed > 0:
+            raise LogIntegrityError(
+                f"the log has no entries, its checkpoint vouches for {claimed}: truncated", seq=0
+            )
+        raise LogIntegrityError("the log is empty: it has no genesis", seq=0)
+    # 2. The trusted key is this log's.
+    trusted = verifier.vkey()
+    if all(vkey != trusted for _, vkey in state.log_keys):
+        names = ", then ".join(vkey for _, vkey in state.log_keys)
+        raise LogIntegrityError(
+            f"the log key you trust ({trusted}) is not one this log names (genesis, then "
+            f"rotations: {names}): a log rebuilt under another key",
+            seq=0,
+        )
+    # 3. Signed by the key in force at its size.
+    checkpoint = verify_checkpoint(note, _verifier(state.key_at(claimed))).checkpoint
+    # 4. Not truncated.
     if state.size < checkpoint.size:
         raise LogIntegrityError(
             f"the log has {state.size} entries, its checkpoint vouches for {checkpoint.size}: "
             "truncated",
             seq=state.size,
         )
-    if state.size == 0:
-        raise LogIntegrityError("the log is empty: it has no genesis", seq=0)
-    # 4. Same tree (root_at_size was taken when the size was reached).
+    # 5. Same tree (root_at_size was taken when the size was reached).
     if root_at_size is None or root_at_size != checkpoint.root:
         mismatch = RootMismatchError(
             f"root of the first {checkpoint.size} entries is not the checkpoint's",

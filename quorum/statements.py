@@ -1,7 +1,8 @@
 """What a custodian signs: short statements in plain text, each a sentence to check.
 
 A custodian approves, refuses, confirms a share, submits a share to unseal
-or seals the service by signing a `Statement`: a few lines of printable
+or seals the service, and a custodian or a registered proposer proposes
+an operation, by signing a `Statement`: a few lines of printable
 ASCII that the CLI shows, byte for byte, before it asks for the passphrase
 ("what you see is what you sign"). The signature covers exactly the ASCII
 bytes of `Statement.render()`, with the statement kind as the signature
@@ -69,7 +70,7 @@ from keyquorum.quorum.signatures import HybridSignature, HybridVerifyKey
 MAX_STATEMENT_BYTES = 1024 * 1024
 
 #: The statement kinds; each is also the signature domain.
-KINDS = ("approve", "refuse", "confirm-share", "unseal-share", "seal")
+KINDS = ("approve", "refuse", "confirm-share", "unseal-share", "seal", "propose")
 VERDICTS = ("approve", "refuse")
 
 PROPOSAL_ID_SIZE = 16
@@ -601,6 +602,39 @@ def _change_roster(r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, 
     return summary, fields
 
 
+def _add_proposer(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    who = Person(_check_fingerprint("parameter 'proposer'", p.get("proposer")), _text(p, "name"))
+    return (
+        f"let {who.label} propose operations; each still needs the custodians' approvals",
+        [("proposer", who.label)],
+    )
+
+
+def _remove_proposer(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    shown = _fp(_check_fingerprint("parameter 'proposer'", p.get("proposer")))
+    return f"stop proposer {shown} from proposing", [("proposer", shown)]
+
+
+def _witness_change(r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    key, m = _text(p, "witness"), _number(p, "witness_threshold")
+    name = key.split("+", 1)[0]
+    verb = "count" if r.operation == "add-witness" else "stop counting"
+    return (
+        f"{verb} witness {name} among the log's cosigners; afterwards custodians need "
+        f"{m} witness cosignature{'' if m == 1 else 's'} on a checkpoint",
+        [("witness key", key), ("cosignatures needed after", str(m))],
+    )
+
+
+def _rotate_log_key(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    key = _text(p, "log_key")
+    return (
+        "sign the log's checkpoints with a new log key from this change on; the old key "
+        "signs the change",
+        [("new log key", key)],
+    )
+
+
 _OPERATION_TEXT: Mapping[str, OperationText] = {
     "create-tenant": _create,
     "activate-tenant": _activate,
@@ -612,7 +646,56 @@ _OPERATION_TEXT: Mapping[str, OperationText] = {
     "disable-version": _disable,
     "cancel-destroy": _cancel_destroy,
     "revoke": _revoke,
+    "add-proposer": _add_proposer,
+    "remove-proposer": _remove_proposer,
+    "add-witness": _witness_change,
+    "remove-witness": _witness_change,
+    "rotate-log-key": _rotate_log_key,
 }
+
+
+# What a proposer signs ------------------------------------------------------------
+
+
+def proposal_statement(
+    *,
+    deployment: str,
+    proposer: Named,
+    proposal_id: bytes,
+    operation: str,
+    parameters: Mapping[str, str | int],
+    expires_at: int,
+) -> Statement:
+    """What a custodian or a registered proposer signs to propose an operation.
+
+    The proposer picks the proposal's id and expiry and signs them with the
+    operation and every parameter; the log takes an id once, and the
+    statement only until it expires, so a signed proposal cannot be
+    replayed. Its log position and the roster it will be judged by are not
+    known yet, and not signed: the approvals that follow name them (and
+    show the operation in full, `ApprovalRequest.statement`).
+    """
+    who = Person.of(proposer)
+    if not isinstance(proposal_id, bytes) or len(proposal_id) != PROPOSAL_ID_SIZE:
+        raise InvalidInputError(f"proposal id must be {PROPOSAL_ID_SIZE} bytes")
+    if not isinstance(operation, str) or _OPERATION.fullmatch(operation) is None:
+        raise InvalidInputError(f"operation {operation!r} is not a lowercase name")
+    expires = render_time(expires_at)
+    fields: list[tuple[str, str]] = [
+        (
+            "summary",
+            f"I propose {operation} to the custodians, who approve or refuse it until {expires}",
+        ),
+        ("proposer", who.label),
+        ("proposal", proposal_id.hex()),
+        ("expires", expires),
+        ("operation", operation),
+    ]
+    for key, value in sorted(parameters.items(), key=lambda pair: pair[0]):
+        if not isinstance(key, str) or _PARAMETER_KEY.fullmatch(key) is None:
+            raise InvalidInputError(f"parameter key {key!r} is not a lowercase identifier")
+        fields.append((_INDENT + key, _parameter_text(key, value)))
+    return Statement("propose", deployment, tuple(fields))
 
 
 # What a custodian signs about themselves ----------------------------------------

@@ -14,6 +14,7 @@ their own, so two factories do not produce the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from functools import cache
@@ -41,18 +42,23 @@ from keyquorum.quorum.operations import (
     Activated,
     DestroyScheduled,
     GrantChanged,
+    LogKeyRotated,
     NewVersion,
+    ProposerAdded,
+    ProposerRemoved,
     Result,
     Rewrapped,
     RosterChanged,
     TenantNamed,
     VersionDisabled,
+    WitnessChanged,
     request_for,
 )
 from keyquorum.quorum.replay import LogState, Replayer
 from keyquorum.quorum.secret import SecretBytes
 from keyquorum.quorum.statements import (
     confirm_share_statement,
+    proposal_statement,
     seal_statement,
     unseal_share_statement,
 )
@@ -114,6 +120,40 @@ def log_signer() -> checkpoint.NoteSigner:
     return checkpoint.NoteSigner.generate(DEPLOYMENT, random_bytes=Counter(b"log key"))
 
 
+@cache
+def next_log_signer(n: int = 1) -> checkpoint.NoteSigner:
+    """The n-th key a test log may rotate to (`rotate-log-key`)."""
+    return checkpoint.NoteSigner.generate(DEPLOYMENT, random_bytes=Counter(b"log key %d" % n))
+
+
+def signer_for(vkey: str) -> checkpoint.NoteSigner:
+    """The test log key whose verifier key is `vkey`."""
+    for signer in (log_signer(), *(next_log_signer(n) for n in range(1, 4))):
+        if signer.verifier_key() == vkey:
+            return signer
+    raise KeyError(vkey)
+
+
+def resigned(raw: bytes, signer: checkpoint.NoteSigner | None = None) -> bytes:
+    """`raw` with its log-key signature made again over its present bytes.
+
+    What an attacker who holds the log key does after editing an entry the
+    daemon writes (an execution, a shred, the daemon's seal); other entries
+    come back unchanged.
+    """
+    from keyquorum.quorum.log import Entry, log_signature_message, needs_log_signature
+
+    entry = Entry.from_bytes(raw)
+    if not needs_log_signature(entry.payload):
+        return raw
+    key = signer or log_signer()
+    unsigned = dataclasses.replace(entry.payload, log_signature=None)  # type: ignore[call-arg]
+    entry = dataclasses.replace(entry, payload=unsigned)
+    signature = key.sign_message(log_signature_message(entry))
+    signed = dataclasses.replace(unsigned, log_signature=signature)  # type: ignore[call-arg]
+    return dataclasses.replace(entry, payload=signed).to_bytes()
+
+
 class LogFactory:
     """A growing, valid log and the replayed state that goes with it."""
 
@@ -146,10 +186,14 @@ class LogFactory:
     def state(self) -> LogState:
         return self.replayer.state
 
-    def build(self, type_: str, payload: Payload, *, time: int | None = None) -> bytes:
-        """The next entry's bytes, not applied."""
+    def build(
+        self, type_: str, payload: Payload, *, time: int | None = None, signed: bool = True
+    ) -> bytes:
+        """The next entry's bytes, not applied; signed by the log key in force where the
+        daemon would sign it (unless `signed` is False)."""
         state = self.state if self.entries else None
-        return next_entry(state, type_, payload, self.time if time is None else time)
+        sign = signer_for(self.state.log_key).sign_message if signed and self.entries else None
+        return next_entry(state, type_, payload, self.time if time is None else time, sign=sign)
 
     def append(self, type_: str, payload: Payload, *, time: int | None = None) -> bytes:
         raw = self.build(type_, payload, time=time)
@@ -255,8 +299,18 @@ class LogFactory:
     # -- proposals --------------------------------------------------------
 
     def make_proposal(
-        self, op: str, *, ttl: int = 3600, pid: bytes | None = None, **params: str | int
+        self,
+        op: str,
+        *,
+        ttl: int = 3600,
+        pid: bytes | None = None,
+        by: CustodianCredential | None = None,
+        **params: str | int,
     ) -> ProposalPayload:
+        """A proposal signed by `by` (the roster's first custodian by default)."""
+        signer = self.roster[0] if by is None else by
+        pid = self.rng(16) if pid is None else pid
+        parameters = tuple(sorted(params.items()))
         credentials: tuple[PublicCredential, ...] = ()
         if op == "change-roster":
             # The custodians the roster adds carry their public credentials.
@@ -266,18 +320,34 @@ class LogFactory:
                 for f in str(params["roster"]).split(",")
                 if f not in on_roster
             )
-        return ProposalPayload(
-            id=self.rng(16) if pid is None else pid,
+        statement = proposal_statement(
+            deployment=DEPLOYMENT,
+            proposer=signer.public(),
+            proposal_id=pid,
             operation=op,
-            parameters=tuple(sorted(params.items())),
+            parameters=dict(parameters),
             expires_at=self.time + ttl,
-            proposer="test operator",
+        )
+        return ProposalPayload(
+            id=pid,
+            operation=op,
+            parameters=parameters,
+            expires_at=self.time + ttl,
+            proposer=signer.fingerprint,
+            signature=signer.sign(statement.domain, statement.message()).to_bytes(),
             credentials=credentials,
         )
 
-    def propose(self, op: str, *, ttl: int = 3600, **params: str | int) -> bytes:
+    def propose(
+        self,
+        op: str,
+        *,
+        ttl: int = 3600,
+        by: CustodianCredential | None = None,
+        **params: str | int,
+    ) -> bytes:
         """Append a proposal; returns its id."""
-        payload = self.make_proposal(op, ttl=ttl, **params)
+        payload = self.make_proposal(op, ttl=ttl, by=by, **params)
         self.append(ProposalPayload.TYPE, payload)
         return payload.id
 
@@ -324,17 +394,30 @@ class LogFactory:
             return TenantNamed(tenant)
         if op == "disable-version":
             return VersionDisabled(tenant, int(params["version"]))
+        if op == "add-proposer":
+            return ProposerAdded(by_fingerprint(str(params["proposer"])).public())
+        if op == "remove-proposer":
+            return ProposerRemoved(str(params["proposer"]))
+        if op in ("add-witness", "remove-witness"):
+            return WitnessChanged(str(params["witness"]), int(params["witness_threshold"]))
+        if op == "rotate-log-key":
+            return LogKeyRotated(self.state.log_key, str(params["log_key"]))
         fingerprints = str(params["roster"]).split(",")
         new_roster = [by_fingerprint(f) for f in fingerprints]
         k = int(params["threshold"])
         split, shares = self._sharing(new_roster, k)
         rewrapped = tuple(
-            Rewrapped(t.name, v.version, self.rng(60))
+            Rewrapped(t.name, v.version, self.rng(60), self._fresh_salt_hash())
             for t in sorted(self.state.tenants.values(), key=lambda t: t.name)
             if not t.destroyed
             for v in t.versions
         )
         return RosterChanged(k, tuple(c.public() for c in new_roster), split, shares, rewrapped)
+
+    def _fresh_salt_hash(self) -> bytes:
+        salt = self.rng(32)
+        self.recorded_secrets.append(salt)
+        return hashlib.sha256(salt).digest()
 
     def execute(self, pid: bytes, result: Result | None = None) -> bytes:
         proposal = self.state.proposals[pid]
@@ -352,7 +435,13 @@ class LogFactory:
         """Propose, approve by the first k (or 1) custodians, execute; returns the id."""
         pid = self.propose(op, **params)
         if approvers is None:
-            narrowing = op in ("deactivate-tenant", "disable-version", "cancel-destroy", "revoke")
+            narrowing = op in (
+                "deactivate-tenant",
+                "disable-version",
+                "cancel-destroy",
+                "revoke",
+                "remove-proposer",
+            )
             approvers = self.roster[: 1 if narrowing else self.k]
         for cred in approvers:
             self.approve(pid, cred)
@@ -370,7 +459,7 @@ class LogFactory:
         tree = CompactRange()
         for raw in self.entries[:size]:
             tree.append(leaf_hash(raw))
-        return log_signer().sign_checkpoint(size, tree.root())
+        return signer_for(self.state.key_at(size)).sign_checkpoint(size, tree.root())
 
 
 def standard_log(n_tenants: int = 3) -> LogFactory:

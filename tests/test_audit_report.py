@@ -27,10 +27,17 @@ from keyquorum.quorum.errors import (
     ThresholdError,
     UnverifiedNoteError,
 )
-from keyquorum.quorum.log import Entry, ProposalPayload
+from keyquorum.quorum.log import Entry, ExecutionPayload
 from keyquorum.quorum.merkle import CompactRange, leaf_hash
 from keyquorum.quorum.note import SignatureType
-from tests.logfactory import DEPLOYMENT, Counter, LogFactory, log_signer, standard_log
+from tests.logfactory import (
+    DEPLOYMENT,
+    Counter,
+    LogFactory,
+    log_signer,
+    resigned,
+    standard_log,
+)
 
 LOG_KEY = log_signer().verifier_key()
 
@@ -70,12 +77,13 @@ def _sign(entries: list[bytes], size: int, signer: NoteSigner | None = None) -> 
 
 
 def _rechain(entries: list[bytes], start: int) -> list[bytes]:
-    """Entries with every `prev` from `start` on recomputed (an attacker's re-link)."""
+    """Entries with every `prev` from `start` on recomputed, and the daemon's
+    entries re-signed: the re-link of an attacker who holds the log key."""
     out = list(entries)
     for i in range(start, len(out)):
         obj = json.loads(out[i])
         obj["prev"] = leaf_hash(out[i - 1]).hex()
-        out[i] = canonical.encode(obj)
+        out[i] = resigned(canonical.encode(obj))
     return out
 
 
@@ -144,14 +152,18 @@ def _edit_time(entries: list[bytes], notes: list[str]) -> tuple[list[bytes], lis
 
 
 def _edit_and_relink(entries: list[bytes], notes: list[str]) -> tuple[list[bytes], list[str]]:
-    """Rewrite a proposer's text and re-link every later entry: only the roots tell."""
+    """Rewrite the wrapped key an execution logged and re-link every later entry,
+    re-signing the daemon's entries with the log key: only the roots tell."""
     out = list(entries)
     seq = next(
-        i for i, raw in enumerate(out) if isinstance(Entry.from_bytes(raw).payload, ProposalPayload)
+        i
+        for i, raw in enumerate(out)
+        if isinstance(Entry.from_bytes(raw).payload, ExecutionPayload)
+        and Entry.from_bytes(raw).payload.operation == "create-tenant"  # type: ignore[union-attr]
     )
     obj = json.loads(out[seq])
-    obj["payload"]["proposer"] = "someone else"
-    out[seq] = canonical.encode(obj)
+    obj["payload"]["result"]["wrapped_key"] = "ab" * 60
+    out[seq] = resigned(canonical.encode(obj))
     return _rechain(out, seq + 1), notes
 
 
@@ -202,9 +214,9 @@ CASES: list[tuple[str, Tamper, type[KeyquorumError], int | None, str]] = [
         "edited-and-relinked",
         _edit_and_relink,
         LogIntegrityError,
-        7,
-        r"entry 7: damaged: .*checkpoint of size 8 .* another root\); as it stands it reads: "
-        r"a proposal at 2026-11-25 ",
+        11,
+        r"entry 11: damaged: .*checkpoint of size 12 .* another root\); as it stands it reads: "
+        r"an execution at 2026-11-25 ",
     ),
     ("deleted-entry", _delete, LogIntegrityError, 30, "sequence number 31, expected 30"),
     ("inserted-entry", _insert, LogIntegrityError, 31, "sequence number 30, expected 31"),

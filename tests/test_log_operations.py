@@ -34,9 +34,9 @@ FP = [c.fingerprint for c in custodians(3)]
 
 WIDENING = {
     "create-tenant", "activate-tenant", "rotate-tenant", "destroy-tenant", "grant",
-    "change-roster",
+    "change-roster", "add-proposer", "add-witness", "remove-witness", "rotate-log-key",
 }  # fmt: skip
-NARROWING = {"deactivate-tenant", "disable-version", "cancel-destroy", "revoke"}
+NARROWING = {"deactivate-tenant", "disable-version", "cancel-destroy", "revoke", "remove-proposer"}
 
 
 @pytest.mark.parametrize("name", sorted(OPERATIONS), ids=sorted(OPERATIONS))

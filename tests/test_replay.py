@@ -172,11 +172,10 @@ def test_roster_change_puts_the_new_roster_in_force() -> None:
     assert state.confirmations == {}
     assert state.proposals[pending].status == "cancelled"
     new_versions = state.tenants["t1"].versions
-    assert [v.shred_salt_sha256 for v in new_versions] == [
-        v.shred_salt_sha256 for v in old_versions
-    ]
-    pairs = zip(old_versions, new_versions, strict=True)
+    # Every version re-wrapped, under a fresh salt (the old one is erased).
+    pairs = list(zip(old_versions, new_versions, strict=True))
     assert all(a.wrapped_key != b.wrapped_key for a, b in pairs)
+    assert all(a.shred_salt_sha256 != b.shred_salt_sha256 for a, b in pairs)
     # 4. the cancelled proposal takes no more approvals
     late = f.build("approval", f.make_verdict(pending, new[0]))
     with pytest.raises(LogIntegrityError, match="cancelled"):
@@ -441,7 +440,7 @@ def _duplicate_rewrap(f: LogFactory) -> bytes:
     new = custodians(7)[2:7]
     pid = _approved(f, "change-roster", 3, roster=",".join(c.fingerprint for c in new), threshold=3)
     result = _roster_result(f, pid)
-    extra = (*result.rewrapped, Rewrapped("t1", 1, b"\x01" * 60))
+    extra = (*result.rewrapped, Rewrapped("t1", 1, b"\x01" * 60, b"\x02" * 32))
     return _execute(f, pid, dataclasses.replace(result, rewrapped=extra))
 
 
