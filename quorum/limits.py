@@ -35,6 +35,14 @@ class Limits:
     destroy_wait_seconds: int = 7 * 24 * 3600
     #: Longest free-text field (deployment name, reason) in a request.
     max_text_field: int = 200
+    #: Proposals open for verdicts at once, over every proposer: a flood's bound.
+    max_open_proposals: int = 256
+    #: Proposals one proposer (custodian or registered proposer) may have open at once.
+    max_open_proposals_per_proposer: int = 32
+    #: Proposals one proposer may make per minute (a token bucket, refilled evenly).
+    proposals_per_minute: int = 60
+    #: Proposals one proposer may make at once, before the rate applies.
+    proposal_burst: int = 30
 
     # The data plane's (docs/dataplane.md).
     #: Largest plaintext Wrap accepts (data keys and small secrets).
@@ -143,6 +151,10 @@ _AT_LEAST_ONE: Final = (
     "status_waiting",
     "governance_threads",
     "governance_waiting",
+    "max_open_proposals",
+    "max_open_proposals_per_proposer",
+    "proposals_per_minute",
+    "proposal_burst",
 )
 
 

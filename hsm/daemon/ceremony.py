@@ -1,8 +1,12 @@
 """The init ceremony and share confirmations.
 
-Contract: the ceremony runs once per deployment. The daemon makes the
-master key, splits it k-of-n (`split_to`, also used by a roster change),
-HPKE-encrypts share i to custodian i, logs the genesis (roster,
+Contract: the ceremony runs once per deployment, and only for whoever the
+operator who started the daemon let run it (`CeremonyGate`): the holder of
+the one-time code `server run` prints at start, or exactly the roster of
+custodians it was started with. Anyone else who reaches a fresh daemon
+first is refused (PERMISSION_DENIED) and changes nothing. The daemon makes
+the master key, splits it k-of-n (`split_to`, also used by a roster
+change), HPKE-encrypts share i to custodian i, logs the genesis (roster,
 threshold, commitments, encrypted shares, the log's checkpoint key, the
 policy) and forgets the key: it is never held after the ceremony, the
 daemon stays sealed until custodians unseal it. A confirmation is a
@@ -11,6 +15,8 @@ custodian's signed statement that their share checks out, logged once.
 
 from __future__ import annotations
 
+import base64
+import hmac
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +28,7 @@ from keyquorum.quorum import log as qlog
 from keyquorum.quorum import shamir
 from keyquorum.quorum.credentials import PublicCredential
 from keyquorum.quorum.errors import (
+    AccessDeniedError,
     AppendConflictError,
     InvalidInputError,
     KeyquorumError,
@@ -44,6 +51,64 @@ class EncryptedShareView:
     index: int
     ciphertext: bytes
     commitments: shamir.SplitCommitments
+
+
+#: Random bytes in a one-time ceremony code: 120 bits, 24 base32 characters.
+CODE_BYTES = 15
+
+
+class CeremonyGate:
+    """Who may run the ceremony: the one-time `code`, or exactly this `roster`.
+
+    `code` is printed by `server run` at start (base32 in groups of four);
+    `roster` is the custodians' fingerprints in share order, when the
+    operator starts the daemon with them instead. Neither: nobody may. The
+    code never appears in a repr.
+    """
+
+    __slots__ = ("code", "roster")
+
+    def __init__(self, code: str | None = None, roster: Sequence[str] | None = None) -> None:
+        self.code = code
+        self.roster = None if roster is None else tuple(roster)
+
+    @classmethod
+    def with_new_code(cls, random_bytes: RandomBytes) -> CeremonyGate:
+        """A gate with a fresh one-time code (`random_bytes` injectable for tests)."""
+        text = base64.b32encode(random_bytes(CODE_BYTES)).decode("ascii")
+        return cls(code="-".join(text[i : i + 4] for i in range(0, len(text), 4)))
+
+    def check(self, given_code: str, fingerprints: Sequence[str]) -> None:
+        """Raise AccessDeniedError unless the caller holds the code or brings the roster."""
+        if self.roster is not None:
+            if tuple(fingerprints) != self.roster:
+                raise AccessDeniedError(
+                    "this daemon runs the ceremony only for the roster it was started with "
+                    "(server run --ceremony-roster), in that order"
+                )
+            return
+        if self.code is None:
+            raise AccessDeniedError(
+                "this daemon was started without a ceremony code or roster: it runs no ceremony"
+            )
+        if not given_code:
+            raise AccessDeniedError(
+                "the ceremony needs the one-time code `keyquorum server run` printed at start "
+                "(ceremony init --code ...)"
+            )
+        if not hmac.compare_digest(_normalised(given_code), _normalised(self.code)):
+            raise AccessDeniedError("wrong ceremony code: nothing was changed")
+
+    def __repr__(self) -> str:
+        if self.roster is not None:
+            return f"<CeremonyGate roster of {len(self.roster)}>"
+        return "<CeremonyGate one-time code>" if self.code else "<CeremonyGate closed>"
+
+
+def _normalised(code: str) -> bytes:
+    """The code without group dashes or spaces, upper case (as printed, or as typed)."""
+    kept = "".join(ch for ch in code if ch not in "- ").upper()
+    return kept.encode("utf-8", errors="replace")
 
 
 def origin_for(deployment: str) -> str:
@@ -81,10 +146,18 @@ def split_to(
 class Ceremony:
     """The genesis and the confirmations of one replica."""
 
-    def __init__(self, replica: Replica) -> None:
+    def __init__(self, replica: Replica, gate: CeremonyGate | None) -> None:
         self._r = replica
+        self._gate = gate
 
-    def init(self, deployment: str, threshold: int, public_credentials: Sequence[bytes]) -> None:
+    def init(
+        self,
+        deployment: str,
+        threshold: int,
+        public_credentials: Sequence[bytes],
+        *,
+        code: str = "",
+    ) -> None:
         """Create and split the master key, log the genesis, forget the key."""
         r = self._r
         limits = r.limits
@@ -99,6 +172,12 @@ class Ceremony:
                 if len(data) > limits.max_credential_bytes:
                     raise InvalidInputError(f"public credential {i + 1} is too large")
             roster = [PublicCredential.from_bytes(data) for data in public_credentials]
+            gate = self._gate or CeremonyGate()
+            try:
+                gate.check(code, [c.fingerprint for c in roster])
+            except AccessDeniedError as e:
+                log.warning("ceremony refused: %s", e)
+                raise
             if len({c.fingerprint for c in roster}) != len(roster):
                 raise InvalidInputError("the same custodian credential is listed twice")
             if len({c.name for c in roster}) != len(roster):
@@ -158,8 +237,8 @@ class Ceremony:
             f"custodian {describe_fingerprint(fingerprint)} is not on the roster"
         )
 
-    def confirm(self, fingerprint: str, split_id: bytes, index: int, signature: bytes) -> None:
-        """Log a custodian's signed acknowledgement that their share checks out."""
+    def confirm(self, fingerprint: str, split_id: bytes, index: int, signature: bytes) -> int:
+        """Log a custodian's signed acknowledgement that their share checks out; its seq."""
         r = self._r
         with r.lock:
             r.journal.catch_up()
@@ -169,3 +248,4 @@ class Ceremony:
             r.journal.append_retrying(
                 [ConfirmPayload(fingerprint, split_id, index, signature)], time=r.now()
             )
+            return r.journal.size - 1

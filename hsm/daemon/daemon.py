@@ -26,8 +26,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from keyquorum.hsm.daemon import follower
-from keyquorum.hsm.daemon.ceremony import Ceremony, EncryptedShareView
+from keyquorum.hsm.daemon import follower, witnessing
+from keyquorum.hsm.daemon.ceremony import Ceremony, CeremonyGate, EncryptedShareView
 from keyquorum.hsm.daemon.context import Clock, RandomBytes, Replica
 from keyquorum.hsm.daemon.custody import KeyCustody
 from keyquorum.hsm.daemon.executions import Executions
@@ -38,7 +38,9 @@ from keyquorum.hsm.daemon.seal import Seal
 from keyquorum.hsm.daemon.tenant_keys import TenantKey
 from keyquorum.hsm.daemon.unseal import Progress, SessionView, Unseal
 from keyquorum.hsm.daemon.views import (
+    LogExtensionView,
     ProposalView,
+    ProvenEntry,
     StatusView,
     TenantView,
     VerdictView,
@@ -47,9 +49,11 @@ from keyquorum.hsm.daemon.views import (
 )
 from keyquorum.hsm.dataplane.snapshot import DataPlaneSnapshot, HeldKey
 from keyquorum.hsm.stores.base import Store
+from keyquorum.quorum.checkpoint import unverified_size
+from keyquorum.quorum.errors import InvalidInputError
 from keyquorum.quorum.limits import Limits
 from keyquorum.quorum.log import Entry
-from keyquorum.quorum.replay import LogState
+from keyquorum.quorum.replay import LogState, WitnessPolicy
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,7 @@ class Daemon:
         random_bytes: RandomBytes = os.urandom,
         sweep_seconds: float | None = SWEEP_SECONDS,
         follow_seconds: float | None = follower.POLL_SECONDS,
+        ceremony: CeremonyGate | None = None,
     ) -> None:
         custody = KeyCustody(limits, lambda: journal.state)
         journal = Journal(store, data_dir, on_failure=self._on_failure)
@@ -82,7 +87,7 @@ class Daemon:
             random=random_bytes,
         )
         self._keys = TenantKeys(r)
-        self._ceremony = Ceremony(r)
+        self._ceremony = Ceremony(r, ceremony)
         self._unseal = Unseal(r, on_unsealed=self._keys.restore_activations)
         self._seal = Seal(r, self._unseal)
         self._executions = Executions(r, self._keys)
@@ -174,10 +179,19 @@ class Daemon:
     # -- the key's life ----------------------------------------------------------------
 
     def init_ceremony(
-        self, deployment: str, threshold: int, public_credentials: Sequence[bytes]
+        self,
+        deployment: str,
+        threshold: int,
+        public_credentials: Sequence[bytes],
+        *,
+        code: str = "",
     ) -> StatusView:
-        """Create and split the master key, log the genesis, forget the key."""
-        self._ceremony.init(deployment, threshold, public_credentials)
+        """Create and split the master key, log the genesis, forget the key.
+
+        Only for the holder of the one-time `code` (or the roster the
+        daemon was started with: hsm/daemon/ceremony.py's `CeremonyGate`).
+        """
+        self._ceremony.init(deployment, threshold, public_credentials, code=code)
         return self.status()
 
     def encrypted_share(self, fingerprint: str) -> EncryptedShareView:
@@ -185,10 +199,11 @@ class Daemon:
 
     def confirm_share(
         self, fingerprint: str, split_id: bytes, index: int, signature: bytes
-    ) -> StatusView:
-        """Log a custodian's signed acknowledgement that their share checks out."""
-        self._ceremony.confirm(fingerprint, split_id, index, signature)
-        return self.status()
+    ) -> tuple[StatusView, int]:
+        """Log a custodian's signed acknowledgement that their share checks out;
+        the status after, and the seq of the confirmation."""
+        seq = self._ceremony.confirm(fingerprint, split_id, index, signature)
+        return self.status(), seq
 
     def open_unseal_session(self) -> SessionView:
         return self._unseal.open()
@@ -207,7 +222,7 @@ class Daemon:
         *,
         replica: str | None = None,
     ) -> int:
-        """Seal on one custodian's signed request (hsm/daemon/seal.py); the log size after."""
+        """Seal on one custodian's signed request (hsm/daemon/seal.py); the seal's seq."""
         return self._seal.by_custodian(
             fingerprint, requested_at, reason, signature, replica=replica
         )
@@ -235,15 +250,20 @@ class Daemon:
         operation_name: str,
         parameters: Sequence[tuple[str, str]],
         *,
-        expires_in: int | None,
+        proposal_id: bytes,
+        expires_at: int,
         proposer: str,
+        signature: bytes,
         public_credentials: Sequence[bytes] = (),
     ) -> ProposalView:
+        """Log a proposal signed by a custodian or a registered proposer (governance.py)."""
         return self._governance.propose(
             operation_name,
             parameters,
-            expires_in=expires_in,
+            proposal_id=proposal_id,
+            expires_at=expires_at,
             proposer=proposer,
+            signature=signature,
             public_credentials=public_credentials,
         )
 
@@ -313,6 +333,77 @@ class Daemon:
             r.journal.catch_up()
             r.initialized_state()
             return r.journal.checkpoint_with_proof(first_size)
+
+    def log_extension(self, first_size: int, include_seq: int | None = None) -> LogExtensionView:
+        """What a custodian's CLI checks before it signs, and after (cli/seen_checkpoints.py).
+
+        Read at one instant under the governance lock (after catching up):
+        the latest stored checkpoint and a consistency proof to it from
+        `first_size`; the latest checkpoint the witnesses in force cosigned
+        (hsm/daemon/witnessing.py) and a proof from it to the latest; the
+        entry `include_seq` with its inclusion proof; and every
+        `rotate-log-key` and `add-witness` / `remove-witness` execution with
+        its inclusion proof, so the CLI follows the log key's chain and
+        knows the witness policy without the whole log. Every proof is
+        against the latest checkpoint.
+        """
+        r = self._r
+        with r.lock:
+            r.journal.catch_up()
+            st = r.initialized_state()
+            note, proof = r.journal.checkpoint_with_proof(first_size)
+            tree = r.journal.tree
+            size = st.size
+            witnessed = witnessing.witnessed_checkpoint(r.store, st)
+            witnessed_proof: list[bytes] = []
+            if witnessed:
+                w_size = unverified_size(witnessed)
+                witnessed_proof = tree.consistency_proof(w_size, size) if w_size < size else []
+
+            def proven(seq: int) -> ProvenEntry:
+                entry = r.store.read(seq, seq + 1)[0]
+                return ProvenEntry(seq, entry, tuple(tree.inclusion_proof(seq, size)))
+
+            included = None
+            if include_seq is not None:
+                if not 0 <= include_seq < size:
+                    raise InvalidInputError(f"entry {include_seq} is not in the log of {size}")
+                included = proven(include_seq)
+            rotations = tuple(
+                proven(x.seq) for x in st.executions if x.operation == "rotate-log-key"
+            )
+            witness_changes = tuple(
+                proven(x.seq)
+                for x in st.executions
+                if x.operation in ("add-witness", "remove-witness")
+            )
+            return LogExtensionView(
+                checkpoint=note,
+                proof=tuple(proof),
+                witnessed=witnessed,
+                witnessed_proof=tuple(witnessed_proof),
+                included=included,
+                rotations=rotations,
+                witness_changes=witness_changes,
+            )
+
+    # -- what the audit service asks (hsm/services/audit_service.py's LogPolicy) ------
+
+    def log_key_at(self, size: int) -> str:
+        """The verifier key that signs the checkpoint of `size` entries."""
+        return self._r.journal.state.key_at(size)
+
+    def witness_policy(self) -> WitnessPolicy:
+        """The witnesses in force and m."""
+        return self._r.journal.state.witness_policy
+
+    def witnessed_checkpoint(self) -> str:
+        """The latest stored checkpoint m witnesses in force cosigned, or ""."""
+        return witnessing.witnessed_checkpoint(self._r.store, self._r.journal.state)
+
+    def record_cosigned(self, size: int, note: str) -> None:
+        """After the audit service merged a cosignature into the note of `size`."""
+        witnessing.record_cosigned(self._r.store, self._r.journal.state, size, note)
 
     def log_snapshot(self) -> tuple[LogState, list[bytes]]:
         """A copy of the state and every stored entry, read at one instant (for checks)."""

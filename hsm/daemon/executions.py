@@ -1,12 +1,19 @@
 """Planning what an approved operation does, before anything is logged.
 
 Contract: `plan` prepares the execution of a proposal at `now`: the result
-the execution entry will carry and what happens in memory once it is
-durable (`on_commit`), or what is wiped if it is not (`on_abort`). Nothing
-is logged or changed here. Operations that need the master key (create,
+the execution entry will carry, the shred salts it stores or replaces in
+the same transaction, and what happens in memory once it is durable
+(`on_commit`), or what is wiped if it is not (`on_abort`). Nothing is
+logged or changed here. Operations that need the master key (create,
 rotate and activate a tenant, change the roster) refuse while sealed; the
 key is used under the custody lock, and what is prepared with it takes
 effect only if no seal came before the commit (KeyCustody's generation).
+
+A roster change leaves the old roster nothing to open: every tenant key
+version is re-wrapped under the new master key AND a fresh shred salt, and
+the old salts are erased in the same store transaction, so the wrappings
+the log keeps from before the change open with nothing anyone holds (not
+even the old master key the removed custodians could rebuild).
 """
 
 from __future__ import annotations
@@ -29,13 +36,17 @@ from keyquorum.quorum.operations import (
     Activated,
     DestroyScheduled,
     GrantChanged,
+    LogKeyRotated,
     NewVersion,
     Policy,
+    ProposerAdded,
+    ProposerRemoved,
     Result,
     Rewrapped,
     RosterChanged,
     TenantNamed,
     VersionDisabled,
+    WitnessChanged,
 )
 from keyquorum.quorum.people import describe_fingerprint
 from keyquorum.quorum.replay import LogState, Proposal, Tenant
@@ -63,6 +74,8 @@ class Plan:
 
     result: Result
     shred_salts: tuple[ShredSalt, ...] = ()
+    #: Salts that replace the stored ones of the same versions (the old bytes erased).
+    replace_salts: tuple[ShredSalt, ...] = ()
     on_commit: Callable[[], None] = field(default=_nothing)
     on_abort: Callable[[], None] = field(default=_nothing)
 
@@ -125,6 +138,17 @@ class Executions:
             return Plan(TenantNamed(tenant))
         if name in ("grant", "revoke"):
             return Plan(GrantChanged(str(params["backend"]), tenant))
+        if name == "add-proposer":
+            return Plan(ProposerAdded(self._credential(str(params["proposer"]))))
+        if name == "remove-proposer":
+            return Plan(ProposerRemoved(str(params["proposer"])))
+        if name in ("add-witness", "remove-witness"):
+            return Plan(WitnessChanged(str(params["witness"]), int(params["witness_threshold"])))
+        if name == "rotate-log-key":
+            new_key = str(params["log_key"])
+            # The checkpoint after the rotation is the new key's: hold it first.
+            self._r.journal.signer_for(new_key)
+            return Plan(LogKeyRotated(st.log_key, new_key))
         return self._roster_change(st, int(params["threshold"]), str(params["roster"]))
 
     def _new_version(self, st: LogState, name: str, tenant: str) -> Plan:
@@ -178,20 +202,24 @@ class Executions:
                 new_master, st.deployment, threshold, roster, r.random
             )
             rewrapped = []
+            fresh: list[ShredSalt] = []
             with r.custody.master() as (old_master, generation):
                 for record in records:
                     keys = self._keys.unwrap_versions(record, old_master, salts[record.name])
                     try:
                         for v in record.versions:
+                            salt = r.random(tenant_keys.SHRED_SALT_SIZE)
                             wrapped = tenant_keys.wrap(
                                 new_master,
-                                salts[record.name][v.version],
+                                salt,
                                 record.name,
                                 v.version,
                                 keys[v.version],
                                 nonce=r.random(aead.NONCE_SIZE),
                             )
-                            rewrapped.append(Rewrapped(record.name, v.version, wrapped))
+                            digest = tenant_keys.shred_salt_digest(salt)
+                            rewrapped.append(Rewrapped(record.name, v.version, wrapped, digest))
+                            fresh.append((record.name, v.version, salt))
                     finally:
                         for key in keys.values():
                             key.wipe()
@@ -211,18 +239,52 @@ class Executions:
                 commitments.split_id.hex()[:8],
             )
 
-        return Plan(result, on_commit=switch, on_abort=new_master.wipe)
+        return Plan(result, replace_salts=tuple(fresh), on_commit=switch, on_abort=new_master.wipe)
 
-    def offer_credentials(self, public_credentials: Sequence[bytes], roster_param: str) -> None:
-        """Remember public credentials that a change-roster proposal names."""
-        listed = set(roster_param.split(","))
+    def offer(
+        self,
+        st: LogState,
+        name: str,
+        params: dict[str, str | int],
+        public_credentials: Sequence[bytes],
+    ) -> None:
+        """Remember the public credentials a change-roster or add-proposer names,
+        and refuse the proposal if one it needs is still unknown.
+
+        The log names them by fingerprint until the execution carries them
+        whole; credentials given with any other operation are refused.
+        """
+        if name == "change-roster":
+            roster = str(params.get("roster", ""))
+            self.offer_credentials(public_credentials, set(roster.split(",")))
+            self.roster_credentials(st, roster)
+        elif name == "add-proposer":
+            self.offer_credentials(public_credentials, {str(params.get("proposer", ""))})
+            self._credential(str(params.get("proposer", "")))
+        elif public_credentials:
+            raise InvalidInputError(
+                "public credentials belong to a change-roster or add-proposer proposal"
+            )
+
+    def _credential(self, fingerprint: str) -> PublicCredential:
+        """The offered public credential of a proposer to register."""
+        credential = self._offered.get(fingerprint)
+        if credential is None:
+            raise StateError(
+                f"the public credential of proposer {describe_fingerprint(fingerprint)} is "
+                "unknown: give its public file with the proposal or the approval"
+            )
+        return credential
+
+    def offer_credentials(self, public_credentials: Sequence[bytes], listed: set[str]) -> None:
+        """Remember public credentials that a proposal names (by fingerprint)."""
         for i, data in enumerate(public_credentials):
             if len(data) > self._r.limits.max_credential_bytes:
                 raise InvalidInputError(f"public credential {i + 1} is too large")
             credential = PublicCredential.from_bytes(data)
             if credential.fingerprint not in listed:
                 raise InvalidInputError(
-                    f"public credential of {credential.label} is not on the proposed roster"
+                    f"public credential of {credential.label} is not one the proposal names"
                 )
             self._offered[credential.fingerprint] = credential
 

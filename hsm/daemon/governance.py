@@ -1,9 +1,17 @@
 """Proposals and custodians' verdicts: the quorum rule, as replay states it.
 
 Contract:
-- A proposal is logged with a fresh random id; proposing changes nothing
-  but the log. Parameters arrive as text and are typed here
-  (`typed_parameters`); everything else about them is replay's rule.
+- A proposal is signed by its proposer, a custodian on the roster in force
+  or a proposer the quorum registered (`add-proposer`), over the `propose`
+  statement of the id and expiry they chose, the operation and every
+  parameter; an unsigned one is refused (UNAUTHENTICATED), an unknown
+  proposer too (PERMISSION_DENIED), before anything else. Replay's own
+  checks (the signature first) run on a dry run; only a proposal they
+  accept is charged to its proposer's rate and counted against the open
+  bounds (hsm/daemon/proposal_limits.py), then logged. Proposing changes
+  nothing but the log. Parameters arrive as text and are typed by
+  `operations.parameters_from_text`, as the proposer's CLI typed them to
+  sign them.
 - A verdict is checked by replay itself, dry-running the approval or
   refusal entry on the current state (`Journal.check`): the proposal
   pending and unexpired, the signer on the roster in force, one verdict
@@ -20,32 +28,30 @@ Contract:
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
-from typing import Final
 
 from keyquorum.hsm.daemon.context import Replica
-from keyquorum.hsm.daemon.executions import Executions, policy_of
+from keyquorum.hsm.daemon.executions import Executions
 from keyquorum.hsm.daemon.journal import redeciding
 from keyquorum.hsm.daemon.keys import TenantKeys
+from keyquorum.hsm.daemon.proposal_limits import ProposalLimits
 from keyquorum.hsm.daemon.views import ProposalView, VerdictView, proposal_view
-from keyquorum.hsm.pki import ClientIdentity
 from keyquorum.quorum.credentials import PublicCredential
 from keyquorum.quorum.errors import (
+    AccessDeniedError,
     DeserializationError,
     InvalidInputError,
     NotFoundError,
+    UnauthenticatedError,
 )
 from keyquorum.quorum.log import ApprovalPayload, ExecutionPayload, ProposalPayload, RefusalPayload
-from keyquorum.quorum.operations import INTEGER_PARAMETERS, Parameters, operation
+from keyquorum.quorum.operations import operation, parameters_from_text
 from keyquorum.quorum.people import describe_fingerprint
 from keyquorum.quorum.replay import LogState, Proposal
 from keyquorum.quorum.signatures import HybridSignature
 from keyquorum.quorum.statements import PROPOSAL_ID_SIZE
 
 log = logging.getLogger(__name__)
-
-_DECIMAL: Final = re.compile(r"[0-9]{1,16}")
 
 
 class Governance:
@@ -55,56 +61,79 @@ class Governance:
         self._r = replica
         self._keys = keys
         self._executions = executions
+        self._limits = ProposalLimits(replica.limits)
 
     def propose(
         self,
         operation_name: str,
         parameters: Sequence[tuple[str, str]],
         *,
-        expires_in: int | None,
+        proposal_id: bytes,
+        expires_at: int,
         proposer: str,
+        signature: bytes,
         public_credentials: Sequence[bytes] = (),
     ) -> ProposalView:
-        """Log a proposal for a quorum operation; it gets a fresh random id.
+        """Log a proposal its proposer signed (see the module docstring).
 
-        `duration_seconds`, `threshold` and `version` are decimal integers;
-        a grant's `backend` may be given as its certificate identity
-        `keyquorum://backend/<name>` (the log holds the name). For
-        `change-roster`, `public_credentials` are the public files of the
-        custodians the roster adds (the log names them by fingerprint).
+        `duration_seconds`, `threshold`, `version` and `witness_threshold`
+        are decimal integers; a grant's `backend` may be given as its
+        certificate identity `keyquorum://backend/<name>` (the log holds
+        the name). For `change-roster` and `add-proposer`,
+        `public_credentials` are the public files of the custodians the
+        roster adds or of the proposer (the log names them by fingerprint).
         """
         r = self._r
         with r.lock:
             r.journal.catch_up()
             self._keys.sweep()
             st = r.initialized_state()
+            # 0. Signed, by someone who may propose.
+            if not signature:
+                raise UnauthenticatedError(
+                    "a proposal must be signed by a custodian or a registered proposer "
+                    "(keyquorum proposal new --credential ...)"
+                )
+            if st.custodian(proposer) is None and proposer not in st.proposers:
+                raise AccessDeniedError(
+                    f"proposer {describe_fingerprint(proposer)} is neither a custodian on the "
+                    "roster nor a proposer the quorum registered (add-proposer)"
+                )
+            if not isinstance(proposal_id, bytes) or len(proposal_id) != PROPOSAL_ID_SIZE:
+                raise InvalidInputError(
+                    f"a proposal id is {PROPOSAL_ID_SIZE} bytes (32 hex digits)"
+                )
             try:
                 name = operation(operation_name).name
             except DeserializationError as e:
                 raise InvalidInputError(str(e)) from None
-            params = typed_parameters(parameters)
-            ttl = policy_of(st).proposal_ttl_seconds if expires_in is None else expires_in
-            if not proposer:
-                raise InvalidInputError("a proposal names its proposer")
+            params = parameters_from_text(parameters)
+            self._executions.offer(st, name, dict(params), public_credentials)
             newcomers: tuple[PublicCredential, ...] = ()
             if name == "change-roster":
-                roster = str(dict(params).get("roster", ""))
-                self._executions.offer_credentials(public_credentials, roster)
-                members = self._executions.roster_credentials(st, roster)
+                members = self._executions.roster_credentials(st, str(dict(params)["roster"]))
                 newcomers = tuple(c for c in members if st.share_index(c.fingerprint) is None)
-            elif public_credentials:
-                raise InvalidInputError("public credentials belong to a change-roster proposal")
-            now = r.now()
             payload = ProposalPayload(
-                id=r.random(PROPOSAL_ID_SIZE),
+                id=proposal_id,
                 operation=name,
                 parameters=params,
-                expires_at=now + ttl,
+                expires_at=expires_at,
                 proposer=proposer,
+                signature=HybridSignature.from_bytes(signature).to_bytes(),
                 credentials=newcomers,
             )
-            r.journal.append_retrying([payload], time=now)
-            log.info("proposal %s: %s %s", payload.id.hex(), name, dict(params))
+            now = r.now()
+            # 1. Replay's checks, the signature first; nothing is logged if they refuse.
+            r.journal.check([payload], time=now)
+            # 2. Only a proposal replay accepts is charged to its proposer.
+            self._limits.admit(st, proposer, now)
+            try:
+                r.journal.append_retrying([payload], time=now)
+            except BaseException:
+                self._limits.refund(proposer)
+                raise
+            who = st.proposer_name(proposer) or describe_fingerprint(proposer)
+            log.info("proposal %s by %s: %s %s", payload.id.hex(), who, name, dict(params))
             return proposal_view(r.journal.state, r.journal.state.proposals[payload.id], now)
 
     def proposals(self, *, include_closed: bool = False) -> list[ProposalView]:
@@ -174,7 +203,7 @@ class Governance:
         if isinstance(entry, RefusalPayload):
             r.journal.append([entry], time=now)
             log.info("proposal %s refused by %s", pid, describe_fingerprint(fingerprint))
-            return self._view(proposal.id, now, executed=False)
+            return self._view(proposal.id, now, executed=False, seq=r.journal.size - 1)
         needed = operation(proposal.operation).required_approvals(st.threshold)
         if len(proposal.approvals) + 1 < needed:
             r.journal.append([entry], time=now)
@@ -185,24 +214,31 @@ class Governance:
                 len(proposal.approvals) + 1,
                 needed,
             )
-            return self._view(proposal.id, now, executed=False)
-        if proposal.operation == "change-roster":
-            roster = str(dict(proposal.parameters)["roster"])
-            self._executions.offer_credentials(public_credentials, roster)
+            return self._view(proposal.id, now, executed=False, seq=r.journal.size - 1)
+        self._executions.offer(
+            st, proposal.operation, dict(proposal.parameters), public_credentials
+        )
         plan = self._executions.plan(st, proposal, now)
         execution = ExecutionPayload(proposal.id, proposal.operation, plan.result)
         try:
-            r.journal.append([entry, execution], time=now, shred_salts=plan.shred_salts)
+            r.journal.append(
+                [entry, execution],
+                time=now,
+                shred_salts=plan.shred_salts,
+                replace_salts=plan.replace_salts,
+            )
         except BaseException:
             plan.on_abort()
             raise
         plan.on_commit()
         log.info("proposal %s executed: %s", pid, proposal.operation)
-        return self._view(proposal.id, now, executed=True)
+        return self._view(proposal.id, now, executed=True, seq=r.journal.size - 2)
 
-    def _view(self, proposal_id: bytes, now: int, *, executed: bool) -> VerdictView:
+    def _view(self, proposal_id: bytes, now: int, *, executed: bool, seq: int) -> VerdictView:
+        """The proposal after a verdict; `seq` is the verdict's own entry."""
         st = self._r.journal.state
-        return VerdictView(proposal_view(st, st.proposals[proposal_id], now), executed, st.size)
+        view = proposal_view(st, st.proposals[proposal_id], now)
+        return VerdictView(view, executed, st.size, seq)
 
 
 def find_proposal(st: LogState, proposal_id: bytes) -> Proposal:
@@ -213,28 +249,3 @@ def find_proposal(st: LogState, proposal_id: bytes) -> Proposal:
     if proposal is None:
         raise NotFoundError(f"unknown proposal {proposal_id.hex()}")
     return proposal
-
-
-def typed_parameters(pairs: Sequence[tuple[str, str]]) -> Parameters:
-    """Parameters as sent (text) to the types the log holds, sorted by key.
-
-    The integer parameters must be plain decimal; a grant's backend may be
-    its certificate identity `keyquorum://backend/<name>`, logged as <name>.
-    Schema and policy checks are replay's (`operations.check_parameters`).
-    """
-    out: dict[str, str | int] = {}
-    for key, value in pairs:
-        if key in out:
-            raise InvalidInputError(f"parameter {key!r} is given twice")
-        if key in INTEGER_PARAMETERS:
-            if not _DECIMAL.fullmatch(value):
-                raise InvalidInputError(f"parameter {key!r} must be a decimal integer")
-            out[key] = int(value)
-        elif key == "backend" and value.startswith("keyquorum://"):
-            identity = ClientIdentity.parse(value)
-            if identity.role != "backend":
-                raise InvalidInputError(f"{value} is not a backend identity")
-            out[key] = identity.name
-        else:
-            out[key] = value
-    return tuple(sorted(out.items()))

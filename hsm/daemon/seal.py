@@ -41,7 +41,7 @@ class Seal:
         *,
         replica: str | None = None,
     ) -> int:
-        """Seal on one custodian's signed request: check, wipe, log; the log size after.
+        """Seal on one custodian's signed request: check, wipe, log; the seal entry's seq.
 
         `replica` is the replica the request names: this one (the default),
         `"*"` for every replica of the deployment, or another replica's name.
@@ -72,7 +72,7 @@ class Seal:
             r.journal.catch_up()
             r.journal.append_retrying([payload], time=max(r.now(), requested_at))
             log.info("sealed by custodian %s: %s", name, reason)
-            return r.journal.size
+            return r.journal.size - 1
 
     def for_shutdown(self, reason: str) -> None:
         """Wipe every key and, if it was unsealed, log that the daemon sealed itself."""

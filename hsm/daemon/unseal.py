@@ -59,6 +59,8 @@ class Progress:
     need: int
     sealed: bool
     log_size: int
+    #: The seq of the unseal entry, when this share completed the unseal.
+    seq: int | None = None
 
 
 class _Session:
@@ -250,7 +252,9 @@ class Unseal:
             if len(session.shares) < st.threshold:
                 return Progress(len(session.shares), st.threshold, True, r.journal.size)
             self._complete(session)
-            return Progress(st.threshold, st.threshold, False, r.journal.size)
+            return Progress(
+                st.threshold, st.threshold, False, r.journal.size, seq=r.journal.size - 1
+            )
 
     def _complete(self, session: _Session) -> None:
         """Combine, log who took part, then hold the key (unless a seal came meanwhile)."""

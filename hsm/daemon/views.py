@@ -34,6 +34,11 @@ class StatusView:
     checkpoint: str
     replica: str
     log_key: str
+    #: The policy's proposal lifetime (a proposer picks an expiry within it).
+    proposal_ttl_seconds: int = 0
+    #: The witness policy in force: the witnesses' verifier keys, and m.
+    witnesses: tuple[str, ...] = ()
+    witness_threshold: int = 0
 
     @property
     def confirmed_count(self) -> int:
@@ -55,7 +60,9 @@ class ProposalView:
     log_position: int
     proposed_at: int
     expires_at: int
+    #: The proposer's fingerprint, and their name (custodian or registered proposer).
     proposer: str
+    proposer_name: str
     status: str
     required: int
     approved_by: tuple[str, ...]
@@ -72,6 +79,31 @@ class VerdictView:
     proposal: ProposalView
     executed: bool
     log_size: int
+    #: The seq of the approval or refusal entry itself.
+    seq: int
+
+
+@dataclass(frozen=True)
+class ProvenEntry:
+    """One entry and its RFC 9162 inclusion proof in a checkpoint's tree."""
+
+    seq: int
+    entry: bytes
+    proof: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class LogExtensionView:
+    """The log as a custodian's CLI checks it (Daemon.log_extension); proofs are
+    against `checkpoint`."""
+
+    checkpoint: str
+    proof: tuple[bytes, ...]
+    witnessed: str
+    witnessed_proof: tuple[bytes, ...]
+    included: ProvenEntry | None
+    rotations: tuple[ProvenEntry, ...]
+    witness_changes: tuple[ProvenEntry, ...]
 
 
 @dataclass(frozen=True)
@@ -118,6 +150,9 @@ def status_view(
         checkpoint=checkpoint,
         replica=replica,
         log_key=st.log_key,
+        proposal_ttl_seconds=0 if st.policy is None else st.policy.proposal_ttl_seconds,
+        witnesses=st.witness_policy.witnesses,
+        witness_threshold=st.witness_policy.threshold,
     )
 
 
@@ -136,6 +171,7 @@ def proposal_view(st: LogState, p: Proposal, now: int) -> ProposalView:
         proposed_at=p.time,
         expires_at=p.expires_at,
         proposer=p.proposer,
+        proposer_name=st.proposer_name(p.proposer) or "?",
         status=status,
         required=operation(p.operation).required_approvals(st.threshold),
         approved_by=tuple(p.approvals),

@@ -15,13 +15,13 @@ UNAUTHENTICATED, another role PERMISSION_DENIED. The store is read on the
 audit lane's threads (hsm/services/lanes.py), never on the serving loop;
 an export streams in batches of `READ_BATCH` entries, one lane job each.
 
-Cosigner keys. A cosignature is accepted only from a C2SP cosignature
-(type 0x04) key in `auditor_keys`, which the operator passes at start
-(`server run --auditor-key VKEY`). This list is operator-trusted
-configuration, not yet a quorum decision in the log: an operator can add a
-key the custodians never approved. Auditors reading a cosigned checkpoint
-should therefore count only the cosigner keys they trust themselves
-(`audit verify --cosigner`), which is what C2SP witnessing asks anyway.
+Cosigner keys. A cosignature is accepted only from a witness the quorum
+put in the log (`add-witness`, k approvals; `remove-witness` takes it out):
+the `LogPolicy` (the daemon) says which witnesses are in force and which log
+key signed a checkpoint of a given size. Nothing the operator configures
+adds a cosigner. After a merge the policy learns which checkpoint m
+witnesses have now cosigned (hsm/daemon/witnessing.py), the one custodians
+sign over and `GetCheckpoint(witnessed=true)` serves.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -50,7 +50,12 @@ from keyquorum.hsm.services.lanes import Lane
 from keyquorum.hsm.services.server import Registration
 from keyquorum.hsm.stores.base import READ_BATCH, Store, check_range
 from keyquorum.quorum import merkle
-from keyquorum.quorum.checkpoint import NoteVerifier, verify_checkpoint
+from keyquorum.quorum.checkpoint import (
+    NoteVerifier,
+    parse_verifier_key,
+    unverified_size,
+    verify_checkpoint,
+)
 from keyquorum.quorum.errors import (
     InvalidInputError,
     LimitExceededError,
@@ -59,7 +64,8 @@ from keyquorum.quorum.errors import (
 )
 from keyquorum.quorum.export import MAX_NOTE
 from keyquorum.quorum.log import Entry, GenesisPayload
-from keyquorum.quorum.note import KEY_HASH_SIZE, SignatureType
+from keyquorum.quorum.note import KEY_HASH_SIZE
+from keyquorum.quorum.replay import WitnessPolicy
 from keyquorum.v1 import audit_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -68,17 +74,36 @@ SERVICE_NAME = "keyquorum.v1.AuditService"
 AUDITOR_ROLE = "auditor"
 
 
-class AuditLog:
-    """Proofs, checkpoints and cosignatures over one store (see the module docstring)."""
+class LogPolicy(Protocol):
+    """What the audit service asks of the log's replayed state (the `Daemon` answers)."""
 
-    def __init__(self, store: Store, auditor_keys: Sequence[NoteVerifier] = ()) -> None:
-        for key in auditor_keys:
-            if key.sig_type is not SignatureType.COSIGNATURE_V1:
-                raise InvalidInputError(f"auditor key {key.name} must be a cosignature (0x04) key")
-        if len({k.name for k in auditor_keys}) != len(auditor_keys):
-            raise InvalidInputError("two auditor keys have the same name")
+    def log_key_at(self, size: int) -> str:
+        """The verifier key that signs the checkpoint of `size` entries."""
+        ...
+
+    def witness_policy(self) -> WitnessPolicy:
+        """The witnesses in force and their threshold m."""
+        ...
+
+    def witnessed_checkpoint(self) -> str:
+        """The latest checkpoint m witnesses in force cosigned, or ""."""
+        ...
+
+    def record_cosigned(self, size: int, note: str) -> None:
+        """A cosignature was merged into the note of `size`."""
+        ...
+
+
+class AuditLog:
+    """Proofs, checkpoints and cosignatures over one store (see the module docstring).
+
+    Without a `policy` (a store read on its own) the log key is the
+    genesis's and no cosignature is accepted.
+    """
+
+    def __init__(self, store: Store, policy: LogPolicy | None = None) -> None:
         self._store = store
-        self._auditors = tuple(auditor_keys)
+        self._policy = policy
         self._lock = threading.Lock()
         self._tree = merkle.MerkleTree()
         self._log_key: NoteVerifier | None = None
@@ -98,8 +123,11 @@ class AuditLog:
                 self._tree.append(h)
             return self._tree
 
-    def log_key(self) -> NoteVerifier:
-        """The checkpoint key the genesis names (the daemon checked it at start)."""
+    def log_key(self, size: int | None = None) -> NoteVerifier:
+        """The key that signs the checkpoint of `size` entries (the policy's), else the
+        genesis's (the daemon checked the log against it at start)."""
+        if self._policy is not None and size is not None:
+            return parse_verifier_key(self._policy.log_key_at(size))
         if self._log_key is None:
             if self._store.size() == 0:
                 raise StateError("no ceremony yet: the log is empty")
@@ -116,10 +144,17 @@ class AuditLog:
             if latest is None:
                 raise StateError("no checkpoint yet: the log is empty")
             return latest
-        for stored, note in self._store.checkpoints():
-            if stored == size:
-                return stored, note
-        raise StateError(f"no checkpoint of tree size {size} is stored")
+        note = self._store.checkpoint_at(size)
+        if note is None:
+            raise StateError(f"no checkpoint of tree size {size} is stored")
+        return size, note
+
+    def witnessed(self) -> tuple[int, str]:
+        """The latest checkpoint m witnesses in force cosigned."""
+        note = "" if self._policy is None else self._policy.witnessed_checkpoint()
+        if not note:
+            raise StateError("no checkpoint is cosigned by the witnesses the log names yet")
+        return unverified_size(note), note
 
     def checkpoints(self) -> list[tuple[int, str]]:
         return self._store.checkpoints()
@@ -152,45 +187,49 @@ class AuditLog:
     def add_cosignature(self, note: str, auditor: str) -> tuple[int, str]:
         """Merge the cosignatures of `note` into the stored checkpoint of its size.
 
-        0. a cosigner key is configured, the note is bounded text;
-        1. the note is a checkpoint signed by the log key, and every line from
-           a configured cosigner verifies (`verify_checkpoint`);
-        2. at least one configured cosigner signed it;
+        0. the log has witnesses, the note is bounded text;
+        1. the note is a checkpoint signed by the log key in force at its
+           size, and every line from a witness in force verifies
+           (`verify_checkpoint`);
+        2. at least one witness in force signed it;
         3. its body is the stored checkpoint's body (same size and root);
         4. the stored note plus the new cosignature lines still verifies.
         """
         # 0.
-        if not self._auditors:
-            raise StateError("this daemon accepts no cosignatures: start it with --auditor-key")
+        witnesses = [] if self._policy is None else self._policy.witness_policy().verifiers()
+        if not witnesses:
+            raise StateError(
+                "the log names no witness: a quorum adds witnesses (add-witness) first"
+            )
         if not isinstance(note, str) or not note:
             raise InvalidInputError("the note is empty")
         if len(note) > MAX_NOTE:
             raise LimitExceededError(f"the note is longer than {MAX_NOTE} characters")
-        log_key = self.log_key()
+        log_key = self.log_key(unverified_size(note))
         # 1.
-        submitted = verify_checkpoint(note, log_key, self._auditors)
+        submitted = verify_checkpoint(note, log_key, witnesses)
         # 2.
         if not submitted.cosigned_by:
-            raise UnverifiedNoteError(
-                "the note carries no cosignature from a configured auditor key"
-            )
+            raise UnverifiedNoteError("the note carries no cosignature from a witness in the log")
         with self._lock:
             size = submitted.checkpoint.size
             # 3.
             _, stored = self.checkpoint(size) if size else (0, "")
             if not stored:
                 raise StateError("the empty tree has no checkpoint to cosign")
-            stored_cp = verify_checkpoint(stored, log_key, self._auditors).checkpoint
+            stored_cp = verify_checkpoint(stored, log_key, witnesses).checkpoint
             if stored_cp != submitted.checkpoint:
                 raise InvalidInputError(
                     f"the cosigned checkpoint of size {size} is not the one this log signed"
                 )
             # 4.
-            merged = _merge(stored, note, self._auditors)
-            check = verify_checkpoint(merged, log_key, self._auditors)
+            merged = _merge(stored, note, witnesses)
+            check = verify_checkpoint(merged, log_key, witnesses)
             if not set(submitted.cosigned_by) <= set(check.cosigned_by):
                 raise StateError("merging the cosignature failed")
             self._store.put_checkpoint(size, merged)
+        if self._policy is not None:
+            self._policy.record_cosigned(size, merged)
         log.info(
             "checkpoint %d cosigned by %s (client %s)",
             size,
@@ -268,7 +307,12 @@ class AuditServicer:
         self, request: pb.GetCheckpointRequest, call: Call
     ) -> pb.SignedCheckpoint:
         call.peer.require(AUDITOR_ROLE)
-        size, note = await self._lane.run(lambda: self._log.checkpoint(request.size))
+        if request.witnessed:
+            if request.size:
+                raise InvalidInputError("witnessed asks for the latest: size 0")
+            size, note = await self._lane.run(self._log.witnessed)
+        else:
+            size, note = await self._lane.run(lambda: self._log.checkpoint(request.size))
         return pb.SignedCheckpoint(size=size, note=note)
 
     async def ListCheckpoints(

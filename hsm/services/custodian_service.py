@@ -23,6 +23,7 @@ import grpc
 from google.protobuf.message import Message
 
 from keyquorum.hsm.daemon import Daemon, ProposalView, StatusView, VerdictView
+from keyquorum.hsm.daemon.views import LogExtensionView, ProvenEntry
 from keyquorum.hsm.services.admission import (
     Admission,
     Call,
@@ -65,6 +66,7 @@ def _proposal(view: ProposalView) -> pb.Proposal:
         proposed_at=view.proposed_at,
         expires_at=view.expires_at,
         proposer=view.proposer,
+        proposer_name=view.proposer_name,
         status=view.status,
         required=view.required,
         approved_by=list(view.approved_by),
@@ -79,7 +81,26 @@ def _proposal(view: ProposalView) -> pb.Proposal:
 
 def _verdict(view: VerdictView) -> pb.VerdictResponse:
     return pb.VerdictResponse(
-        proposal=_proposal(view.proposal), executed=view.executed, log_size=view.log_size
+        proposal=_proposal(view.proposal),
+        executed=view.executed,
+        log_size=view.log_size,
+        seq=view.seq,
+    )
+
+
+def _proven(entry: ProvenEntry) -> pb.ProvenEntry:
+    return pb.ProvenEntry(seq=entry.seq, entry=entry.entry, proof=list(entry.proof))
+
+
+def _extension(view: LogExtensionView) -> pb.LogExtension:
+    return pb.LogExtension(
+        checkpoint=view.checkpoint,
+        proof=list(view.proof),
+        witnessed_checkpoint=view.witnessed,
+        witnessed_proof=list(view.witnessed_proof),
+        included=None if view.included is None else _proven(view.included),
+        rotations=[_proven(e) for e in view.rotations],
+        witness_changes=[_proven(e) for e in view.witness_changes],
     )
 
 
@@ -96,6 +117,9 @@ def _status(view: StatusView) -> pb.Status:
         checkpoint=view.checkpoint,
         replica=view.replica,
         log_key=view.log_key,
+        proposal_ttl_seconds=view.proposal_ttl_seconds,
+        witnesses=list(view.witnesses),
+        witness_threshold=view.witness_threshold,
         roster=[
             pb.Custodian(
                 fingerprint=c.fingerprint,
@@ -148,7 +172,10 @@ class CustodianServicer:
         view = await self._call(
             "InitCeremony",
             lambda: self._daemon.init_ceremony(
-                request.deployment, request.threshold, list(request.public_credentials)
+                request.deployment,
+                request.threshold,
+                list(request.public_credentials),
+                code=request.code,
             ),
         )
         status = _status(view)
@@ -180,7 +207,7 @@ class CustodianServicer:
     async def ConfirmShare(
         self, request: pb.ConfirmShareRequest, call: Call
     ) -> pb.ConfirmShareResponse:
-        view = await self._call(
+        view, seq = await self._call(
             "ConfirmShare",
             lambda: self._daemon.confirm_share(
                 request.custodian,
@@ -194,6 +221,7 @@ class CustodianServicer:
             confirmed_count=view.confirmed_count,
             custodian_count=len(view.roster),
             log_size=view.log_size,
+            seq=seq,
         )
 
     async def OpenUnsealSession(
@@ -224,10 +252,12 @@ class CustodianServicer:
             ),
             who=request.custodian,
         )
-        return pb.UnsealProgress(have=p.have, need=p.need, sealed=p.sealed, log_size=p.log_size)
+        return pb.UnsealProgress(
+            have=p.have, need=p.need, sealed=p.sealed, log_size=p.log_size, seq=p.seq
+        )
 
     async def Seal(self, request: pb.SealRequest, call: Call) -> pb.SealResponse:
-        size = await self._call(
+        seq = await self._call(
             "Seal",
             lambda: self._daemon.seal(
                 request.custodian,
@@ -239,15 +269,16 @@ class CustodianServicer:
             who=request.custodian,
             lane=self._seal_lane,
         )
-        return pb.SealResponse(log_size=size)
+        return pb.SealResponse(log_size=seq + 1, seq=seq)
 
     async def GetLogExtension(
         self, request: pb.GetLogExtensionRequest, call: Call
     ) -> pb.LogExtension:
-        note, proof = await self._call(
-            "GetLogExtension", lambda: self._daemon.checkpoint_with_proof(request.first_size)
+        include = request.include_seq if request.HasField("include_seq") else None
+        view = await self._call(
+            "GetLogExtension", lambda: self._daemon.log_extension(request.first_size, include)
         )
-        return pb.LogExtension(checkpoint=note, proof=proof)
+        return _extension(view)
 
     async def Propose(self, request: pb.ProposeRequest, call: Call) -> pb.Proposal:
         view = await self._call(
@@ -255,8 +286,10 @@ class CustodianServicer:
             lambda: self._daemon.propose(
                 request.operation,
                 [(p.key, p.value) for p in request.parameters],
-                expires_in=request.expires_in_seconds or None,
+                proposal_id=_hex(request.id, "proposal id"),
+                expires_at=request.expires_at,
                 proposer=request.proposer,
+                signature=request.signature,
                 public_credentials=list(request.public_credentials),
             ),
             who=request.proposer,
