@@ -65,3 +65,38 @@ def dev_pki(out: Path, server_names: tuple[str, ...], clients: tuple[str, ...]) 
         click.echo(f"    certificate       {c.cert}")
         click.echo(f"    private key       {c.key}  (0600)")
     click.echo("Development only: keep the CA key away from anything real.")
+
+
+@admin.group("log-key")
+def log_key() -> None:
+    """The log's signing key: make the next one for a rotate-log-key proposal."""
+
+
+@log_key.command("next")
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The daemon's data directory (it holds log-signing-key).",
+)
+def log_key_next(data_dir: Path) -> None:
+    """Make the key a rotation will put in force; print its verifier key.
+
+    Writes log-signing-key.next (mode 0600) beside the key in force. Propose
+    the rotation with the printed key; the custodians approve it (k of
+    them); the daemon that executes it signs that entry with the old key,
+    the checkpoint after it with this one, and makes this file the key.
+    With several replicas, copy the file into every replica's data
+    directory before the rotation executes (docs/replicas.md).
+
+    \b
+    Example:
+      keyquorum admin log-key next --data-dir /var/lib/keyquorum
+      keyquorum proposal new rotate-log-key --param log_key='keyquorum/acme-prod+...' \\
+          --credential ~/.keyquorum/alice.kqcred
+    """
+    from keyquorum.hsm.daemon.logkey import LogKey
+
+    current = LogKey.load(data_dir)
+    key = LogKey.create_next(data_dir, origin=current.origin)
+    click.echo(key.vkey)

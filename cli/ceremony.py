@@ -7,9 +7,11 @@ from typing import Any
 
 import click
 
+from keyquorum.cli import seen_checkpoints
 from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
 from keyquorum.cli.output import document, emit, json_option, person
 from keyquorum.quorum import people
+from keyquorum.quorum.log import GenesisPayload
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
@@ -23,6 +25,13 @@ def ceremony() -> None:
 @endpoint_options
 @click.option("--deployment", required=True, help="Deployment name, e.g. acme-prod.")
 @click.option("--threshold", default=5, show_default=True, help="Shares needed to unseal (k).")
+@click.option(
+    "--code",
+    envvar="KEYQUORUM_CEREMONY_CODE",
+    default="",
+    help="The one-time code `keyquorum server run` printed at start (env "
+    "KEYQUORUM_CEREMONY_CODE); not needed if the daemon was started with this roster.",
+)
 @click.argument(
     "public_credentials",
     nargs=-1,
@@ -35,28 +44,40 @@ def init(
     insecure_dev_plaintext: bool,
     deployment: str,
     threshold: int,
+    code: str,
     public_credentials: tuple[Path, ...],
 ) -> None:
     """Create the master key inside the daemon and split it among custodians.
 
-    Give the custodians' public credential files in share-index order. The
-    daemon generates the master key, encrypts one share to each custodian,
-    logs the genesis entry and forgets the key. Each custodian then runs
+    Give the custodians' public credential files in share-index order, and
+    the one-time code the daemon printed when it started (whoever reaches a
+    fresh daemon without it is refused). The daemon generates the master
+    key, encrypts one share to each custodian, logs the genesis entry and
+    forgets the key. This machine pins the deployment's log key and
+    remembers the checkpoint of the genesis. Each custodian then runs
     `keyquorum custodian confirm`.
 
     \b
     Example:
       keyquorum ceremony init --deployment acme-prod --threshold 5 \\
-          alice.pub.json bob.pub.json ... grace.pub.json
+          --code K7QM-3FZ2-... alice.pub.json bob.pub.json ... grace.pub.json
     """
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
     request = pb.InitCeremonyRequest(
         deployment=deployment,
         threshold=threshold,
         public_credentials=[p.read_bytes() for p in public_credentials],
+        code=code,
     )
-    with open_channel(endpoint) as channel, rpc_errors():
-        result = pb_grpc.CustodianServiceStub(channel).InitCeremony(request)
+    with open_channel(endpoint) as channel:
+        stub = pb_grpc.CustodianServiceStub(channel)
+        with rpc_errors():
+            result = stub.InitCeremony(request)
+        seen_checkpoints.remember_entry(
+            stub,
+            0,
+            lambda e: isinstance(e.payload, GenesisPayload) and e.payload.deployment == deployment,
+        )
     click.echo(f"deployment {deployment}: {threshold} of {len(result.roster)} custodians")
     click.echo(f"master key commitment: {result.master_key_commitment}")
     for c in result.roster:

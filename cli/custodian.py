@@ -17,7 +17,15 @@ from keyquorum.cli.output import document, emit, json_option, person
 from keyquorum.cli.passphrase import check_strength, passphrase_options, read_passphrase
 from keyquorum.cli.proposal import describe_result
 from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
-from keyquorum.quorum.errors import InvalidInputError, StateError
+from keyquorum.quorum.errors import InvalidInputError, KeyquorumError, StateError, with_context
+from keyquorum.quorum.log import (
+    ApprovalPayload,
+    ConfirmPayload,
+    Entry,
+    RefusalPayload,
+    SealPayload,
+    UnsealPayload,
+)
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
@@ -65,6 +73,17 @@ def _unlocker(
             return CustodianCredential.decrypt(data, passphrase)
 
     return unlock
+
+
+def witness_wait_option(f: click.decorators.FC) -> click.decorators.FC:
+    return click.option(
+        "--witness-wait",
+        type=click.FloatRange(min=0),
+        default=30.0,
+        show_default=True,
+        help="Seconds to wait for the deployment's witnesses to cosign the log this "
+        "signature is about; nothing is signed over a log fewer than m witnesses cosigned.",
+    )(f)
 
 
 def _show_signing(statement: str) -> None:
@@ -203,6 +222,7 @@ def show(path: Path, as_json: bool) -> None:
 @endpoint_options
 @credential_option
 @passphrase_options
+@witness_wait_option
 def confirm_cmd(
     server: str,
     ca: Path | None,
@@ -210,11 +230,15 @@ def confirm_cmd(
     credential_path: Path,
     passphrase_file: Path | None,
     passphrase_fd: int | None,
+    witness_wait: float,
 ) -> None:
     """Check your share after the ceremony, and log that it checks out.
 
     Your share is decrypted on this machine and compared with the commitment
-    in the log; nothing secret is sent.
+    in the log; nothing secret is sent. The log must extend what this
+    machine saw, under the pinned log key, and be cosigned by the
+    deployment's witnesses; the checkpoint that includes your confirmation
+    is remembered.
 
     \b
     Example:
@@ -222,12 +246,20 @@ def confirm_cmd(
           --credential ~/.keyquorum/alice.kqcred
     """
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
+    public = public_for(credential_path)
+    fingerprint = public.fingerprint
     with open_channel(endpoint) as channel:
         stub = pb_grpc.CustodianServiceStub(channel)
         result = actions.confirm(
             stub,
-            public_for(credential_path),
+            public,
             _unlocker(credential_path, passphrase_file, passphrase_fd),
+            before_sign=lambda: seen_checkpoints.require_witnessed(stub, 1, wait=witness_wait),
+        )
+        seen_checkpoints.remember_entry(
+            stub,
+            result.seq,
+            lambda e: isinstance(e.payload, ConfirmPayload) and e.payload.custodian == fingerprint,
         )
     click.echo(
         f"share confirmed; ceremony confirmed by {result.confirmed_count} "
@@ -259,6 +291,7 @@ def confirm_cmd(
 )
 @credential_option
 @passphrase_options
+@witness_wait_option
 def unseal_cmd(
     servers: tuple[str, ...],
     ca: Path | None,
@@ -266,6 +299,7 @@ def unseal_cmd(
     credential_path: Path,
     passphrase_file: Path | None,
     passphrase_fd: int | None,
+    witness_wait: float,
 ) -> None:
     """Submit your share to unseal the daemon (or several replicas).
 
@@ -274,9 +308,11 @@ def unseal_cmd(
     replica has its own session, so each gets its own encryption and
     signature; the passphrase is asked once.
 
-    Before anything is unlocked, each daemon must show a log that extends
-    the last checkpoint this machine saw for the deployment (an RFC 9162
-    consistency proof); a rolled-back log is refused.
+    Before anything is unlocked, each daemon must show a log under the
+    pinned log key that extends the last checkpoint this machine saw for
+    the deployment (an RFC 9162 consistency proof), cosigned by the
+    deployment's witnesses up to the session; a rolled-back or re-keyed log
+    is refused.
 
     \b
     Example:
@@ -298,6 +334,7 @@ def unseal_cmd(
             seen_checkpoints.require_extension(stub)
             with rpc_errors():
                 session = stub.OpenUnsealSession(pb.OpenUnsealSessionRequest())
+            seen_checkpoints.require_witnessed(stub, session.log_size, wait=witness_wait)
             stubs.append(stub)
             lines.append(
                 f"(unseal) deployment {session.deployment}, replica {session.replica}, "
@@ -305,11 +342,23 @@ def unseal_cmd(
                 "decrypted here, re-encrypted to this session's key and signed."
             )
         credential = unlock("\n".join(lines))
+        fingerprint = credential.public().fingerprint
+
+        def took_part(entry: Entry) -> bool:
+            payload = entry.payload
+            return isinstance(payload, UnsealPayload) and any(
+                share.custodian == fingerprint for share in payload.shares
+            )
+
         for endpoint, stub in zip(endpoints, stubs, strict=True):
             progress = actions.submit_share(stub, credential, show=_show_signing)
             where = f"{endpoint.target}: " if len(endpoints) > 1 else ""
             state = "still sealed" if progress.sealed else "UNSEALED"
             click.echo(f"{where}share accepted: {progress.have} of {progress.need}; {state}")
+            if progress.HasField("seq"):
+                seen_checkpoints.remember_entry(stub, progress.seq, took_part)
+            else:
+                seen_checkpoints.require_extension(stub)
 
 
 @custodian.command("seal")
@@ -343,17 +392,34 @@ def seal_cmd(
           --credential ~/.keyquorum/alice.kqcred --reason "suspected compromise"
     """
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
+    public = public_for(credential_path)
+    fingerprint = public.fingerprint
+    now = int(time.time())
     with open_channel(endpoint) as channel:
         stub = pb_grpc.CustodianServiceStub(channel)
-        actions.seal(
+        # A seal waits for nothing: no witness, no check of the log comes first.
+        response = actions.seal(
             stub,
-            public_for(credential_path),
+            public,
             _unlocker(credential_path, passphrase_file, passphrase_fd),
             reason=reason,
-            now=int(time.time()),
+            now=now,
             replica="*" if all_replicas else None,
         )
-    click.echo("every replica sealed" if all_replicas else "sealed")
+        click.echo("every replica sealed" if all_replicas else "sealed")
+
+        def my_seal(entry: Entry) -> bool:
+            payload = entry.payload
+            return (
+                isinstance(payload, SealPayload)
+                and payload.custodian == fingerprint
+                and payload.requested_at == now
+            )
+
+        try:
+            seen_checkpoints.remember_entry(stub, response.seq, my_seal)
+        except KeyquorumError as e:
+            raise with_context(e, "sealed, but the log that records it does not check") from e
 
 
 def _verdict_command(verdict: str) -> click.Command:
@@ -362,6 +428,7 @@ def _verdict_command(verdict: str) -> click.Command:
     @endpoint_options
     @credential_option
     @passphrase_options
+    @witness_wait_option
     @click.argument("proposal_id")
     @click.option(
         "--roster-file",
@@ -377,20 +444,35 @@ def _verdict_command(verdict: str) -> click.Command:
         credential_path: Path,
         passphrase_file: Path | None,
         passphrase_fd: int | None,
+        witness_wait: float,
         proposal_id: str,
         roster_files: tuple[Path, ...],
     ) -> None:
         endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
+        fingerprint = public_for(credential_path).fingerprint
+        kind = ApprovalPayload if verdict == "approve" else RefusalPayload
         with open_channel(endpoint) as channel:
             stub = pb_grpc.CustodianServiceStub(channel)
             seen_checkpoints.require_extension(stub)
             response = actions.verdict(
                 stub,
                 proposal_id,
-                public_for(credential_path).fingerprint,
+                fingerprint,
                 _unlocker(credential_path, passphrase_file, passphrase_fd),
                 verdict=verdict,
                 public_credentials=[f.read_bytes() for f in roster_files],
+                before_sign=lambda p: seen_checkpoints.require_witnessed(
+                    stub, p.log_position + 1, wait=witness_wait
+                ),
+            )
+            seen_checkpoints.remember_entry(
+                stub,
+                response.seq,
+                lambda e: (
+                    isinstance(e.payload, kind)
+                    and e.payload.custodian == fingerprint
+                    and e.payload.proposal.hex() == response.proposal.id
+                ),
             )
         p = response.proposal
         if verdict == "refuse":

@@ -9,6 +9,7 @@ never leaves this process in the clear, and its buffers are wiped after use.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from keyquorum.quorum import canonical, operations, shamir, statements
 from keyquorum.quorum import log as qlog
 from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.errors import DeserializationError, InvalidInputError, StateError
+from keyquorum.quorum.operations import operation as operation_row
 from keyquorum.quorum.sealing import SealingPublicKey
 from keyquorum.quorum.secret import SecretBytes
 from keyquorum.quorum.unseal import session_info
@@ -78,13 +80,20 @@ def _named(stub: pb_grpc.CustodianServiceStub, who: statements.Named | str) -> s
 
 
 def confirm(
-    stub: pb_grpc.CustodianServiceStub, public: statements.Named | str, unlock: Unlock
+    stub: pb_grpc.CustodianServiceStub,
+    public: statements.Named | str,
+    unlock: Unlock,
+    *,
+    before_sign: Callable[[], object] | None = None,
 ) -> pb.ConfirmShareResponse:
     """Check one's own share after the ceremony and log a signed acknowledgement.
 
     The statement is shown (through `unlock`) before the credential is
     unlocked; the share is then checked locally before anything is signed.
+    `before_sign` runs first (the CLI's checks of the log it signs over).
     """
+    if before_sign is not None:
+        before_sign()
     public = _named(stub, public)
     fingerprint = public.fingerprint
     with rpc_errors():
@@ -269,13 +278,15 @@ def verdict(
     *,
     verdict: str,
     public_credentials: Sequence[bytes] = (),
+    before_sign: Callable[[pb.Proposal], object] | None = None,
 ) -> pb.VerdictResponse:
     """Approve or refuse one proposal as custodian `fingerprint`.
 
     Fetches the proposal, checks its statement (`proposal_statement`),
-    shows it through `unlock` BEFORE the credential is unlocked, signs
-    exactly that text and sends the signature. Nothing is signed for a
-    proposal that is no longer pending.
+    runs `before_sign` on it (the CLI's checks of the log it signs over:
+    witnessed up to the proposal), shows it through `unlock` BEFORE the
+    credential is unlocked, signs exactly that text and sends the
+    signature. Nothing is signed for a proposal that is no longer pending.
     """
     with rpc_errors():
         proposal = stub.GetProposal(pb.GetProposalRequest(id=proposal_id.lower()))
@@ -284,6 +295,8 @@ def verdict(
     if proposal.status != "pending":
         raise StateError(f"proposal {proposal.id} is {proposal.status}: nothing to sign")
     statement = proposal_statement(proposal, verdict)
+    if before_sign is not None:
+        before_sign(proposal)
     credential = unlock(statement.render())
     if credential.public().fingerprint != fingerprint:
         raise InvalidInputError("the credential does not match its public file")
@@ -298,3 +311,63 @@ def verdict(
         if verdict == "approve":
             return stub.Approve(request)
         return stub.Refuse(request)
+
+
+#: Seconds a proposal's default expiry stays under the policy's TTL, so that a
+#: proposer's clock a little ahead of the daemon's does not overshoot it.
+EXPIRY_MARGIN_SECONDS = 300
+
+
+def propose(
+    stub: pb_grpc.CustodianServiceStub,
+    proposer: statements.Named,
+    unlock: Unlock,
+    operation: str,
+    parameters: Sequence[tuple[str, str]],
+    *,
+    now: int,
+    expires_in: int | None = None,
+    public_credentials: Sequence[bytes] = (),
+    random_bytes: Callable[[int], bytes] = os.urandom,
+) -> pb.Proposal:
+    """Propose `operation` as `proposer` (a custodian or a registered proposer).
+
+    The proposal's id and expiry are chosen here; the `propose` statement of
+    exactly these, the operation and every parameter (typed as the daemon
+    types them) is shown through `unlock` BEFORE the credential is
+    unlocked, then signed.
+    """
+    name = operation_row(operation).name
+    params = operations.typed_parameters(parameters)
+    with rpc_errors():
+        status = stub.GetStatus(pb.GetStatusRequest())
+    if not status.initialized:
+        raise StateError("no ceremony yet: nothing to propose to")
+    ttl = status.proposal_ttl_seconds
+    if expires_in is None:
+        expires_in = max(60, ttl - EXPIRY_MARGIN_SECONDS)
+    proposal_id = random_bytes(statements.PROPOSAL_ID_SIZE)
+    fingerprint = proposer.fingerprint
+    statement = statements.proposal_statement(
+        deployment=status.deployment,
+        proposer=proposer,
+        proposal_id=proposal_id,
+        operation=name,
+        parameters=dict(params),
+        expires_at=now + expires_in,
+    )
+    credential = unlock(statement.render())
+    if credential.public().fingerprint != fingerprint:
+        raise InvalidInputError("the credential does not match its public file")
+    signed = statements.sign_statement(statement, credential)
+    request = pb.ProposeRequest(
+        operation=name,
+        parameters=[pb.Parameter(key=k, value=str(v)) for k, v in params],
+        proposer=fingerprint,
+        public_credentials=list(public_credentials),
+        id=proposal_id.hex(),
+        expires_at=now + expires_in,
+        signature=signed.signature.to_bytes(),
+    )
+    with rpc_errors():
+        return stub.Propose(request)

@@ -1,25 +1,29 @@
 """`keyquorum proposal ...` and `keyquorum tenant list`: quorum operations.
 
-Anyone who can reach the custodian API may propose: a proposal changes
-nothing until custodians sign it (`keyquorum custodian approve ID`), k of
-them for an operation that widens exposure, one for one that narrows it.
-The proposal and every verdict are in the quorum log.
+A proposal is signed by its proposer: a custodian on the roster, or a
+proposer credential the quorum registered (`add-proposer`; a proposer
+makes one with `keyquorum custodian new`, the same file format). It
+changes nothing until custodians sign it (`keyquorum custodian approve
+ID`), k of them for an operation that widens exposure, one for one that
+narrows it. The proposal and every verdict are in the quorum log.
 """
 
 from __future__ import annotations
 
-import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 
+from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli import display
 from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
 from keyquorum.cli.output import document, emit, json_option, person
+from keyquorum.cli.passphrase import passphrase_options, read_passphrase
 from keyquorum.quorum import canonical, people
-from keyquorum.quorum.credentials import PublicCredential
+from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
 from keyquorum.quorum.errors import InvalidInputError, KeyquorumError
 from keyquorum.quorum.operations import OPERATIONS
 from keyquorum.quorum.statements import ApprovalContext, Person, render_time
@@ -53,12 +57,22 @@ def describe(p: pb.Proposal) -> list[str]:
         f"  status:    {p.status}; approvals {len(p.approved_by)} of {p.required}"
         + (f", refusals {len(p.refused_by)}" if p.refused_by else ""),
         f"  proposed:  at log position {p.log_position}, {render_time(p.proposed_at)}, "
-        f"by {p.proposer!r} (unsigned text: anyone can write it)",
+        f"by {_proposer(p)} (signed)",
         f"  expires:   {render_time(p.expires_at)}",
     ]
     if p.status == "executed":
         lines.append(f"  executed:  entry {p.executed_seq}: {describe_result(p)}")
     return lines
+
+
+def _proposer(p: pb.Proposal) -> str:
+    """The proposer in the people's form (a custodian or a registered proposer)."""
+    try:
+        if p.proposer_name:
+            return people.label(p.proposer_name, p.proposer)
+        return people.display_fingerprint(p.proposer)
+    except InvalidInputError:
+        return "?"
 
 
 def _shown_value(key: str, value: str) -> str:
@@ -103,7 +117,7 @@ def proposal_document(p: pb.Proposal) -> dict[str, Any]:
         "log_position": p.log_position,
         "proposed_at": p.proposed_at,
         "expires_at": p.expires_at,
-        "proposer": p.proposer,
+        "proposer": person(p.proposer_name or "?", p.proposer),
         "status": p.status,
         "required": p.required,
         "approved_by": [person(names.get(fp, "?"), fp) for fp in p.approved_by],
@@ -152,17 +166,26 @@ def proposal() -> None:
     help="e.g. 30m, 24h (default and maximum: the deployment's proposal TTL).",
 )
 @click.option(
-    "--proposer",
-    default=lambda: os.environ.get("USER", "unknown"),
-    show_default="$USER",
-    help="Who proposes (logged as text; it authorises nothing).",
+    "--credential",
+    "credential_path",
+    required=True,
+    envvar="KEYQUORUM_CREDENTIAL",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Your credential (a custodian's, or a proposer's the quorum registered); its "
+    "public file must sit beside it (env KEYQUORUM_CREDENTIAL).",
 )
+@passphrase_options
 @click.option(
     "--roster-file",
     "roster_files",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="change-roster: the new roster's public credential files, in share-index order.",
+)
+@click.option(
+    "--proposer-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="add-proposer: the public credential file of the proposer to register.",
 )
 def new(
     server: str,
@@ -171,10 +194,16 @@ def new(
     operation: str,
     params: tuple[str, ...],
     expires_in: str | None,
-    proposer: str,
+    credential_path: Path,
+    passphrase_file: Path | None,
+    passphrase_fd: int | None,
     roster_files: tuple[Path, ...],
+    proposer_file: Path | None,
 ) -> None:
-    """Propose OPERATION; prints its id and the statement custodians will sign.
+    """Propose OPERATION, signed; prints its id and the statement custodians will sign.
+
+    The exact `propose` statement is printed first; your passphrase is
+    asked only after it.
 
     \b
     Operations (approvals needed):
@@ -184,18 +213,26 @@ def new(
       destroy-tenant    tenant                      k  (shredded after the wait)
       grant             backend, tenant             k
       change-roster     threshold, roster           k  (--roster-file ...)
+      add-proposer      proposer, name              k  (--proposer-file ...)
+      add-witness       witness, witness_threshold  k  (a cosigner key, m after)
+      remove-witness    witness, witness_threshold  k
+      rotate-log-key    log_key                     k  (admin log-key next)
       deactivate-tenant tenant                      1
       disable-version   tenant, version             1
       cancel-destroy    tenant                      1
       revoke            backend, tenant             1
+      remove-proposer   proposer                    1
 
     \b
     Examples:
-      keyquorum proposal new create-tenant --param tenant=acme-health
+      keyquorum proposal new create-tenant --param tenant=acme-health \\
+          --credential ~/.keyquorum/alice.kqcred
       keyquorum proposal new grant --param tenant=acme-health \\
-          --param backend=keyquorum://backend/booking
+          --param backend=keyquorum://backend/booking --credential ops-bot.kqcred
       keyquorum proposal new activate-tenant --param tenant=acme-health \\
-          --param duration_seconds=28800 --expires-in 2h
+          --param duration_seconds=28800 --expires-in 2h --credential ops-bot.kqcred
+      keyquorum proposal new add-witness --param witness='witness.example/w1+...' \\
+          --param witness_threshold=1 --credential ~/.keyquorum/alice.kqcred
     """
     pairs = [parse_param(p) for p in params]
     credentials = [f.read_bytes() for f in roster_files]
@@ -206,16 +243,37 @@ def new(
             raise InvalidInputError("give the roster as --roster-file or --param roster, not both")
         fingerprints = [PublicCredential.from_bytes(c).fingerprint for c in credentials]
         pairs.append(("roster", ",".join(fingerprints)))
-    request = pb.ProposeRequest(
-        operation=operation,
-        parameters=[pb.Parameter(key=k, value=v) for k, v in pairs],
-        expires_in_seconds=0 if expires_in is None else parse_duration(expires_in),
-        proposer=proposer,
-        public_credentials=credentials,
-    )
+    if proposer_file is not None:
+        if operation != "add-proposer":
+            raise InvalidInputError("--proposer-file is for add-proposer")
+        added = PublicCredential.from_bytes(proposer_file.read_bytes())
+        pairs += [("proposer", added.fingerprint), ("name", added.name)]
+        credentials.append(proposer_file.read_bytes())
+    from keyquorum.cli.custodian import public_for
+
+    public = public_for(credential_path)
+
+    def unlock(statement: str) -> CustodianCredential:
+        for line in display.statement_block(statement, heading="Signing exactly this statement"):
+            click.echo(line, err=True)
+        data = credential_path.read_bytes()
+        with read_passphrase(
+            file=passphrase_file, fd=passphrase_fd, prompt=f"Passphrase for {credential_path.name}"
+        ) as passphrase:
+            return CustodianCredential.decrypt(data, passphrase)
+
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
-    with open_channel(endpoint) as channel, rpc_errors():
-        p = pb_grpc.CustodianServiceStub(channel).Propose(request)
+    with open_channel(endpoint) as channel:
+        p = actions.propose(
+            pb_grpc.CustodianServiceStub(channel),
+            public,
+            unlock,
+            operation,
+            pairs,
+            now=int(time.time()),
+            expires_in=None if expires_in is None else parse_duration(expires_in),
+            public_credentials=credentials,
+        )
     for line in describe(p):
         click.echo(line)
     click.echo("")

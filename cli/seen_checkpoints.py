@@ -1,32 +1,50 @@
-"""The last checkpoint a custodian's CLI saw, and the check that a log extends it.
+"""What this machine knows of each deployment's log, and the checks that use it.
 
-A daemon (or a database administrator behind it) could show a custodian an
-older log: one restored from a snapshot, from before a seal, a revocation
-or a destruction. The daemon checks its own store against the checkpoint
-it keeps outside it (hsm/daemon/rollback.py), but a whole-machine snapshot rolls
-that file back too. The custodian's machine is outside the daemon's reach,
-so the CLI remembers the last checkpoint it saw for each deployment and,
-before it unseals or approves, asks the daemon for its current checkpoint
-and an RFC 9162 consistency proof from the remembered one
-(`CustodianService.GetLogExtension`, on the custodians' own TLS port). It
-refuses a log that is shorter or whose proof fails (`RollbackError`,
-`evidence.require_extends_notes`), and remembers the new checkpoint otherwise.
+A daemon (or a database administrator, or an operator holding its data
+directory) could show a custodian another log: one restored from a
+snapshot, from before a seal, a revocation or their own approval; one
+rebuilt under a new log key; or one history to the custodians and another
+to the auditors (a split view). The custodian's machine is outside the
+daemon's reach, so the CLI keeps, per deployment:
 
-Where: `$XDG_CONFIG_HOME/keyquorum/checkpoints/` (default
-`~/.config/keyquorum/checkpoints/`), one file per deployment and log key,
-`<deployment>-<16 hex of SHA-256(log key)>.json`, mode 0600, RFC 8785
-JSON `{"v": 1, "deployment", "log_key", "checkpoint"}`. Keyed by log key
-as well as name because a rollback keeps the log key (it lives beside the
-store, not in it): a daemon answering with another log key serves another
-log altogether (a new ceremony), which the CLI reports on stderr and then
-remembers separately.
+- the **log key**, pinned on first contact (`ceremony init`, or the first
+  command against the deployment). It changes only by following a
+  `rotate-log-key` entry signed by the pinned key and naming the new one;
+  a daemon answering with any other key is refused, naming both keys.
+- the **last checkpoint** it saw, including the entry of every action this
+  custodian took (`remember_entry`: the checkpoint that includes the
+  confirmation, the unseal, the approval, the refusal, the seal, the
+  genesis of a ceremony, with an RFC 9162 inclusion proof). A log that
+  does not extend it (`evidence.require_extends_notes`: not shorter, the
+  consistency proof verifies) is refused as a rollback, with both notes
+  as evidence.
+- the **witness changes** it saw (`add-witness` / `remove-witness`
+  entries, proven included): the witness set and threshold m follow from
+  them, and a daemon that later leaves one out is refused.
+
+Before a custodian signs anything but a seal, the log must be covered, up
+to the entry the statement is about, by a checkpoint m witnesses of the
+log's policy cosigned (`Checked.require_witnessed`): a checkpoint no
+independent party has seen is not signed over. A seal is never held back
+by witnesses.
+
+Where: `$XDG_CONFIG_HOME/keyquorum/checkpoints/<deployment>.json` (default
+`~/.config/keyquorum/...`), mode 0600, RFC 8785 JSON
+`{"v": 2, "deployment", "log_key", "checkpoint", "witness_entries"}`. To
+start over for a deployment (a new ceremony under the same name), remove
+its file: the refusal names it.
+
+Limits: the witness policy a CLI has never seen is learnt from the daemon
+(entries proven in the log, but the daemon could leave out one the CLI
+never saw); from then on a weaker one is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -34,25 +52,75 @@ from typing import Final
 import click
 
 from keyquorum.cli.connect import rpc_errors
-from keyquorum.quorum import canonical, evidence
-from keyquorum.quorum.checkpoint import Checkpoint, parse_verifier_key, verify_checkpoint
-from keyquorum.quorum.errors import DeserializationError, InvalidInputError, StorageError
+from keyquorum.quorum import canonical, evidence, merkle
+from keyquorum.quorum.checkpoint import (
+    Checkpoint,
+    NoteVerifier,
+    parse_verifier_key,
+    unverified_size,
+    verify_checkpoint,
+)
+from keyquorum.quorum.errors import (
+    DeserializationError,
+    InvalidInputError,
+    KeyquorumError,
+    LogIntegrityError,
+    RollbackError,
+    StorageError,
+    ThresholdError,
+    VerificationError,
+)
+from keyquorum.quorum.log import Entry, ExecutionPayload, log_signature_message
+from keyquorum.quorum.operations import LogKeyRotated, WitnessChanged
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
-VERSION: Final = 1
+VERSION: Final = 2
 _DEPLOYMENT = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-#: A remembered file holds one note and one key; anything larger is not ours.
-MAX_FILE_BYTES: Final = 32_768
+#: A remembered file holds a few notes and keys; anything larger is not ours.
+MAX_FILE_BYTES: Final = 262_144
+#: Seconds between two looks while waiting for witnesses.
+WITNESS_POLL_SECONDS: Final = 1.0
 
 
 @dataclass(frozen=True)
 class Seen:
-    """A remembered checkpoint: the note and the log key that signed it."""
+    """What this machine remembers of one deployment's log."""
 
     deployment: str
     log_key: str
     checkpoint: str
+    #: (seq, leaf hash hex) of every witness change seen, in log order.
+    witness_entries: tuple[tuple[int, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A daemon's log as this CLI verified it: the checkpoint, the witnessed one."""
+
+    deployment: str
+    log_key: str
+    checkpoint: Checkpoint
+    note: str
+    #: The latest checkpoint m witnesses in force cosigned (None: none yet).
+    witnessed: Checkpoint | None
+    witnesses: tuple[str, ...]
+    witness_threshold: int
+    #: The entry asked for (`include_seq`), proven included in `checkpoint`.
+    included: bytes | None = None
+
+    def require_witnessed(self, size: int) -> None:
+        """Refuse to sign unless m witnesses cosigned a checkpoint of at least `size`."""
+        if self.witness_threshold == 0:
+            return
+        have = 0 if self.witnessed is None else self.witnessed.size
+        if have < size:
+            raise ThresholdError(
+                f"refusing to sign: deployment {self.deployment} requires {self.witness_threshold} "
+                f"witness cosignature(s), and no checkpoint they cosigned covers entry "
+                f"{size - 1} yet (the latest witnessed covers {have} entries of "
+                f"{self.checkpoint.size}); wait for the witnesses, or ask whether they still run"
+            )
 
 
 def directory() -> Path:
@@ -62,16 +130,15 @@ def directory() -> Path:
     return root / "keyquorum" / "checkpoints"
 
 
-def _path(deployment: str, log_key: str) -> Path:
+def path_for(deployment: str) -> Path:
     if not _DEPLOYMENT.fullmatch(deployment):
         raise InvalidInputError(f"the daemon names a deployment {deployment!r} that is not valid")
-    tag = hashlib.sha256(log_key.encode("utf-8")).hexdigest()[:16]
-    return directory() / f"{deployment}-{tag}.json"
+    return directory() / f"{deployment}.json"
 
 
-def load(deployment: str, log_key: str) -> Seen | None:
-    """The remembered checkpoint of this deployment and log key, if any."""
-    path = _path(deployment, log_key)
+def load(deployment: str) -> Seen | None:
+    """What this machine remembers of `deployment`, if anything."""
+    path = path_for(deployment)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -81,36 +148,40 @@ def load(deployment: str, log_key: str) -> Seen | None:
     if len(raw) > MAX_FILE_BYTES:
         raise DeserializationError(f"{path} is too large to be a remembered checkpoint")
     obj = canonical.decode(raw)
+    keys = {"v", "deployment", "log_key", "checkpoint", "witness_entries"}
     if (
         not isinstance(obj, dict)
         or obj.get("v") != VERSION
-        or set(obj) != {"v", "deployment", "log_key", "checkpoint"}
+        or set(obj) != keys
         or obj["deployment"] != deployment
-        or obj["log_key"] != log_key
+        or not isinstance(obj["log_key"], str)
         or not isinstance(obj["checkpoint"], str)
+        or not isinstance(obj["witness_entries"], list)
     ):
-        raise DeserializationError(f"{path} is not a remembered checkpoint of {deployment}")
-    return Seen(deployment, log_key, obj["checkpoint"])
-
-
-def others(deployment: str, log_key: str) -> list[Path]:
-    """Remembered files of the same deployment name under another log key."""
-    mine = _path(deployment, log_key)
-    folder = directory()
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob(f"{deployment}-*.json") if p != mine)
+        raise DeserializationError(f"{path} is not what this machine remembers of {deployment}")
+    entries: list[tuple[int, str]] = []
+    for item in obj["witness_entries"]:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], int)
+            or not isinstance(item[1], str)
+        ):
+            raise DeserializationError(f"{path}: a witness entry is not [seq, hash]")
+        entries.append((item[0], item[1]))
+    return Seen(deployment, obj["log_key"], obj["checkpoint"], tuple(entries))
 
 
 def save(seen: Seen) -> None:
     """Remember `seen` (0600 file in a 0700 directory, replaced atomically)."""
-    path = _path(seen.deployment, seen.log_key)
+    path = path_for(seen.deployment)
     data = canonical.encode(
         {
             "v": VERSION,
             "deployment": seen.deployment,
             "log_key": seen.log_key,
             "checkpoint": seen.checkpoint,
+            "witness_entries": [[seq, digest] for seq, digest in seen.witness_entries],
         }
     )
     try:
@@ -127,49 +198,304 @@ def save(seen: Seen) -> None:
         raise StorageError(f"cannot remember the checkpoint in {path}: {e}") from e
 
 
-def require_extension(stub: pb_grpc.CustodianServiceStub) -> Checkpoint | None:
-    """Refuse a daemon whose log does not extend the last checkpoint seen here.
+def deployment_of(origin: str) -> str:
+    """The deployment a checkpoint origin or log key name (`keyquorum/<deployment>`) names."""
+    prefix = "keyquorum/"
+    if not origin.startswith(prefix) or not _DEPLOYMENT.fullmatch(origin[len(prefix) :]):
+        raise InvalidInputError(f"{origin!r} is not a keyquorum deployment's log")
+    return origin[len(prefix) :]
 
-    0. the daemon's deployment and log key (`GetStatus`); nothing to check
-       before its ceremony (None);
-    1. its current checkpoint and a consistency proof from the remembered
-       size (`GetLogExtension`);
-    2. the checkpoint is signed by that log key, for that deployment's
-       origin; with a remembered one, the log extends it
-       (`evidence.require_extends_notes`: not shorter, RFC 9162 proof verifies);
-    3. remember the new checkpoint.
-    Returns the daemon's checkpoint.
+
+def pin_key(deployment: str, log_key: str) -> None:
+    """Pin `log_key` for `deployment` on first contact; refuse another one, naming both."""
+    seen = load(deployment)
+    if seen is None:
+        click.echo(
+            f"note: pinning the log key of deployment {deployment} on first contact: {log_key}",
+            err=True,
+        )
+        save(Seen(deployment, log_key, ""))
+        return
+    refuse_other_key(seen, log_key)
+
+
+def refuse_other_key(seen: Seen, log_key: str) -> None:
+    if seen.log_key != log_key:
+        raise VerificationError(
+            f"deployment {seen.deployment} answers with log key {log_key}, but this machine "
+            f"pinned {seen.log_key} ({path_for(seen.deployment)}) and no rotation signed by it "
+            "leads there: refusing (a log rebuilt under another key?)"
+        )
+
+
+# -- following the log key -------------------------------------------------------------------
+
+
+def _proven(item: pb.ProvenEntry, cp: Checkpoint) -> Entry:
+    evidence.require_included(item.seq, item.entry, list(item.proof), cp)
+    return Entry.from_bytes(item.entry)
+
+
+def follow_rotations(
+    pinned: str, current: str, rotations: Sequence[pb.ProvenEntry], cp: Checkpoint, after: int
+) -> list[tuple[int, str]]:
+    """The chain of log keys from `pinned` to `current` (what signs from which size).
+
+    Each rotation at seq >= `after` (the size this machine saw under
+    `pinned`) must be included in `cp`, name the key before it as its
+    previous key, and be signed by that key; the chain must end at
+    `current`. Returns [(first size it signs, key), ...] starting with the
+    pinned key.
+    """
+    chain = [(0, pinned)]
+    key = pinned
+    last = -1
+    for item in rotations:
+        entry = _proven(item, cp)
+        if entry.seq <= last:
+            raise LogIntegrityError("the rotations are not in log order", seq=entry.seq)
+        last = entry.seq
+        payload = entry.payload
+        if not isinstance(payload, ExecutionPayload) or not isinstance(
+            payload.result, LogKeyRotated
+        ):
+            raise LogIntegrityError("a rotation the daemon sent is not one", seq=entry.seq)
+        if entry.seq < after:
+            continue
+        if payload.result.previous_log_key != key or payload.log_signature is None:
+            raise VerificationError(
+                f"entry {entry.seq} rotates the log key from {payload.result.previous_log_key}, "
+                f"not from {key}, the key this machine follows"
+            )
+        parse_verifier_key(key).verify_message(log_signature_message(entry), payload.log_signature)
+        key = payload.result.log_key
+        chain.append((entry.seq + 1, key))
+    if key != current:
+        raise VerificationError(
+            f"the daemon's log key is {current}, but this machine pinned {pinned} and the "
+            f"rotations it shows lead to {key}: refusing (a log rebuilt under another key?)"
+        )
+    return chain
+
+
+def _key_at(chain: Sequence[tuple[int, str]], size: int) -> NoteVerifier:
+    key = chain[0][1]
+    for first, vkey in chain:
+        if first <= size:
+            key = vkey
+    return parse_verifier_key(key)
+
+
+# -- the witness policy --------------------------------------------------------------------
+
+
+def witness_policy(
+    changes: Sequence[pb.ProvenEntry], cp: Checkpoint, seen: Sequence[tuple[int, str]]
+) -> tuple[tuple[str, ...], int, tuple[tuple[int, str], ...]]:
+    """The witnesses and m in force at `cp`, from the witness changes proven in it.
+
+    Every change this machine saw before must be among them (a daemon may
+    not leave one out). Returns (witnesses, m, the changes as remembered).
+    """
+    witnesses: list[str] = []
+    threshold = 0
+    remembered: list[tuple[int, str]] = []
+    last = -1
+    for item in changes:
+        entry = _proven(item, cp)
+        if entry.seq <= last:
+            raise LogIntegrityError("the witness changes are not in log order", seq=entry.seq)
+        last = entry.seq
+        payload = entry.payload
+        if not isinstance(payload, ExecutionPayload) or not isinstance(
+            payload.result, WitnessChanged
+        ):
+            raise LogIntegrityError("a witness change the daemon sent is not one", seq=entry.seq)
+        result = payload.result
+        if payload.operation == "add-witness":
+            witnesses.append(result.witness)
+        elif result.witness in witnesses:
+            witnesses.remove(result.witness)
+        threshold = result.witness_threshold
+        remembered.append((entry.seq, merkle.leaf_hash(item.entry).hex()))
+    missing = sorted(set(seen) - set(remembered))
+    if missing:
+        raise RollbackError(
+            f"the daemon no longer shows the witness change at entry {missing[0][0]} this "
+            "machine saw: another history"
+        )
+    return tuple(witnesses), threshold, tuple(remembered)
+
+
+def _witnessed(
+    extension: pb.LogExtension,
+    current: Checkpoint,
+    chain: Sequence[tuple[int, str]],
+    witnesses: Sequence[str],
+    threshold: int,
+) -> Checkpoint | None:
+    """The witnessed checkpoint, if m of `witnesses` cosigned it and `current` extends it."""
+    if threshold == 0:
+        return current
+    note = extension.witnessed_checkpoint
+    if not note:
+        return None
+    cosigners = [parse_verifier_key(w) for w in witnesses]
+    try:
+        size = unverified_size(note)
+        verified = verify_checkpoint(note, _key_at(chain, size), cosigners)
+    except KeyquorumError:
+        # Not checkable here (say, signed under a key before this machine's
+        # pin): as good as no witnessed checkpoint.
+        return None
+    if len(verified.cosigned_by) < threshold:
+        return None
+    # The witnessed checkpoint and the latest are one history.
+    evidence.require_extends(verified.checkpoint, current, list(extension.witnessed_proof))
+    return verified.checkpoint
+
+
+# -- the check ----------------------------------------------------------------------------------
+
+
+def require_extension(
+    stub: pb_grpc.CustodianServiceStub, *, include_seq: int | None = None
+) -> Checked | None:
+    """Refuse a daemon whose log this machine cannot follow; remember where it is now.
+
+    0. the daemon's deployment and log key in force (`GetStatus`); nothing
+       to check before its ceremony (None);
+    1. its checkpoint, proofs, rotations and witness changes
+       (`GetLogExtension`, from the size remembered);
+    2. the log key: the pinned one (pinned now on first contact), or
+       reached from it by rotations each signed by the key before
+       (`follow_rotations`); any other key is refused, naming both;
+    3. the checkpoint is signed by the key in force, and the log extends
+       the remembered checkpoint (RFC 9162 consistency proof), else a
+       rollback with both notes as evidence;
+    4. the witness policy (`witness_policy`) and the latest checkpoint m
+       witnesses cosigned, which the checkpoint extends;
+    5. the entry asked for is included;
+    6. remember the checkpoint, the key and the witness changes.
     """
     # 0. Which log.
     with rpc_errors():
         status = stub.GetStatus(pb.GetStatusRequest())
     if not status.initialized:
         return None
-    verifier = parse_verifier_key(status.log_key)
-    if verifier.name != f"keyquorum/{status.deployment}":
+    deployment = status.deployment
+    current_key = status.log_key
+    if parse_verifier_key(current_key).name != f"keyquorum/{deployment}":
         raise InvalidInputError(
-            f"the daemon's log key {verifier.name!r} is not deployment {status.deployment}'s"
+            f"the daemon's log key {current_key!r} is not deployment {deployment}'s"
         )
-    seen = load(status.deployment, status.log_key)
-    first = 0 if seen is None else verify_checkpoint(seen.checkpoint, verifier).checkpoint.size
-    # 1. The extension.
-    with rpc_errors():
-        extension = stub.GetLogExtension(pb.GetLogExtensionRequest(first_size=first))
-    # 2. Checked.
+    seen = load(deployment)
     if seen is None:
-        current = verify_checkpoint(extension.checkpoint, verifier).checkpoint
-        for path in others(status.deployment, status.log_key):
-            click.echo(
-                f"note: deployment {status.deployment} answers with a log key this machine "
-                f"has not seen before (another log was remembered in {path}); "
-                "remembering this one from now on",
-                err=True,
-            )
-    else:
-        current = evidence.require_extends_notes(
-            seen.checkpoint, extension.checkpoint, list(extension.proof), verifier
+        click.echo(
+            f"note: pinning the log key of deployment {deployment} on first contact: {current_key}",
+            err=True,
         )
-    # 3. Remembered.
-    if seen is None or current.size >= first:
-        save(Seen(status.deployment, status.log_key, extension.checkpoint))
-    return current
+        seen = Seen(deployment, current_key, "")
+    pinned = parse_verifier_key(seen.log_key)
+    first = 0
+    if seen.checkpoint:
+        first = verify_checkpoint(seen.checkpoint, pinned).checkpoint.size
+    # 1. The extension.
+    request = pb.GetLogExtensionRequest(first_size=first)
+    if include_seq is not None:
+        request.include_seq = include_seq
+    with rpc_errors():
+        extension = stub.GetLogExtension(request)
+    # 2-3. The key chain, then the checkpoint and its extension of what was seen.
+    claimed = verify_checkpoint(extension.checkpoint, parse_verifier_key(current_key)).checkpoint
+    if seen.log_key != current_key:
+        chain = follow_rotations(
+            seen.log_key, current_key, list(extension.rotations), claimed, first
+        )
+    else:
+        chain = [(0, current_key)]
+    if seen.checkpoint:
+        current = evidence.require_extends_notes(
+            seen.checkpoint,
+            extension.checkpoint,
+            list(extension.proof),
+            pinned,
+            parse_verifier_key(current_key),
+        )
+    else:
+        current = claimed
+    # 4. Witnesses.
+    witnesses, threshold, changes = witness_policy(
+        list(extension.witness_changes), current, seen.witness_entries
+    )
+    witnessed = _witnessed(extension, current, chain, witnesses, threshold)
+    # 5. The entry asked for.
+    included = None
+    if include_seq is not None:
+        if not extension.HasField("included") or extension.included.seq != include_seq:
+            raise LogIntegrityError("the daemon did not prove the entry asked for", seq=include_seq)
+        _proven(extension.included, current)
+        included = extension.included.entry
+    # 6. Remembered.
+    save(Seen(deployment, current_key, extension.checkpoint, changes))
+    return Checked(
+        deployment=deployment,
+        log_key=current_key,
+        checkpoint=current,
+        note=extension.checkpoint,
+        witnessed=witnessed,
+        witnesses=witnesses,
+        witness_threshold=threshold,
+        included=included,
+    )
+
+
+def require_witnessed(
+    stub: pb_grpc.CustodianServiceStub,
+    size: int,
+    *,
+    wait: float = 0.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Checked | None:
+    """`require_extension`, then m witnesses' cosignatures over the first `size` entries.
+
+    Waits up to `wait` seconds for the witnesses to cosign (they poll the
+    log), checking the whole extension again each time.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        checked = require_extension(stub)
+        if checked is None:
+            return None
+        try:
+            checked.require_witnessed(size)
+        except ThresholdError:
+            if time.monotonic() >= deadline:
+                raise
+            sleep(WITNESS_POLL_SECONDS)
+            continue
+        return checked
+
+
+def remember_entry(
+    stub: pb_grpc.CustodianServiceStub, seq: int, is_mine: Callable[[Entry], bool]
+) -> Checked:
+    """After an action: the checkpoint including the entry it caused, remembered.
+
+    The entry at `seq` must be included in the daemon's checkpoint (which
+    extends what this machine saw) and be the one this custodian caused
+    (`is_mine`); from now on a log without it is refused as a rollback.
+    """
+    checked = require_extension(stub, include_seq=seq)
+    if checked is None or checked.included is None:
+        raise LogIntegrityError("the daemon shows no log after this action", seq=seq)
+    try:
+        entry = Entry.from_bytes(checked.included)
+    except KeyquorumError as e:
+        raise LogIntegrityError(f"the entry of this action is malformed: {e}", seq=seq) from e
+    if not is_mine(entry):
+        raise LogIntegrityError(
+            f"entry {seq}, which the daemon says records this action, records something else",
+            seq=seq,
+        )
+    return checked

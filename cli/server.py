@@ -38,6 +38,7 @@ from keyquorum.cli import server_config
 from keyquorum.cli.server_config import ServerConfig, split_address
 from keyquorum.hsm import hardening, logs, tls
 from keyquorum.hsm.daemon import Daemon
+from keyquorum.hsm.daemon.ceremony import CeremonyGate
 from keyquorum.hsm.datadir import DataDirectory
 from keyquorum.hsm.sdnotify import Notifier
 from keyquorum.hsm.services import custodian_service
@@ -54,7 +55,6 @@ from keyquorum.hsm.stores.base import Store
 from keyquorum.hsm.stores.observed import ObservedStore
 from keyquorum.hsm.stores.postgres import PostgresStore
 from keyquorum.hsm.stores.sqlite import SqliteStore
-from keyquorum.quorum.checkpoint import parse_verifier_key
 from keyquorum.quorum.errors import StorageError
 
 log = logging.getLogger("keyquorum.server")
@@ -136,7 +136,6 @@ def _credentials(
 def serve(config: ServerConfig, notifier: Notifier) -> None:
     """Run the daemon until SIGTERM or SIGINT; start-up failures raise KeyquorumError."""
     credentials, mtls_credentials = _credentials(config)
-    auditor_keys = [parse_verifier_key(k) for k in config.auditor_key]
     if not hardening.refuse_core_dumps():
         log.warning("could not make the process non-dumpable; core dumps may hold keys")
     closing: list[Callable[[], None]] = []
@@ -153,13 +152,22 @@ def serve(config: ServerConfig, notifier: Notifier) -> None:
             metrics = Metrics()
             served_store = ObservedStore(store, metrics)
         limits = config.limits()
+        gate = (
+            CeremonyGate(roster=config.ceremony_roster)
+            if config.ceremony_roster
+            else CeremonyGate.with_new_code(os.urandom)
+        )
         daemon = Daemon(
             served_store,
             data_dir=config.data_dir,
             replica=config.replica,
             limits=limits,
             clock=lambda: int(time.time()),
+            ceremony=gate,
         )
+        if not daemon.initialized and gate.code is not None:
+            # For whoever runs the ceremony: read it from the daemon's log.
+            log.warning("one-time ceremony code: %s", gate.code)
         closing.append(daemon.seal_for_shutdown)
         host, port = split_address(config.listen)
         grpc_server, bound = create_server(
@@ -207,7 +215,6 @@ def serve(config: ServerConfig, notifier: Notifier) -> None:
                     workers=config.worker_count(),
                     rate_limit=config.rate_limit,
                     usage=usage,
-                    auditor_keys=auditor_keys,
                     observe=None if metrics is None else metrics.rpc.observe,
                     log_level=config.log_level,
                     log_format=config.log_format,
@@ -348,8 +355,6 @@ def check_config(**_flags: Any) -> None:
     config = server_config.from_click(click.get_current_context())
     config.check()
     _credentials(config)
-    for key in config.auditor_key:
-        parse_verifier_key(key)
     if config.data_dir.exists() and not config.data_dir.is_dir():
         raise StorageError(f"the data directory {config.data_dir} is not a directory")
     for line in config.describe():

@@ -44,6 +44,13 @@ MAX_FILE_BYTES: Final = 65_536
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS: Final = ("text", "json")
 STORES: Final = ("sqlite", "postgres")
+#: A custodian's full fingerprint (`keyquorum custodian show`, the "full:" line).
+_FINGERPRINT: Final = re.compile(r"[0-9a-f]{64}")
+#: Settings that are gone, and what replaced them.
+REMOVED: Final = {
+    "auditor-key": "witnesses are no longer an operator's list: the quorum adds them to the "
+    "log (`keyquorum proposal new add-witness`); see docs/audit.md",
+}
 
 
 # -- converters: each takes what the file or click gives and raises ValueError ---------
@@ -133,6 +140,19 @@ def _text_list(value: object, base: Path | None) -> tuple[str, ...]:
     return tuple(_text(item, base) for item in value)
 
 
+def _fingerprint_list(value: object, base: Path | None) -> tuple[str, ...]:
+    fingerprints = _text_list(value, base)
+    for fingerprint in fingerprints:
+        if not _FINGERPRINT.fullmatch(fingerprint):
+            raise ValueError(
+                f"{fingerprint!r} is not a full fingerprint (64 lower-case hex digits, "
+                "as `keyquorum custodian show` prints it)"
+            )
+    if len(set(fingerprints)) != len(fingerprints):
+        raise ValueError("a custodian is named twice")
+    return fingerprints
+
+
 def _toml_type(value: object) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
         type(value), "a list" if isinstance(value, list) else "a table"
@@ -203,12 +223,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         metavar="N",
     ),
     Setting(
-        "auditor-key",
-        _text_list,
-        "A C2SP cosignature verifier key whose cosignatures AuditService accepts "
-        "(operator-trusted list, not a quorum decision); repeatable (a list in the file).",
+        "ceremony-roster",
+        _fingerprint_list,
+        "Run the ceremony only for exactly these custodians (their full fingerprints, in "
+        "share order; repeatable, a list in the file) instead of printing a one-time "
+        "ceremony code at start.",
         default=(),
-        metavar="VKEY",
+        metavar="FINGERPRINT",
         multiple=True,
     ),
     Setting(
@@ -358,7 +379,7 @@ class ServerConfig:
     metrics_listen: str | None
     access_log: Path | None
     rate_limit: float | None
-    auditor_key: tuple[str, ...]
+    ceremony_roster: tuple[str, ...]
     insecure_dev_plaintext: bool
     replica: str
     store: str
@@ -480,6 +501,8 @@ def read_file(path: Path) -> tuple[dict[str, object], dict[str, int]]:
     lines = {key: _line_of(text, key) for key in data}
     for key, value in data.items():
         line = lines[key]
+        if key in REMOVED:
+            raise InvalidInputError(f"{where} line {line}: {key} is gone: {REMOVED[key]}")
         if key not in BY_KEY:
             hint = f" (did you mean {close}?)" if (close := _closest(key)) else ""
             kind = "table" if isinstance(value, dict) else "key"

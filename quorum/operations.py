@@ -405,7 +405,7 @@ def parse_parameters(name: str, value: object, *, field: str = "parameters") -> 
 
 
 #: Parameters that are integers in the log and decimal text on the wire.
-INTEGER_PARAMETERS = frozenset({"duration_seconds", "threshold", "version"})
+INTEGER_PARAMETERS = frozenset({"duration_seconds", "threshold", "version", "witness_threshold"})
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,15}")
 
 
@@ -457,14 +457,11 @@ def parameters_to_json(parameters: Parameters) -> dict[str, ParamValue]:
     return dict(parameters)
 
 
-#: Parameters carried as integers; every other parameter is text.
-INTEGER_PARAMETERS = frozenset({"duration_seconds", "threshold", "version", "witness_threshold"})
-_DECIMAL = re.compile(r"[0-9]{1,16}")
 _BACKEND_IDENTITY = "keyquorum://backend/"
 
 
-def parameters_from_text(pairs: Sequence[tuple[str, str]]) -> Parameters:
-    """Parameters as people and the wire give them (text) to the types the log holds.
+def typed_parameters(pairs: Sequence[tuple[str, str]]) -> Parameters:
+    """Parameters as a proposer types them (text) to the types the log holds.
 
     The integer parameters must be plain decimal; a grant's backend may be
     its certificate identity `keyquorum://backend/<name>`, logged as <name>.

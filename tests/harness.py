@@ -27,19 +27,22 @@ import grpc
 from keyquorum.cli.main import main as cli_main
 from keyquorum.hsm import tls
 from keyquorum.hsm.daemon import Daemon
+from keyquorum.hsm.daemon.ceremony import CeremonyGate
 from keyquorum.hsm.pki import DevPki
 from keyquorum.hsm.services import custodian_service
 from keyquorum.hsm.services.admission import AddressPeers
 from keyquorum.hsm.services.server import Listener, create_server
 from keyquorum.hsm.stores.base import Store
 from keyquorum.hsm.stores.sqlite import SqliteStore
-from keyquorum.quorum import canonical, shamir
+from keyquorum.quorum import canonical, shamir, statements
 from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
 NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace")
+#: The one-time ceremony code of the in-process daemons (processes print their own).
+CEREMONY_CODE = "TEST-CERE-MONY-CODE-0000-0000"
 
 
 @dataclass
@@ -116,6 +119,8 @@ class InProcessDaemon:
     channel: grpc.Channel
     store: Store
     data_dir: Path
+    #: Who signs the proposals tests make (a custodian, set with the ceremony).
+    proposer: CustodianCredential | None = None
 
     @property
     def stub(self) -> pb_grpc.CustodianServiceStub:
@@ -151,7 +156,14 @@ def in_process_daemon(
     clock = clock or FakeClock()
     data_dir.mkdir(parents=True, exist_ok=True)
     store = store or SqliteStore.open(data_dir / "keyquorum.sqlite")
-    daemon = Daemon(store, data_dir=data_dir, replica=replica, limits=limits, clock=clock)
+    daemon = Daemon(
+        store,
+        data_dir=data_dir,
+        replica=replica,
+        limits=limits,
+        clock=clock,
+        ceremony=CeremonyGate(code=CEREMONY_CODE),
+    )
     server, port = create_server(
         host="127.0.0.1",
         port=0,
@@ -191,6 +203,14 @@ class DaemonProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def ceremony_code(self) -> str:
+        """The one-time ceremony code this daemon printed at start."""
+        marker = "one-time ceremony code: "
+        for line in self.output().splitlines():
+            if marker in line:
+                return line.split(marker, 1)[1].split()[0].strip('"')
+        raise AssertionError("the daemon printed no ceremony code:\n" + self.output())
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.proc.poll() is None:
@@ -268,6 +288,92 @@ def run_cli(*args: str) -> tuple[int, str]:
 
 def status(stub: pb_grpc.CustodianServiceStub) -> pb.Status:
     return stub.GetStatus(pb.GetStatusRequest())
+
+
+def ceremony_request(
+    deployment: str,
+    threshold: int,
+    custodians: list[Custodian],
+    code: str = CEREMONY_CODE,
+) -> pb.InitCeremonyRequest:
+    """The ceremony of `custodians`, with the code the daemon expects."""
+    return pb.InitCeremonyRequest(
+        deployment=deployment,
+        threshold=threshold,
+        public_credentials=[c.public_path.read_bytes() for c in custodians],
+        code=code,
+    )
+
+
+def signed_proposal(
+    stub: pb_grpc.CustodianServiceStub,
+    signer: CustodianCredential,
+    operation: str,
+    parameters: dict[str, str | int],
+    *,
+    expires_in: int | None = None,
+    now: int | None = None,
+    public_credentials: tuple[bytes, ...] = (),
+) -> pb.ProposeRequest:
+    """A proposal request signed by `signer` as `keyquorum proposal new` signs it.
+
+    `now` is the wall clock unless given (tests with a fake clock pass its
+    time); `expires_in` defaults to the policy's proposal TTL.
+    """
+    from keyquorum.quorum.errors import InvalidInputError
+    from keyquorum.quorum.operations import typed_parameters
+
+    st = status(stub)
+    expires_in = expires_in or max(60, st.proposal_ttl_seconds - 300)
+    raw = [(k, str(v)) for k, v in parameters.items()]
+    try:
+        params: tuple[tuple[str, str | int], ...] = typed_parameters(raw)
+    except InvalidInputError:
+        params = tuple(sorted(raw))  # sent as given, for the daemon to refuse
+    when = int(time.time()) if now is None else now
+    proposal_id = os.urandom(16)
+    try:
+        statement = statements.proposal_statement(
+            deployment=st.deployment,
+            proposer=signer.public(),
+            proposal_id=proposal_id,
+            operation=operation,
+            parameters=dict(params),
+            expires_at=when + expires_in,
+        )
+    except InvalidInputError:
+        # Nothing valid to sign: a signature over something else, for the
+        # daemon to refuse the request on its merits.
+        statement = statements.proposal_statement(
+            deployment=st.deployment,
+            proposer=signer.public(),
+            proposal_id=proposal_id,
+            operation="create-tenant",
+            parameters={"tenant": "unsignable"},
+            expires_at=when + expires_in,
+        )
+    signed = statements.sign_statement(statement, signer)
+    return pb.ProposeRequest(
+        operation=operation,
+        parameters=[pb.Parameter(key=k, value=str(v)) for k, v in params],
+        proposer=signer.public().fingerprint,
+        id=proposal_id.hex(),
+        expires_at=when + expires_in,
+        signature=signed.signature.to_bytes(),
+        public_credentials=list(public_credentials),
+    )
+
+
+def propose(
+    stub: pb_grpc.CustodianServiceStub,
+    signer: CustodianCredential,
+    operation: str,
+    parameters: dict[str, str | int],
+    **options: object,
+) -> pb.Proposal:
+    """`signed_proposal`, sent."""
+    request = signed_proposal(stub, signer, operation, parameters, **options)  # type: ignore[arg-type]
+    return stub.Propose(request, timeout=30)
 
 
 # -- searching bytes for secrets ---------------------------------------------------

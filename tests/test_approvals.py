@@ -40,10 +40,13 @@ from keyquorum.quorum.secret import SecretBytes
 from keyquorum.quorum.statements import render_time
 from keyquorum.v1 import custodian_pb2 as pb
 from tests.harness import (
+    CEREMONY_CODE,
     Custodian,
     InProcessDaemon,
+    ceremony_request,
     in_process_daemon,
     make_custodians,
+    signed_proposal,
     status,
 )
 
@@ -70,13 +73,11 @@ def outsiders(tmp_path_factory: pytest.TempPathFactory) -> list[Custodian]:
 
 
 def ceremony(d: InProcessDaemon, custodians: list[Custodian]) -> None:
-    d.stub.InitCeremony(
-        pb.InitCeremonyRequest(
-            deployment="test-deployment",
-            threshold=K,
-            public_credentials=[c.public_path.read_bytes() for c in custodians],
-        )
-    )
+    # A daemon process (tests/test_grpcurl.py) printed its own one-time code.
+    proc = getattr(d, "proc", None)
+    code = CEREMONY_CODE if proc is None else proc.ceremony_code()
+    d.stub.InitCeremony(ceremony_request("test-deployment", K, custodians, code))
+    d.proposer = custodians[0].credential
 
 
 def unseal(d: InProcessDaemon, custodians: list[Custodian]) -> None:
@@ -99,12 +100,15 @@ def daemon(sealed: InProcessDaemon, custodians: list[Custodian]) -> InProcessDae
 
 
 def propose(d: InProcessDaemon, op: str, expires_in: int = 0, **params: object) -> pb.Proposal:
+    assert d.proposer is not None
     return d.stub.Propose(
-        pb.ProposeRequest(
-            operation=op,
-            parameters=[pb.Parameter(key=k, value=str(v)) for k, v in params.items()],
-            expires_in_seconds=expires_in,
-            proposer="tests",
+        signed_proposal(
+            d.stub,
+            d.proposer,
+            op,
+            {k: str(v) for k, v in params.items()},
+            expires_in=expires_in or None,
+            now=d.clock() if hasattr(d, "clock") else None,
         )
     )
 
@@ -847,14 +851,13 @@ def test_roster_change_rotates_the_master_key_and_old_shares_unseal_nothing(
     assert old_master is not None
     new_roster = [*custodians[:6], henry]
     p = daemon.stub.Propose(
-        pb.ProposeRequest(
-            operation="change-roster",
-            parameters=[
-                pb.Parameter(key="roster", value=",".join(c.fingerprint for c in new_roster)),
-                pb.Parameter(key="threshold", value="4"),
-            ],
-            proposer="tests",
-            public_credentials=[henry.public_path.read_bytes()],
+        signed_proposal(
+            daemon.stub,
+            custodians[0].credential,
+            "change-roster",
+            {"roster": ",".join(c.fingerprint for c in new_roster), "threshold": 4},
+            now=daemon.clock(),
+            public_credentials=(henry.public_path.read_bytes(),),
         )
     )
     # What the custodians sign names who comes and who goes, by name and fingerprint;
@@ -965,15 +968,20 @@ def test_cli_approve_prints_the_exact_statement_before_the_passphrase(
 ) -> None:
     conn = ["--server", daemon.target, "--ca", str(pki.ca_cert)]
     runner = CliRunner()
+    alice = custodians[0]
+    daemon.clock.now = max(daemon.clock.now, int(time.time()))  # the CLI signs by its clock
     result = runner.invoke(
         cli_main,
-        ["proposal", "new", "create-tenant", "--param", f"tenant={TENANT}", *conn],
+        ["proposal", "new", "create-tenant", "--param", f"tenant={TENANT}", *conn,
+         "--credential", str(alice.private_path), "--expires-in", "1h"],
+        input=alice.passphrase.decode() + "\n",
         catch_exceptions=False,
-    )
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
+    # The propose statement was shown before the passphrase was asked for.
+    assert result.output.index("PROPOSE") < result.output.index("Passphrase for")
     (p,) = daemon.stub.ListProposals(pb.ListProposalsRequest()).proposals
     assert p.approve_statement in result.output
-    alice = custodians[0]
     result = runner.invoke(
         cli_main,
         ["custodian", "approve", p.id, *conn, "--credential", str(alice.private_path)],

@@ -49,7 +49,13 @@ from keyquorum.quorum.replay import replay
 from keyquorum.quorum.signatures import HybridSignature
 from keyquorum.quorum.statements import SignedStatement, verify_approvals
 from keyquorum.v1 import custodian_pb2 as pb
-from tests.harness import FakeClock, InProcessDaemon, in_process_daemon
+from tests.harness import (
+    CEREMONY_CODE,
+    FakeClock,
+    InProcessDaemon,
+    in_process_daemon,
+    signed_proposal,
+)
 
 N, K = 5, 3
 TENANTS = ("t1", "t2")
@@ -180,6 +186,7 @@ class DaemonGovernance(RuleBasedStateMachine):
                 deployment="stateful",
                 threshold=K,
                 public_credentials=[c.public().to_bytes() for c in roster()],
+                code=CEREMONY_CODE,
             )
         )
         self.unseal()
@@ -209,10 +216,12 @@ class DaemonGovernance(RuleBasedStateMachine):
         params = {"tenant": tenant, **extra}
         answer = self.call(
             lambda: self.daemon.stub.Propose(
-                pb.ProposeRequest(
-                    operation=op,
-                    parameters=[pb.Parameter(key=k, value=str(v)) for k, v in params.items()],
-                    proposer="hypothesis",
+                signed_proposal(
+                    self.daemon.stub,
+                    roster()[0],
+                    op,
+                    {k: str(v) for k, v in params.items()},
+                    now=self.daemon.clock(),
                 )
             )
         )

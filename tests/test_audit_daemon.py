@@ -40,21 +40,24 @@ from keyquorum.v1 import audit_pb2 as apb
 from keyquorum.v1 import audit_pb2_grpc as apb_grpc
 from keyquorum.v1 import custodian_pb2 as pb
 from tests.harness import (
+    CEREMONY_CODE,
     Custodian,
     InProcessDaemon,
     in_process_daemon,
     make_custodians,
     run_cli,
+    signed_proposal,
     start_daemon_process,
 )
 
 THRESHOLD = 5
 #: genesis, 7 confirms, unseal, create-tenant (proposal, refusal, 5 approvals,
-#: execution), grant (proposal, 5 approvals, execution), seal.
-ENTRIES = 25
+#: execution), grant (proposal, 5 approvals, execution), add-witness (proposal, 5
+#: approvals, execution), seal.
+ENTRIES = 32
 #: The daemon checkpoints after each append; an approval and the execution it
-#: makes due are one append, so sizes 16 and 23 have no checkpoint.
-CHECKPOINTS = 23
+#: makes due are one append, so sizes 16, 23 and 30 have no checkpoint.
+CHECKPOINTS = 29
 #: Line index of the first checkpoint (line 0 is the header, entry i is line i + 1).
 CP = ENTRIES + 1
 
@@ -99,7 +102,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     assert code == 0, out
     witness = parse_verifier_key(out.strip())
     with in_process_daemon(base / "data", pki) as d:
-        audit_log = audit_service.AuditLog(d.store, [witness])
+        audit_log = audit_service.AuditLog(d.store, d.daemon)
         server, port = create_server(
             host="127.0.0.1",
             port=0,
@@ -118,6 +121,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
                     deployment="audit-test",
                     threshold=THRESHOLD,
                     public_credentials=[c.public_path.read_bytes() for c in custodians],
+                    code=CEREMONY_CODE,
                 )
             )
             dep = Deployment(
@@ -133,7 +137,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
                 actions.confirm(d.stub, c, lambda _t, c=c: c.credential)
             for c in custodians[:THRESHOLD]:
                 actions.submit_share(d.stub, c.credential)
-            governance(d, custodians)
+            governance(d, custodians, witness.vkey())
             d.clock.advance(60)
             actions.seal(
                 d.stub,
@@ -151,11 +155,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
 
 def _decide(d: InProcessDaemon, custodians: list[Custodian], op: str, **params: str) -> str:
     proposal = d.stub.Propose(
-        pb.ProposeRequest(
-            operation=op,
-            parameters=[pb.Parameter(key=k, value=v) for k, v in params.items()],
-            proposer="audit test operator",
-        )
+        signed_proposal(d.stub, custodians[0].credential, op, dict(params), now=d.clock())
     )
     if op == "create-tenant":
         frank = custodians[5]
@@ -169,10 +169,12 @@ def _decide(d: InProcessDaemon, custodians: list[Custodian], op: str, **params: 
     return proposal.id
 
 
-def governance(d: InProcessDaemon, custodians: list[Custodian]) -> None:
-    """A tenant created (one refusal, five approvals) and granted to a backend."""
+def governance(d: InProcessDaemon, custodians: list[Custodian], witness: str) -> None:
+    """A tenant created (one refusal, five approvals) and granted to a backend; the
+    auditor's key added as the deployment's witness (m = 1)."""
     _decide(d, custodians, "create-tenant", tenant="patients")
     _decide(d, custodians, "grant", tenant="patients", backend="booking")
+    _decide(d, custodians, "add-witness", witness=witness, witness_threshold="1")
 
 
 def verify(path: Path, *args: str) -> tuple[int, str]:
@@ -195,7 +197,7 @@ def test_export_over_mtls_verifies_and_names_who_took_part(dep: Deployment) -> N
     assert details.count("    share ") == 7  # the genesis roster, in the details
     assert "pinned by you" in out
     assert f"Entries:     {ENTRIES} (0..{ENTRIES - 1})" in out
-    assert f"{CHECKPOINTS} checkpoint(s), tree sizes 1..15, 17..22, 24..25" in out
+    assert f"{CHECKPOINTS} checkpoint(s), tree sizes 1..15, 17..22, 24..29, 31..32" in out
     assert "REFUSED by frank" in out
     assert "approved by alice" in out
     assert "outcome: executed at entry 16" in out
@@ -381,21 +383,21 @@ def test_receipt_checks_offline_and_a_tampered_one_does_not(
     dep: Deployment, tmp_path: Path
 ) -> None:
     receipt = tmp_path / "seal.tlog-proof"
-    code, out = run_cli("audit", "receipt", "24", *dep.conn(), "--out", str(receipt))
+    code, out = run_cli("audit", "receipt", "31", *dep.conn(), "--out", str(receipt))
     assert code == 0, out
     text = receipt.read_text()
     assert text.startswith("c2sp.org/tlog-proof@v1\nextra ")
-    assert "\nindex 24\n" in text
+    assert "\nindex 31\n" in text
     code, out = run_cli("audit", "check-receipt", str(receipt), "--log-key", dep.log_key)
     assert code == 0, out
-    assert "entry 24: seal" in out
-    assert f"valid: entry 24 is in the log of size {ENTRIES}" in out
+    assert "entry 31: seal" in out
+    assert f"valid: entry 31 is in the log of size {ENTRIES}" in out
     # The same receipt claiming another index, and one with a proof hash altered.
     other_index = tmp_path / "moved.tlog-proof"
-    other_index.write_text(text.replace("\nindex 24\n", "\nindex 23\n"))
+    other_index.write_text(text.replace("\nindex 31\n", "\nindex 30\n"))
     code, out = run_cli("audit", "check-receipt", str(other_index), "--log-key", dep.log_key)
     assert code == 1
-    assert "entry 23: the entry served says it is entry 24" in out
+    assert "entry 30: the entry served says it is entry 31" in out
     lines = text.split("\n")
     lines[3] = ("A" if lines[3][0] != "A" else "B") + lines[3][1:]
     altered = tmp_path / "altered.tlog-proof"
@@ -471,7 +473,7 @@ def test_cosignature_by_an_unlisted_key_or_for_another_root_is_refused(dep: Depl
         note = stub.GetCheckpoint(apb.GetCheckpointRequest(size=5)).note
         unlisted = cosign_checkpoint(note, log_verifier, stranger, 1790000000)
         with (
-            pytest.raises(KeyquorumError, match="no cosignature from a configured") as info,
+            pytest.raises(KeyquorumError, match="no cosignature from a witness") as info,
             rpc_errors(),
         ):
             stub.AddCosignature(apb.AddCosignatureRequest(note=unlisted))

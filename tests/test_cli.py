@@ -27,12 +27,12 @@ import pytest
 from keyquorum.cli.main import main as cli_main
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
-from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 from tests.harness import (
     KEYQUORUM,
     Custodian,
     DaemonProcess,
+    ceremony_request,
     console,
     make_custodians,
     run_cli,
@@ -251,7 +251,7 @@ def test_ceremony_confirm_unseal_seal_from_the_command_line(
     assert ok("status", *conn).strip() == "not initialised: run `keyquorum ceremony init`"
     out = ok(
         "ceremony", "init", *conn, "--deployment", DEPLOYMENT, "--threshold", "5",
-        *(str(c.public_path) for c in custodians),
+        "--code", daemon.ceremony_code(), *(str(c.public_path) for c in custodians),
     )  # fmt: skip
     assert out.splitlines()[0] == f"deployment {DEPLOYMENT}: 5 of 7 custodians"
     for i, c in enumerate(custodians, start=1):
@@ -324,11 +324,7 @@ def initialised(
     proc = start_daemon_process(tmp_path_factory.mktemp("init") / "data", pki)
     with proc.channel() as channel:
         pb_grpc.CustodianServiceStub(channel).InitCeremony(
-            pb.InitCeremonyRequest(
-                deployment=DEPLOYMENT,
-                threshold=5,
-                public_credentials=[c.public_path.read_bytes() for c in custodians],
-            )
+            ceremony_request(DEPLOYMENT, 5, custodians, proc.ceremony_code())
         )
     yield proc
     assert proc.stop() == 0

@@ -46,11 +46,18 @@ from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.hsm.stores.base import Store
 from keyquorum.hsm.stores.postgres import PostgresStore
 from keyquorum.hsm.stores.sqlite import SqliteStore
+from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.limits import DEFAULT_LIMITS
 from keyquorum.quorum.replay import LogState, verify_log
-from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
-from tests.harness import Custodian, DaemonProcess, make_custodians, start_daemon_process
+from tests.harness import (
+    Custodian,
+    DaemonProcess,
+    ceremony_request,
+    make_custodians,
+    signed_proposal,
+    start_daemon_process,
+)
 from tests.pg import PgServer
 
 KILLS = 20
@@ -134,23 +141,20 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     server.drop_schema(schema)
 
 
+#: Who signs the crash tests' proposals (a custodian of the ceremony).
+SIGNER: list[CustodianCredential] = []
+
+
 def ceremony(proc: DaemonProcess, custodians: list[Custodian]) -> None:
     with proc.channel() as channel:
         pb_grpc.CustodianServiceStub(channel).InitCeremony(
-            pb.InitCeremonyRequest(
-                deployment="crash",
-                threshold=2,
-                public_credentials=[c.public_path.read_bytes() for c in custodians],
-            )
+            ceremony_request("crash", 2, custodians, proc.ceremony_code())
         )
+    SIGNER[:] = [custodians[0].credential]
 
 
 def propose(stub: pb_grpc.CustodianServiceStub, tenant: str) -> str:
-    request = pb.ProposeRequest(
-        operation="create-tenant",
-        parameters=[pb.Parameter(key="tenant", value=tenant)],
-        proposer="crash test",
-    )
+    request = signed_proposal(stub, SIGNER[0], "create-tenant", {"tenant": tenant})
     return stub.Propose(request, timeout=30).id
 
 

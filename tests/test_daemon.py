@@ -23,6 +23,7 @@ from keyquorum.quorum.errors import KeyquorumError, LogIntegrityError
 from keyquorum.quorum.limits import DEFAULT_LIMITS
 from keyquorum.v1 import custodian_pb2 as pb
 from tests.harness import (
+    CEREMONY_CODE,
     Custodian,
     FakeClock,
     InProcessDaemon,
@@ -58,8 +59,10 @@ def ceremony(d: InProcessDaemon, custodians: list[Custodian], threshold: int = T
             deployment="test-deployment",
             threshold=threshold,
             public_credentials=[c.public_path.read_bytes() for c in custodians],
+            code=CEREMONY_CODE,
         )
     )
+    d.proposer = custodians[0].credential
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 from tests.harness import (
     Custodian,
     DaemonProcess,
+    ceremony_request,
     console,
     custodian_secrets,
     find_secrets,
@@ -77,15 +78,9 @@ def stub_of(channel: grpc.Channel) -> pb_grpc.CustodianServiceStub:
     return pb_grpc.CustodianServiceStub(channel)
 
 
-def ceremony(stub: pb_grpc.CustodianServiceStub, custodians: list[Custodian]) -> None:
+def ceremony(stub: pb_grpc.CustodianServiceStub, custodians: list[Custodian], code: str) -> None:
     with rpc_errors():
-        stub.InitCeremony(
-            pb.InitCeremonyRequest(
-                deployment=DEPLOYMENT,
-                threshold=THRESHOLD,
-                public_credentials=[c.public_path.read_bytes() for c in custodians],
-            )
-        )
+        stub.InitCeremony(ceremony_request(DEPLOYMENT, THRESHOLD, custodians, code))
 
 
 def unseal(stub: pb_grpc.CustodianServiceStub, who: list[Custodian]) -> None:
@@ -139,7 +134,7 @@ def test_sigterm_seals_logs_it_and_restart_unseals_with_other_custodians(
     data = tmp_path / "data"
     proc = start_daemon_process(data, pki)
     with proc.channel() as channel:
-        ceremony(stub_of(channel), custodians)
+        ceremony(stub_of(channel), custodians, proc.ceremony_code())
         unseal(stub_of(channel), custodians[:THRESHOLD])
         size = status(stub_of(channel)).log_size
     assert proc.stop(signal.SIGTERM) == 0
@@ -174,7 +169,7 @@ def test_sigkill_restarts_sealed_and_the_log_verifies(
     data = tmp_path / "data"
     proc = start_daemon_process(data, pki)
     with proc.channel() as channel:
-        ceremony(stub_of(channel), custodians)
+        ceremony(stub_of(channel), custodians, proc.ceremony_code())
         unseal(stub_of(channel), custodians[2:])
         size = status(stub_of(channel)).log_size
     assert proc.stop(signal.SIGKILL) == -signal.SIGKILL
@@ -203,7 +198,7 @@ def sealed_store(
     proc = start_daemon_process(data, pki)
     with proc.channel() as channel:
         stub = stub_of(channel)
-        ceremony(stub, custodians)
+        ceremony(stub, custodians, proc.ceremony_code())
         for c in custodians[:2]:
             actions.confirm(stub, c, unlocker(c))
         unseal(stub, custodians[:THRESHOLD])
@@ -263,8 +258,8 @@ def remove_log_key(data: Path) -> None:
     ("tamper", "expected"),
     [
         (edit_one_byte, r"entry 2\b"),
-        (delete_last_entry, r"entry 4: the log has 4 entries, its checkpoint vouches for 5"),
-        (replace_log_key, r"not signed by the log key in .*log-signing-key"),
+        (delete_last_entry, r"entry 4: the store holds 4 entries, its latest checkpoint vouches"),
+        (replace_log_key, r"log-signing-key holds .*: the key file or the store was replaced"),
         (remove_log_key, r"log-signing-key is missing"),
     ],
     ids=["edited-byte-in-entry-2", "last-entry-deleted", "log-key-replaced", "log-key-removed"],
@@ -325,7 +320,7 @@ def test_no_secret_in_output_store_or_data_dir(
     try:
         with proc.channel() as channel:
             stub = stub_of(channel)
-            ceremony(stub, custodians)
+            ceremony(stub, custodians, proc.ceremony_code())
             for c in custodians:
                 r = console("custodian", "confirm", *conn, *c.cli_args())
                 assert r.returncode == 0, r.stderr

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from keyquorum.hsm.pki import DevPki
+from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.v1 import custodian_pb2_grpc as cpb_grpc
 from tests.harness import Custodian, DaemonProcess, make_custodians, start_daemon_process
 from tests.test_approvals import ceremony, run, unseal
@@ -41,6 +42,8 @@ class Running:
     metrics_port: int
     access_log: Path
     custodians: list[Custodian]
+    #: Who signs the proposals (set by the ceremony of tests/test_approvals.py).
+    proposer: CustodianCredential | None = None
 
     @property
     def stub(self) -> cpb_grpc.CustodianServiceStub:

@@ -38,7 +38,7 @@ from keyquorum.v1 import audit_pb2_grpc as apb_grpc
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import key_pb2 as kpb
 from keyquorum.v1 import key_pb2_grpc as kpb_grpc
-from tests.harness import InProcessDaemon, in_process_daemon, make_custodians
+from tests.harness import CEREMONY_CODE, InProcessDaemon, in_process_daemon, make_custodians
 from tests.test_approvals import run, unseal
 
 TENANT = "acme-health"
@@ -101,8 +101,10 @@ def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listener]:
                 deployment="mtls-pool",
                 threshold=2,
                 public_credentials=[c.public_path.read_bytes() for c in custodians],
+                code=CEREMONY_CODE,
             )
         )
+        d.proposer = custodians[0].credential
         unseal(d, custodians[:2])
         run(d, custodians, "create-tenant", tenant=TENANT)
         run(d, custodians, "grant", tenant=TENANT, backend="booking")

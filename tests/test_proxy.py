@@ -67,7 +67,7 @@ def test_the_relay_sees_no_secret(
         assert r.returncode == 0, f"{args}: {r.stderr}"
         return r.stdout
 
-    run("ceremony", "init", *via, "--deployment", DEPLOYMENT,
+    run("ceremony", "init", *via, "--deployment", DEPLOYMENT, "--code", daemon.ceremony_code(),
         *(str(c.public_path) for c in custodians))  # fmt: skip
     for c in custodians[:3]:
         run("custodian", "confirm", *via, *c.cli_args())

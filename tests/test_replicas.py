@@ -36,6 +36,7 @@ from keyquorum.cli.connect import RemoteError
 from keyquorum.cli.main import main as cli_main
 from keyquorum.hsm import tls
 from keyquorum.hsm.daemon import Daemon, follower
+from keyquorum.hsm.daemon.ceremony import CeremonyGate
 from keyquorum.hsm.daemon.logkey import KEY_FILE, LogKey
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.hsm.services import custodian_service
@@ -44,6 +45,7 @@ from keyquorum.hsm.services.server import create_server
 from keyquorum.hsm.stores.postgres import PostgresStore
 from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum import canonical
+from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.errors import AppendConflictError, KeyquorumError
 from keyquorum.quorum.limits import DEFAULT_LIMITS
 from keyquorum.quorum.log import Entry, ExecutionPayload, SealPayload, ShredPayload
@@ -59,14 +61,17 @@ from keyquorum.quorum.replay import verify_log
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 from tests.harness import (
+    CEREMONY_CODE,
     Custodian,
     DaemonProcess,
     FakeClock,
+    ceremony_request,
     make_custodians,
     server_command,
     start_daemon_process,
     tls_channel,
 )
+from tests.harness import propose as signed_propose
 from tests.pg import PgServer, Restartable
 
 THRESHOLD = 3
@@ -91,29 +96,24 @@ def stub_of(channel: grpc.Channel) -> pb_grpc.CustodianServiceStub:
     return pb_grpc.CustodianServiceStub(channel)
 
 
-def ceremony(stub: pb_grpc.CustodianServiceStub, custodians: list[Custodian]) -> None:
-    stub.InitCeremony(
-        pb.InitCeremonyRequest(
-            deployment=DEPLOYMENT,
-            threshold=THRESHOLD,
-            public_credentials=[c.public_path.read_bytes() for c in custodians],
-        )
-    )
+def ceremony(
+    stub: pb_grpc.CustodianServiceStub, custodians: list[Custodian], code: str = CEREMONY_CODE
+) -> None:
+    stub.InitCeremony(ceremony_request(DEPLOYMENT, THRESHOLD, custodians, code))
+    PROPOSER.append(custodians[0].credential)
 
 
 def unlocker(c: Custodian) -> Callable[[str], Any]:
     return lambda _statement: c.credential
 
 
+#: Who signs the proposals of these tests (a custodian of the ceremony).
+PROPOSER: list[CustodianCredential] = []
+
+
 def propose(stub: pb_grpc.CustodianServiceStub, operation: str, **params: str) -> str:
     with actions.rpc_errors():
-        proposal = stub.Propose(
-            pb.ProposeRequest(
-                operation=operation,
-                parameters=[pb.Parameter(key=k, value=v) for k, v in sorted(params.items())],
-                proposer="test",
-            )
-        )
+        proposal = signed_propose(stub, PROPOSER[-1], operation, dict(params))
     return proposal.id
 
 
@@ -272,12 +272,17 @@ def sqlite_pair(
     tmp_path: Path, pki: DevPki, custodians: list[Custodian]
 ) -> Iterator[tuple[Replica, Replica, HeldStore]]:
     """Replicas A and B over one SQLite file, both unsealed, no follower threads."""
-    clock = FakeClock()
+    clock = FakeClock(int(time.time()))  # proposals are signed by the wall clock
     db = tmp_path / "shared.sqlite3"
     dirs = [tmp_path / "a", tmp_path / "b"]
     for d in dirs:
         d.mkdir()
-    kwargs: dict[str, Any] = {"clock": clock, "sweep_seconds": None, "follow_seconds": None}
+    kwargs: dict[str, Any] = {
+        "clock": clock,
+        "sweep_seconds": None,
+        "follow_seconds": None,
+        "ceremony": CeremonyGate(code=CEREMONY_CODE),
+    }
     store_a = SqliteStore.open(db)
     a = Daemon(store_a, data_dir=dirs[0], replica="kq-a", limits=DEFAULT_LIMITS, **kwargs)
     with serving(a, pki) as stub_a:
@@ -348,7 +353,7 @@ def test_an_activation_through_a_is_unwrapped_on_b_and_a_seal_of_every_replica_s
     assert unwrapped(b.stub, "acme")
     c = custodians[0]
     # A seal naming replica A: B follows the entry and keeps its keys.
-    actions.seal(a.stub, c, unlocker(c), reason="a", now=1_790_000_000)
+    actions.seal(a.stub, c, unlocker(c), reason="a", now=a.daemon.clock())
     assert sealed(a.stub)
     assert b.daemon.catch_up() == 1
     assert not b.daemon.sealed
@@ -356,7 +361,7 @@ def test_an_activation_through_a_is_unwrapped_on_b_and_a_seal_of_every_replica_s
     # A seal of every replica, sent to B this time, seals A too when it follows.
     for x in custodians[:THRESHOLD]:
         actions.submit_share(a.stub, x.credential)
-    actions.seal(b.stub, c, unlocker(c), reason="all", now=1_790_000_000, replica="*")
+    actions.seal(b.stub, c, unlocker(c), reason="all", now=a.daemon.clock(), replica="*")
     assert b.daemon.sealed
     assert not a.daemon.sealed
     a.daemon.catch_up()
@@ -399,7 +404,7 @@ def pair(
     root = tmp_path_factory.mktemp("pair")
     a = start_replica(root / "a", pki, "kq-a", dsn)
     channel_a = a.channel()
-    ceremony(stub_of(channel_a), custodians)
+    ceremony(stub_of(channel_a), custodians, a.ceremony_code())
     # The operator gives B the log signing key (docs/replicas.md).
     (root / "b").mkdir()
     shutil.copy(root / "a" / KEY_FILE, root / "b" / KEY_FILE)
@@ -577,7 +582,7 @@ def test_postgres_stopped_under_a_running_daemon_fails_clearly_and_recovers(
     try:
         with proc.channel() as channel:
             stub = stub_of(channel)
-            ceremony(stub, custodians)
+            ceremony(stub, custodians, proc.ceremony_code())
             before = propose(stub, "create-tenant", tenant="acme")
             cluster.stop()
             with pytest.raises(RemoteError) as down:

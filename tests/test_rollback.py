@@ -23,6 +23,7 @@ from keyquorum.hsm.daemon.logkey import LogKey
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum import evidence, merkle
+from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.errors import (
     RollbackError,
     SignatureError,
@@ -33,7 +34,14 @@ from keyquorum.quorum.note import NoteSigner
 from keyquorum.quorum.replay import verify_log
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
-from tests.harness import Custodian, DaemonProcess, make_custodians, start_daemon_process
+from tests.harness import (
+    Custodian,
+    DaemonProcess,
+    ceremony_request,
+    make_custodians,
+    signed_proposal,
+    start_daemon_process,
+)
 
 STORE_FILE = "keyquorum.sqlite"
 THRESHOLD = 2
@@ -155,19 +163,16 @@ def custodians(tmp_path_factory: pytest.TempPathFactory) -> list[Custodian]:
     return make_custodians(tmp_path_factory.mktemp("custodians"), names=("alice", "bob", "carol"))
 
 
+#: Who signs the proposals of these tests (a custodian of the ceremony).
+SIGNER: list[CustodianCredential] = []
+
+
 def propose(proc: DaemonProcess, tenant: str) -> str:
     with proc.channel() as channel:
-        return (
-            pb_grpc.CustodianServiceStub(channel)
-            .Propose(
-                pb.ProposeRequest(
-                    operation="create-tenant",
-                    parameters=[pb.Parameter(key="tenant", value=tenant)],
-                    proposer="test",
-                )
-            )
-            .id
-        )
+        stub = pb_grpc.CustodianServiceStub(channel)
+        return stub.Propose(
+            signed_proposal(stub, SIGNER[0], "create-tenant", {"tenant": tenant})
+        ).id
 
 
 def start_daemon(data: Path) -> Daemon:
@@ -192,12 +197,9 @@ def history(
     proc = start_daemon_process(data, pki)
     with proc.channel() as channel:
         pb_grpc.CustodianServiceStub(channel).InitCeremony(
-            pb.InitCeremonyRequest(
-                deployment="rollback",
-                threshold=THRESHOLD,
-                public_credentials=[c.public_path.read_bytes() for c in custodians],
-            )
+            ceremony_request("rollback", THRESHOLD, custodians, proc.ceremony_code())
         )
+    SIGNER[:] = [custodians[0].credential]
     propose(proc, "early")
     assert proc.stop() == 0
     shutil.copytree(data, snapshot)
@@ -234,7 +236,9 @@ def test_a_store_restored_from_an_older_snapshot_is_refused_at_start(
         store.close()
     with pytest.raises(RuntimeError, match="rolled back"):
         start_daemon_process(data, pki)
-    with pytest.raises(RollbackError, match="the log has 2 entries, but a checkpoint of 4"):
+    with pytest.raises(
+        RollbackError, match="the store has 2 entries, but this daemon published a checkpoint of 4"
+    ):
         start_daemon(data)
 
 

@@ -48,14 +48,17 @@ from hypothesis import strategies as st
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.client import tls as client_tls
 from keyquorum.hsm.pki import DevPki, make_dev_pki
+from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.v1 import audit_pb2, key_pb2
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 from tests.harness import (
     Custodian,
     DaemonProcess,
+    ceremony_request,
     encodings,
     make_custodians,
+    signed_proposal,
     start_daemon_process,
 )
 
@@ -94,6 +97,7 @@ class Target:
     channels: dict[str, grpc.Channel]
     access_log: Path
     metrics_port: int
+    proposer: CustodianCredential
     codes: Counter[tuple[str, str]] = field(default_factory=Counter)
     _callables: dict[str, Any] = field(default_factory=dict)
 
@@ -150,13 +154,7 @@ def leaks(target: Target) -> list[str]:
 def _quorum(
     stub: pb_grpc.CustodianServiceStub, custodians: list[Custodian], op: str, **params: str
 ) -> None:
-    proposal = stub.Propose(
-        pb.ProposeRequest(
-            operation=op,
-            parameters=[pb.Parameter(key=k, value=v) for k, v in params.items()],
-            proposer="fuzz setup",
-        )
-    )
+    proposal = stub.Propose(signed_proposal(stub, custodians[0].credential, op, dict(params)))
     for c in custodians[:THRESHOLD]:
         response = actions.verdict(
             stub, proposal.id, c.fingerprint, lambda _t, c=c: c.credential, verdict="approve"
@@ -180,13 +178,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         ready = json.loads((data.parent / f"{data.name}.ready").read_text())
         custodian_channel = proc.channel()
         stub = pb_grpc.CustodianServiceStub(custodian_channel)
-        stub.InitCeremony(
-            pb.InitCeremonyRequest(
-                deployment="fuzz",
-                threshold=THRESHOLD,
-                public_credentials=[c.public_path.read_bytes() for c in custodians],
-            )
-        )
+        stub.InitCeremony(ceremony_request("fuzz", THRESHOLD, custodians, proc.ceremony_code()))
         for c in custodians[:THRESHOLD]:
             actions.submit_share(stub, c.credential)
         _quorum(stub, custodians, "create-tenant", tenant=TENANT)
@@ -205,7 +197,9 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
             "keyquorum.v1.KeyService": mtls(BACKEND),
             "keyquorum.v1.AuditService": mtls(AUDITOR),
         }
-        target = Target(proc, channels, access_log, int(ready["metrics_port"]))
+        target = Target(
+            proc, channels, access_log, int(ready["metrics_port"]), custodians[0].credential
+        )
         # The setup itself is clean, so any marker found later came from the fuzzing.
         assert leaks(target) == []
         yield target
@@ -386,11 +380,8 @@ def test_the_search_sees_what_the_daemon_logs(target: Target) -> None:
     (checked names, by design), so a tenant name spelled as that marker's hex must be
     found in the captured output, or the searches here would pass for nothing."""
     control = b"KQ-CONTROL-51c9"
-    proposal = pb.ProposeRequest(
-        operation="create-tenant",
-        parameters=[pb.Parameter(key="tenant", value=control.hex())],
-        proposer="fuzz control",
-    )
+    stub = pb_grpc.CustodianServiceStub(target.channels["keyquorum.v1.CustodianService"])
+    proposal = signed_proposal(stub, target.proposer, "create-tenant", {"tenant": control.hex()})
     method = pb.DESCRIPTOR.services_by_name["CustodianService"].methods_by_name["Propose"]
     assert target.call(method, proposal.SerializeToString()) is grpc.StatusCode.OK
     output = target.logs()["daemon stdout/stderr"]

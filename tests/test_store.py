@@ -31,8 +31,6 @@ from keyquorum.hsm.stores import sqlite as sqlite_store
 from keyquorum.hsm.stores.base import LogRecord, ShredSalt, Store, leaf_hash
 from keyquorum.hsm.stores.postgres import PostgresStore
 from keyquorum.hsm.stores.sqlite import SqliteStore
-from keyquorum.quorum.merkle import EMPTY_ROOT
-from keyquorum.quorum.note import NoteSigner
 from keyquorum.quorum.errors import (
     AppendConflictError,
     InvalidInputError,
@@ -42,6 +40,8 @@ from keyquorum.quorum.errors import (
     UnsupportedVersionError,
 )
 from keyquorum.quorum.log import GENESIS_PREV
+from keyquorum.quorum.merkle import EMPTY_ROOT
+from keyquorum.quorum.note import NoteSigner
 from tests.pg import PgServer, Restartable
 
 

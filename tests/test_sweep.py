@@ -21,6 +21,7 @@ import pytest
 
 from keyquorum.hsm import tls
 from keyquorum.hsm.daemon import Daemon
+from keyquorum.hsm.daemon.ceremony import CeremonyGate
 from keyquorum.hsm.daemon.keys import TenantKeys
 from keyquorum.hsm.daemon.logkey import KEY_FILE
 from keyquorum.hsm.dataplane import DataPlane, WrapItem
@@ -34,6 +35,7 @@ from keyquorum.quorum.limits import DEFAULT_LIMITS
 from keyquorum.quorum.log import Entry, ShredPayload
 from keyquorum.v1 import custodian_pb2 as pb
 from tests.harness import (
+    CEREMONY_CODE,
     Custodian,
     FakeClock,
     InProcessDaemon,
@@ -77,6 +79,7 @@ def serving(
         clock=clock,
         sweep_seconds=sweep_seconds,
         follow_seconds=None,
+        ceremony=CeremonyGate(code=CEREMONY_CODE),
     )
     server, port = create_server(
         host="127.0.0.1",
@@ -102,8 +105,10 @@ def ceremony(d: InProcessDaemon, custodians: list[Custodian]) -> None:
             deployment="sweep-tests",
             threshold=THRESHOLD,
             public_credentials=[c.public_path.read_bytes() for c in custodians],
+            code=CEREMONY_CODE,
         )
     )
+    d.proposer = custodians[0].credential
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ Contract:
   accept is charged to its proposer's rate and counted against the open
   bounds (hsm/daemon/proposal_limits.py), then logged. Proposing changes
   nothing but the log. Parameters arrive as text and are typed by
-  `operations.parameters_from_text`, as the proposer's CLI typed them to
+  `operations.typed_parameters`, as the proposer's CLI typed them to
   sign them.
 - A verdict is checked by replay itself, dry-running the approval or
   refusal entry on the current state (`Journal.check`): the proposal
@@ -45,7 +45,7 @@ from keyquorum.quorum.errors import (
     UnauthenticatedError,
 )
 from keyquorum.quorum.log import ApprovalPayload, ExecutionPayload, ProposalPayload, RefusalPayload
-from keyquorum.quorum.operations import operation, parameters_from_text
+from keyquorum.quorum.operations import operation, typed_parameters
 from keyquorum.quorum.people import describe_fingerprint
 from keyquorum.quorum.replay import LogState, Proposal
 from keyquorum.quorum.signatures import HybridSignature
@@ -107,7 +107,7 @@ class Governance:
                 name = operation(operation_name).name
             except DeserializationError as e:
                 raise InvalidInputError(str(e)) from None
-            params = parameters_from_text(parameters)
+            params = typed_parameters(parameters)
             self._executions.offer(st, name, dict(params), public_credentials)
             newcomers: tuple[PublicCredential, ...] = ()
             if name == "change-roster":

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -33,7 +33,6 @@ from keyquorum.hsm.services.admission import CertificatePeers, ForwardedPeers, O
 from keyquorum.hsm.services.server import Listener, create_server
 from keyquorum.hsm.services.workers import OutcomeSink, StoreSpec, WorkerPool, WorkerSettings
 from keyquorum.hsm.stores.base import Store
-from keyquorum.quorum.checkpoint import NoteVerifier
 from keyquorum.quorum.limits import Limits
 
 #: AuditService streams (exports) served at once: each reads the store batch
@@ -61,7 +60,6 @@ class BackendSettings:
     workers: int = 0
     rate_limit: float | None = None
     usage: Sequence[Sink] = ()
-    auditor_keys: Sequence[NoteVerifier] = field(default_factory=tuple)
     #: Told every call's method, code and seconds (RPC metrics), the workers' too.
     observe: Observer | None = None
     #: The daemon's log level and format, which the workers' lines follow.
@@ -106,7 +104,8 @@ class BackendPlane:
         self._pool: WorkerPool | None = None
         self._runtime: str | None = None
         self.workers = settings.workers
-        audit_log = audit_service.AuditLog(store, settings.auditor_keys)
+        # Cosignatures count only from the witnesses the log names (the daemon's policy).
+        audit_log = audit_service.AuditLog(store, daemon)
         if settings.workers == 0:
             plane = DataPlane(
                 daemon,
