@@ -84,7 +84,6 @@ from keyquorum.quorum.operations import (
     DestroyScheduled,
     GrantChanged,
     NewVersion,
-    RosterChanged,
     TenantResult,
     VersionDisabled,
     operation,
