@@ -11,12 +11,22 @@ key and a checkpoint the auditor already trusts.
 Receipts use the C2SP tlog-proof layout (c2sp.org/tlog-proof): the
 `extra` line carries the entry's exact bytes (base64), so one file proves
 one event to anyone holding the log key, without the rest of the log.
+
+The log key is pinned per deployment on first contact, in the same place
+the custodians' CLI keeps it (cli/seen_checkpoints.py): a key given with
+`--log-key` that differs from the pinned one is refused, naming both,
+unless `audit verify` finds the log's own chain of rotations leading from
+the pinned key to it (each rotation signed by the key before). `audit
+verify` also checks the log extends the checkpoint this machine remembers
+for the deployment, and remembers the newer one. `audit witness` runs a
+witness (cli/witness.py).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import shlex
 import sys
@@ -29,6 +39,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import click
 import grpc
 
+from keyquorum.cli import seen_checkpoints
 from keyquorum.cli.output import document, emit, json_option
 from keyquorum.quorum import evidence, export, merkle
 from keyquorum.quorum.audit_report import audit
@@ -47,11 +58,12 @@ from keyquorum.quorum.errors import (
     InvalidInputError,
     KeyquorumError,
     LogIntegrityError,
+    RollbackError,
     StateError,
     UnverifiableError,
     VerificationError,
 )
-from keyquorum.quorum.log import Entry
+from keyquorum.quorum.log import Entry, GenesisPayload
 from keyquorum.quorum.note import SignatureType
 from keyquorum.quorum.secret import SecretBytes
 
@@ -199,6 +211,14 @@ class RemoteSource:
 
         with _rpc():
             return self._stub.AddCosignature(pb.AddCosignatureRequest(note=note)).note
+
+    def witnessed(self) -> tuple[int, str]:
+        """The latest checkpoint m witnesses of the log cosigned."""
+        from keyquorum.v1 import audit_pb2 as pb
+
+        with _rpc():
+            cp = self._stub.GetCheckpoint(pb.GetCheckpointRequest(size=0, witnessed=True))
+        return cp.size, cp.note
 
 
 @contextmanager
@@ -491,6 +511,15 @@ def parse_utc(text: str | None, option: str) -> int | None:
 @_with(log_key_options)
 @click.option("--cosigner", multiple=True, help="A cosigner (witness) key you trust; repeatable.")
 @click.option("--min-cosigners", default=0, show_default=True, help="Cosigners required.")
+@click.option(
+    "--witnesses",
+    "witnesses",
+    type=click.IntRange(0, 255),
+    default=0,
+    show_default=True,
+    help="Require a checkpoint cosigned by this many of the witnesses the log itself names "
+    "(add-witness); the report says which entries they vouch for.",
+)
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON, for machines.")
 @click.option(
     "--html",
@@ -524,6 +553,7 @@ def verify_cmd(
     log_key_file: Path | None,
     cosigner: tuple[str, ...],
     min_cosigners: int,
+    witnesses: int,
     as_json: bool,
     html_out: Path | None,
     since: str | None,
@@ -547,6 +577,12 @@ def verify_cmd(
       3  cannot be judged: no log key pinned (the report says NOT VERIFIED),
          not an export file, nothing that vouches for the entries
 
+    The deployment's log key is pinned on this machine on first contact;
+    a log under another key is refused, naming both, unless the log's own
+    rotations lead there from the pinned key, and the log must extend the
+    checkpoint this machine remembers. Only a key you gave (now, or once
+    before for this deployment) makes the verdict VERIFIED.
+
     \b
     Example:
       keyquorum audit verify kq-export.jsonl --log-key 'keyquorum/acme-prod+1a2b3c4d+AW...' \\
@@ -556,7 +592,7 @@ def verify_cmd(
     """
     from keyquorum.quorum.audit_report import Filters
 
-    key = pinned_log_key(log_key, log_key_file)
+    given = pinned_log_key(log_key, log_key_file)
     try:
         filters = Filters(
             since=parse_utc(since, "--since"),
@@ -573,15 +609,28 @@ def verify_cmd(
             parsed = read_export(file)
         except DeserializationError as e:
             raise UnverifiableError(f"{file} is not a keyquorum export: {e}") from e
+        deployment = _deployment_of_export(parsed)
+        seen = None if deployment is None else seen_checkpoints.load(deployment)
+        # The key trusted: the pinned one first (a given one must be in its chain).
+        key = seen.log_key if seen is not None else given
+        pinned = given is not None or (seen is not None and seen.key_given)
+        remembered = _remembered_for(seen, parsed) if trusted is None else None
         with progress_bar(len(parsed.entries), "verifying") as advance:
             report = audit(
                 parsed,
                 log_key=key,
-                trusted_checkpoint=trusted,
+                trusted_checkpoint=trusted or remembered,
                 cosigners=cosigner,
                 min_cosigners=min_cosigners,
+                witnesses=witnesses,
                 progress=advance,
+                pinned=pinned,
             )
+        chain = [k.log_key for k in report.log_keys]
+        if given is not None and seen is not None and given not in chain:
+            seen_checkpoints.refuse_other_key(seen, given)
+        if deployment is not None:
+            _remember_verified(deployment, seen, chain[-1], parsed, given=given is not None)
     except KeyquorumError as e:
         _fail(e, as_json, html_out)
     shown = report.filtered(filters)
@@ -599,6 +648,65 @@ def verify_cmd(
     if save_checkpoint is not None:
         note = max(parsed.checkpoints, key=_size_of)
         save_checkpoint.write_text(note, encoding="utf-8")
+
+
+def _deployment_of_export(parsed: export.ExportedLog) -> str | None:
+    """The deployment the export's genesis names (verified with the rest, later);
+    None if there is no readable genesis (`audit` says what is wrong)."""
+    if not parsed.entries:
+        return None
+    try:
+        genesis = Entry.from_bytes(parsed.entries[0])
+    except DeserializationError:
+        return None
+    if not isinstance(genesis.payload, GenesisPayload):
+        return None
+    return genesis.payload.deployment
+
+
+def _remembered_for(seen: seen_checkpoints.Seen | None, parsed: export.ExportedLog) -> str | None:
+    """The checkpoint this machine remembers, when the export is long enough to extend it.
+
+    An older export (a historical audit) is verified on its own.
+    """
+    if seen is None or not seen.checkpoint:
+        return None
+    if _size_of(seen.checkpoint) > len(parsed.entries):
+        click.echo(
+            f"note: this export is older than the checkpoint this machine remembers for the "
+            f"deployment ({_size_of(seen.checkpoint)} entries); verified on its own",
+            err=True,
+        )
+        return None
+    return seen.checkpoint
+
+
+def _remember_verified(
+    deployment: str,
+    seen: seen_checkpoints.Seen | None,
+    key: str,
+    parsed: export.ExportedLog,
+    *,
+    given: bool,
+) -> None:
+    """Pin the log's key in force and remember the export's latest checkpoint (when newer).
+
+    `given`: the key was given by the auditor (or follows from one that was).
+    """
+    if seen is None:
+        how = "as given" if given else "on first contact (not VERIFIED until you give it)"
+        click.echo(f"note: pinning the log key of deployment {deployment} {how}: {key}", err=True)
+    given = given or (seen is not None and seen.key_given)
+    latest = max(parsed.checkpoints, key=_size_of) if parsed.checkpoints else ""
+    older = (
+        seen is not None and bool(seen.checkpoint) and _size_of(seen.checkpoint) > _size_of(latest)
+    )
+    if older and seen is not None:
+        if given and not seen.key_given:
+            seen_checkpoints.save(dataclasses.replace(seen, key_given=True))
+        return
+    entries = () if seen is None else seen.witness_entries
+    seen_checkpoints.save(seen_checkpoints.Seen(deployment, key, latest, entries, given))
 
 
 def exit_code_for(error: KeyquorumError) -> int:
@@ -668,13 +776,9 @@ def checkpoint_cmd(
       keyquorum audit checkpoint --server kq.example:7444 --ca ca.crt \\
           --cert auditor.crt --key auditor.key --out today.checkpoint
     """
-    key = pinned_log_key(log_key, log_key_file)
-    if key is None:
-        raise InvalidInputError(
-            "give --log-key or --log-key-file: a checkpoint means nothing alone"
-        )
     with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
         _, note = source.latest()
+    key = _required_key(log_key, log_key_file, _origin_of(note))
     cp = _verified(note, key, "the latest checkpoint").checkpoint
     if out is not None:
         out.write_text(note, encoding="utf-8")
@@ -726,8 +830,9 @@ def prove_inclusion_cmd(
       keyquorum audit prove-inclusion 42 --server kq.example:7444 --ca ca.crt \\
           --cert auditor.crt --key auditor.key --trusted-checkpoint today.checkpoint
     """
-    key = _required_key(log_key, log_key_file)
-    trusted = _verified(_read_text(trusted_checkpoint, "checkpoint"), key, "your checkpoint")
+    text = _read_text(trusted_checkpoint, "checkpoint")
+    key = _required_key(log_key, log_key_file, _origin_of(text))
+    trusted = _verified(text, key, "your checkpoint")
     cp = trusted.checkpoint
     with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
         proof, entry, _note = source.inclusion(seq, cp.size)
@@ -788,8 +893,9 @@ def prove_consistency_cmd(
       keyquorum audit prove-consistency --server kq.example:7444 --ca ca.crt \\
           --cert auditor.crt --key auditor.key --trusted-checkpoint yesterday.checkpoint
     """
-    key = _required_key(log_key, log_key_file)
-    old = _verified(_read_text(trusted_checkpoint, "checkpoint"), key, "your checkpoint")
+    text = _read_text(trusted_checkpoint, "checkpoint")
+    key = _required_key(log_key, log_key_file, _origin_of(text))
+    old = _verified(text, key, "your checkpoint")
     with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
         _, latest_note = source.latest()
         new = _verified(latest_note, key, "the latest checkpoint")
@@ -824,6 +930,12 @@ def prove_consistency_cmd(
 @source_options()
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--size", default=0, help="Tree size of the checkpoint to prove against (0: latest).")
+@click.option(
+    "--witnessed",
+    is_flag=True,
+    help="Prove against the latest checkpoint the log's witnesses cosigned (its "
+    "cosignatures travel in the receipt); from --server only.",
+)
 def receipt_cmd(
     seq: int,
     server: str | None,
@@ -834,15 +946,23 @@ def receipt_cmd(
     from_file: Path | None,
     out: Path,
     size: int,
+    witnessed: bool,
 ) -> None:
     """Write a portable receipt for entry SEQ (C2SP tlog-proof with the entry as extra).
+
+    The checkpoint in the receipt carries every cosignature stored with it;
+    with --witnessed it is the latest one the log's witnesses cosigned.
 
     \b
     Example:
       keyquorum audit receipt 42 --out entry-42.receipt --server kq.example:7444 \\
-          --ca ca.crt --cert auditor.crt --key auditor.key
+          --ca ca.crt --cert auditor.crt --key auditor.key --witnessed
     """
     with open_source(Conn(server, ca, cert, key_file, data_dir, from_file)) as source:
+        if witnessed:
+            if size or not isinstance(source, RemoteSource):
+                raise InvalidInputError("--witnessed asks the daemon (--server), without --size")
+            size, _ = source.witnessed()
         proof, entry, note = source.inclusion(seq, size)
     out.write_text(evidence.make_receipt(seq, entry, proof, note), encoding="utf-8")
     click.echo(f"receipt for entry {seq} against the checkpoint of size {_size_of(note)}: {out}")
@@ -868,8 +988,8 @@ def check_receipt_cmd(
     Example:
       keyquorum audit check-receipt entry-42.receipt --log-key 'keyquorum/acme-prod+...'
     """
-    key = _required_key(log_key, log_key_file)
     receipt = evidence.parse_receipt(_read_text(file, "receipt"))
+    key = _required_key(log_key, log_key_file, _origin_of(receipt.note))
     verified = evidence.verify_receipt(
         receipt,
         parse_verifier_key(key),
@@ -898,11 +1018,26 @@ def check_receipt_cmd(
     )
 
 
-def _required_key(option: str | None, path: Path | None) -> str:
+def _required_key(option: str | None, path: Path | None, origin: str | None = None) -> str:
+    """The log key: given (and pinned for its deployment), or one given here before.
+
+    A given key that differs from the pinned one is refused, naming both:
+    only `audit verify` follows a rotation, over the log itself. A key this
+    machine took on first contact (a custodian's CLI) is no key you gave.
+    """
     key = pinned_log_key(option, path)
-    if key is None:
-        raise InvalidInputError("give the log key you trust: --log-key or --log-key-file")
-    return key
+    if key is not None:
+        deployment = seen_checkpoints.deployment_of(parse_verifier_key(key).name)
+        seen_checkpoints.pin_key(deployment, key, given=True)
+        return key
+    if origin is not None:
+        seen = seen_checkpoints.load(seen_checkpoints.deployment_of(origin))
+        if seen is not None and seen.key_given:
+            return seen.log_key
+    raise InvalidInputError(
+        "give the log key you trust: --log-key or --log-key-file (it is pinned for the "
+        "deployment from then on)"
+    )
 
 
 # -- cosigning -------------------------------------------------------------------------------
@@ -985,11 +1120,11 @@ def cosign_cmd(
 
     if server is None:
         raise InvalidInputError("cosigning sends the cosignature to the daemon: give --server")
-    key = _required_key(log_key, log_key_file)
     signer = load_cosigner(signing_key)
     with open_source(Conn(server, ca, cert, key_file, data_dir, None)) as source:
         assert isinstance(source, RemoteSource)
         _, note = source.latest()
+        key = _required_key(log_key, log_key_file, _origin_of(note))
         new = _verified(note, key, "the latest checkpoint").checkpoint
         if trusted_checkpoint is not None:
             old = _verified(_read_text(trusted_checkpoint, "checkpoint"), key, "your checkpoint")
@@ -1075,3 +1210,98 @@ def _demo_run(args: list[str], expected: int) -> None:
         code = 1
     if (code or 0) != expected:
         raise click.ClickException(f"`keyquorum {args[0]} {args[1]}` exited {code}, not {expected}")
+
+
+@audit_group.command("witness")
+@source_options(allow_file=False)
+@click.option(
+    "--signing-key",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="This witness's cosigner key file (audit keygen); the quorum adds its verifier key "
+    "to the log (proposal new add-witness).",
+)
+@click.option(
+    "--state",
+    "state_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="This witness's state: the log key it follows and the last checkpoint it cosigned.",
+)
+@_with(log_key_options)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between two looks at the log.",
+)
+@click.option("--once", is_flag=True, help="Look once, cosign if due, and exit.")
+def witness_cmd(
+    server: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key_file: Path | None,
+    data_dir: Path | None,
+    signing_key: Path,
+    state_file: Path,
+    log_key: str | None,
+    log_key_file: Path | None,
+    interval: float,
+    once: bool,
+) -> None:
+    """Run a witness: cosign each new checkpoint that extends the last one cosigned.
+
+    Polls the daemon's audit service; a checkpoint that does not extend
+    the last one this witness cosigned (a rollback, or another history: a
+    split view) is refused with both notes as evidence, and the witness
+    exits 1 so that someone looks. The first run needs the log key
+    (--log-key); the state file keeps it, and follows its rotations.
+
+    \b
+    Example:
+      keyquorum audit witness --server kq.example:7444 --ca ca.crt --cert w1.crt \\
+          --key w1.key --signing-key w1.cosigner --state w1.state --log-key 'keyquorum/...'
+    """
+    import time
+
+    from keyquorum.cli import witness as w
+
+    if server is None:
+        raise InvalidInputError("a witness reads the daemon's audit service: give --server")
+    signer = load_cosigner(signing_key)
+    given = _log_key(log_key, log_key_file)
+    state = w.load_state(state_file)
+    if state is None:
+        if given is None:
+            raise InvalidInputError("the first run of a witness needs --log-key")
+        state = w.WitnessState(given)
+        w.save_state(state_file, state)
+    elif given is not None and given != state.log_key:
+        raise VerificationError(
+            f"you gave log key {given}, but this witness follows {state.log_key} "
+            f"({state_file}): refusing"
+        )
+
+    def remember(new: w.WitnessState) -> None:
+        w.save_state(state_file, new)
+
+    with open_source(Conn(server, ca, cert, key_file, data_dir, None)) as source:
+        assert isinstance(source, RemoteSource)
+        while True:
+            try:
+                state, cosigned = w.step(source, signer, state, int(time.time()), remember)
+            except (RollbackError, ForkError) as e:
+                for line in w.refusal_lines(e):
+                    click.echo(line, err=True)
+                sys.exit(1)
+            except KeyquorumError as e:
+                if once:
+                    raise
+                click.echo(f"witness: {e}; trying again in {interval:g} s", err=True)
+            else:
+                if cosigned is not None:
+                    click.echo(f"cosigned the checkpoint of size {cosigned.size} as {signer.name}")
+            if once:
+                return
+            time.sleep(interval)

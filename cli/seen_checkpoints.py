@@ -30,7 +30,10 @@ by witnesses.
 
 Where: `$XDG_CONFIG_HOME/keyquorum/checkpoints/<deployment>.json` (default
 `~/.config/keyquorum/...`), mode 0600, RFC 8785 JSON
-`{"v": 2, "deployment", "log_key", "checkpoint", "witness_entries"}`. To
+`{"v": 2, "deployment", "log_key", "checkpoint", "witness_entries",
+"key_given"}` (`key_given`: the key was given by a person, `audit ...
+--log-key`, not only taken on first contact; `audit verify` calls a log
+VERIFIED only against such a key). To
 start over for a deployment (a new ceremony under the same name), remove
 its file: the refusal names it.
 
@@ -41,6 +44,7 @@ never saw); from then on a weaker one is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -92,6 +96,9 @@ class Seen:
     checkpoint: str
     #: (seq, leaf hash hex) of every witness change seen, in log order.
     witness_entries: tuple[tuple[int, str], ...] = ()
+    #: The key was given by a person (`audit ... --log-key`), or follows by
+    #: rotations from one that was; False: taken on first contact.
+    key_given: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,7 @@ def load(deployment: str) -> Seen | None:
     if len(raw) > MAX_FILE_BYTES:
         raise DeserializationError(f"{path} is too large to be a remembered checkpoint")
     obj = canonical.decode(raw)
-    keys = {"v", "deployment", "log_key", "checkpoint", "witness_entries"}
+    keys = {"v", "deployment", "log_key", "checkpoint", "witness_entries", "key_given"}
     if (
         not isinstance(obj, dict)
         or obj.get("v") != VERSION
@@ -157,6 +164,7 @@ def load(deployment: str) -> Seen | None:
         or not isinstance(obj["log_key"], str)
         or not isinstance(obj["checkpoint"], str)
         or not isinstance(obj["witness_entries"], list)
+        or not isinstance(obj["key_given"], bool)
     ):
         raise DeserializationError(f"{path} is not what this machine remembers of {deployment}")
     entries: list[tuple[int, str]] = []
@@ -169,7 +177,9 @@ def load(deployment: str) -> Seen | None:
         ):
             raise DeserializationError(f"{path}: a witness entry is not [seq, hash]")
         entries.append((item[0], item[1]))
-    return Seen(deployment, obj["log_key"], obj["checkpoint"], tuple(entries))
+    return Seen(
+        deployment, obj["log_key"], obj["checkpoint"], tuple(entries), obj["key_given"]
+    )
 
 
 def save(seen: Seen) -> None:
@@ -182,6 +192,7 @@ def save(seen: Seen) -> None:
             "log_key": seen.log_key,
             "checkpoint": seen.checkpoint,
             "witness_entries": [[seq, digest] for seq, digest in seen.witness_entries],
+            "key_given": seen.key_given,
         }
     )
     try:
@@ -206,17 +217,21 @@ def deployment_of(origin: str) -> str:
     return origin[len(prefix) :]
 
 
-def pin_key(deployment: str, log_key: str) -> None:
-    """Pin `log_key` for `deployment` on first contact; refuse another one, naming both."""
+def pin_key(deployment: str, log_key: str, *, given: bool = False) -> None:
+    """Pin `log_key` for `deployment` on first contact; refuse another one, naming both.
+
+    `given`: a person gave the key (`--log-key`), which confirms a pin
+    taken on first contact.
+    """
     seen = load(deployment)
     if seen is None:
-        click.echo(
-            f"note: pinning the log key of deployment {deployment} on first contact: {log_key}",
-            err=True,
-        )
-        save(Seen(deployment, log_key, ""))
+        how = "as given" if given else "on first contact"
+        click.echo(f"note: pinning the log key of deployment {deployment} {how}: {log_key}", err=True)
+        save(Seen(deployment, log_key, "", key_given=given))
         return
     refuse_other_key(seen, log_key)
+    if given and not seen.key_given:
+        save(dataclasses.replace(seen, key_given=True))
 
 
 def refuse_other_key(seen: Seen, log_key: str) -> None:
@@ -437,7 +452,7 @@ def require_extension(
         _proven(extension.included, current)
         included = extension.included.entry
     # 6. Remembered.
-    save(Seen(deployment, current_key, extension.checkpoint, changes))
+    save(Seen(deployment, current_key, extension.checkpoint, changes, seen.key_given))
     return Checked(
         deployment=deployment,
         log_key=current_key,

@@ -36,6 +36,15 @@ Checks, in order; the first failure raises, naming what is wrong:
    and an RFC 9162 consistency proof, computed from the export's entries,
    proves that the newer of it and the latest checkpoint extends the older.
 7. At least `min_cosigners` of the `cosigners` signed the latest checkpoint.
+8. With `witnesses` m: some checkpoint of the export is cosigned by at least
+   m of the witnesses the log itself names at its size (`add-witness`,
+   C2SP tlog-cosignature), else `ThresholdError`; the report says how many
+   entries those witnesses vouch for, and which entries no one has yet.
+
+The log key (step 1) may be any key of the log's chain: the genesis's, or
+one a `rotate-log-key` put in force; the report lists every key with the
+entry that put it in force, as it lists the witnesses and the registered
+proposers over time.
 
 The report is a function of the file and the arguments alone (no clock, no
 randomness), so the same file gives the same report on every machine.
@@ -55,6 +64,7 @@ from keyquorum.quorum.checkpoint import (
     NoteVerifier,
     VerifiedCheckpoint,
     parse_verifier_key,
+    unverified_size,
     verify_checkpoint,
 )
 from keyquorum.quorum.errors import (
@@ -66,12 +76,15 @@ from keyquorum.quorum.errors import (
     ProofError,
     RootMismatchError,
     UnverifiableError,
+    ThresholdError,
+    VerificationError,
     with_context,
 )
 from keyquorum.quorum.export import ExportedLog
 from keyquorum.quorum.log import (
     ConfirmPayload,
     Entry,
+    ExecutionPayload,
     GenesisPayload,
     SealPayload,
     ShredPayload,
@@ -83,9 +96,13 @@ from keyquorum.quorum.operations import (
     Activated,
     DestroyScheduled,
     GrantChanged,
+    LogKeyRotated,
     NewVersion,
+    ProposerAdded,
+    ProposerRemoved,
     TenantResult,
     VersionDisabled,
+    WitnessChanged,
     operation,
     request_for,
 )
@@ -344,6 +361,48 @@ ENTRY_SECTIONS = {
 
 
 @dataclass(frozen=True)
+class KeyRecord:
+    """A log key and the entry from which it signs (0: the genesis's)."""
+
+    seq: int
+    time: int
+    log_key: str
+    cause: str
+
+
+@dataclass(frozen=True)
+class WitnessRecord:
+    """A witness added or removed, and the threshold m after it."""
+
+    seq: int
+    time: int
+    operation: str
+    witness: str
+    threshold: int
+    approvers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ProposerRecord:
+    """A proposer credential registered or removed."""
+
+    seq: int
+    time: int
+    operation: str
+    proposer: Person
+    approvers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WitnessedRecord:
+    """The latest checkpoint m witnesses of the log cosigned (`--witnesses m`)."""
+
+    size: int
+    required: int
+    cosigned_by: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
 class Report:
     """Who authorised what, and when, according to a verified log."""
 
@@ -367,6 +426,10 @@ class Report:
     cosigners_required: int
     summary: Summary
     filters: Filters = Filters()
+    log_keys: tuple[KeyRecord, ...] = ()
+    witnesses: tuple[WitnessRecord, ...] = ()
+    proposers: tuple[ProposerRecord, ...] = ()
+    witnessed: WitnessedRecord | None = None
 
     @property
     def verified(self) -> bool:
@@ -405,9 +468,15 @@ def audit(
     trusted_checkpoint: str | None = None,
     cosigners: Sequence[str] = (),
     min_cosigners: int = 0,
+    witnesses: int = 0,
     progress: Progress | None = None,
+    pinned: bool | None = None,
 ) -> Report:
-    """Verify an export completely (module docstring, steps 0-7) and report on it."""
+    """Verify an export completely (module docstring, steps 0-8) and report on it.
+
+    `pinned` says whether `log_key` is one the auditor pinned (the verdict
+    is "verified" only then); by default, whenever a key is given.
+    """
     entries = exported.entries
     # 0. Something to verify, and something that vouches for it.
     if not entries:
@@ -419,20 +488,25 @@ def audit(
         )
     # 1. The log key.
     verifier = _log_verifier(entries[0], log_key)
-    witnesses = _cosigners(cosigners)
-    if not 0 <= min_cosigners <= len(witnesses):
+    cosigning = _cosigners(cosigners)
+    if not 0 <= min_cosigners <= len(cosigning):
         raise InvalidInputError(
             f"--min-cosigners {min_cosigners} needs at least that many --cosigner keys"
         )
+    if isinstance(witnesses, bool) or not 0 <= witnesses <= 255:
+        raise InvalidInputError(f"--witnesses must be 0 to 255, got {witnesses}")
+    # The log's keys: replayed first (the checkpoints are checked against the
+    # key in force at their size, which only the log says).
+    keys = _log_keys(entries, verifier)
     # 2. Every checkpoint is the log key's.
     signed = [
-        _verify_note(note, verifier, witnesses, f"checkpoint {i + 1} of the export")
+        _verify_note(note, keys, cosigning, f"checkpoint {i + 1} of the export")
         for i, note in enumerate(exported.checkpoints)
     ]
     trusted = (
         None
         if trusted_checkpoint is None
-        else _verify_note(trusted_checkpoint, verifier, witnesses, "your trusted checkpoint")
+        else _verify_note(trusted_checkpoint, keys, cosigning, "your trusted checkpoint")
     )
     # 3. No two roots for one size.
     _no_fork([*signed, *([trusted] if trusted else [])])
@@ -456,14 +530,60 @@ def audit(
     trusted_record = None if trusted is None else _extends(tree, trusted, latest)
     # 7. Enough cosigners on the latest checkpoint.
     latest.verified.require_cosigners(min_cosigners)
+    # 8. Enough of the log's own witnesses on some checkpoint.
+    witnessed = None if witnesses == 0 else _witnessed(signed, state, witnesses)
     return build_report(
         entries,
         state,
         checkpoints=[*signed, *([trusted] if trusted else [])],
         latest_size=latest.checkpoint.size,
-        log_key_pinned=log_key is not None,
+        log_key_pinned=(log_key is not None) if pinned is None else pinned,
         trusted=trusted_record,
         cosigners_required=min_cosigners,
+        witnessed=witnessed,
+    )
+
+
+def _log_keys(entries: Sequence[bytes], trusted: NoteVerifier) -> LogState:
+    """The log's keys by first tree size, read from the genesis and the rotations
+    without replaying: which key must have signed which checkpoint. Step 4
+    replays every entry, these included, and checks that the key you trust
+    is one of them."""
+    keys: list[tuple[int, str]] = []
+    for seq, raw in enumerate(entries):
+        if seq > 0 and b'"operation":"rotate-log-key"' not in raw:
+            continue
+        try:
+            entry = Entry.from_bytes(raw)
+        except KeyquorumError:
+            break  # step 4 names it
+        payload = entry.payload
+        if isinstance(payload, GenesisPayload) and seq == 0:
+            keys.append((1, payload.log_key))
+        elif isinstance(payload, ExecutionPayload) and isinstance(payload.result, LogKeyRotated):
+            keys.append((seq + 1, payload.result.log_key))
+    if not keys:
+        keys.append((1, trusted.vkey()))
+    return LogState(log_keys=keys)
+
+
+def _witnessed(signed: Sequence[_Signed], state: LogState, required: int) -> WitnessedRecord:
+    """Step 8: the latest checkpoint at least `required` witnesses of the log cosigned."""
+    for s in sorted(signed, key=lambda s: s.checkpoint.size, reverse=True):
+        size = s.checkpoint.size
+        policy = state.witnesses_at(size)
+        if len(policy.witnesses) < required:
+            continue
+        try:
+            verified = verify_checkpoint(
+                s.note, parse_verifier_key(state.key_at(size)), policy.verifiers()
+            )
+        except KeyquorumError:
+            continue
+        if len(verified.cosigned_by) >= required:
+            return WitnessedRecord(size, required, tuple(sorted(verified.cosigned_by.items())))
+    raise ThresholdError(
+        f"no checkpoint of the export is cosigned by {required} of the witnesses the log names"
     )
 
 
@@ -492,14 +612,23 @@ def _cosigners(keys: Sequence[str]) -> list[NoteVerifier]:
 
 
 def _verify_note(
-    note: str, log: NoteVerifier, cosigners: Sequence[NoteVerifier], what: str
+    note: str, keys: LogState, cosigners: Sequence[NoteVerifier], what: str
 ) -> _Signed:
+    """`note` checked under the log key in force at the size it claims."""
+    log = parse_verifier_key(keys.key_at(_claimed_size(note)))
     try:
         verified = verify_checkpoint(note, log, cosigners)
     except KeyquorumError as e:
         label = f"{log.name}+{log.key_hash.hex()}"
         raise with_context(e, f"{what} does not check under the log key {label}") from e
     return _Signed(note, what, verified)
+
+
+def _claimed_size(note: str) -> int:
+    try:
+        return unverified_size(note)
+    except DeserializationError:
+        return 0  # the signature check then says what is wrong
 
 
 def _no_fork(signed: Sequence[_Signed]) -> None:
@@ -683,6 +812,7 @@ def build_report(
     log_key_pinned: bool,
     trusted: TrustedRecord | None = None,
     cosigners_required: int = 0,
+    witnessed: WitnessedRecord | None = None,
 ) -> Report:
     """The report of a log `verify_log` accepted (`state` is its result)."""
     people: dict[str, Person] = {}
@@ -762,7 +892,7 @@ def build_report(
                 id=prop.id.hex(),
                 seq=prop.log_position,
                 time=prop.time,
-                proposer=prop.proposer,
+                proposer=people.label(state.proposer_name(prop.proposer) or "?", prop.proposer),
                 operation=prop.operation,
                 parameters=prop.parameters,
                 expires_at=prop.expires_at,
@@ -811,6 +941,29 @@ def build_report(
         for t in state.tenants.values()
     )
 
+    log_keys = [KeyRecord(0, times[0], state.log_keys[0][1], "genesis")]
+    witness_records: list[WitnessRecord] = []
+    proposer_records: list[ProposerRecord] = []
+    for x in state.executions:
+        r = x.result
+        signers = tuple(person(fp).label() for fp in x.approvers)
+        carried = f"proposal {x.proposal.hex()[:8]}, approved by {', '.join(signers)}"
+        if isinstance(r, LogKeyRotated):
+            log_keys.append(KeyRecord(x.seq, x.time, r.log_key, f"rotate-log-key, {carried}"))
+        elif isinstance(r, WitnessChanged):
+            witness_records.append(
+                WitnessRecord(x.seq, x.time, x.operation, r.witness, r.witness_threshold, signers)
+            )
+        elif isinstance(r, ProposerAdded):
+            added = Person(r.proposer.name, r.proposer.fingerprint)
+            proposer_records.append(ProposerRecord(x.seq, x.time, x.operation, added, signers))
+        elif isinstance(r, ProposerRemoved):
+            removed = next(
+                (p.proposer for p in proposer_records if p.proposer.fingerprint == r.proposer),
+                Person("?", r.proposer),
+            )
+            proposer_records.append(ProposerRecord(x.seq, x.time, x.operation, removed, signers))
+
     records = tuple(
         CheckpointRecord(
             size=s.checkpoint.size,
@@ -854,6 +1007,10 @@ def build_report(
         trusted=trusted,
         cosigners_required=cosigners_required,
         summary=summary,
+        log_keys=tuple(log_keys),
+        witnesses=tuple(witness_records),
+        proposers=tuple(proposer_records),
+        witnessed=witnessed,
     )
 
 

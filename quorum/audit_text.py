@@ -4,8 +4,9 @@ It opens with the verdict and a summary of the whole log (who holds what,
 unseals, seals, approvals, tenants and their activations, anomalies), then
 the detail sections, cut down by the report's `Filters`. Every time is
 shown once, in UTC (`statements.render_time`). Text nobody signed is said
-to be unsigned: a proposer's name, a reason the daemon wrote, a statement
-no custodian signed. Custodians appear as `alice (FKAO-JAYM-D5SP-FPYZ)`.
+to be unsigned: a reason the daemon wrote, a statement no custodian
+signed. The log keys, witnesses and registered proposers (each a quorum
+decision) follow the roster. Custodians appear as `alice (FKAO-JAYM-D5SP-FPYZ)`.
 The text is a function of the report alone: the same file and arguments
 give the same bytes.
 """
@@ -56,6 +57,15 @@ def render_text(report: Report) -> str:
         w(
             f"Trusted:     your checkpoint of size {t.size} (root {t.root[:16]}...) is extended "
             f"by {t.extended_by} entries (consistency proof of {t.proof_hashes} hashes verified)"
+        )
+    if report.witnessed is not None:
+        wd = report.witnessed
+        names = ", ".join(f"{n} at {render_time(t)}" for n, t in wd.cosigned_by)
+        not_yet = report.entries - wd.size
+        w(
+            f"Witnessed:   the first {wd.size} entries, by {len(wd.cosigned_by)} of the log's "
+            f"witnesses ({wd.required} required): {names}"
+            + (f"; {not_yet} later entries not witnessed yet" if not_yet else "")
         )
     w("")
     _summary(out, report)
@@ -142,6 +152,7 @@ def _details(out: list[str], report: Report) -> None:
             for i, member in enumerate(roster.custodians, start=1):
                 w(f"    share {i}: {member.label()}")
         _none(out, report.rosters)
+        _trust(out, report)
     if f.shows("confirm"):
         w("")
         w("Share confirmations (each signed by its custodian)")
@@ -190,6 +201,34 @@ def _details(out: list[str], report: Report) -> None:
         _checkpoints(out, report)
 
 
+def _trust(out: list[str], report: Report) -> None:
+    """What the log says signs it, cosigns it, and may propose: each a quorum decision."""
+    w = out.append
+    w("")
+    w("Log keys (what signs the checkpoints, from which entry)")
+    for k in report.log_keys:
+        w(f"  entry {k.seq} at {render_time(k.time)}: {k.log_key} ({k.cause})")
+    _none(out, report.log_keys)
+    w("")
+    w("Witnesses (cosigners the quorum put in the log)")
+    for wr in report.witnesses:
+        who = ", ".join(wr.approvers)
+        w(
+            f"  entry {wr.seq} at {render_time(wr.time)}: {wr.operation} {wr.witness}; "
+            f"threshold m = {wr.threshold} (approved by {who})"
+        )
+    _none(out, report.witnesses)
+    w("")
+    w("Registered proposers")
+    for pr in report.proposers:
+        who = ", ".join(pr.approvers)
+        w(
+            f"  entry {pr.seq} at {render_time(pr.time)}: {pr.operation} {pr.proposer.label()} "
+            f"(approved by {who})"
+        )
+    _none(out, report.proposers)
+
+
 def _seal(seal: SealRecord) -> str:
     replica = "every replica" if seal.replica == SealPayload.ALL_REPLICAS else seal.replica
     when = f"entry {seal.seq} at {render_time(seal.time)}"
@@ -207,7 +246,7 @@ def _proposal(out: list[str], p: ProposalRecord) -> None:
     w(f"  proposal {p.id} at entry {p.seq} ({render_time(p.time)}):")
     expires = render_time(p.expires_at)
     w(f"    {p.operation} {params}; needs {p.needed} approval(s); expires {expires}")
-    w(f"    proposed by {p.proposer!r} (unsigned text: anyone who proposes can write it)")
+    w(f"    proposed by {p.proposer} (signed by the proposer)")
     if p.approvals:
         w(f"    statement the {len(p.approvals)} approver(s) signed:")
     elif p.refusals:

@@ -342,8 +342,11 @@ def test_trusted_checkpoint_signed_by_another_key_is_refused() -> None:
 def test_pinned_key_of_another_log_refuses_the_export() -> None:
     f = _factory()
     other = NoteSigner.generate(DEPLOYMENT, random_bytes=Counter(b"someone else")).verifier_key()
-    with pytest.raises(UnverifiedNoteError):
+    with pytest.raises(LogIntegrityError, match="not one this log names") as info:
         _audit(_file(f.entries, [f.checkpoint()]), log_key=other)
+    # Both keys are named: the one pinned, and the one the log has.
+    assert other in str(info.value)
+    assert f.state.log_key in str(info.value)
 
 
 def test_cosigners_are_reported_and_can_be_required() -> None:
