@@ -124,6 +124,37 @@ class PgServer:
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
         return name, self.dsn(self._test_database, schema=name)
 
+    def clone_schema(self, source: str) -> tuple[str, str]:
+        """A new schema holding a copy of the store in `source`: (name, dsn).
+
+        What restoring the database from a snapshot (or serving a copy of it
+        from a second daemon) looks like: the store's tables are created by
+        opening a store there, then every row is copied in one transaction,
+        log entries in seq order, so the store's own triggers accept them.
+        """
+        from keyquorum.hsm.stores.postgres import PostgresStore
+
+        name, dsn = self.create_schema("kq_clone")
+        PostgresStore.open(dsn).close()
+        assert self._test_database is not None
+        src, dst = sql.Identifier(source), sql.Identifier(name)
+        with psycopg.connect(self.dsn(self._test_database)) as conn, conn.transaction():
+            for statement in (
+                "INSERT INTO {dst}.log_entries (seq, leaf_hash, prev_leaf_hash, entry) "
+                "SELECT seq, leaf_hash, prev_leaf_hash, entry FROM {src}.log_entries ORDER BY seq",
+                "INSERT INTO {dst}.checkpoints SELECT * FROM {src}.checkpoints",
+                "INSERT INTO {dst}.shred_salts SELECT * FROM {src}.shred_salts",
+                "INSERT INTO {dst}.counters SELECT * FROM {src}.counters",
+                "INSERT INTO {dst}.meta SELECT * FROM {src}.meta WHERE key <> 'schema_version'",
+            ):
+                conn.execute(sql.SQL(statement).format(src=src, dst=dst))
+        return name, dsn
+
+    def schema_dsn(self, name: str) -> str:
+        """The DSN of a schema this server made (create_schema, clone_schema)."""
+        assert self._test_database is not None
+        return self.dsn(self._test_database, schema=name)
+
     def drop_schema(self, name: str) -> None:
         if self._test_database is None:
             return
