@@ -16,8 +16,10 @@ import pytest
 
 from keyquorum.quorum import canonical
 from keyquorum.quorum.errors import (
+    AccessDeniedError,
     DeserializationError,
     ExpiredError,
+    InvalidInputError,
     KeyquorumError,
     LogIntegrityError,
     NotOnRosterError,
@@ -25,6 +27,7 @@ from keyquorum.quorum.errors import (
     SignatureError,
     StateError,
     ThresholdError,
+    UnverifiedNoteError,
 )
 from keyquorum.quorum.log import (
     ApprovalPayload,
@@ -32,16 +35,27 @@ from keyquorum.quorum.log import (
     ExecutionPayload,
     ShredPayload,
 )
+from keyquorum.quorum.note import NoteSigner, SignatureType
 from keyquorum.quorum.operations import (
     Activated,
     DestroyScheduled,
+    LogKeyRotated,
     NewVersion,
     Rewrapped,
     RosterChanged,
     request_for,
 )
-from keyquorum.quorum.replay import LogState, Replayer, replay
-from tests.logfactory import DEPLOYMENT, LogFactory, custodians, outsider, standard_log
+from keyquorum.quorum.replay import LogState, Replayer, WitnessPolicy, replay, verify_log
+from tests.logfactory import (
+    DEPLOYMENT,
+    Counter,
+    LogFactory,
+    custodians,
+    next_log_signer,
+    outsider,
+    resigned,
+    standard_log,
+)
 
 C = custodians(5)
 
@@ -448,7 +462,182 @@ def _second_genesis(f: LogFactory) -> bytes:
     return _with_entry(f, type="genesis", payload=f.make_genesis())
 
 
+def _unsigned(f: LogFactory, type_: str, payload: object) -> bytes:
+    """An entry the daemon writes on its own, without the log key's signature."""
+    return f.build(type_, payload, signed=False)  # type: ignore[arg-type]
+
+
+def _signed_by(f: LogFactory, type_: str, payload: object, signer: NoteSigner) -> bytes:
+    """An entry the daemon writes, signed by some other key."""
+    raw = f.build(type_, payload, signed=False)  # type: ignore[arg-type]
+    return resigned(raw, signer)
+
+
+def _executed_by_other_key(f: LogFactory) -> bytes:
+    pid = _approved(f, "grant", 3, backend="docs.example", tenant="t1")
+    payload = ExecutionPayload(pid, "grant", f.make_result(pid))
+    return _signed_by(f, "execution", payload, next_log_signer(3))
+
+
+def _edited_after_signing(f: LogFactory) -> bytes:
+    """A shred's log signature moved onto another tenant's shred."""
+    f.run("create-tenant", tenant="t2")
+    for tenant in ("t1", "t2"):
+        f.run("destroy-tenant", tenant=tenant)
+    f.tick(f.policy.destroy_wait_seconds)
+    signed = Entry.from_bytes(f.build("shred", ShredPayload("t1")))
+    assert isinstance(signed.payload, ShredPayload)
+    moved = ShredPayload("t2", signed.payload.log_signature)
+    return f.build("shred", moved, signed=False)
+
+
+def _unknown_proposer(f: LogFactory) -> bytes:
+    return f.build("proposal", f.make_proposal("create-tenant", tenant="t9", by=outsider()))
+
+
+def _proposal_signed_for_other(f: LogFactory) -> bytes:
+    """A custodian's signature over one proposal, carried by another."""
+    one = f.make_proposal("create-tenant", tenant="t9")
+    two = f.make_proposal("create-tenant", tenant="t8")
+    return f.build("proposal", dataclasses.replace(two, signature=one.signature))
+
+
+def _proposal_by_removed_proposer(f: LogFactory) -> bytes:
+    ops = custodians(9)[8]
+    f.run("add-proposer", proposer=ops.fingerprint, name=ops.public().name)
+    f.propose("create-tenant", by=ops, tenant="t7")  # registered: accepted
+    f.run("remove-proposer", proposer=ops.fingerprint)
+    return f.build("proposal", f.make_proposal("create-tenant", tenant="t9", by=ops))
+
+
+def _rotation(f: LogFactory, change: Callable[[LogKeyRotated], LogKeyRotated]) -> bytes:
+    pid = _approved(f, "rotate-log-key", 3, log_key=next_log_signer(1).verifier_key())
+    result = f.make_result(pid)
+    assert isinstance(result, LogKeyRotated)
+    return f.build("execution", ExecutionPayload(pid, "rotate-log-key", change(result)))
+
+
+def _rewrap_reusing_a_salt(f: LogFactory) -> bytes:
+    new = custodians(7)[2:7]
+    pid = _approved(f, "change-roster", 3, roster=",".join(c.fingerprint for c in new), threshold=3)
+    result = _roster_result(f, pid)
+    old = f.state.tenants["t1"].versions[0].shred_salt_sha256
+    first = dataclasses.replace(result.rewrapped[0], shred_salt_sha256=old)
+    changed = dataclasses.replace(result, rewrapped=(first, *result.rewrapped[1:]))
+    return f.build("execution", ExecutionPayload(pid, "change-roster", changed))
+
+
+def _witness(n: int) -> str:
+    return NoteSigner.generate(
+        f"witness-{n}.example", sig_type=SignatureType.COSIGNATURE_V1,
+        random_bytes=Counter(b"witness %d" % n),
+    ).verifier_key()  # fmt: skip
+
+
 ATTACKS: list[tuple[str, Attack, str, type[Exception] | None]] = [
+    # 5. what the daemon writes on its own carries the log key's signature
+    (
+        "shred-unsigned",
+        lambda f: _unsigned(f, "shred", ShredPayload("t1")),
+        "not signed",
+        SignatureError,
+    ),
+    (
+        "daemon-seal-unsigned",
+        lambda f: _unsigned(f, "seal", f.make_seal("replica-a", None)),
+        "not signed",
+        SignatureError,
+    ),
+    (
+        "execution-signed-by-another-key",
+        _executed_by_other_key,
+        "not signed by the log key",
+        SignatureError,
+    ),
+    ("shred-signature-moved", _edited_after_signing, "not signed by the log key", SignatureError),
+    # 3. proposals are signed by a custodian or a registered proposer
+    ("proposal-by-unknown-proposer", _unknown_proposer, "neither a custodian", AccessDeniedError),
+    (
+        "proposal-signature-of-another",
+        _proposal_signed_for_other,
+        "does not verify",
+        SignatureError,
+    ),
+    (
+        "proposal-by-removed-proposer",
+        _proposal_by_removed_proposer,
+        "neither a custodian",
+        AccessDeniedError,
+    ),
+    (
+        "add-proposer-who-is-a-custodian",
+        lambda f: f.build(
+            "proposal",
+            f.make_proposal("add-proposer", proposer=C[2].fingerprint, name=C[2].public().name),
+        ),
+        "custodians propose anyway",
+        None,
+    ),
+    (
+        "remove-unknown-proposer",
+        lambda f: f.build("proposal", f.make_proposal("remove-proposer", proposer="ab" * 32)),
+        "not a registered proposer",
+        None,
+    ),
+    # witnesses and their threshold
+    (
+        "witness-threshold-above-count",
+        lambda f: f.build(
+            "proposal", f.make_proposal("add-witness", witness=_witness(1), witness_threshold=2)
+        ),
+        "exceeds the 1 witness",
+        InvalidInputError,
+    ),
+    (
+        "remove-unknown-witness",
+        lambda f: f.build(
+            "proposal", f.make_proposal("remove-witness", witness=_witness(1), witness_threshold=0)
+        ),
+        "not a registered witness",
+        None,
+    ),
+    # the log key changes only by a rotation signed by the old key
+    (
+        "rotation-from-another-key",
+        lambda f: _rotation(
+            f, lambda r: LogKeyRotated(next_log_signer(2).verifier_key(), r.log_key)
+        ),
+        "previous log key",
+        None,
+    ),
+    (
+        "rotation-to-another-key-than-proposed",
+        lambda f: _rotation(
+            f, lambda r: LogKeyRotated(r.previous_log_key, next_log_signer(2).verifier_key())
+        ),
+        "new log key than the proposal",
+        None,
+    ),
+    (
+        "rotation-to-the-key-in-force",
+        lambda f: f.build("proposal", f.make_proposal("rotate-log-key", log_key=f.state.log_key)),
+        "used by this log before",
+        None,
+    ),
+    (
+        "rotation-to-another-origin",
+        lambda f: f.build(
+            "proposal",
+            f.make_proposal(
+                "rotate-log-key",
+                log_key=NoteSigner.generate("other-log", random_bytes=Counter(b"x")).verifier_key(),
+            ),
+        ),
+        "named other-log",
+        None,
+    ),
+    # 4. a roster change re-wraps under fresh salts
+    ("roster-change-reuses-a-salt", _rewrap_reusing_a_salt, "fresh shred salt", None),
     # 0. form, chain, order, time
     ("wrong-sequence", lambda f: _with_entry(f, seq=f.state.size + 1), "sequence number", None),
     ("repeated-sequence", lambda f: _with_entry(f, seq=f.state.size - 1), "sequence number", None),
@@ -775,3 +964,76 @@ def test_first_entry_must_be_genesis() -> None:
 def test_new_version_result_round_trip() -> None:
     result = NewVersion("t1", 2, b"\x01" * 60, b"\x02" * 32)
     assert NewVersion.from_json(result.to_json(), "result") == result
+
+
+# -- the log key's chain and the witness policy --------------------------------------------
+
+
+def test_a_rotation_puts_the_new_key_in_force_from_the_next_checkpoint() -> None:
+    f = LogFactory()
+    f.run("create-tenant", tenant="t1")
+    before = f.state.size
+    new = next_log_signer(1)
+    f.run("rotate-log-key", log_key=new.verifier_key())
+    rotation = f.state.size - 1
+    f.run("create-tenant", tenant="t2")  # its execution is signed by the new key
+    state = f.state
+    assert state.log_key == new.verifier_key()
+    assert state.log_keys == [(1, log_signer_key()), (rotation + 1, new.verifier_key())]
+    assert state.key_at(before) == log_signer_key()
+    assert state.key_at(rotation) == log_signer_key()  # the rotation entry itself: the old key
+    assert state.key_at(rotation + 1) == new.verifier_key()
+    # The whole log verifies under either key of its chain as the trusted one.
+    for trusted in (log_signer_key(), new.verifier_key()):
+        assert verify_log(f.entries, f.checkpoint(), trusted) == state
+        assert verify_log(f.entries, f.checkpoint(before), trusted) == state
+    # A checkpoint after the rotation signed by the old key is not the log's.
+    from tests.logfactory import log_signer
+
+    stale = log_signer().sign_checkpoint(f.state.size, _root(f.entries))
+    with pytest.raises(UnverifiedNoteError):
+        verify_log(f.entries, stale, log_signer_key())
+    # A key of no rotation of this log is refused as the trusted one, naming both.
+    with pytest.raises(LogIntegrityError, match="not one this log names") as info:
+        verify_log(f.entries, f.checkpoint(), next_log_signer(2).verifier_key())
+    assert new.verifier_key() in str(info.value)
+
+
+def test_the_witness_policy_follows_the_log() -> None:
+    f = LogFactory()
+    w1, w2 = _witness(1), _witness(2)
+    assert f.state.witness_policy.threshold == 0
+    f.run("add-witness", witness=w1, witness_threshold=1)
+    first = f.state.size
+    f.run("add-witness", witness=w2, witness_threshold=2)
+    second = f.state.size
+    f.run("remove-witness", witness=w1, witness_threshold=1)
+    state = f.state
+    assert state.witnesses_at(first - 1).witnesses == ()
+    assert state.witnesses_at(first) == WitnessPolicy(first, (w1,), 1)
+    assert state.witnesses_at(second) == WitnessPolicy(second, (w1, w2), 2)
+    assert state.witness_policy == WitnessPolicy(state.size, (w2,), 1)
+    # A second witness with a taken name is refused.
+    same_name = NoteSigner.generate(
+        "witness-2.example", sig_type=SignatureType.COSIGNATURE_V1
+    ).verifier_key()
+    bad = f.build(
+        "proposal", f.make_proposal("add-witness", witness=same_name, witness_threshold=1)
+    )
+    with pytest.raises(LogIntegrityError, match="already registered"):
+        f.replayer.apply(bad)
+
+
+def log_signer_key() -> str:
+    from tests.logfactory import log_signer
+
+    return log_signer().verifier_key()
+
+
+def _root(entries: list[bytes]) -> bytes:
+    from keyquorum.quorum.merkle import CompactRange, leaf_hash
+
+    tree = CompactRange()
+    for raw in entries:
+        tree.append(leaf_hash(raw))
+    return tree.root()
