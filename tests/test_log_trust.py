@@ -887,3 +887,48 @@ def test_two_histories_shown_to_two_witnesses_are_caught(
     assert "does not extend" in out or "rolled back" in out
     assert a.stop() == 0
     assert b.stop() == 0
+
+
+# -- the log key changes only by the quorum, and everyone follows ---------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_a_quorum_rotation_of_the_log_key_is_followed_by_custodians_and_auditors(
+    backend: Backend, pki: DevPki, custodians: list[Custodian]
+) -> None:
+    data = backend.root / "data"
+    proc = started_deployment(backend, pki, custodians, data)  # this machine pins the key
+    alice = custodians[0]
+    assert run_cli("custodian", "confirm", *proc.conn_args(), *alice.cli_args())[0] == 0
+    first_export = backend.root / "before.kqexport"
+    _export(backend, data, first_export)
+    assert run_cli("audit", "verify", str(first_export))[0] == 0  # the auditor pins it too
+    with proc.channel() as channel:
+        stub = pb_grpc.CustodianServiceStub(channel)
+        old_key = status(stub).log_key
+        code, out = run_cli("admin", "log-key", "next", "--data-dir", str(data))
+        assert code == 0, out
+        new_key = out.strip()
+        p = quorum(stub, custodians, "rotate-log-key", {"log_key": new_key}).proposal
+        assert f"  log_key: {new_key}" in p.approve_statement  # what the custodians signed
+        assert status(stub).log_key == new_key
+        pending = propose(stub, custodians[1].credential, "create-tenant", {"tenant": "after"})
+    # The daemon now signs with the new key; the next key's file became the key.
+    assert not (data / "log-signing-key.next").exists()
+    # The custodian's CLI follows the rotation (signed by the key it pinned)...
+    code, out = run_cli("custodian", "refuse", pending.id, *proc.conn_args(), *alice.cli_args(),
+                        "--witness-wait", "0")  # fmt: skip
+    assert code == 0, out
+    assert "refused and logged" in out
+    # ...and so does the auditor, over the log itself.
+    assert proc.stop() == 0
+    after = backend.root / "after.kqexport"
+    _export(backend, data, after)
+    code, out = run_cli("audit", "verify", str(after))
+    assert code == 0, out
+    assert f"{old_key} (genesis)" in out
+    assert f"{new_key} (rotate-log-key, proposal {p.id[:8]}" in out
+    # Handing it the new key explicitly is fine now: it is the log's, after the pinned one.
+    assert run_cli("audit", "verify", str(after), "--log-key", new_key)[0] == 0
+    # The daemon starts on its new key.
+    assert backend.start(pki, data).stop() == 0
