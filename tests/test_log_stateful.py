@@ -15,6 +15,15 @@ After every step:
 - the model and the state agree on which tenants exist, are destroyed and
   are active, and on the grants.
 
+The log's trust rules are operations too: proposals signed by a custodian
+or by a proposer the quorum registered (add-proposer / remove-proposer),
+and refused when unsigned, forged or by anyone else; witnesses added and
+removed with their threshold m; the log key rotated by the quorum, after
+which the daemon's entries must carry the new key's signature and an old
+key's is refused; an entry the daemon writes on its own refused without
+its signature. The model tracks the proposers, the witness set and m,
+and the log key in force, and the state must agree after every step.
+
 Roster changes are covered by tests/test_replay.py, not here: the model
 keeps one roster (5 custodians, threshold 3) so that steps stay cheap.
 """
@@ -39,16 +48,37 @@ from keyquorum.quorum.log import (
     Entry,
     ExecutionPayload,
     Policy,
+    ProposalPayload,
     ShredPayload,
 )
+from keyquorum.quorum.note import NoteSigner, SignatureType
 from keyquorum.quorum.operations import OPERATIONS, request_for
 from keyquorum.quorum.replay import replay
 from keyquorum.quorum.signatures import HybridSignature
 from keyquorum.quorum.statements import SignedStatement, verify_approvals
-from tests.logfactory import LogFactory, custodians, outsider
+from tests.logfactory import (
+    Counter,
+    LogFactory,
+    custodians,
+    log_signer,
+    next_log_signer,
+    outsider,
+    resigned,
+)
 
 N, K = 5, 3
 CREDS = custodians(N)
+#: Credentials a quorum may register as proposers (on no roster).
+PROPOSERS = custodians(9)[N:]
+#: Witness keys a quorum may add.
+WITNESSES = tuple(
+    NoteSigner.generate(
+        f"w{i}.example", sig_type=SignatureType.COSIGNATURE_V1, random_bytes=Counter(b"sw%d" % i)
+    ).verifier_key()
+    for i in range(3)
+)
+#: The keys a log may rotate to, in order.
+NEXT_KEYS = tuple(next_log_signer(n) for n in (1, 2, 3))
 TENANTS = ("t1", "t2")
 BACKENDS = ("booking.example", "docs.example")
 POLICY = Policy(activation_max_seconds=600, destroy_wait_seconds=300, proposal_ttl_seconds=400)
@@ -91,6 +121,10 @@ class GovernanceMachine(RuleBasedStateMachine):
         self.grants: set[tuple[str, str]] = set()
         self.proposals: dict[bytes, ModelProposal] = {}
         self.ever_destroyed: set[str] = set()
+        self.registered: set[str] = set()
+        self.witnesses: list[str] = []
+        self.witness_threshold = 0
+        self.log_keys: list[NoteSigner] = [log_signer()]
 
     # -- plumbing --------------------------------------------------------
 
@@ -356,7 +390,109 @@ class GovernanceMachine(RuleBasedStateMachine):
             self.ever_destroyed.add(tenant)
             self.grants = {g for g in self.grants if g[1] != tenant}
 
+    # -- the log's trust rules -------------------------------------------
+
+    def _enact_deployment(self, op: str, params: dict[str, str | int], valid: bool) -> bool:
+        """Propose and carry a deployment operation; it is accepted iff `valid`."""
+        payload = self.f.make_proposal(op, ttl=300, **params)  # type: ignore[arg-type]
+        if not self.offer(self.f.build("proposal", payload), valid):
+            return False
+        self.proposals[payload.id] = ModelProposal(op, params, payload.expires_at)
+        needed = 1 if op in NARROWING else K
+        for who in range(needed):
+            assert self.offer(self.f.build("approval", self.f.make_verdict(payload.id, CREDS[who])),
+                              valid=True)  # fmt: skip
+        result = self.f.make_result(payload.id)
+        assert self.offer(self.f.build("execution", ExecutionPayload(payload.id, op, result)), True)
+        self.proposals[payload.id].done = True
+        return True
+
+    @rule(pick=st.integers(0, len(PROPOSERS) - 1), add=st.booleans())
+    def change_proposers(self, pick: int, add: bool) -> None:
+        cred = PROPOSERS[pick]
+        fingerprint = cred.fingerprint
+        if add:
+            valid = fingerprint not in self.registered
+            params: dict[str, str | int] = {"proposer": fingerprint, "name": cred.public().name}
+            if self._enact_deployment("add-proposer", params, valid):
+                self.registered.add(fingerprint)
+        else:
+            valid = fingerprint in self.registered
+            if self._enact_deployment("remove-proposer", {"proposer": fingerprint}, valid):
+                self.registered.discard(fingerprint)
+
+    @rule(pick=st.integers(0, len(PROPOSERS)), tenant=st.sampled_from(TENANTS))
+    def propose_as_someone(self, pick: int, tenant: str) -> None:
+        """A proposal by a proposer (registered or not) or an outsider; no custodian."""
+        cred = PROPOSERS[pick] if pick < len(PROPOSERS) else outsider()
+        params: dict[str, str | int] = {"tenant": tenant, "duration_seconds": 60}
+        payload = self.f.make_proposal("activate-tenant", ttl=300, by=cred, **params)  # type: ignore[arg-type]
+        valid = cred.fingerprint in self.registered and self.possible("activate-tenant", params)
+        if self.offer(self.f.build("proposal", payload), valid):
+            self.proposals[payload.id] = ModelProposal(
+                "activate-tenant", params, payload.expires_at
+            )
+
+    @rule(kind=st.sampled_from(["unsigned-shred", "forged-proposal", "old-key-execution"]))
+    def unsigned_or_forged(self, kind: str) -> None:
+        """What must never enter: always refused, changing nothing."""
+        if kind == "unsigned-shred":
+            tenant = next(iter(self.tenants), "t1")
+            raw = self.f.build("shred", ShredPayload(tenant), signed=False)
+        elif kind == "forged-proposal":
+            one = self.f.make_proposal("create-tenant", tenant="t9")
+            two = self.f.make_proposal("create-tenant", tenant="t8")
+            raw = self.f.build("proposal", ProposalPayload(
+                two.id, two.operation, two.parameters, two.expires_at, two.proposer,
+                one.signature))  # fmt: skip
+        else:
+            if len(self.log_keys) == 1:
+                return
+            pids = self.open_proposals()
+            if not pids:
+                return
+            pid = pids[0]
+            raw = self.f.build("execution", ExecutionPayload(
+                pid, self.proposals[pid].op, self.f.make_result(pid)), signed=False)  # fmt: skip
+            raw = resigned(raw, self.log_keys[-2])
+        self.offer(raw, valid=False)
+        event(f"refused {kind}")
+
+    @rule(pick=st.integers(0, len(WITNESSES) - 1), add=st.booleans(), m=st.integers(0, 3))
+    def change_witnesses(self, pick: int, add: bool, m: int) -> None:
+        witness = WITNESSES[pick]
+        if add:
+            after = [*self.witnesses, witness]
+            valid = witness not in self.witnesses and m <= len(after)
+            op = "add-witness"
+        else:
+            after = [w for w in self.witnesses if w != witness]
+            valid = witness in self.witnesses and m <= len(after)
+            op = "remove-witness"
+        params: dict[str, str | int] = {"witness": witness, "witness_threshold": m}
+        if self._enact_deployment(op, params, valid):
+            self.witnesses, self.witness_threshold = after, m
+
+    @precondition(lambda self: len(self.log_keys) <= len(NEXT_KEYS))
+    @rule()
+    def rotate_log_key(self) -> None:
+        new = NEXT_KEYS[len(self.log_keys) - 1]
+        if self._enact_deployment("rotate-log-key", {"log_key": new.verifier_key()}, True):
+            self.log_keys.append(new)
+        # Back to an earlier key: refused.
+        params: dict[str, str | int] = {"log_key": self.log_keys[0].verifier_key()}
+        assert not self._enact_deployment("rotate-log-key", params, False)
+
     # -- invariants -------------------------------------------------------
+
+    @invariant()
+    def trust_state_agrees(self) -> None:
+        state = self.f.state
+        assert set(state.proposers) == self.registered
+        assert state.witness_policy.witnesses == tuple(self.witnesses)
+        assert state.witness_policy.threshold == self.witness_threshold
+        assert state.log_key == self.log_keys[-1].verifier_key()
+        assert [k for _, k in state.log_keys] == [s.verifier_key() for s in self.log_keys]
 
     @invariant()
     def state_is_a_fresh_replay(self) -> None:
