@@ -6,8 +6,10 @@ files and a real PostgreSQL:
 - `kill -9` at random moments while a client appends as fast as it can
   (20 times on SQLite, 20 on PostgreSQL). After each kill: the log
   verifies (`verify_log` against the stored checkpoint), every append the
-  client saw succeed is in it, and the daemon starts again on it (its own
-  start-up replay and rollback check).
+  client saw succeed is in it, no entry is stored without the checkpoint
+  that covers it (they commit in one transaction: an unacknowledged append
+  is wholly there or wholly gone), and the daemon starts again on it (its
+  own start-up replay, coverage and rollback checks).
 - A syscall fault sweep, as transparency logs test theirs: the
   write/pwrite64/fsync/fdatasync/rename calls of ONE append on SQLite are
   found by tracing one append (strace attached to the running daemon,
@@ -19,8 +21,9 @@ files and a real PostgreSQL:
   pages; a retry must not report them durable). Both: after a restart the
   log verifies and no acknowledged entry is missing.
 
-Appends are proposals (`create-tenant`), the cheapest entry a client can
-cause: one log entry, one checkpoint in the store, one checkpoint file.
+Appends are signed proposals (`create-tenant`), the cheapest entry a client
+can cause: one log entry and its checkpoint in one store transaction, one
+checkpoint file.
 """
 
 from __future__ import annotations
@@ -116,14 +119,16 @@ class Backend:
             store.close()
 
     def verify(self) -> LogState:
-        """The stopped daemon's log, checked as an auditor would, holds every acked append."""
+        """The stopped daemon's log, checked as an auditor would, holds every acked append,
+        and nothing half-kept: every stored entry is covered by the latest checkpoint."""
         store = self.open_store()
         try:
+            size, latest = store.head()
             entries = list(store.read_all())
-            latest = store.latest_checkpoint()
         finally:
             store.close()
         assert latest is not None
+        assert latest[0] == size == len(entries), "an entry without its checkpoint"
         state = verify_log(entries, latest[1], LogKey.load(self.data).vkey)
         missing = [p for p in self.acked if bytes.fromhex(p) not in state.proposals]
         assert not missing, f"acknowledged but lost: {missing}"
