@@ -1150,6 +1150,7 @@ def run_audit_demo_steps(
     *,
     log_key: str | None = None,
     step: Callable[[str], None] | None = None,
+    witnesses: int = 0,
 ) -> None:
     """Export the demo's log, verify it, then flip one byte of a copy and verify again.
 
@@ -1171,8 +1172,12 @@ def run_audit_demo_steps(
     tampered = work_dir / "demo-log-tampered.kqexport"
     heading("The auditor exports the log (offline, from the data directory)")
     _demo_run(["audit", "export", "--data-dir", str(data_dir), "--out", str(exported)], 0)
-    heading("The auditor verifies it: the daemon's own replay, then the report")
-    _demo_run(["audit", "verify", str(exported), "--log-key", key], 0)
+    heading(
+        "The auditor verifies it: the daemon's own replay, then the report"
+        + (f" (cosigned by {witnesses} of the log's witnesses)" if witnesses else "")
+    )
+    extra = ["--witnesses", str(witnesses)] if witnesses else []
+    _demo_run(["audit", "verify", str(exported), "--log-key", key, *extra], 0)
     heading("One byte of a copy flipped: the verifier names the entry")
     seq = flip_one_byte(exported, tampered)
     click.echo(f"(flipped one byte inside entry {seq} of {tampered.name})")

@@ -59,7 +59,7 @@ def _run(args: Sequence[str]) -> None:
 @contextmanager
 def _daemon(
     work: Path, env: dict[str, str], replica: str = "demo-1", store: str = "sqlite"
-) -> Iterator[tuple[int, int]]:
+) -> Iterator[tuple[int, int, str]]:
     """One replica: its own data directory; with PostgreSQL, the shared database
     (the DSN comes from the environment, KEYQUORUM_DSN, not the command line)."""
     name = "data" if replica == "demo-1" else f"data-{replica}"
@@ -94,7 +94,12 @@ def _daemon(
                 f"daemon pid {proc.pid} listening on 127.0.0.1:{port} (TLS) and "
                 f"127.0.0.1:{mtls_port} (mTLS: backends, auditors)"
             )
-            yield port, mtls_port
+            code = ""
+            for line in log_path.read_text(errors="replace").splitlines():
+                if line.startswith("one-time ceremony code: "):
+                    code = line.split(": ", 1)[1].strip()
+                    click.echo(f"it printed its {line} (for whoever runs the ceremony)")
+            yield port, mtls_port, code
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -154,10 +159,13 @@ def _story(work: Path, store: str = "sqlite") -> None:
 def _chapters(work: Path, store: str) -> None:
     env = dict(os.environ)
     creds, pki = work / "custodians", work / "pki"
-    _step("1. A development PKI: CA, server certificate, two backend certificates")
+    _step(
+        "1. A development PKI: CA, server certificate, two backend certificates, one for a witness"
+    )
     _run(
         ["admin", "dev-pki", "--out", str(pki),
-         "--client", "backend/booking", "--client", "backend/messaging"]
+         "--client", "backend/booking", "--client", "backend/messaging",
+         "--client", "auditor/witness"]
     )  # fmt: skip
 
     _step(f"2. Seven custodians each make a credential ({len(CUSTODIANS)} people, 7 laptops)")
@@ -172,7 +180,7 @@ def _chapters(work: Path, store: str) -> None:
         )
 
     with ExitStack() as replicas:
-        port, mtls_port = replicas.enter_context(_daemon(work, env, store=store))
+        port, mtls_port, code = replicas.enter_context(_daemon(work, env, store=store))
         server = f"127.0.0.1:{port}"
         conn = ["--server", server, "--ca", str(pki / "ca.crt")]
         # Unseal goes to every replica in one command; the rest through demo-1.
@@ -192,7 +200,7 @@ def _chapters(work: Path, store: str) -> None:
         _run(
             [
                 "ceremony", "init", *conn, "--deployment", DEPLOYMENT,
-                "--threshold", str(THRESHOLD),
+                "--threshold", str(THRESHOLD), "--code", code,
                 *[str(creds / f"{n}.pub.json") for n in CUSTODIANS],
             ]
         )  # fmt: skip
@@ -202,7 +210,7 @@ def _chapters(work: Path, store: str) -> None:
             click.echo("The operator gives it the log signing key (docs/replicas.md):")
             (work / "data-demo-2").mkdir(mode=0o700)
             shutil.copy2(work / "data" / "log-signing-key", work / "data-demo-2")
-            port_b, _mtls_b = replicas.enter_context(_daemon(work, env, "demo-2", store))
+            port_b, _mtls_b, _code_b = replicas.enter_context(_daemon(work, env, "demo-2", store))
             conn_b = ["--server", f"127.0.0.1:{port_b}", "--ca", str(pki / "ca.crt")]
             every += ["--server", f"127.0.0.1:{port_b}"]
             _run(["status", *conn_b])
@@ -243,6 +251,8 @@ def _chapters(work: Path, store: str) -> None:
 
         with open_channel(endpoint) as channel:
             stub = pb_grpc.CustodianServiceStub(channel)
+            witness = _witness_story(stub, conn, cred, work, pki, f"127.0.0.1:{mtls_port}")
+            replicas.callback(_stop_witness, witness)
             _quorum_story(stub, conn, cred)
             if conn_b:
                 _step("12b. demo-2 followed the log: the activation approved through demo-1")
@@ -263,7 +273,7 @@ def _chapters(work: Path, store: str) -> None:
     if store == "postgres":
         _verify_postgres_log(work / "data")
     else:
-        run_audit_demo_steps(work, work / "data", step=_step)
+        run_audit_demo_steps(work, work / "data", step=_step, witnesses=1)
 
     _step("Done. Every step above is in the quorum log, signed by the custodians.")
 
@@ -290,6 +300,68 @@ def _verify_postgres_log(data_dir: Path) -> None:
     )
 
 
+def _witness_args(work: Path, pki: Path, target: str) -> list[str]:
+    return [
+        "audit", "witness", "--server", target, "--ca", str(pki / "ca.crt"),
+        "--cert", str(pki / "auditor-witness.crt"), "--key", str(pki / "auditor-witness.key"),
+        "--signing-key", str(work / "witness.cosigner"), "--state", str(work / "witness.state"),
+    ]  # fmt: skip
+
+
+def _witness_story(
+    stub: pb_grpc.CustodianServiceStub,
+    conn: list[str],
+    cred: Callable[[str], list[str]],
+    work: Path,
+    pki: Path,
+    target: str,
+) -> subprocess.Popen[bytes]:
+    """Steps 8b to 8e: a witness joins; nothing is signed over what it has not seen.
+
+    Returns the witness process left running for the rest of the story.
+    """
+    _step("8b. An auditor makes a witness key; the quorum adds it to the log (m = 1)")
+    _run(["audit", "keygen", "--name", "witness.demo/w1", "--out", str(work / "witness.cosigner")])
+    vkey = (work / "witness.cosigner.vkey").read_text().strip()
+    _run(
+        ["proposal", "new", "add-witness", *conn, *cred("alice"), "--expires-in", "1h",
+         "--param", f"witness={vkey}", "--param", "witness_threshold=1"]
+    )  # fmt: skip
+    pid = _latest(stub)
+    for name in CUSTODIANS[:THRESHOLD]:
+        _run(["custodian", "approve", pid, *conn, *cred(name)])
+
+    _step("8c. A new proposal no witness has cosigned yet: bob refuses to sign over it")
+    _run(
+        ["proposal", "new", "create-tenant", *conn, *cred("alice"), "--param", f"tenant={TENANT}"]
+    )  # fmt: skip
+    try:
+        _run(["custodian", "approve", _latest(stub), *conn, *cred("bob"), "--witness-wait", "0"])
+    except click.ClickException:
+        click.secho("refused, as it must be: no witness vouches for this log yet", fg="yellow")
+    else:
+        raise click.ClickException("a custodian signed over an unwitnessed checkpoint")
+
+    _step("8d. The witness looks at the log and cosigns its checkpoint")
+    key = stub.GetStatus(pb.GetStatusRequest()).log_key
+    _run([*_witness_args(work, pki, target), "--log-key", key, "--once"])
+
+    _step("8e. From now on the witness polls every second; the custodians sign what it saw")
+    click.secho("$ keyquorum audit witness ... --interval 1 &", fg="cyan")
+    log_file = (work / "witness.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "keyquorum.cli.main", *_witness_args(work, pki, target),
+         "--interval", "1"],
+        stdout=log_file, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def _stop_witness(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+
+
 def _latest(stub: pb_grpc.CustodianServiceStub) -> str:
     """The id of the proposal just made (the newest open one)."""
     proposals = stub.ListProposals(pb.ListProposalsRequest()).proposals
@@ -305,14 +377,13 @@ def _quorum_story(
 ) -> None:
     """Steps 9 to 12: a tenant key created, granted and activated by the quorum."""
     _step(f"9. Create tenant {TENANT}: the key is made inside the daemon, stored only wrapped")
-    _run(["proposal", "new", "create-tenant", *conn, "--param", f"tenant={TENANT}"])
-    pid = _latest(stub)
+    pid = _latest(stub)  # proposed in 8c, cosigned by the witness in 8d
     for name in CUSTODIANS[:THRESHOLD]:
         _run(["custodian", "approve", pid, *conn, *cred(name)])
 
     _step(f"10. Grant the booking backend ({BACKEND}, its certificate identity)")
     _run(
-        ["proposal", "new", "grant", *conn,
+        ["proposal", "new", "grant", *conn, *cred("alice"),
          "--param", f"tenant={TENANT}", "--param", f"backend={BACKEND}"]
     )  # fmt: skip
     pid = _latest(stub)
@@ -321,7 +392,7 @@ def _quorum_story(
 
     _step(f"11. Activate {TENANT} for 8 hours: four approvals, not active yet")
     _run(
-        ["proposal", "new", "activate-tenant", *conn, "--expires-in", "1h",
+        ["proposal", "new", "activate-tenant", *conn, *cred("alice"), "--expires-in", "1h",
          "--param", f"tenant={TENANT}", "--param", "duration_seconds=28800"]
     )  # fmt: skip
     pid = _latest(stub)
@@ -417,7 +488,10 @@ def _data_plane_story(
             _refused(lambda: messaging.unwrap(wrapped.ciphertext, context), "PERMISSION_DENIED")
 
         _step(f"16. One custodian (grace) deactivates {TENANT}: the key is wiped, calls fail")
-        _run(["proposal", "new", "deactivate-tenant", *conn, "--param", f"tenant={TENANT}"])
+        _run(
+            ["proposal", "new", "deactivate-tenant", *conn, *cred("grace"),
+             "--param", f"tenant={TENANT}"]
+        )  # fmt: skip
         _run(["custodian", "approve", _latest(stub), *conn, *cred("grace")])
         _refused(lambda: booking.unwrap(wrapped.ciphertext, context), "FAILED_PRECONDITION")
         _refused(lambda: booking.generate_data_key(TENANT, context), "FAILED_PRECONDITION")
