@@ -100,7 +100,7 @@ def _serve(work: Path) -> None:
     from keyquorum.hsm.services.metrics import Metrics
     from keyquorum.hsm.services.server import create_server, settle_heap
     from keyquorum.hsm.services.workers import StoreSpec
-    from keyquorum.quorum.limits import DEFAULT_LIMITS
+    from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
     from tests.harness import FakeClock, in_process_daemon, make_custodians
     from tests.test_approvals import ceremony, run, unseal
 
@@ -119,7 +119,15 @@ def _serve(work: Path) -> None:
     credentials = tls.server_credentials(
         pki.server_cert, pki.server_key, client_ca=pki.ca_cert, require_client_auth=True
     )
-    with in_process_daemon(work / "data", pki, clock=WallClock()) as d:
+    # The governance load is a flood of proposals: its limits lifted (a
+    # deployment's would stop it, which is what they are for).
+    flood = Limits(
+        max_open_proposals=10**9,
+        max_open_proposals_per_proposer=10**9,
+        proposals_per_minute=10**9,
+        proposal_burst=10**9,
+    )
+    with in_process_daemon(work / "data", pki, clock=WallClock(), limits=flood) as d:
         ceremony(d, custodians)
         unseal(d, custodians[:5])
         run(d, custodians, "create-tenant", tenant=TENANT)
@@ -170,7 +178,13 @@ def _serve(work: Path) -> None:
         settle_heap()  # as `keyquorum server run` does once its servers run
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        threading.Thread(target=_govern, args=(d.daemon, work, stop), daemon=True).start()
+        governor = threading.Thread(
+            target=_govern,
+            args=(d.daemon, work, stop, _signed_proposals(d, custodians[0].credential)),
+            name="bench-governance",
+            daemon=True,
+        )
+        governor.start()
         files = pki.client("backend/booking")
         ready |= {"cert": str(files.cert), "key": str(files.key)}
         (work / "ready.tmp").write_text(json.dumps(ready))
@@ -183,7 +197,35 @@ def _serve(work: Path) -> None:
             listener.stop(grace=None).wait(10)
 
 
-def _govern(daemon: Daemon, work: Path, stop: threading.Event) -> None:
+def _signed_proposals(d: Any, proposer: Any) -> Iterator[dict[str, Any]]:
+    """Signed deactivate-tenant proposals, made ahead (then on the way if they run out)."""
+    from keyquorum.quorum import statements
+
+    fingerprint = proposer.public().fingerprint
+    deployment = d.daemon.state.deployment
+    expires = d.clock() + 3600
+
+    def one(n: int) -> dict[str, Any]:
+        pid = n.to_bytes(16, "big")
+        statement = statements.proposal_statement(
+            deployment=deployment, proposer=fingerprint, proposal_id=pid,
+            operation="deactivate-tenant", parameters={"tenant": TENANT}, expires_at=expires,
+        )  # fmt: skip
+        signature = proposer.sign(statement.domain, statement.message()).to_bytes()
+        return {"proposal_id": pid, "expires_at": expires, "proposer": fingerprint,
+                "signature": signature}  # fmt: skip
+
+    ready = [one(n) for n in range(4000)]
+    yield from ready
+    n = len(ready)
+    while True:
+        yield one(n)
+        n += 1
+
+
+def _govern(
+    daemon: Daemon, work: Path, stop: threading.Event, proposals: Iterator[dict[str, Any]]
+) -> None:
     """While `work/governance-busy` exists, append proposals back to back (each a commit).
 
     When the file goes, the number of appends made while it existed is
@@ -192,9 +234,7 @@ def _govern(daemon: Daemon, work: Path, stop: threading.Event) -> None:
     flag, count = work / GOVERNANCE_FLAG, 0
     while not stop.is_set():
         if flag.exists():
-            daemon.propose(
-                "deactivate-tenant", [("tenant", TENANT)], expires_in=None, proposer="bench"
-            )
+            daemon.propose("deactivate-tenant", [("tenant", TENANT)], **next(proposals))
             count += 1
         elif count:
             (work / "governance-appends.tmp").write_text(str(count))

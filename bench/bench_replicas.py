@@ -13,10 +13,16 @@ alternate one and two replicas so machine drift hits both):
 - Wrap (32-byte data key, two-pair context), THREADS client threads each
   with its own `keyquorum.client.KeyClient`: all to kq-a, against half
   to kq-a and half to kq-b (client-side balancing).
-- Log appends (proposals: one entry, its checkpoint in the store and the
-  checkpoint file outside it, each durable) from THREADS threads: all
-  through kq-a, against alternating replicas, where appends race for the
-  same log position (`AppendConflictError`, re-read, re-decide).
+- Log appends (signed proposals: one entry and its checkpoint in one
+  store transaction, and the checkpoint file outside it, each durable)
+  from THREADS threads: all through replica A, against alternating
+  replicas, where appends race for the same log position
+  (`AppendConflictError`, re-read, re-decide). These replicas are two
+  `Daemon`s in this process over one database (each its own store, pool
+  and data directory), the proposals signed before the timing starts, and
+  the proposal limits lifted: a deployment's per-proposer rate and open
+  bounds (quorum/limits.py) would stop a flood of proposals, which is
+  what this row makes.
 
 On the 2-core development VM the two daemons, PostgreSQL and the client
 share the same two cores, so a second replica adds availability, not
@@ -41,12 +47,16 @@ import grpc
 from bench.harness import Row
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.client import KeyClient
+from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.daemon.logkey import KEY_FILE
 from keyquorum.hsm.pki import DevPki, make_dev_pki
+from keyquorum.hsm.stores.postgres import PostgresStore
+from keyquorum.quorum import statements
 from keyquorum.quorum.credentials import CustodianCredential
-from keyquorum.v1 import custodian_pb2 as pb
+from keyquorum.quorum.errors import StorageError
+from keyquorum.quorum.limits import Limits
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
-from tests.harness import DaemonProcess, start_daemon_process
+from tests.harness import DaemonProcess, ceremony_request, start_daemon_process
 from tests.pg import PostgresUnavailableError, server_from_environment
 
 TENANT = "acme-health"
@@ -79,12 +89,13 @@ def _govern(stub: pb_grpc.CustodianServiceStub, custodians: list[CustodianCreden
         ("grant", {"tenant": TENANT, "backend": "booking"}),
         ("activate-tenant", {"tenant": TENANT, "duration_seconds": "86400"}),
     ):
-        proposal = stub.Propose(
-            pb.ProposeRequest(
-                operation=operation,
-                parameters=[pb.Parameter(key=k, value=v) for k, v in sorted(params.items())],
-                proposer="bench",
-            )
+        proposal = actions.propose(
+            stub,
+            custodians[0].public().fingerprint,
+            lambda _s: custodians[0],
+            operation,
+            sorted(params.items()),
+            now=int(time.time()),
         )
         for c in custodians[:THRESHOLD]:
             fingerprint = c.public().fingerprint
@@ -109,6 +120,9 @@ def _rate(workers: list[Callable[[], object]], seconds: float) -> float:
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
+                BUSY[0] += 1
+                continue
+            except StorageError:  # the same answer, in process
                 BUSY[0] += 1
                 continue
             counts[i] += 1
@@ -152,13 +166,9 @@ def run(quick: bool) -> list[Row]:
         procs.append(a)
         with a.channel() as channel:
             stub = pb_grpc.CustodianServiceStub(channel)
-            stub.InitCeremony(
-                pb.InitCeremonyRequest(
-                    deployment="bench",
-                    threshold=THRESHOLD,
-                    public_credentials=[c.public().to_bytes() for c in custodians],
-                )
-            )
+            request = ceremony_request("bench", THRESHOLD, [], a.ceremony_code())
+            request.public_credentials.extend(c.public().to_bytes() for c in custodians)
+            stub.InitCeremony(request)
         (work / "kq-b").mkdir()
         shutil.copy(work / "kq-a" / KEY_FILE, work / "kq-b" / KEY_FILE)
         b = _replica(work, pki, "kq-b", dsn)
@@ -202,41 +212,10 @@ def run(quick: bool) -> list[Row]:
             )
         ]
 
-        channels = [p.channel() for p in procs]
-        stubs = [pb_grpc.CustodianServiceStub(ch) for ch in channels]
-        counter = iter(range(10**9))
-
-        def proposals(targets: list[pb_grpc.CustodianServiceStub]) -> list[Callable[[], object]]:
-            def one_append(stub: pb_grpc.CustodianServiceStub) -> object:
-                return stub.Propose(
-                    pb.ProposeRequest(
-                        operation="create-tenant",
-                        parameters=[pb.Parameter(key="tenant", value=f"t{next(counter)}")],
-                        proposer="bench",
-                    )
-                )
-
-            chosen = [targets[i % len(targets)] for i in range(THREADS)]
-            return [lambda s=s: one_append(s) for s in chosen]
-
-        BUSY[0] = 0
-        one, two = _alternate(
-            lambda: _rate(proposals(stubs[:1]), seconds),
-            lambda: _rate(proposals(stubs), seconds),
-            rounds,
-        )
-        for ch in channels:
-            ch.close()
-        rows.append(
-            Row(
-                f"log append through the daemon, {THREADS} threads, 2 replicas racing "
-                f"({BUSY[0]} answered busy)",
-                two,
-                f"log append, {THREADS} threads, 1 replica",
-                one,
-                unit="appends/s",
-            )
-        )
+        for proc in procs:
+            proc.stop()
+        procs.clear()
+        rows.append(_appends(work, dsn, custodians[0], seconds, rounds))
         return rows
     finally:
         for c in clients:
@@ -245,6 +224,76 @@ def run(quick: bool) -> list[Row]:
             proc.stop()
         server_cm.__exit__(None, None, None)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _appends(
+    work: Path, dsn: str, proposer: CustodianCredential, seconds: float, rounds: int
+) -> Row:
+    """Governance appends from THREADS threads: one replica, against two racing."""
+    limits = Limits(
+        max_open_proposals=10**9,
+        max_open_proposals_per_proposer=10**9,
+        proposals_per_minute=10**9,
+        proposal_burst=10**9,
+    )
+    daemons = []
+    for name in ("kq-a", "kq-b"):
+        daemons.append(
+            Daemon(
+                PostgresStore.open(dsn), data_dir=work / name, replica=name, limits=limits,
+                clock=lambda: int(time.time()), sweep_seconds=None, follow_seconds=None,
+            )
+        )  # fmt: skip
+    deployment = daemons[0].state.deployment
+    fingerprint = proposer.public().fingerprint
+    expires = int(time.time()) + 3600
+
+    def sign(n: int) -> tuple[bytes, str, bytes]:
+        pid = n.to_bytes(16, "big")
+        statement = statements.proposal_statement(
+            deployment=deployment, proposer=fingerprint, proposal_id=pid,
+            operation="create-tenant", parameters={"tenant": f"t{n}"}, expires_at=expires,
+        )  # fmt: skip
+        return pid, f"t{n}", proposer.sign(statement.domain, statement.message()).to_bytes()
+
+    # Signed before the timing: the rows measure the daemons, not the proposer
+    # (more are signed on the way if these run out).
+    signed = [sign(n) for n in range(int(2 * rounds * seconds * 500) + 500)]
+    taken = [0]
+    lock = threading.Lock()
+
+    def proposals(targets: list[Daemon]) -> list[Callable[[], object]]:
+        def one_append(daemon: Daemon) -> object:
+            with lock:
+                n = taken[0]
+                taken[0] += 1
+            pid, tenant, signature = signed[n] if n < len(signed) else sign(n)
+            return daemon.propose(
+                "create-tenant", [("tenant", tenant)], proposal_id=pid, expires_at=expires,
+                proposer=fingerprint, signature=signature,
+            )  # fmt: skip
+
+        chosen = [targets[i % len(targets)] for i in range(THREADS)]
+        return [lambda d=d: one_append(d) for d in chosen]
+
+    BUSY[0] = 0
+    try:
+        one, two = _alternate(
+            lambda: _rate(proposals(daemons[:1]), seconds),
+            lambda: _rate(proposals(daemons), seconds),
+            rounds,
+        )
+    finally:
+        for d in daemons:
+            d.seal_for_shutdown()
+    return Row(
+        f"log append through the daemon, {THREADS} threads, 2 replicas racing "
+        f"({BUSY[0]} answered busy)",
+        two,
+        f"log append, {THREADS} threads, 1 replica",
+        one,
+        unit="appends/s",
+    )
 
 
 if __name__ == "__main__":
