@@ -259,12 +259,15 @@ def follow_rotations(
     Each rotation at seq >= `after` (the size this machine saw under
     `pinned`) must be included in `cp`, name the key before it as its
     previous key, and be signed by that key; the chain must end at
-    `current`. Returns [(first size it signs, key), ...] starting with the
-    pinned key.
+    `current`. A machine that pinned a key without seeing a checkpoint
+    (`after` 0) may have pinned it mid-chain: the rotations up to the one
+    that put it in force are before its time and skipped. Returns
+    [(first size it signs, key), ...] starting with the pinned key.
     """
     chain = [(0, pinned)]
     key = pinned
     last = -1
+    started = after > 0
     for item in rotations:
         entry = _proven(item, cp)
         if entry.seq <= last:
@@ -277,6 +280,13 @@ def follow_rotations(
             raise LogIntegrityError("a rotation the daemon sent is not one", seq=entry.seq)
         if entry.seq < after:
             continue
+        if not started:
+            if payload.result.log_key == pinned:
+                started = True  # the rotation that put the pinned key in force
+                continue
+            if payload.result.previous_log_key != pinned:
+                continue  # before the pinned key's time
+            started = True
         if payload.result.previous_log_key != key or payload.log_signature is None:
             raise VerificationError(
                 f"entry {entry.seq} rotates the log key from {payload.result.previous_log_key}, "

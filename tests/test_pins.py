@@ -96,11 +96,19 @@ def test_a_chain_that_does_not_start_at_the_pinned_key_is_refused(
     cp = _checkpoint(f.entries)
     items = [_proven(f.entries, s) for s in seqs]
     stranger = NoteSigner.generate(log_signer().name, random_bytes=Counter(b"stranger"))
+    # Having seen a checkpoint under it, the first rotation after must start there.
     with pytest.raises(VerificationError, match="not from") as info:
+        seen.follow_rotations(
+            stranger.verifier_key(), next_log_signer(2).verifier_key(), items, cp, after=1
+        )
+    assert stranger.verifier_key() in str(info.value)
+    # Pinned without a checkpoint: no rotation leads from it, refused naming both.
+    with pytest.raises(VerificationError, match="lead to") as unseen:
         seen.follow_rotations(
             stranger.verifier_key(), next_log_signer(2).verifier_key(), items, cp, after=0
         )
-    assert stranger.verifier_key() in str(info.value)
+    assert stranger.verifier_key() in str(unseen.value)
+    assert next_log_signer(2).verifier_key() in str(unseen.value)
     # Or that leads somewhere else than the key the daemon answers with.
     with pytest.raises(VerificationError, match="lead to") as other:
         seen.follow_rotations(
@@ -192,3 +200,24 @@ def test_decoding_a_rotation_entry_keeps_its_signature() -> None:
     assert isinstance(entry.payload, ExecutionPayload)
     assert entry.payload.log_signature is not None
     assert entry.to_bytes() == f.entries[-1]
+
+
+def test_a_key_pinned_mid_chain_without_a_checkpoint_follows_from_there(
+    rotated: tuple[LogFactory, list[int]],
+) -> None:
+    """An auditor pinned the key a first rotation put in force; the CLI follows the
+    second rotation only, and a key from before the pin is never reached again."""
+    f, seqs = rotated
+    cp = _checkpoint(f.entries)
+    items = [_proven(f.entries, s) for s in seqs]
+    chain = seen.follow_rotations(
+        next_log_signer(1).verifier_key(), next_log_signer(2).verifier_key(), items, cp, after=0
+    )
+    assert [k for _, k in chain] == [
+        next_log_signer(1).verifier_key(),
+        next_log_signer(2).verifier_key(),
+    ]
+    with pytest.raises(VerificationError, match="lead to"):
+        seen.follow_rotations(
+            next_log_signer(2).verifier_key(), log_signer().verifier_key(), items, cp, after=0
+        )
