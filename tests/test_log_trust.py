@@ -54,7 +54,7 @@ from keyquorum.hsm.stores.postgres import PostgresStore
 from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum import canonical, shamir
 from keyquorum.quorum import log as qlog
-from keyquorum.quorum.errors import DecryptionError, LogIntegrityError
+from keyquorum.quorum.errors import DecryptionError, KeyquorumError, LogIntegrityError
 from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 from keyquorum.quorum.log import ProposalPayload, SealPayload
 from keyquorum.quorum.replay import replay
@@ -932,3 +932,50 @@ def test_a_quorum_rotation_of_the_log_key_is_followed_by_custodians_and_auditors
     assert run_cli("audit", "verify", str(after), "--log-key", new_key)[0] == 0
     # The daemon starts on its new key.
     assert backend.start(pki, data).stop() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_a_rotation_committed_before_a_crash_is_finished_at_start(
+    backend: Backend, pki: DevPki, custodians: list[Custodian]
+) -> None:
+    """The rotation's entry and checkpoint committed; the daemon died before the next
+    key's file became the key. At start it finds the rotation in the log and finishes it;
+    a replica holding only the old key refuses to start, naming both keys."""
+    from keyquorum.hsm.daemon.logkey import KEY_FILE, NEXT_FILE, LogKey
+
+    data = backend.root / "data"
+    d = _in_process(backend, data, pki)
+    try:
+        d.stub.InitCeremony(ceremony_request(DEPLOYMENT, K, custodians))
+        old = (data / KEY_FILE).read_bytes()
+        new_key = LogKey.create_next(data, origin=f"keyquorum/{DEPLOYMENT}").vkey
+        pending = (data / NEXT_FILE).read_bytes()
+        quorum(d.stub, custodians, "rotate-log-key", {"log_key": new_key}, now=d.clock())
+        assert d.daemon.state.log_key == new_key
+        assert (data / KEY_FILE).read_bytes() == pending
+    finally:
+        d.close()
+    # As the crash left it: the old key in place, the next one beside it.
+    (data / KEY_FILE).write_bytes(old)
+    (data / NEXT_FILE).write_bytes(pending)
+    only_old = backend.root / "only-old"
+    shutil.copytree(data, only_old)
+    (only_old / NEXT_FILE).unlink()
+    store = backend.open_store(data)
+    try:
+        daemon = Daemon(store, data_dir=data, replica="test-1", limits=DEFAULT_LIMITS,
+                        clock=FakeClock(), sweep_seconds=None, follow_seconds=None)  # fmt: skip
+        assert daemon.state.log_key == new_key
+        daemon.seal_for_shutdown()
+    finally:
+        store.close()
+    assert (data / KEY_FILE).read_bytes() == pending
+    assert not (data / NEXT_FILE).exists()
+    store = backend.open_store(only_old)
+    try:
+        with pytest.raises(KeyquorumError, match="the key file or the store was replaced") as info:
+            Daemon(store, data_dir=only_old, replica="test-2", limits=DEFAULT_LIMITS,
+                   clock=FakeClock(), sweep_seconds=None, follow_seconds=None)  # fmt: skip
+        assert new_key in str(info.value)
+    finally:
+        store.close()
