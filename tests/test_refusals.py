@@ -22,6 +22,7 @@ from keyquorum.hsm.stores.base import leaf_hash
 from keyquorum.hsm.stores.observed import AppendObserver, ObservedStore
 from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.errors import AppendConflictError, NotFoundError, SignatureError
+from keyquorum.quorum.note import NoteSigner
 
 FINGERPRINT = "066f425b5b4561959fa1c2b7d0e4a8f3c5e9d1b2a4c6e8f0a1b3c5d7e9f1a2b3"
 
@@ -91,16 +92,21 @@ def test_the_observed_store_reports_appends_and_checkpoints(tmp_path: Path) -> N
     with SqliteStore.in_directory(tmp_path) as inner:
         store = ObservedStore(inner, recorder, wall_clock=lambda: 1234.0)
         record = (0, leaf_hash(b"entry"), b"entry")
-        store.append([record], expected_size=0)
+        signed = NoteSigner.generate("keyquorum/observed").sign_checkpoint(1, leaf_hash(b"entry"))
+        store.append([record], expected_size=0, checkpoint=signed)
         with pytest.raises(AppendConflictError):
-            store.append([record], expected_size=0)
-        store.put_checkpoint(1, "note\n")
+            store.append([record], expected_size=0, checkpoint=signed)
+        # An append stores its checkpoint in its transaction: that is the report.
         assert recorder.appends == [True, False]
         assert recorder.checkpoints == [1234.0]
+        store.put_checkpoint(1, signed)
+        assert recorder.checkpoints == [1234.0, 1234.0]
         # Everything else passes through.
         assert store.size() == 1
         assert store.read(0, 1) == [b"entry"]
-        assert store.latest_checkpoint() == (1, "note\n")
+        assert store.latest_checkpoint() == (1, signed)
+        assert store.checkpoint_at(1) == signed
+        assert store.head() == (1, (1, signed))
         assert store.reserve_block("enc/t/v1", 10, 100) == (0, 10)
         assert store.counters() == {"enc/t/v1": 10}
         assert repr(store) == repr(inner)

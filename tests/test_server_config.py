@@ -58,12 +58,17 @@ def test_every_flag_of_server_run_is_a_key_and_every_key_a_flag() -> None:
     assert check_flags == flags
 
 
+#: Two custodians' full fingerprints.
+ROSTER = ("a" * 64, "b" * 64)
+
+
 def test_file_values_and_defaults(tmp_path: Path, pki: DevPki) -> None:
     config = write(
         tmp_path / "server.toml",
         '# comment\ndata-dir = "data"\nlisten = "127.0.0.1:7000"\n'
         + tls_lines(pki)
-        + 'rate-limit = 50\nauditor-key = ["a+1+AA", "b+2+BB"]\nlog-level = "debug"\n'
+        + f'rate-limit = 50\nceremony-roster = ["{ROSTER[0]}", "{ROSTER[1]}"]\n'
+        'log-level = "debug"\n'
         'listen-mtls = "127.0.0.1:7001"\n'
         f'client-ca = "{pki.ca_cert}"\n',
     )
@@ -71,7 +76,7 @@ def test_file_values_and_defaults(tmp_path: Path, pki: DevPki) -> None:
     assert got.data_dir == tmp_path / "data"  # relative to the file's folder
     assert got.listen == "127.0.0.1:7000"
     assert got.rate_limit == 50.0
-    assert got.auditor_key == ("a+1+AA", "b+2+BB")
+    assert got.ceremony_roster == ROSTER
     assert got.log_level == "DEBUG"
     assert got.log_format == "text"  # default
     assert got.store == "sqlite"  # default
@@ -128,7 +133,10 @@ def test_flags_override_the_file_and_the_environment_overrides_the_file(
         ('data-dir = "d"\ninsecure-dev-plaintext = "yes"\n', "line 2: insecure-dev-plaintext: must be true or false"),  # noqa: E501
         ('data-dir = "d"\nlog-level = "verbose"\n', "line 2: log-level: must be one of DEBUG, INFO, WARNING, ERROR"),  # noqa: E501
         ('data-dir = "d"\nstore = "mysql"\n', "line 2: store: must be one of sqlite, postgres"),
-        ('data-dir = "d"\nauditor-key = "one"\n', "line 2: auditor-key: must be a list of strings"),
+        ('data-dir = "d"\nceremony-roster = "one"\n', "line 2: ceremony-roster: must be a list of strings"),  # noqa: E501
+        ('data-dir = "d"\nceremony-roster = ["ABCD-EFGH"]\n', "line 2: ceremony-roster: 'ABCD-EFGH' is not a full fingerprint"),  # noqa: E501
+        (f'data-dir = "d"\nceremony-roster = ["{"c" * 64}", "{"c" * 64}"]\n', "line 2: ceremony-roster: a custodian is named twice"),  # noqa: E501
+        ('data-dir = "d"\nauditor-key = ["a+1+AA"]\n', "line 2: auditor-key is gone: witnesses are no longer an operator's list"),  # noqa: E501
         ('data-dir = "d"\ntls-cert = "missing.pem"\n', "line 2: tls-cert:"),
         ('data-dir = 5\n', "line 1: data-dir: must be a string, not an integer"),
         ('data-dir = "d"\nlisten = \n', "not valid TOML"),
@@ -137,6 +145,7 @@ def test_flags_override_the_file_and_the_environment_overrides_the_file(
     ids=[
         "underscore-key", "table", "unknown-key", "number-as-text", "zero-rate", "bool-rate",
         "bad-address", "bad-port", "bool-as-text", "bad-level", "bad-store", "list-as-text",
+        "short-fingerprint", "fingerprint-twice", "removed-auditor-key",
         "missing-file", "wrong-type-line-1", "toml-syntax", "no-data-dir",
     ],
 )  # fmt: skip

@@ -208,7 +208,7 @@ class Executions:
                     keys = self._keys.unwrap_versions(record, old_master, salts[record.name])
                     try:
                         for v in record.versions:
-                            salt = r.random(tenant_keys.SHRED_SALT_SIZE)
+                            salt = r.random(SALT_SIZE)
                             wrapped = tenant_keys.wrap(
                                 new_master,
                                 salt,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from keyquorum.hsm.stores.base import LogRecord, ShredSalt, Store
+from keyquorum.hsm.stores.base import Head, LogRecord, ShredSalt, Store
 
 
 class AppendObserver:
@@ -29,7 +29,7 @@ class AppendObserver:
 
 
 class ObservedStore:
-    """`Store` over `inner`, timing `append` and noting `put_checkpoint`."""
+    """`Store` over `inner`, timing `append` and noting each checkpoint stored."""
 
     def __init__(
         self,
@@ -49,8 +49,10 @@ class ObservedStore:
         entries: Sequence[LogRecord],
         *,
         expected_size: int,
+        checkpoint: str,
         shred_salts: Sequence[ShredSalt] = (),
         erase_tenants: Sequence[str] = (),
+        replace_salts: Sequence[ShredSalt] = (),
     ) -> None:
         start = self._clock()
         ok = False
@@ -58,12 +60,16 @@ class ObservedStore:
             self.inner.append(
                 entries,
                 expected_size=expected_size,
+                checkpoint=checkpoint,
                 shred_salts=shred_salts,
                 erase_tenants=erase_tenants,
+                replace_salts=replace_salts,
             )
             ok = True
         finally:
             self._observer.appended(self._clock() - start, ok)
+        # The append stored the checkpoint that covers it, in its transaction.
+        self._observer.checkpoint_published(self._wall())
 
     def put_checkpoint(self, size: int, note_text: str) -> None:
         self.inner.put_checkpoint(size, note_text)
@@ -71,6 +77,9 @@ class ObservedStore:
 
     def size(self) -> int:
         return self.inner.size()
+
+    def head(self) -> Head:
+        return self.inner.head()
 
     def read(self, start: int, end: int) -> list[bytes]:
         return self.inner.read(start, end)
@@ -83,6 +92,9 @@ class ObservedStore:
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
         return self.inner.latest_checkpoint()
+
+    def checkpoint_at(self, size: int) -> str | None:
+        return self.inner.checkpoint_at(size)
 
     def checkpoints(self) -> list[tuple[int, str]]:
         return self.inner.checkpoints()
