@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -206,10 +207,10 @@ class DaemonProcess:
 
     def ceremony_code(self) -> str:
         """The one-time ceremony code this daemon printed at start."""
-        marker = "one-time ceremony code: "
-        for line in self.output().splitlines():
-            if marker in line:
-                return line.split(marker, 1)[1].split()[0].strip('"')
+        # A log record in either format: text, or a JSON object's message.
+        found = re.search(r"one-time ceremony code: ([A-Z2-7]{4}(?:-[A-Z2-7]{4})+)", self.output())
+        if found is not None:
+            return found.group(1)
         raise AssertionError("the daemon printed no ceremony code:\n" + self.output())
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:

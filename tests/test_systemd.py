@@ -270,8 +270,10 @@ def test_the_daemon_serves_under_memory_deny_write_execute(
 
         class Handle:
             stub = None
+            proc = None  # whose one-time ceremony code `ceremony` reads
 
         handle = Handle()
+        handle.proc = proc  # type: ignore[assignment]
         with proc.channel() as channel:
             from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
