@@ -1018,6 +1018,12 @@ def check_receipt_cmd(
     )
 
 
+def _origin_of(note: str) -> str | None:
+    """The origin a checkpoint note names on its first line (to look up the pin)."""
+    first = note.split("\n", 1)[0]
+    return first if first.startswith("keyquorum/") else None
+
+
 def _required_key(option: str | None, path: Path | None, origin: str | None = None) -> str:
     """The log key: given (and pinned for its deployment), or one given here before.
 

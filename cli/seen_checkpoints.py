@@ -177,9 +177,7 @@ def load(deployment: str) -> Seen | None:
         ):
             raise DeserializationError(f"{path}: a witness entry is not [seq, hash]")
         entries.append((item[0], item[1]))
-    return Seen(
-        deployment, obj["log_key"], obj["checkpoint"], tuple(entries), obj["key_given"]
-    )
+    return Seen(deployment, obj["log_key"], obj["checkpoint"], tuple(entries), obj["key_given"])
 
 
 def save(seen: Seen) -> None:
@@ -226,7 +224,9 @@ def pin_key(deployment: str, log_key: str, *, given: bool = False) -> None:
     seen = load(deployment)
     if seen is None:
         how = "as given" if given else "on first contact"
-        click.echo(f"note: pinning the log key of deployment {deployment} {how}: {log_key}", err=True)
+        click.echo(
+            f"note: pinning the log key of deployment {deployment} {how}: {log_key}", err=True
+        )
         save(Seen(deployment, log_key, "", key_given=given))
         return
     refuse_other_key(seen, log_key)

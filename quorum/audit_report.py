@@ -75,9 +75,8 @@ from keyquorum.quorum.errors import (
     LogIntegrityError,
     ProofError,
     RootMismatchError,
-    UnverifiableError,
     ThresholdError,
-    VerificationError,
+    UnverifiableError,
     with_context,
 )
 from keyquorum.quorum.export import ExportedLog
@@ -892,7 +891,7 @@ def build_report(
                 id=prop.id.hex(),
                 seq=prop.log_position,
                 time=prop.time,
-                proposer=people.label(state.proposer_name(prop.proposer) or "?", prop.proposer),
+                proposer=Person(state.proposer_name(prop.proposer) or "?", prop.proposer).label(),
                 operation=prop.operation,
                 parameters=prop.parameters,
                 expires_at=prop.expires_at,

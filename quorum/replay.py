@@ -1130,8 +1130,7 @@ class _Check:
             credential = result.proposer
             if credential.fingerprint != params["proposer"] or credential.name != params["name"]:
                 raise _RefusedError(
-                    f"the credential of {credential.label} is not "
-                    "the proposer the proposal names"
+                    f"the credential of {credential.label} is not the proposer the proposal names"
                 )
             record = RegisteredProposer(credential, seq)
 

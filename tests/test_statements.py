@@ -75,6 +75,10 @@ def _request(**changes: object) -> ApprovalRequest:
 
 
 REQUEST = _request()
+OPS_BOT = _person("ops-bot")
+#: Fixed keys of a witness and of the deployment's next log key (C2SP vkeys).
+WITNESS_KEY = "witness.example/w1+4984b47f+BFVVHcfurX9U/x2v9w/yzkle4JgiZAHVy+WGwXA7vhkR"
+NEXT_LOG_KEY = "keyquorum/acme-prod+c9c70148+Ac+USs61g6ANmCrp0qmj4zMJP9DB+ejOuDA7tIV6wmn8"
 NEW_ROSTER = (*ROSTER_NOW[:2], *ROSTER_NOW[4:], HENRY, ZOE)
 #: One request per operation: the statement each renders is pinned in tests/golden/.
 OPERATION_REQUESTS: dict[str, ApprovalRequest] = {
@@ -110,6 +114,21 @@ OPERATION_REQUESTS: dict[str, ApprovalRequest] = {
         parameters={"threshold": 4, "roster": ",".join(p.fingerprint for p in NEW_ROSTER)},
         context=dataclasses.replace(CONTEXT, newcomers=(HENRY, ZOE)),
     ),
+    "add-proposer": _request(
+        operation="add-proposer", parameters={"name": "ops-bot", "proposer": OPS_BOT.fingerprint}
+    ),
+    "remove-proposer": _request(
+        operation="remove-proposer",
+        parameters={"proposer": OPS_BOT.fingerprint},
+        context=dataclasses.replace(CONTEXT, approvals_needed=1),
+    ),
+    "add-witness": _request(
+        operation="add-witness", parameters={"witness": WITNESS_KEY, "witness_threshold": 1}
+    ),
+    "remove-witness": _request(
+        operation="remove-witness", parameters={"witness": WITNESS_KEY, "witness_threshold": 0}
+    ),
+    "rotate-log-key": _request(operation="rotate-log-key", parameters={"log_key": NEXT_LOG_KEY}),
 }
 SEAL_TIME = 1_795_649_400  # 2026-11-25 19:30:00 UTC
 OWN_STATEMENTS: dict[str, Statement] = {
@@ -139,6 +158,14 @@ OWN_STATEMENTS: dict[str, Statement] = {
         replica="*",
         reason="laptop stolen",
         requested_at=SEAL_TIME,
+    ),
+    "propose": statements.proposal_statement(
+        deployment="acme-prod",
+        proposer=OPS_BOT,
+        proposal_id=PROPOSAL,
+        operation="activate-tenant",
+        parameters={"tenant": "acme-health", "duration_seconds": 28800},
+        expires_at=EXPIRES,
     ),
 }
 
