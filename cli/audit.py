@@ -693,9 +693,12 @@ def _remember_verified(
 
     `given`: the key was given by the auditor (or follows from one that was).
     """
-    if seen is None:
-        how = "as given" if given else "on first contact (not VERIFIED until you give it)"
-        click.echo(f"note: pinning the log key of deployment {deployment} {how}: {key}", err=True)
+    if seen is None and not given:
+        click.echo(
+            f"note: pinning the log key of deployment {deployment} on first contact (not "
+            f"VERIFIED until you give it, --log-key): {key}",
+            err=True,
+        )
     given = given or (seen is not None and seen.key_given)
     latest = max(parsed.checkpoints, key=_size_of) if parsed.checkpoints else ""
     older = (
@@ -1033,8 +1036,9 @@ def _required_key(option: str | None, path: Path | None, origin: str | None = No
     """
     key = pinned_log_key(option, path)
     if key is not None:
-        deployment = seen_checkpoints.deployment_of(parse_verifier_key(key).name)
-        seen_checkpoints.pin_key(deployment, key, given=True)
+        name = parse_verifier_key(key).name
+        if name.startswith("keyquorum/"):  # a deployment's key: pinned for it
+            seen_checkpoints.pin_key(seen_checkpoints.deployment_of(name), key, given=True)
         return key
     if origin is not None:
         seen = seen_checkpoints.load(seen_checkpoints.deployment_of(origin))

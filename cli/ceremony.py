@@ -7,11 +7,9 @@ from typing import Any
 
 import click
 
-from keyquorum.cli import seen_checkpoints
 from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
 from keyquorum.cli.output import document, emit, json_option, person
 from keyquorum.quorum import people
-from keyquorum.quorum.log import GenesisPayload
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
@@ -62,6 +60,10 @@ def init(
       keyquorum ceremony init --deployment acme-prod --threshold 5 \\
           --code K7QM-3FZ2-... alice.pub.json bob.pub.json ... grace.pub.json
     """
+    # Here, not at the top: `status` shares this module and imports no crypto.
+    from keyquorum.cli import seen_checkpoints
+    from keyquorum.quorum.log import GenesisPayload
+
     endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
     request = pb.InitCeremonyRequest(
         deployment=deployment,

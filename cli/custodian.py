@@ -431,11 +431,13 @@ def _verdict_command(verdict: str) -> click.Command:
     @witness_wait_option
     @click.argument("proposal_id")
     @click.option(
+        "--proposer-file",
         "--roster-file",
         "roster_files",
         multiple=True,
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        help="change-roster after a daemon restart: public files of the custodians it adds.",
+        help="After a daemon restart: the public file of the proposer an add-proposer "
+        "registers (a change-roster's newcomers are in its log entry).",
     )
     def command(
         server: str,

@@ -223,10 +223,12 @@ def pin_key(deployment: str, log_key: str, *, given: bool = False) -> None:
     """
     seen = load(deployment)
     if seen is None:
-        how = "as given" if given else "on first contact"
-        click.echo(
-            f"note: pinning the log key of deployment {deployment} {how}: {log_key}", err=True
-        )
+        if not given:  # a key the person gave needs no announcement
+            click.echo(
+                f"note: pinning the log key of deployment {deployment} on first contact: "
+                f"{log_key}",
+                err=True,
+            )
         save(Seen(deployment, log_key, "", key_given=given))
         return
     refuse_other_key(seen, log_key)

@@ -104,6 +104,13 @@ def render_html(report: Report) -> str:
             f"<dt>Trusted</dt><dd>your checkpoint of size {t.size} is extended by "
             f"{t.extended_by} entries (consistency proof verified)</dd>"
         )
+    if report.witnessed is not None:
+        wd = report.witnessed
+        names = ", ".join(f"{n} at {render_time(t)}" for n, t in wd.cosigned_by)
+        body.append(
+            f"<dt>Witnessed</dt><dd>the first {wd.size} entries, by {len(wd.cosigned_by)} of "
+            f"the log's witnesses ({wd.required} required): {_e(names)}</dd>"
+        )
     body.append("</dl>")
 
     body.append('<h2 id="summary">Summary of the whole log</h2>')
@@ -181,6 +188,54 @@ def render_html(report: Report) -> str:
                     ([str(i), _person(m)] for i, m in enumerate(r.custodians, start=1)),
                 )
             )
+        body.append("<h3>Log keys (what signs the checkpoints, from which entry)</h3>")
+        body.append(
+            _table(
+                ["entry", "time (UTC)", "log key", "how"],
+                (
+                    [
+                        str(k.seq),
+                        _e(render_time(k.time)),
+                        f"<code>{_e(k.log_key)}</code>",
+                        _e(k.cause),
+                    ]
+                    for k in report.log_keys
+                ),
+            )
+        )
+        body.append("<h3>Witnesses (cosigners the quorum put in the log)</h3>")
+        body.append(
+            _table(
+                ["entry", "time (UTC)", "change", "witness key", "m after", "approved by"],
+                (
+                    [
+                        str(x.seq),
+                        _e(render_time(x.time)),
+                        _e(x.operation),
+                        f"<code>{_e(x.witness)}</code>",
+                        str(x.threshold),
+                        _e(", ".join(x.approvers)),
+                    ]
+                    for x in report.witnesses
+                ),
+            )
+        )
+        body.append("<h3>Registered proposers</h3>")
+        body.append(
+            _table(
+                ["entry", "time (UTC)", "change", "proposer", "approved by"],
+                (
+                    [
+                        str(x.seq),
+                        _e(render_time(x.time)),
+                        _e(x.operation),
+                        _person(x.proposer),
+                        _e(", ".join(x.approvers)),
+                    ]
+                    for x in report.proposers
+                ),
+            )
+        )
     if f.shows("unseal"):
         body.append("<h3>Unseals</h3>")
         body.append(
@@ -204,7 +259,7 @@ def render_html(report: Report) -> str:
             replica = "every replica" if z.replica == SealPayload.ALL_REPLICAS else z.replica
             if z.by is None:
                 who = "the daemon itself"
-                reason = f'<span class="unsigned">{_e(z.reason)} (unsigned)</span>'
+                reason = f"{_e(z.reason)} (written by the daemon, signed by the log key)"
             else:
                 who = _person(z.by)
                 reason = f"{_e(z.reason)} (signed)"
@@ -263,7 +318,7 @@ def _proposal(p: ProposalRecord) -> str:
         "</summary>"
         f"<p>entry {p.seq}, {_e(render_time(p.time))}; needs {p.needed}; expires "
         f"{_e(render_time(p.expires_at))}; proposed by "
-        f'<span class="unsigned">{_e(p.proposer)} (unsigned text)</span></p>'
+        f"{_e(p.proposer)} (signed by the proposer)</p>"
         f"<p>{signed}:</p><pre>{_e(p.statement)}</pre>"
         + _table(["verdict", "custodian", "entry", "time (UTC)"], rows)
         + "</details>"

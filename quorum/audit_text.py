@@ -4,8 +4,8 @@ It opens with the verdict and a summary of the whole log (who holds what,
 unseals, seals, approvals, tenants and their activations, anomalies), then
 the detail sections, cut down by the report's `Filters`. Every time is
 shown once, in UTC (`statements.render_time`). Text nobody signed is said
-to be unsigned: a reason the daemon wrote, a statement no custodian
-signed. The log keys, witnesses and registered proposers (each a quorum
+to be unsigned: a statement no custodian signed; what the daemon wrote on
+its own (a seal at shutdown) is signed by the log key and says so. The log keys, witnesses and registered proposers (each a quorum
 decision) follow the roster. Custodians appear as `alice (FKAO-JAYM-D5SP-FPYZ)`.
 The text is a function of the report alone: the same file and arguments
 give the same bytes.
@@ -234,8 +234,8 @@ def _seal(seal: SealRecord) -> str:
     when = f"entry {seal.seq} at {render_time(seal.time)}"
     if seal.by is None:
         return (
-            f"{when}: {replica} sealed by the daemon itself; reason (unsigned, written by "
-            f"the daemon): {seal.reason!r}"
+            f"{when}: {replica} sealed by the daemon itself; reason (written by the daemon, "
+            f"signed by the log key): {seal.reason!r}"
         )
     return f"{when}: {replica} sealed by {seal.by.label()}; reason (signed): {seal.reason!r}"
 

@@ -195,7 +195,8 @@ def test_proposal_is_logged_with_the_statement_custodians_sign(daemon: InProcess
         "and kept only wrapped\n"
         f"proposal: {p.id}\n"
         f"proposed: {render_time(daemon.clock.now)}, at log position {last.seq}\n"
-        f"expires: {render_time(daemon.clock.now + DEFAULT_LIMITS.proposal_ttl_seconds)}\n"
+        # The proposer's default: the policy's TTL less a margin for clock skew.
+        f"expires: {render_time(daemon.clock.now + DEFAULT_LIMITS.proposal_ttl_seconds - 300)}\n"
         f"approvals needed: {K} of the 7 custodians\n"
         "operation: create-tenant\n"
         f"  tenant: {TENANT}\n"

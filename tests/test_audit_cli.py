@@ -163,16 +163,19 @@ def test_the_report_opens_with_a_summary_of_who_holds_what() -> None:
     assert re.search(r"UTC \([0-9]+\)", out) is None
 
 
-def test_unsigned_text_is_labelled() -> None:
+def test_who_signed_what_is_labelled() -> None:
     out = verify(str(EXPORT), "--log-key", LOG_KEY).stdout
-    assert "proposed by 'test operator' (unsigned text" in out
-    assert "reason (unsigned, written by the daemon): 'shutdown'" in out
+    assert re.search(r"proposed by custodian 0 \([A-Z2-7-]{19}\) \(signed by the proposer\)", out)
+    assert "reason (written by the daemon, signed by the log key): 'shutdown'" in out
     assert "reason (signed): 'test seal'" in out
     assert "statement offered (nobody approved it" not in out
     assert "statement the 1 approver(s) signed" in out
 
 
 def test_filters_cut_the_details_and_keep_the_summary() -> None:
+    # The first run pins the key and remembers the latest checkpoint; the
+    # runs after it also show that the log extends it ("Trusted:").
+    verify(str(EXPORT), "--log-key", LOG_KEY)
     whole = verify(str(EXPORT), "--log-key", LOG_KEY).stdout
     r = verify(str(EXPORT), "--log-key", LOG_KEY, "--tenant", "other-clinic")
     assert r.exit_code == 0

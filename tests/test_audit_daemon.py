@@ -276,7 +276,8 @@ def _flip(dep: Deployment, tmp: Path) -> list[bytes]:
 
 # Line 0 is the header, entry i is line i + 1, the checkpoints start at line CP.
 TAMPER: list[tuple[str, Callable[[Deployment, Path], list[bytes]], str]] = [
-    ("edited-entry-one-byte", _flip, "entry 12: damaged: its bytes are not the ones that were"),
+    # The middle entry (`flip_one_byte`).
+    ("edited-entry-one-byte", _flip, f"entry {ENTRIES // 2}: damaged: its bytes are not the ones"),
     ("deleted-entry", lambda d, t: _lines(d)[:4] + _lines(d)[5:], "entry 3: sequence number 4"),
     (
         "inserted-entry",

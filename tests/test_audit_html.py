@@ -109,7 +109,7 @@ def test_the_html_report_renders_in_a_browser_with_its_key_facts(tmp_path: Path)
     assert "Anomalies: 5" in dom
     # The refused proposal expired before the roster change: not "cancelled by" it.
     assert "cancelled by a roster change" not in dom.split('id="details"')[0]
-    assert "test operator (unsigned text)" in dom
+    assert "custodian 0 (XMDV-UEDF-EJMQ-4PJZ) (signed by the proposer)" in dom
 
 
 def test_a_failed_verification_renders_as_failed(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from keyquorum.hsm import tls
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.hsm.services import custodian_service
 from keyquorum.quorum.errors import StorageError
-from tests.harness import InProcessDaemon, console, in_process_daemon
+from tests.harness import CEREMONY_CODE, InProcessDaemon, console, in_process_daemon
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,8 @@ def test_a_daemon_whose_store_is_down_says_so(
     r = CliRunner().invoke(
         cli_main,
         ["ceremony", "init", "--server", daemon.target, "--ca", str(pki.ca_cert),
-         "--deployment", "d", "--threshold", "2", *_public_files(daemon.data_dir)],
+         "--deployment", "d", "--threshold", "2", "--code", CEREMONY_CODE,
+         *_public_files(daemon.data_dir)],
     )  # fmt: skip
     assert r.exit_code == 1
     line = r.stderr.strip().splitlines()[-1]

@@ -9,6 +9,7 @@ is used by at least one test, and every read command has `--json`.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ from keyquorum.cli.main import main as cli_main
 from keyquorum.cli.proposal import _tenant_document
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.v1 import custodian_pb2 as pb
-from tests.harness import Custodian, InProcessDaemon, in_process_daemon, make_custodians
+from tests.harness import (
+    CEREMONY_CODE,
+    Custodian,
+    InProcessDaemon,
+    in_process_daemon,
+    make_custodians,
+)
 from tests.test_audit_cli import EXPORT, LOG_KEY
 
 SCHEMAS = Path(__file__).parent.parent / "docs" / "schemas"
@@ -85,6 +92,7 @@ def test_status_json_before_and_after_the_ceremony_with_the_log_key(
             deployment="json-test",
             threshold=2,
             public_credentials=[c.public_path.read_bytes() for c in people],
+            code=CEREMONY_CODE,
         )
     )
     after = run_json("status", *conn)
@@ -109,11 +117,16 @@ def test_proposals_and_tenants_json(
             deployment="json-test",
             threshold=2,
             public_credentials=[c.public_path.read_bytes() for c in people],
+            code=CEREMONY_CODE,
         )
     )
+    # The CLI signs an expiry by its own clock: the daemon's must agree with it.
+    daemon.clock.advance(int(time.time()) - daemon.clock.now)
     r = CliRunner().invoke(
-        cli_main, ["proposal", "new", "create-tenant", "--param", "tenant=acme-health", *conn]
-    )
+        cli_main,
+        ["proposal", "new", "create-tenant", "--param", "tenant=acme-health", *conn,
+         *people[0].cli_args()],
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
     listed = run_json("proposal", "list", *conn)
     (p,) = listed["proposals"]
@@ -207,6 +220,7 @@ def test_a_bare_fingerprint_still_names_the_custodian_from_the_roster(
             deployment="json-test",
             threshold=2,
             public_credentials=[c.public_path.read_bytes() for c in people],
+            code=CEREMONY_CODE,
         )
     )
     shown: list[str] = []

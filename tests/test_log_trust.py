@@ -394,7 +394,8 @@ def test_a_log_rebuilt_under_a_new_key_is_refused_by_custodians_and_auditors(
     export = backend.root / "real.kqexport"
     assert proc.stop() == 0
     _export(backend, data, export)
-    code, out = run_cli("audit", "verify", str(export))  # the auditor pins on first contact
+    # The auditor, given the key out of band, pins it on this machine.
+    code, out = run_cli("audit", "verify", str(export), "--log-key", pinned)
     assert code == 0, out
     # The operator rebuilds the log under a new key: same deployment, same custodians.
     rebuilt = backend.root / "rebuilt"
@@ -718,7 +719,7 @@ def test_unsigned_forged_and_unknown_proposals_are_refused(
             now=now, public_credentials=(ops.public_path.read_bytes(),),
         )  # fmt: skip
         p = d.stub.Propose(request)
-        assert "  name: ops-bot" in p.approve_statement
+        assert "  proposer: ops-bot (" in p.approve_statement
         for c in custodians[:K]:
             actions.verdict(d.stub, p.id, c.fingerprint, lambda _t, c=c: c.credential,
                             verdict="approve")  # fmt: skip
@@ -900,17 +901,19 @@ def test_a_quorum_rotation_of_the_log_key_is_followed_by_custodians_and_auditors
     proc = started_deployment(backend, pki, custodians, data)  # this machine pins the key
     alice = custodians[0]
     assert run_cli("custodian", "confirm", *proc.conn_args(), *alice.cli_args())[0] == 0
+    with proc.channel() as channel:
+        old_key = status(pb_grpc.CustodianServiceStub(channel)).log_key
     first_export = backend.root / "before.kqexport"
     _export(backend, data, first_export)
-    assert run_cli("audit", "verify", str(first_export))[0] == 0  # the auditor pins it too
+    # The auditor pins the key it was given (out of band).
+    assert run_cli("audit", "verify", str(first_export), "--log-key", old_key)[0] == 0
     with proc.channel() as channel:
         stub = pb_grpc.CustodianServiceStub(channel)
-        old_key = status(stub).log_key
         code, out = run_cli("admin", "log-key", "next", "--data-dir", str(data))
         assert code == 0, out
         new_key = out.strip()
         p = quorum(stub, custodians, "rotate-log-key", {"log_key": new_key}).proposal
-        assert f"  log_key: {new_key}" in p.approve_statement  # what the custodians signed
+        assert f"  new log key: {new_key}" in p.approve_statement  # what the custodians signed
         assert status(stub).log_key == new_key
         pending = propose(stub, custodians[1].credential, "create-tenant", {"tenant": "after"})
     # The daemon now signs with the new key; the next key's file became the key.

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from keyquorum.quorum.errors import LimitExceededError
 from keyquorum.quorum.limits import Limits
+from keyquorum.quorum.people import describe_fingerprint
 from keyquorum.quorum.replay import LogState
 
 
@@ -55,8 +56,8 @@ class ProposalLimits:
         mine = sum(1 for p in pending if p.proposer == proposer)
         if mine >= limits.max_open_proposals_per_proposer:
             raise LimitExceededError(
-                f"proposer {proposer[:16]} has {mine} proposals open, the most one proposer may "
-                f"({limits.max_open_proposals_per_proposer})"
+                f"proposer {describe_fingerprint(proposer)} has {mine} proposals open, the "
+                f"most one proposer may ({limits.max_open_proposals_per_proposer})"
             )
         # 2. This proposer's rate.
         tick = self._clock()
@@ -66,7 +67,7 @@ class ProposalLimits:
             if tokens < 1:
                 self._buckets[proposer] = (tokens, tick)
                 raise LimitExceededError(
-                    f"proposer {proposer[:16]} is over the rate of "
+                    f"proposer {describe_fingerprint(proposer)} is over the rate of "
                     f"{limits.proposals_per_minute} proposals per minute; retry later"
                 )
             self._buckets[proposer] = (tokens - 1, tick)

@@ -240,9 +240,13 @@ def check_append(
         )
 
 
+#: The largest size or position a store holds (SQLite INTEGER, PostgreSQL BIGINT).
+MAX_STORED_INT: Final = 2**63 - 1
+
+
 def check_size(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInputError(f"{name} must be a non-negative int, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STORED_INT:
+        raise InvalidInputError(f"{name} must be an int in 0..2^63-1, got {value!r}")
 
 
 def check_range(start: int, end: int, size: int) -> None:
