@@ -5,8 +5,9 @@ unseals, seals, approvals, tenants and their activations, anomalies), then
 the detail sections, cut down by the report's `Filters`. Every time is
 shown once, in UTC (`statements.render_time`). Text nobody signed is said
 to be unsigned: a statement no custodian signed; what the daemon wrote on
-its own (a seal at shutdown) is signed by the log key and says so. The log keys, witnesses and registered proposers (each a quorum
-decision) follow the roster. Custodians appear as `alice (FKAO-JAYM-D5SP-FPYZ)`.
+its own (a seal at shutdown) is signed by the log key and says so. The log
+keys, witnesses and registered proposers (each a quorum decision) follow
+the roster. Custodians appear as `alice (FKAO-JAYM-D5SP-FPYZ)`.
 The text is a function of the report alone: the same file and arguments
 give the same bytes.
 """
