@@ -225,8 +225,7 @@ def pin_key(deployment: str, log_key: str, *, given: bool = False) -> None:
     if seen is None:
         if not given:  # a key the person gave needs no announcement
             click.echo(
-                f"note: pinning the log key of deployment {deployment} on first contact: "
-                f"{log_key}",
+                f"note: pinning the log key of deployment {deployment} on first contact: {log_key}",
                 err=True,
             )
         save(Seen(deployment, log_key, "", key_given=given))
