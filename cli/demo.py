@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -94,11 +95,14 @@ def _daemon(
                 f"daemon pid {proc.pid} listening on 127.0.0.1:{port} (TLS) and "
                 f"127.0.0.1:{mtls_port} (mTLS: backends, auditors)"
             )
-            code = ""
-            for line in log_path.read_text(errors="replace").splitlines():
-                if line.startswith("one-time ceremony code: "):
-                    code = line.split(": ", 1)[1].strip()
-                    click.echo(f"it printed its {line} (for whoever runs the ceremony)")
+            # The one-time code: a log record of the daemon's, in its log format.
+            found = re.search(
+                r"one-time ceremony code: ([A-Z2-7]{4}(?:-[A-Z2-7]{4})+)",
+                log_path.read_text(errors="replace"),
+            )
+            code = found.group(1) if found else ""
+            if code:
+                click.echo(f"it logged its one-time ceremony code: {code} (for the ceremony)")
             yield port, mtls_port, code
         finally:
             if proc.poll() is None:

@@ -246,7 +246,7 @@ MAX_STORED_INT: Final = 2**63 - 1
 
 def check_size(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_STORED_INT:
-        raise InvalidInputError(f"{name} must be an int in 0..2^63-1, got {value!r}")
+        raise InvalidInputError(f"{name} must be a non-negative int below 2^63, got {value!r}")
 
 
 def check_range(start: int, end: int, size: int) -> None:
