@@ -208,7 +208,7 @@ def _signed_proposals(d: Any, proposer: Any) -> Iterator[dict[str, Any]]:
     def one(n: int) -> dict[str, Any]:
         pid = n.to_bytes(16, "big")
         statement = statements.proposal_statement(
-            deployment=deployment, proposer=fingerprint, proposal_id=pid,
+            deployment=deployment, proposer=proposer.public(), proposal_id=pid,
             operation="deactivate-tenant", parameters={"tenant": TENANT}, expires_at=expires,
         )  # fmt: skip
         signature = proposer.sign(statement.domain, statement.message()).to_bytes()

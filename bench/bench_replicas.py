@@ -91,7 +91,7 @@ def _govern(stub: pb_grpc.CustodianServiceStub, custodians: list[CustodianCreden
     ):
         proposal = actions.propose(
             stub,
-            custodians[0].public().fingerprint,
+            custodians[0].public(),
             lambda _s: custodians[0],
             operation,
             sorted(params.items()),
@@ -251,7 +251,7 @@ def _appends(
     def sign(n: int) -> tuple[bytes, str, bytes]:
         pid = n.to_bytes(16, "big")
         statement = statements.proposal_statement(
-            deployment=deployment, proposer=fingerprint, proposal_id=pid,
+            deployment=deployment, proposer=proposer.public(), proposal_id=pid,
             operation="create-tenant", parameters={"tenant": f"t{n}"}, expires_at=expires,
         )  # fmt: skip
         return pid, f"t{n}", proposer.sign(statement.domain, statement.message()).to_bytes()

@@ -33,7 +33,7 @@ from keyquorum.quorum.checkpoint import NoteSigner
 from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.quorum.limits import Limits
 from keyquorum.quorum.note import SignatureType
-from keyquorum.quorum.operations import parameters_from_text
+from keyquorum.quorum.operations import typed_parameters
 
 CUSTODIANS = 3
 CODE = "BENC-HMAR-KCOD-E000"
@@ -101,9 +101,9 @@ class _Deployment:
     def propose(self, operation: str, params: dict[str, str]) -> bytes:
         proposer = self.creds[0]
         pid = os.urandom(16)
-        typed = parameters_from_text(list(params.items()))
+        typed = typed_parameters(list(params.items()))
         statement = statements.proposal_statement(
-            deployment="bench", proposer=proposer.fingerprint, proposal_id=pid,
+            deployment="bench", proposer=proposer.public(), proposal_id=pid,
             operation=operation, parameters=dict(typed), expires_at=self.now + 3600,
         )  # fmt: skip
         signature = proposer.sign(statement.domain, statement.message()).to_bytes()
