@@ -67,4 +67,3 @@ def message_for(error: e.KeyquorumError) -> str:
     parts = [str(error)]
     parts.extend(f"evidence {i}:\n{note}" for i, note in enumerate(evidence, start=1))
     return "\n\n".join(parts)
-
