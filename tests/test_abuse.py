@@ -48,7 +48,14 @@ from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 from keyquorum.v1 import key_pb2 as kpb
 from tests.abuse import HeldCalls, SlowTls
-from tests.harness import Custodian, DaemonProcess, make_custodians, start_daemon_process
+from tests.harness import (
+    Custodian,
+    DaemonProcess,
+    ceremony_request,
+    make_custodians,
+    propose,
+    start_daemon_process,
+)
 
 TENANT = "acme-health"
 CONTEXT = {"patient": "p-4711"}
@@ -139,13 +146,7 @@ def client_cert(
 def quorum(
     stub: pb_grpc.CustodianServiceStub, custodians: list[Custodian], op: str, **params: str
 ) -> None:
-    proposal = stub.Propose(
-        pb.ProposeRequest(
-            operation=op,
-            parameters=[pb.Parameter(key=k, value=v) for k, v in params.items()],
-            proposer="abuse setup",
-        )
-    )
+    proposal = propose(stub, custodians[0].credential, op, dict(params))
     for c in custodians[:THRESHOLD]:
         response = actions.verdict(
             stub, proposal.id, c.fingerprint, lambda _t, c=c: c.credential, verdict="approve"
@@ -177,13 +178,7 @@ def d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         ready = json.loads((data.parent / f"{data.name}.ready").read_text())
         d = Daemon(proc, dev_pki, custodians, int(ready["mtls_port"]), holders)
         stub = d.stub()
-        stub.InitCeremony(
-            pb.InitCeremonyRequest(
-                deployment="abuse",
-                threshold=THRESHOLD,
-                public_credentials=[c.public_path.read_bytes() for c in custodians],
-            )
-        )
+        stub.InitCeremony(ceremony_request("abuse", THRESHOLD, custodians, proc.ceremony_code()))
         for c in custodians[:THRESHOLD]:
             actions.submit_share(stub, c.credential)
         quorum(stub, custodians, "create-tenant", tenant=TENANT)
