@@ -1423,3 +1423,376 @@ def test_concurrent_fast_batches_never_reuse_a_nonce(world: World) -> None:
     for key in keys.values():
         key.wipe()
     assert len(nonces) == 120 * 50
+
+
+# -- BatchUnwrap: `scan_unwrap` and `open_all` --------------------------------------------------
+#
+# The same rule: `DataPlane.batch_unwrap_serialized` returns None (then the
+# servicer parses and `batch_unwrap_requests` decides) or the very bytes the
+# reference answers, with the same usage records and the same call-level
+# errors. Unwrap takes no nonces, so one plane per side is enough.
+
+
+@dataclass
+class Sealed:
+    """Ciphertexts made once per module, for BatchUnwrap items: (tenant, ciphertext, context)."""
+
+    ok: list[tuple[str, bytes, dict[str, str]]]
+    foreign: bytes  # GAMMA's: booking is not granted it
+    recipient: bytes  # a real sealing public key
+
+
+@pytest.fixture(scope="module")
+def sealed(world: World) -> Sealed:
+    from keyquorum.quorum.sealing import SealingPrivateKey
+
+    plane = DataPlane(world.d.daemon, world.d.store)
+    ok = []
+    for i, (tenant, context) in enumerate(
+        [(ALPHA, CTX), (BETA, {}), (ALPHA, {}), (BETA, CTX), (ALPHA, {"k": '\u2028\x7f"\\'})]
+    ):
+        plaintext = bytes([i + 1]) * (1 + 37 * i)
+        item = pb.WrapRequest(tenant=tenant, plaintext=plaintext, context=context)
+        ok.append((tenant, plane.wrap(WHO, item).ciphertext, context))
+    foreign = plane.wrap(MESSAGING_WHO, pb.WrapRequest(tenant=GAMMA, plaintext=b"g")).ciphertext
+    recipient = SealingPrivateKey.generate().public_key().to_bytes()
+    return Sealed(ok, foreign, recipient)
+
+
+def unwrap_batch(*items: tuple[bytes, dict[str, str]] | pb.UnwrapRequest) -> bytes:
+    return pb.BatchUnwrapRequest(
+        items=[
+            i
+            if isinstance(i, pb.UnwrapRequest)
+            else pb.UnwrapRequest(ciphertext=i[0], context=i[1])
+            for i in items
+        ]
+    ).SerializeToString()
+
+
+def served_unwrap(plane: DataPlane, who: str, raw: bytes) -> Outcome:
+    """What `KeyServicer.BatchUnwrap` answers, without gRPC."""
+    try:
+        answer = plane.batch_unwrap_serialized(who, raw)
+        if answer is not None:
+            return Outcome(answer=answer, fast=True)
+        items = key_service._parse(pb.BatchUnwrapRequest, raw).items
+        results = plane.batch_unwrap_requests(who, items)
+    except KeyquorumError as e:
+        return Outcome(error=(type(e), str(e)))
+    return Outcome(answer=key_service.encode_unwrap_results(results))
+
+
+def reference_unwrap(plane: DataPlane, who: str, raw: bytes) -> tuple[Outcome, list[str]]:
+    """The Python path alone (protobuf parses, `batch_unwrap` decides), and each item's
+    result kind."""
+    try:
+        try:
+            request = pb.BatchUnwrapRequest.FromString(raw)
+        except DecodeError:
+            raise DeserializationError("the request is not a valid BatchUnwrapRequest") from None
+        items = [
+            dataplane.UnwrapItem(i.ciphertext, dict(i.context), i.recipient_public_key)
+            for i in request.items
+        ]
+        results = plane.batch_unwrap(who, items)
+    except KeyquorumError as e:
+        return Outcome(error=(type(e), str(e))), []
+    kinds = [type(r).__name__ for r in results]
+    return Outcome(answer=key_service.encode_unwrap_results(results)), kinds
+
+
+def _unsealed(answer: bytes) -> pb.BatchUnwrapResponse:
+    """A BatchUnwrapResponse with each sealed plaintext replaced by its length."""
+    response = pb.BatchUnwrapResponse.FromString(answer)
+    for result in response.results:
+        if result.ok.sealed_plaintext:
+            result.ok.sealed_plaintext = len(result.ok.sealed_plaintext).to_bytes(4, "big")
+    return response
+
+
+def compare_unwrap(p: Planes, who: str, raw: bytes) -> Outcome:
+    """Serve `raw` on the fast plane, the reference on the other; both must agree."""
+    got = served_unwrap(p.fast, who, raw)
+    want, kinds = reference_unwrap(p.slow, who, raw)
+    assert got.error == want.error
+    if got.answer != want.answer:  # only where HPKE sealed a plaintext: it is randomised
+        assert not got.fast
+        assert got.answer is not None
+        assert want.answer is not None
+        assert _unsealed(got.answer) == _unsealed(want.answer)
+    assert p.fast_usage.records == p.slow_usage.records
+    if got.fast:  # the fast path answers only batches where every item opens
+        assert set(kinds) == {"Revealed"}
+    return got
+
+
+def test_batch_unwrap_of_ordinary_items_takes_the_fast_path(world: World, sealed: Sealed) -> None:
+    """Every ordinary batch (granted, active, authentic, no recipient key) is answered in C,
+    byte for byte as the reference, with the same usage records."""
+    p = planes(world)
+    for size in (1, 2, 5, 100):
+        items = [(ct, ctx) for _, ct, ctx in (sealed.ok * 20)[:size]]
+        assert compare_unwrap(p, WHO, unwrap_batch(*items)).fast
+
+
+def _unwrap_cases(sealed: Sealed) -> list[tuple[str, bytes, bool]]:
+    """(name, request, fast): hand-made batches, each with one thing the C path must leave."""
+    ct, ctx = sealed.ok[0][1], sealed.ok[0][2]
+    flipped = bytearray(ct)
+    flipped[-1] ^= 1
+    body = bytearray(ct)
+    body[len(ct) // 2 + 10] ^= 0x80
+    item = pb.UnwrapRequest(ciphertext=ct, context=ctx).SerializeToString()
+    empty_plaintext = ct[: len(ct) - 1 - 16] + ct[-16:]  # ok[0] holds one byte
+    return [
+        ("ordinary", unwrap_batch((ct, ctx)), True),
+        ("tag flipped", unwrap_batch((ct, ctx), (bytes(flipped), ctx)), False),
+        ("body flipped", unwrap_batch((bytes(body), ctx), (ct, ctx)), False),
+        ("another context", unwrap_batch((ct, ctx), (ct, {"patient": "p-4712"})), False),
+        ("no context", unwrap_batch((ct, {})), False),
+        ("foreign tenant", unwrap_batch((ct, ctx), (sealed.foreign, {})), False),
+        (
+            "a recipient key",
+            unwrap_batch(
+                pb.UnwrapRequest(ciphertext=ct, context=ctx, recipient_public_key=sealed.recipient)
+            ),
+            False,
+        ),
+        ("cut to its header", unwrap_batch((ct[:12], ctx)), False),
+        (
+            "one byte short of a tag",
+            unwrap_batch((ct[: 2 + 5 + 4 + NONCE + 15], ctx)),
+            False,
+        ),
+        ("an empty plaintext", unwrap_batch((empty_plaintext, ctx)), False),
+        ("format byte 2", unwrap_batch((b"\x02" + ct[1:], ctx)), False),
+        ("tenant length 0", unwrap_batch((b"\x01\x00" + ct[2:], ctx)), False),
+        ("version 0", unwrap_batch((ct[:7] + b"\x00\x00\x00\x00" + ct[11:], ctx)), False),
+        ("an upper-case tenant", unwrap_batch((ct[:2] + ct[2:7].upper() + ct[7:], ctx)), False),
+        ("empty ciphertext", unwrap_batch((b"", ctx)), False),
+        ("no items", b"", False),
+        ("a non-ASCII context key", unwrap_batch((ct, {"\u00e9": "x"})), False),
+        ("an empty context key", unwrap_batch((ct, {"": "x"})), False),
+        ("an unknown field", unwrap_batch((ct, ctx)) + ld(1, item + ld(9, b"x")), False),
+        ("ciphertext twice", ld(1, ld(1, ct) + item), False),
+        ("an empty recipient key field", ld(1, item + ld(3, b"")), False),
+        ("malformed", b"\x0a\xff", False),
+        ("over the batch limit", unwrap_batch(*[(ct, ctx)] * (DEFAULT.max_batch_items + 1)), False),
+    ]
+
+
+def test_batch_unwrap_hand_made_cases(world: World, sealed: Sealed) -> None:
+    p = planes(world)
+    for name, raw, fast in _unwrap_cases(sealed):
+        got = compare_unwrap(p, WHO, raw)
+        assert got.fast == fast, name
+
+
+def test_batch_unwrap_sixteen_key_versions_fast_seventeen_not(world: World, sealed: Sealed) -> None:
+    """The C path holds at most 16 distinct headers; past that the reference answers."""
+    plane = DataPlane(world.d.daemon, world.d.store)
+    heads = _wire.scan_unwrap(unwrap_batch(*[(ct, c) for _, ct, c in sealed.ok]), DEFAULT_WIRE)
+    assert heads is not None
+    assert [count for _, count in heads] == [3, 2]  # ALPHA v1 and BETA v2, in order
+    # Sixteen and seventeen distinct headers, made from ALPHA's by other versions.
+    ct = sealed.ok[0][1]
+
+    def version(v: int) -> bytes:
+        return ct[:7] + v.to_bytes(4, "big") + ct[11:]
+
+    sixteen = unwrap_batch(*[(version(v), CTX) for v in range(1, 17)])
+    seventeen = unwrap_batch(*[(version(v), CTX) for v in range(1, 18)])
+    got16 = _wire.scan_unwrap(sixteen, DEFAULT_WIRE)
+    assert got16 is not None
+    assert len(got16) == 16
+    assert _wire.scan_unwrap(seventeen, DEFAULT_WIRE) is None
+    # ALPHA has no version 2..17: the plane leaves the batch to the reference.
+    assert plane.batch_unwrap_serialized(WHO, sixteen) is None
+
+
+UNWRAP_KINDS = ("ok", "tampered", "context", "foreign", "recipient", "cut")
+
+
+@st.composite
+def unwrap_items(draw: st.DrawFn, sealed: Sealed) -> tuple[str, pb.UnwrapRequest]:
+    kind = draw(st.sampled_from(UNWRAP_KINDS))
+    _, ct, ctx = draw(st.sampled_from(sealed.ok))
+    if kind == "tampered":
+        at = draw(st.integers(0, len(ct) - 1))
+        ct = ct[:at] + bytes([ct[at] ^ draw(st.integers(1, 255))]) + ct[at + 1 :]
+    elif kind == "context":
+        ctx = draw(st.dictionaries(ASCII_KEYS, VALUES, max_size=3))
+    elif kind == "foreign":
+        ct, ctx = sealed.foreign, {}
+    elif kind == "cut":
+        ct = ct[: draw(st.integers(0, len(ct) - 1))]
+    recipient = sealed.recipient if kind == "recipient" else b""
+    return kind, pb.UnwrapRequest(ciphertext=ct, context=ctx, recipient_public_key=recipient)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_batch_unwrap_fast_path_answers_as_the_reference(
+    world: World, sealed: Sealed, data: st.DataObject
+) -> None:
+    """Hypothesis batches mixing ordinary items with every kind that must go the Python way."""
+    items = data.draw(st.lists(unwrap_items(sealed), min_size=1, max_size=8))
+    raw = unwrap_batch(*[request for _, request in items])
+    got = compare_unwrap(planes(world), WHO, raw)
+    # An ordinary-only batch always takes the C path (a tampered byte may leave it whole
+    # only where it changes nothing the check reads: never, for AES-GCM).
+    assert got.fast == all(kind == "ok" for kind, _ in items)
+
+
+class InterposedOpen:
+    """`_wire` whose `open_all` runs `during` just after the real one."""
+
+    def __init__(self, during: Callable[[], None]) -> None:
+        self.scan_unwrap = _wire.scan_unwrap
+        self._during = during
+        self.calls = 0
+
+    def open_all(self, *args: object) -> object:
+        self.calls += 1
+        out = _wire.open_all(*args)  # type: ignore[arg-type]
+        self._during()
+        return out
+
+
+def test_batch_unwrap_a_seal_during_the_call_returns_none_then_sealed(
+    world: World, sealed: Sealed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 4: opened, but a seal came; the answer is wiped and the reference says sealed."""
+    kept: list[bytearray] = []
+
+    def seal_and_keep() -> None:
+        seal_daemon(world)
+
+    interposed = InterposedOpen(seal_and_keep)
+    real_open = _wire.open_all
+
+    def keeping(*args: object) -> object:
+        out = real_open(*args)  # type: ignore[arg-type]
+        if out is not None:
+            kept.append(out[0])
+        return out
+
+    monkeypatch.setattr(_wire, "open_all", keeping)
+    monkeypatch.setattr(dataplane_plane, "_wire", interposed)
+    p = planes(world)
+    raw = unwrap_batch(*[(ct, c) for _, ct, c in sealed.ok])
+    with unsealed_after(world):
+        assert p.fast.batch_unwrap_serialized(WHO, raw) is None
+        assert interposed.calls == 1
+        assert p.fast_usage.records == []  # nothing recorded for the discarded answer
+        assert kept
+        assert not any(kept[0])  # the opened plaintexts were erased
+        got = compare_unwrap(p, WHO, raw)
+        assert got.error == (SealedError, "the service is sealed")
+
+
+def test_batch_unwrap_a_forged_item_charges_the_rate_limit_once(
+    world: World, sealed: Sealed
+) -> None:
+    """C gives up on the tampered item; its tokens go back before the reference takes them."""
+    limiter = RateLimiter(1, 8, clock=lambda: 0.0)  # never refills
+    plane = DataPlane(world.d.daemon, world.d.store, rate_limit=limiter)
+    ct, ctx = sealed.ok[0][1], sealed.ok[0][2]
+    forged = ct[:-1] + bytes([ct[-1] ^ 1])
+    raw = unwrap_batch((ct, ctx), (forged, ctx), (ct, ctx), (ct, ctx), (ct, ctx))
+    got = served_unwrap(plane, WHO, raw)
+    assert not got.fast
+    assert got.error is None
+    limiter.take("booking", 3)  # 8 - 5 are left, not 8 - 10
+    with pytest.raises(LimitExceededError):
+        limiter.take("booking", 1)
+
+
+def test_batch_unwrap_scan_and_open_on_random_and_mutated_bytes(sealed: Sealed) -> None:
+    """Whatever the bytes, `scan_unwrap` returns None or headers, and `open_all` with keys of
+    the right shape returns None (nothing authenticates under a made-up key), never crashes."""
+    rng = random.Random(20261202)
+    seed = unwrap_batch(*[(ct, c) for _, ct, c in sealed.ok])
+    for _ in range(3000):
+        raw = bytearray(seed)
+        for _ in range(rng.randint(1, 4)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            raw = raw[: rng.randrange(len(raw))]
+        request = bytes(raw)
+        heads = _wire.scan_unwrap(request, DEFAULT_WIRE)
+        if heads is None:
+            continue
+        keys = [(memoryview(bytes(32)), head) for head, _ in heads]
+        assert _wire.open_all(request, DEFAULT_WIRE, keys, LABEL, False) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"keys": []}, ValueError),
+        ({"keys": "extra"}, ValueError),
+        ({"key": bytes(31)}, ValueError),
+        ({"head": b"\x01\x05alpha\x00\x00\x00\x02"}, ValueError),
+        ({"entry": "not a tuple"}, TypeError),
+        ({"request": b"\x0a\x00"}, ValueError),
+        ({"limits": (1, 2, 3)}, TypeError),
+        ({"limits": (-1, 2, 3, 4)}, ValueError),
+    ],
+)
+def test_open_all_misuse_raises(
+    sealed: Sealed, change: dict[str, object], error: type[Exception]
+) -> None:
+    request = unwrap_batch((sealed.ok[0][1], sealed.ok[0][2]))
+    heads = _wire.scan_unwrap(request, DEFAULT_WIRE)
+    assert heads is not None
+    assert len(heads) == 1
+    head = change.get("head", heads[0][0])
+    entry: object = (memoryview(change.get("key", bytes(32))), head)  # type: ignore[arg-type]
+    if "entry" in change:
+        entry = change["entry"]
+    keys: object = [entry]
+    if change.get("keys") == []:
+        keys = []
+    elif change.get("keys") == "extra":
+        keys = [entry, entry]
+    limits = change.get("limits", DEFAULT_WIRE)
+    with pytest.raises(error):
+        _wire.open_all(change.get("request", request), limits, keys, LABEL, False)  # type: ignore[arg-type]
+    # The baseline of these cases: with nothing changed it runs, and a zero key opens nothing.
+    assert (
+        _wire.open_all(request, DEFAULT_WIRE, [(memoryview(bytes(32)), heads[0][0])], LABEL, False)
+        is None
+    )
+
+
+def raw_batch_unwrap(kp: KeyPlane, request: bytes) -> bytes:
+    with kp.client() as c:
+        call = c.channel.unary_unary("/keyquorum.v1.KeyService/BatchUnwrap")
+        try:
+            answer = call(request, timeout=10)
+        except grpc.RpcError as e:
+            raise KeyServiceError(e.code(), e.details() or "") from None
+    assert isinstance(answer, bytes)
+    return answer
+
+
+def test_over_grpc_batch_unwrap_answers_fast_and_refuses_malformed(
+    world: World, sealed: Sealed
+) -> None:
+    raw = unwrap_batch(*[(ct, c) for _, ct, c in sealed.ok])
+    answer = pb.BatchUnwrapResponse.FromString(raw_batch_unwrap(world.kp, raw))
+    expected = [bytes([i + 1]) * (1 + 37 * i) for i in range(len(sealed.ok))]
+    assert [r.ok.plaintext for r in answer.results] == expected
+    assert [r.ok.tenant for r in answer.results] == [t for t, _, _ in sealed.ok]
+    assert [r.ok.key_version for r in answer.results] == [1, 2, 1, 2, 1]
+    with pytest.raises(KeyServiceError) as info:
+        raw_batch_unwrap(world.kp, b"\x0a\xff")
+    assert info.value.code == C.INVALID_ARGUMENT
+    assert "not a valid BatchUnwrapRequest" in info.value.details

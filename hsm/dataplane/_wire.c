@@ -1,6 +1,6 @@
 /*
- * keyquorum.hsm.dataplane._wire: the BatchWrap loop in C, for batches where every
- * item succeeds (docs/adr/0001).
+ * keyquorum.hsm.dataplane._wire: the BatchWrap and BatchUnwrap loops in C, for
+ * batches where every item succeeds (docs/adr/0001).
  *
  * Why this exists: a BatchWrap of 100 items spends most of its time in the
  * interpreter, one item at a time (reading protobuf fields, encoding the
@@ -39,6 +39,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <stdint.h>
 #include <string.h>
@@ -65,13 +66,19 @@ typedef struct {
     size_t max_context_bytes;
 } limits_t;
 
+/* An encryption context: its pairs sorted by key, and its RFC 8785 size. */
 typedef struct {
-    span_t tenant;
-    span_t plaintext;
     span_t keys[PAIRS_CAP];
     span_t values[PAIRS_CAP];
     size_t pairs;
     size_t json_len;
+} context_t;
+
+/* A WrapRequest's fields. */
+typedef struct {
+    span_t tenant;
+    span_t plaintext;
+    context_t context;
 } item_t;
 
 /* -- protobuf wire reading ------------------------------------------------ */
@@ -255,9 +262,9 @@ static int parse_entry(span_t entry, span_t *key, span_t *value)
 
 /* One context map entry into the item's sorted pairs; 0 past a limit, on a
    malformed entry or a repeated key (protobuf: last wins; the Python way). */
-static int add_pair(span_t field, const limits_t *limits, item_t *item)
+static int add_pair(span_t field, const limits_t *limits, context_t *context)
 {
-    if (item->pairs >= PAIRS_CAP || item->pairs >= limits->max_pairs) {
+    if (context->pairs >= PAIRS_CAP || context->pairs >= limits->max_pairs) {
         return 0;
     }
     span_t key;
@@ -265,32 +272,32 @@ static int add_pair(span_t field, const limits_t *limits, item_t *item)
     if (!parse_entry(field, &key, &value)) {
         return 0;
     }
-    size_t at = item->pairs;
-    while (at > 0 && span_less(key, item->keys[at - 1])) {
-        item->keys[at] = item->keys[at - 1];
-        item->values[at] = item->values[at - 1];
+    size_t at = context->pairs;
+    while (at > 0 && span_less(key, context->keys[at - 1])) {
+        context->keys[at] = context->keys[at - 1];
+        context->values[at] = context->values[at - 1];
         at--;
     }
-    if (at > 0 && span_equal(key, item->keys[at - 1])) {
+    if (at > 0 && span_equal(key, context->keys[at - 1])) {
         return 0;
     }
-    item->keys[at] = key;
-    item->values[at] = value;
-    item->pairs++;
+    context->keys[at] = key;
+    context->values[at] = value;
+    context->pairs++;
     return 1;
 }
 
 /* Sets json_len, the context's RFC 8785 size; 0 if over max_context_bytes. */
-static int context_fits(const limits_t *limits, item_t *item)
+static int context_fits(const limits_t *limits, context_t *context)
 {
-    size_t json = 2 + (item->pairs > 0 ? item->pairs - 1 : 0);
-    for (size_t i = 0; i < item->pairs; i++) {
-        json += json_string_len(item->keys[i]) + 1 + json_string_len(item->values[i]);
+    size_t json = 2 + (context->pairs > 0 ? context->pairs - 1 : 0);
+    for (size_t i = 0; i < context->pairs; i++) {
+        json += json_string_len(context->keys[i]) + 1 + json_string_len(context->values[i]);
     }
     if (json > limits->max_context_bytes) {
         return 0;
     }
-    item->json_len = json;
+    context->json_len = json;
     return 1;
 }
 
@@ -306,7 +313,7 @@ static int parse_item(span_t body, const limits_t *limits, item_t *item)
     const uint8_t *end = body.p + body.n;
     int have_tenant = 0;
     int have_plaintext = 0;
-    item->pairs = 0;
+    item->context.pairs = 0;
     while (p < end) {
         size_t number;
         span_t field;
@@ -320,7 +327,7 @@ static int parse_item(span_t body, const limits_t *limits, item_t *item)
             item->plaintext = field;
             have_plaintext = 1;
         } else if (number == 3) {
-            if (!add_pair(field, limits, item)) {
+            if (!add_pair(field, limits, &item->context)) {
                 return 0;
             }
         } else {
@@ -334,19 +341,19 @@ static int parse_item(span_t body, const limits_t *limits, item_t *item)
     if (!have_plaintext || item->plaintext.n < 1 || item->plaintext.n > limits->max_plaintext) {
         return 0;
     }
-    return context_fits(limits, item);
+    return context_fits(limits, &item->context);
 }
 
-static uint8_t *write_json(uint8_t *out, const item_t *item)
+static uint8_t *write_json(uint8_t *out, const context_t *context)
 {
     *out++ = '{';
-    for (size_t i = 0; i < item->pairs; i++) {
+    for (size_t i = 0; i < context->pairs; i++) {
         if (i > 0) {
             *out++ = ',';
         }
-        out = json_string(out, item->keys[i]);
+        out = json_string(out, context->keys[i]);
         *out++ = ':';
-        out = json_string(out, item->values[i]);
+        out = json_string(out, context->values[i]);
     }
     *out++ = '}';
     return out;
@@ -422,8 +429,8 @@ static int scan_batch(span_t request, const limits_t *limits, batch_t *batch, it
             sizes[batch->items].plaintext_len = (uint32_t)item->plaintext.n;
         }
         batch->items++;
-        if (item->json_len > batch->max_json) {
-            batch->max_json = item->json_len;
+        if (item->context.json_len > batch->max_json) {
+            batch->max_json = item->context.json_len;
         }
     }
     return batch->items > 0;
@@ -725,7 +732,7 @@ static PyObject *wire_seal(PyObject *self, PyObject *args)
             memcpy(aad, label.buf, (size_t)label.len);
             memcpy(aad + label.len, key->head, key->head_len);
             uint8_t *json = aad + label.len + key->head_len;
-            size_t json_len = (size_t)(write_json(json, item) - json);
+            size_t json_len = (size_t)(write_json(json, &item->context) - json);
             result_len(key, item->plaintext.n, &ct_len, &ok_len, &inner_len);
             *out++ = 0x0a; /* results = 1 */
             out = write_varint(out, inner_len);
@@ -783,16 +790,447 @@ done:
     return result;
 }
 
+/* -- BatchUnwrap -------------------------------------------------------------------------- */
+
+/*
+ * Read (proto/keyquorum/v1/key.proto):
+ *   BatchUnwrapRequest { repeated UnwrapRequest items = 1; }
+ *   UnwrapRequest      { bytes ciphertext = 1; map<string, string> context = 2;
+ *                        bytes recipient_public_key = 3; }
+ * Written: BatchUnwrapResponse { repeated UnwrapResult results = 1; },
+ *   UnwrapResult { UnwrapResponse ok = 1; }, UnwrapResponse { bytes plaintext = 1;
+ *   string tenant = 3; uint32 key_version = 4; } as the protobuf library
+ *   serialises it.
+ */
+
+/* The smallest header: format byte, tenant length, a 1-byte tenant, the version. */
+#define MIN_HEAD (2 + 1 + 4)
+
+/* An UnwrapRequest's fields: the ciphertext (its header's size) and the context. */
+typedef struct {
+    span_t ciphertext;
+    size_t head_len;
+    context_t context;
+} sealed_item_t;
+
+/* The distinct ciphertext headers of a batch (one key version each). */
+typedef struct {
+    span_t heads[MAX_TENANTS];
+    size_t counts[MAX_TENANTS];
+    size_t distinct;
+    size_t items;
+    size_t max_json;
+} unwrap_batch_t;
+
+/*
+ * An UnwrapRequest the Python path's short way would open if the tag is
+ * authentic: no recipient key (a sealed answer is HPKE, the Python way), a
+ * format-0x01 ciphertext with a 1 to 63-byte ASCII tenant, a version other
+ * than 0, a nonce, a tag and at least one byte of plaintext; a context as
+ * parse_item takes it. 0 otherwise (an unknown or repeated field too).
+ */
+static int parse_sealed_item(span_t body, const limits_t *limits, sealed_item_t *item)
+{
+    const uint8_t *p = body.p;
+    const uint8_t *end = body.p + body.n;
+    int have_ciphertext = 0;
+    item->context.pairs = 0;
+    while (p < end) {
+        size_t number;
+        span_t field;
+        if (!read_len_field(&p, end, &number, &field)) {
+            return 0;
+        }
+        if (number == 1 && !have_ciphertext) {
+            item->ciphertext = field;
+            have_ciphertext = 1;
+        } else if (number == 2) {
+            if (!add_pair(field, limits, &item->context)) {
+                return 0;
+            }
+        } else {
+            return 0;
+        }
+    }
+    if (!have_ciphertext) {
+        return 0;
+    }
+    const uint8_t *c = item->ciphertext.p;
+    size_t n = item->ciphertext.n;
+    if (n < MIN_HEAD || c[0] != 0x01 || c[1] < 1 || c[1] > MAX_TENANT) {
+        return 0;
+    }
+    size_t head_len = 2 + (size_t)c[1] + 4;
+    span_t tenant = {c + 2, (size_t)c[1]};
+    if (n < head_len + NONCE_SIZE + TAG_SIZE + 1 || !all_ascii(tenant)) {
+        return 0;
+    }
+    const uint8_t *version = c + head_len - 4;
+    if ((version[0] | version[1] | version[2] | version[3]) == 0) {
+        return 0;
+    }
+    item->head_len = head_len;
+    return context_fits(limits, &item->context);
+}
+
+static int head_index(unwrap_batch_t *batch, span_t head, int add)
+{
+    for (size_t i = 0; i < batch->distinct; i++) {
+        if (span_equal(batch->heads[i], head)) {
+            return (int)i;
+        }
+    }
+    if (!add || batch->distinct >= MAX_TENANTS) {
+        return -1;
+    }
+    batch->heads[batch->distinct] = head;
+    batch->counts[batch->distinct] = 0;
+    return (int)batch->distinct++;
+}
+
+/* Every item of a BatchUnwrapRequest, checked; 0 if the fast path does not apply. */
+static int scan_unwrap_batch(span_t request, const limits_t *limits, unwrap_batch_t *batch,
+                             sealed_item_t *item)
+{
+    const uint8_t *p = request.p;
+    const uint8_t *end = request.p + request.n;
+    batch->distinct = 0;
+    batch->items = 0;
+    batch->max_json = 0;
+    while (p < end) {
+        size_t number;
+        span_t body;
+        if (!read_len_field(&p, end, &number, &body) || number != 1) {
+            return 0;
+        }
+        if (batch->items >= limits->max_items || !parse_sealed_item(body, limits, item)) {
+            return 0;
+        }
+        span_t head = {item->ciphertext.p, item->head_len};
+        int at = head_index(batch, head, 1);
+        if (at < 0) {
+            return 0;
+        }
+        batch->counts[at]++;
+        batch->items++;
+        if (item->context.json_len > batch->max_json) {
+            batch->max_json = item->context.json_len;
+        }
+    }
+    return batch->items > 0;
+}
+
+PyDoc_STRVAR(scan_unwrap_doc,
+"scan_unwrap(request, limits) -> list[tuple[bytes, int]] | None\n\n"
+"The distinct ciphertext headers of a serialised BatchUnwrapRequest, in order\n"
+"of first appearance, each with its number of items; None unless every item\n"
+"is one the data plane's short way could open (no recipient key, a well-formed\n"
+"format-0x01 ciphertext with a plaintext, a context within the limits) in the\n"
+"shapes this module handles.");
+
+static PyObject *wire_scan_unwrap(PyObject *self, PyObject *args)
+{
+    (void)self;
+    span_t whole;
+    limits_t limits;
+    unwrap_batch_t batch;
+    if (!request_args(args, &whole, &limits)) {
+        return NULL;
+    }
+    sealed_item_t *item = PyMem_Malloc(sizeof(sealed_item_t));
+    if (item == NULL) {
+        return PyErr_NoMemory();
+    }
+    int ok = scan_unwrap_batch(whole, &limits, &batch, item);
+    PyMem_Free(item);
+    if (!ok) {
+        Py_RETURN_NONE;
+    }
+    PyObject *result = PyList_New((Py_ssize_t)batch.distinct);
+    if (result == NULL) {
+        return NULL;
+    }
+    for (size_t i = 0; i < batch.distinct; i++) {
+        PyObject *pair = Py_BuildValue("(y#n)", (const char *)batch.heads[i].p,
+                                       (Py_ssize_t)batch.heads[i].n, (Py_ssize_t)batch.counts[i]);
+        if (pair == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        PyList_SET_ITEM(result, (Py_ssize_t)i, pair);
+    }
+    return result;
+}
+
+typedef struct {
+    EVP_CIPHER_CTX *ctx;
+    span_t head;
+    size_t version;
+} version_key_t;
+
+/* Prepare one key version's decryption from (key buffer, header); 0 with an exception set. */
+static int load_version_key(PyObject *entry, span_t head, version_key_t *key)
+{
+    Py_buffer secret;
+    const char *given;
+    Py_ssize_t given_len;
+    key->ctx = NULL;
+    if (!PyTuple_Check(entry) || !PyArg_ParseTuple(entry, "y*y#", &secret, &given, &given_len)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "keys are (key, header) tuples");
+        }
+        return 0;
+    }
+    int ok = 0;
+    if (secret.len != KEY_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "an AES-256-GCM key is 32 bytes");
+    } else if ((size_t)given_len != head.n || memcmp(given, head.p, head.n) != 0) {
+        PyErr_SetString(PyExc_ValueError, "a key's header is not the batch's");
+    } else {
+        key->ctx = EVP_CIPHER_CTX_new();
+        if (key->ctx == NULL ||
+            EVP_DecryptInit_ex(key->ctx, EVP_aes_256_gcm(), NULL, secret.buf, NULL) != 1) {
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not prepare AES-256-GCM");
+        } else {
+            const uint8_t *v = head.p + head.n - 4;
+            key->head = head;
+            key->version = ((size_t)v[0] << 24) | ((size_t)v[1] << 16) | ((size_t)v[2] << 8) | v[3];
+            ok = 1;
+        }
+    }
+    PyBuffer_Release(&secret);
+    return ok;
+}
+
+/* Sizes of one result's frames:
+   UnwrapResult{ok = UnwrapResponse{plaintext, tenant, key_version}}. */
+static size_t unwrap_result_len(const version_key_t *key, size_t plaintext_len, size_t *ok_len,
+                                size_t *inner_len)
+{
+    size_t tenant_len = key->head.n - 6;
+    *ok_len = 1 + varint_len(plaintext_len) + plaintext_len + 1 + varint_len(tenant_len) +
+              tenant_len + 1 + varint_len(key->version);
+    *inner_len = 1 + varint_len(*ok_len) + *ok_len;
+    return 1 + varint_len(*inner_len) + *inner_len;
+}
+
+/* Decrypt one item's body into `out`; 0 unless it authenticates. */
+static int open_item(const version_key_t *key, const sealed_item_t *item, const uint8_t *aad,
+                     size_t aad_len, uint8_t *out)
+{
+    const uint8_t *nonce = item->ciphertext.p + item->head_len;
+    const uint8_t *body = nonce + NONCE_SIZE;
+    size_t body_len = item->ciphertext.n - item->head_len - NONCE_SIZE - TAG_SIZE;
+    uint8_t tag[TAG_SIZE];
+    int outl = 0;
+    int finl = 0;
+    EVP_CIPHER_CTX *ctx = key->ctx;
+    memcpy(tag, body + body_len, TAG_SIZE);
+    if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1 ||
+        EVP_DecryptUpdate(ctx, NULL, &outl, aad, (int)aad_len) != 1 ||
+        EVP_DecryptUpdate(ctx, out, &outl, body, (int)body_len) != 1 ||
+        (size_t)outl != body_len ||
+        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, TAG_SIZE, tag) != 1 ||
+        EVP_DecryptFinal_ex(ctx, out + outl, &finl) != 1 || finl != 0) {
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(open_all_doc,
+"open_all(request, limits, keys, label, want_contexts) -> (bytearray, list | None) | None\n\n"
+"The serialised BatchUnwrapResponse of a request `scan_unwrap` accepted with\n"
+"the same limits, every item opened: `keys` holds one (key, header) per header\n"
+"in scan_unwrap's order, `label` starts every item's associated data. None,\n"
+"with nothing of any plaintext left behind, if any item does not authenticate.\n"
+"The answer is a bytearray, for the caller to wipe once it is sent on. With\n"
+"want_contexts, also each item's (header index, canonical context) in order.");
+
+static PyObject *wire_open_all(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyBytesObject *request;
+    PyObject *limits_tuple;
+    PyObject *key_list;
+    Py_buffer label;
+    int want_contexts;
+    limits_t limits;
+    unwrap_batch_t batch;
+    version_key_t keys[MAX_TENANTS];
+    size_t loaded = 0;
+    PyObject *response = NULL;
+    PyObject *contexts = NULL;
+    PyObject *result = NULL;
+    uint8_t *aad = NULL;
+    sealed_item_t *item = NULL;
+    int failed = 0;
+
+    if (!PyArg_ParseTuple(args, "SO!O!y*p", &request, &PyTuple_Type, &limits_tuple,
+                          &PyList_Type, &key_list, &label, &want_contexts)) {
+        return NULL;
+    }
+    span_t whole = {(const uint8_t *)PyBytes_AS_STRING(request),
+                    (size_t)PyBytes_GET_SIZE(request)};
+    if (!parse_limits(limits_tuple, &limits)) {
+        goto done;
+    }
+    item = PyMem_Malloc(sizeof(sealed_item_t));
+    if (item == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (!scan_unwrap_batch(whole, &limits, &batch, item)) {
+        PyErr_SetString(PyExc_ValueError, "open_all: not a request scan_unwrap accepts");
+        goto done;
+    }
+    if ((size_t)PyList_GET_SIZE(key_list) != batch.distinct) {
+        PyErr_SetString(PyExc_ValueError, "open_all: one key per distinct header is needed");
+        goto done;
+    }
+    for (; loaded < batch.distinct; loaded++) {
+        if (!load_version_key(PyList_GET_ITEM(key_list, (Py_ssize_t)loaded), batch.heads[loaded],
+                              &keys[loaded])) {
+            EVP_CIPHER_CTX_free(keys[loaded].ctx);
+            goto done;
+        }
+    }
+
+    /* The response's size (a second read of the immutable request), then one allocation. */
+    size_t total = 0;
+    {
+        const uint8_t *p = whole.p;
+        const uint8_t *end = whole.p + whole.n;
+        size_t number;
+        span_t body;
+        size_t ok_len, inner_len;
+        while (p < end && read_len_field(&p, end, &number, &body)) {
+            if (!parse_sealed_item(body, &limits, item)) {
+                break;
+            }
+            span_t head = {item->ciphertext.p, item->head_len};
+            int at = head_index(&batch, head, 0);
+            if (at < 0) {
+                break;
+            }
+            size_t plain = item->ciphertext.n - item->head_len - NONCE_SIZE - TAG_SIZE;
+            total += unwrap_result_len(&keys[at], plain, &ok_len, &inner_len);
+        }
+    }
+    response = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)total);
+    /* The associated data of one item: label || head || context JSON. */
+    aad = PyMem_Malloc((size_t)label.len + MAX_HEAD + batch.max_json);
+    if (response == NULL || aad == NULL) {
+        if (aad == NULL) {
+            PyErr_NoMemory();
+        }
+        goto done;
+    }
+    if (want_contexts && (contexts = PyList_New((Py_ssize_t)batch.items)) == NULL) {
+        goto done;
+    }
+
+    uint8_t *start = (uint8_t *)PyByteArray_AS_STRING(response);
+    uint8_t *out = start;
+    size_t index = 0;
+    PyThreadState *thread = want_contexts ? NULL : PyEval_SaveThread();
+    {
+        const uint8_t *p = whole.p;
+        const uint8_t *end = whole.p + whole.n;
+        size_t number;
+        span_t body;
+        size_t ok_len, inner_len;
+        while (p < end && read_len_field(&p, end, &number, &body)) {
+            int at = -1;
+            if (index < batch.items && parse_sealed_item(body, &limits, item)) {
+                span_t head = {item->ciphertext.p, item->head_len};
+                at = head_index(&batch, head, 0);
+            }
+            if (at < 0) {
+                failed = 3; /* the bytes are immutable and were accepted: checked anyway */
+                break;
+            }
+            const version_key_t *key = &keys[at];
+            size_t plain = item->ciphertext.n - item->head_len - NONCE_SIZE - TAG_SIZE;
+            if (unwrap_result_len(key, plain, &ok_len, &inner_len) > total - (size_t)(out - start)) {
+                failed = 3;
+                break;
+            }
+            memcpy(aad, label.buf, (size_t)label.len);
+            memcpy(aad + label.len, key->head.p, key->head.n);
+            uint8_t *json = aad + label.len + key->head.n;
+            size_t json_len = (size_t)(write_json(json, &item->context) - json);
+            *out++ = 0x0a; /* results = 1 */
+            out = write_varint(out, inner_len);
+            *out++ = 0x0a; /* ok = 1 */
+            out = write_varint(out, ok_len);
+            *out++ = 0x0a; /* plaintext = 1 */
+            out = write_varint(out, plain);
+            if (!open_item(key, item, aad, (size_t)(json + json_len - aad), out)) {
+                failed = 1;
+                break;
+            }
+            out += plain;
+            *out++ = 0x1a; /* tenant = 3 */
+            out = write_varint(out, key->head.n - 6);
+            memcpy(out, key->head.p + 2, key->head.n - 6);
+            out += key->head.n - 6;
+            *out++ = 0x20; /* key_version = 4 */
+            out = write_varint(out, key->version);
+            if (want_contexts) {
+                PyObject *encoded = Py_BuildValue("(Iy#)", (unsigned int)at, (const char *)json,
+                                                  (Py_ssize_t)json_len);
+                if (encoded == NULL) {
+                    failed = 2;
+                    break;
+                }
+                PyList_SET_ITEM(contexts, (Py_ssize_t)index, encoded);
+            }
+            index++;
+        }
+    }
+    if (thread != NULL) {
+        PyEval_RestoreThread(thread);
+    }
+    if (failed || index != batch.items || out != start + total) {
+        /* Nothing opened leaves: the plaintexts written so far are erased. */
+        OPENSSL_cleanse(start, total);
+        if (failed == 1) {
+            PyErr_Clear();
+            Py_INCREF(Py_None);
+            result = Py_None;
+        } else if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError, "open_all: the response was not written whole");
+        }
+        goto done;
+    }
+    result = Py_BuildValue("(OO)", response, contexts != NULL ? contexts : Py_None);
+
+done:
+    for (size_t i = 0; i < loaded; i++) {
+        EVP_CIPHER_CTX_free(keys[i].ctx); /* cleanses the key schedule */
+    }
+    PyBuffer_Release(&label);
+    if (aad != NULL) {
+        PyMem_Free(aad);
+    }
+    PyMem_Free(item);
+    Py_XDECREF(response);
+    Py_XDECREF(contexts);
+    return result;
+}
+
 static PyMethodDef wire_methods[] = {
     {"scan", wire_scan, METH_VARARGS, scan_doc},
     {"seal", wire_seal, METH_VARARGS, seal_doc},
+    {"scan_unwrap", wire_scan_unwrap, METH_VARARGS, scan_unwrap_doc},
+    {"open_all", wire_open_all, METH_VARARGS, open_all_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef wire_module = {
     PyModuleDef_HEAD_INIT,
     "_wire",
-    "BatchWrap's per-item loop in C over OpenSSL's AES-256-GCM (see _wire.c).",
+    "BatchWrap's and BatchUnwrap's per-item loops in C over OpenSSL's AES-256-GCM.",
     -1,
     wire_methods,
     NULL,

@@ -1,4 +1,4 @@
-"""Types of the C accelerator hsm/dataplane/_wire.c (BatchWrap's per-item loop)."""
+"""Types of the C accelerator hsm/dataplane/_wire.c (the BatchWrap and BatchUnwrap loops)."""
 
 Limits = tuple[int, int, int, int]
 
@@ -12,3 +12,12 @@ def seal(
     want_contexts: bool,
     /,
 ) -> tuple[bytes, list[tuple[int, bytes]] | None]: ...
+def scan_unwrap(request: bytes, limits: Limits, /) -> list[tuple[bytes, int]] | None: ...
+def open_all(
+    request: bytes,
+    limits: Limits,
+    keys: list[tuple[memoryview, bytes]],
+    label: bytes,
+    want_contexts: bool,
+    /,
+) -> tuple[bytearray, list[tuple[int, bytes]] | None] | None: ...

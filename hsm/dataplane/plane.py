@@ -345,6 +345,80 @@ class DataPlane:
                 self._record(backend, tenants[index][0], operation, None, context)
         return response
 
+    def batch_unwrap_serialized(self, identity: str, request: bytes) -> bytes | None:
+        """BatchUnwrap of a serialised BatchUnwrapRequest in one C call, or None.
+
+        The fast path for a batch whose every item opens (docs/dataplane.md,
+        "The BatchUnwrap fast path"): `_wire.scan_unwrap` checks each item's
+        shape over the wire bytes (no recipient key, a well-formed ciphertext,
+        the context within the limits) and names the distinct headers; here
+        each header is read as `format.parse` reads it and its key version
+        gets steps 1 and 2 once (grant, activation, version usable); then the
+        call-level checks `_batch` makes (rate limit, seal) and one
+        `_wire.open_all`, which decrypts every item and writes the serialised
+        BatchUnwrapResponse. None, with nothing recorded, whenever any of that
+        would not succeed for every item (an item that does not authenticate
+        included, its plaintexts erased in C), or when a seal or the end of a
+        key's activation came during the call (step 4; the rate-limit tokens
+        go back, since the reference takes them again): the caller then
+        parses the request and calls `batch_unwrap_requests`, the reference,
+        which decides each item's result. A call-level refusal (rate limit,
+        sealed) raises as the reference does. The answer is the bytes the
+        reference and `encode_unwrap_results` give (tests/test_wire_codec.py).
+        """
+        if not WIRE_CODEC_BUILT:
+            return None
+        limits = self._wire_limits
+        heads = _wire.scan_unwrap(request, limits)
+        if heads is None:
+            return None
+        backend = self._backend(identity)
+        operation = "batch_unwrap"
+        scope = self._scope(backend, batch=True)
+        tenants: list[str] = []
+        keys: list[_Key] = []
+        entries: list[tuple[memoryview, bytes]] = []
+        for head, _ in heads:
+            read = _header_fields(head)
+            if read is None:
+                return None
+            tenant, version = read
+            try:
+                key = self._key(scope, tenant, version)
+            except KeyquorumError:
+                return None
+            if key.head != head:
+                return None
+            tenants.append(tenant)
+            keys.append(key)
+            entries.append((key.held.view(), head))
+        items = sum(count for _, count in heads)
+        try:
+            if self._rate is not None:
+                self._rate.take(backend, items)
+            if scope.snapshot.sealed:
+                raise SealedError("the service is sealed")
+        except KeyquorumError as e:
+            self._record(backend, UNKNOWN, operation, e, None)
+            raise
+        opened = _wire.open_all(request, limits, entries, AAD_LABEL, bool(self._usage))
+        if opened is not None:
+            response, contexts = opened
+            try:
+                # 4. A key closed while opening (a seal, the activation's end),
+                # or a seal since the call began: the reference says so.
+                if not any(key.cipher.closed for key in keys) and not self._sealed_since(scope):
+                    answer = bytes(response)
+                    if contexts is not None:
+                        for index, context in contexts:
+                            self._record(backend, tenants[index], operation, None, context)
+                    return answer
+            finally:
+                response[:] = bytes(len(response))
+        if self._rate is not None:
+            self._rate.give_back(backend, items)
+        return None
+
     def refused(self, operation: str, error: KeyquorumError) -> None:
         """Count a call refused before it reached here (no backend identity)."""
         self._record(UNKNOWN, UNKNOWN, operation, error, None)
@@ -729,6 +803,16 @@ class DataPlane:
             raise
         self._note(scope, tenant, operation, None, context)
         return result
+
+
+def _header_fields(head: bytes) -> tuple[str, int] | None:
+    """The tenant and version of a ciphertext header `_wire.scan_unwrap` returned,
+    or None where `format.parse` would refuse it (the reference then says why)."""
+    try:
+        parsed = parse(head + bytes(NONCE_AND_TAG))
+    except KeyquorumError:
+        return None
+    return parsed.tenant, parsed.version
 
 
 def _as_item(item: UnwrapInput) -> UnwrapItem:

@@ -291,7 +291,8 @@ class KeyServicer:
     messages; Wrap, BatchWrap, BatchUnwrap and BatchRewrap return the
     serialised response (`encode_wrap_response`, `encode_wrap_results`,
     `encode_unwrap_results`), registered with a pass-through serialiser.
-    BatchWrap takes the serialised request.
+    BatchWrap and BatchUnwrap take the serialised request (the C fast paths
+    read the wire bytes).
     """
 
     def __init__(self, plane: DataPlane, *, waiting: int = 1024) -> None:
@@ -347,10 +348,15 @@ class KeyServicer:
         who = self._backend(call.peer, "batch_wrap")
         return await self._run(lambda: self._batch_wrap(who, request))
 
-    async def BatchUnwrap(self, request: pb.BatchUnwrapRequest, call: Call) -> bytes:
-        """Answers the serialised response (`encode_unwrap_results`)."""
+    async def BatchUnwrap(self, request: bytes, call: Call) -> bytes:
+        """Takes the request serialised, as BatchWrap; never waits for the store."""
         who = self._backend(call.peer, "batch_unwrap")
-        return encode_unwrap_results(self._plane.batch_unwrap_requests(who, request.items))
+        plane = self._plane
+        answer = plane.batch_unwrap_serialized(who, request)
+        if answer is not None:
+            return answer
+        items = _parse(pb.BatchUnwrapRequest, request).items
+        return encode_unwrap_results(plane.batch_unwrap_requests(who, items))
 
     async def BatchGenerateDataKey(
         self, request: pb.BatchGenerateDataKeyRequest, call: Call
@@ -384,7 +390,7 @@ def methods(servicer: KeyServicer) -> dict[str, Method]:
         ),
         "Rewrap": Unary(servicer.Rewrap, parser(pb.RewrapRequest), serialize),
         "BatchWrap": Unary(servicer.BatchWrap, _raw, _raw),
-        "BatchUnwrap": Unary(servicer.BatchUnwrap, parser(pb.BatchUnwrapRequest), _raw),
+        "BatchUnwrap": Unary(servicer.BatchUnwrap, _raw, _raw),
         "BatchGenerateDataKey": Unary(
             servicer.BatchGenerateDataKey, parser(pb.BatchGenerateDataKeyRequest), serialize
         ),
