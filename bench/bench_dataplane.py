@@ -101,8 +101,8 @@ def _serve(work: Path) -> None:
     from keyquorum.hsm.services.server import create_server, settle_heap
     from keyquorum.hsm.services.workers import StoreSpec
     from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
+    from tests.custodian_steps import ceremony, run, unseal
     from tests.harness import FakeClock, in_process_daemon, make_custodians
-    from tests.test_approvals import ceremony, run, unseal
 
     class WallClock(FakeClock):
         def __call__(self) -> int:

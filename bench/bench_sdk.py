@@ -67,8 +67,8 @@ def _serve(work: Path) -> None:
     from keyquorum.hsm.services import key_service
     from keyquorum.hsm.services.server import create_server, settle_heap
     from keyquorum.quorum.limits import DEFAULT_LIMITS
+    from tests.custodian_steps import ceremony, run, unseal
     from tests.harness import in_process_daemon, make_custodians
-    from tests.test_approvals import ceremony, run, unseal
 
     pki = make_dev_pki(work / "pki", clients=["backend/booking"])
     custodians = make_custodians(work / "custodians")

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 from collections.abc import Sequence
 from functools import cache
+from pathlib import Path
 
 from keyquorum.quorum import checkpoint, shamir
 from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
@@ -489,3 +490,10 @@ def standard_log(n_tenants: int = 3) -> LogFactory:
     f.seal("replica-a", f.creds[1])
     f.seal("*", None)
     return f
+
+
+#: The golden export of the audit tests, signed by `log_signer()`; rebuilt by
+#: tests/test_audit_cli.py when KEYQUORUM_UPDATE_GOLDEN=1.
+GOLDEN_AUDIT = Path(__file__).parent / "golden" / "audit"
+EXPORT = GOLDEN_AUDIT / "small.kqexport"
+LOG_KEY = log_signer().verifier_key()

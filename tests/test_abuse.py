@@ -24,7 +24,6 @@ some tens of milliseconds here.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import time
 from collections.abc import Iterator
@@ -34,20 +33,17 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.client import KeyClient, KeyServiceError
 from keyquorum.client import tls as client_tls
-from keyquorum.hsm import pki
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 from keyquorum.v1 import key_pb2 as kpb
 from tests.abuse import HeldCalls, SlowTls
+from tests.certs import client_cert
 from tests.harness import (
     Custodian,
     DaemonProcess,
@@ -111,36 +107,6 @@ class Daemon:
         return KeyClient(
             self.mtls_target, ca=self.pki.ca_cert, cert=files.cert, key=files.key, attempts=1
         )
-
-
-def client_cert(
-    dev_pki: DevPki, directory: Path, common_name: str, sans: list[x509.GeneralName]
-) -> tuple[Path, Path]:
-    """A client certificate from the deployment's CA with any CN and SANs."""
-    ca_key = serialization.load_pem_private_key(dev_pki.ca_key.read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(dev_pki.ca_cert.read_bytes())
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = pki._issue(
-        ca_key,
-        ca_cert,
-        key.public_key(),
-        common_name=common_name,
-        sans=sans,
-        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-        now=datetime.datetime.now(datetime.UTC),
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "client.crt", directory / "client.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 def quorum(

@@ -45,7 +45,7 @@ from keyquorum.quorum.errors import (
 )
 from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 from tests.abuse import HeldCalls
-from tests.test_abuse import client_cert
+from tests.certs import client_cert
 
 SERVICE = "keyquorum.test.Gate"
 HANG_GUARD_S = 30.0

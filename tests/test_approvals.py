@@ -39,19 +39,26 @@ from keyquorum.quorum.replay import replay
 from keyquorum.quorum.secret import SecretBytes
 from keyquorum.quorum.statements import render_time
 from keyquorum.v1 import custodian_pb2 as pb
+from tests.custodian_steps import (
+    TENANT,
+    K,
+    approve,
+    ceremony,
+    key_bytes,
+    propose,
+    run,
+    unseal,
+    zeroed,
+)
 from tests.harness import (
-    CEREMONY_CODE,
     Custodian,
     InProcessDaemon,
-    ceremony_request,
     in_process_daemon,
     make_custodians,
     signed_proposal,
     status,
 )
 
-K = 5
-TENANT = "acme-health"
 BOOKING = "keyquorum://backend/booking"
 
 
@@ -72,20 +79,6 @@ def outsiders(tmp_path_factory: pytest.TempPathFactory) -> list[Custodian]:
     return make_custodians(tmp_path_factory.mktemp("outsiders"), names=("henry", "mallory"))
 
 
-def ceremony(d: InProcessDaemon, custodians: list[Custodian]) -> None:
-    # A daemon process (tests/test_grpcurl.py) printed its own one-time code.
-    proc = getattr(d, "proc", None)
-    code = CEREMONY_CODE if proc is None else proc.ceremony_code()
-    d.stub.InitCeremony(ceremony_request("test-deployment", K, custodians, code))
-    d.proposer = custodians[0].credential
-
-
-def unseal(d: InProcessDaemon, custodians: list[Custodian]) -> None:
-    for c in custodians:
-        progress = actions.submit_share(d.stub, c.credential)
-    assert not progress.sealed
-
-
 @pytest.fixture
 def sealed(tmp_path: Path, pki: DevPki, custodians: list[Custodian]) -> Iterator[InProcessDaemon]:
     with in_process_daemon(tmp_path / "data", pki) as d:
@@ -99,44 +92,8 @@ def daemon(sealed: InProcessDaemon, custodians: list[Custodian]) -> InProcessDae
     return sealed
 
 
-def propose(d: InProcessDaemon, op: str, expires_in: int = 0, **params: object) -> pb.Proposal:
-    assert d.proposer is not None
-    return d.stub.Propose(
-        signed_proposal(
-            d.stub,
-            d.proposer,
-            op,
-            {k: str(v) for k, v in params.items()},
-            expires_in=expires_in or None,
-            now=d.clock() if hasattr(d, "clock") else None,
-        )
-    )
-
-
-def approve(d: InProcessDaemon, c: Custodian, pid: str, **kw: object) -> pb.VerdictResponse:
-    return actions.verdict(
-        d.stub,
-        pid,
-        c.fingerprint,
-        lambda _text: c.credential,
-        verdict="approve",
-        **kw,  # type: ignore[arg-type]
-    )
-
-
 def refuse(d: InProcessDaemon, c: Custodian, pid: str) -> pb.VerdictResponse:
     return actions.verdict(d.stub, pid, c.fingerprint, lambda _text: c.credential, verdict="refuse")
-
-
-def run(
-    d: InProcessDaemon, custodians: list[Custodian], op: str, **params: object
-) -> pb.VerdictResponse:
-    """Propose and approve by as many custodians as the operation needs."""
-    p = propose(d, op, **params)
-    for c in custodians[: p.required]:
-        response = approve(d, c, p.id)
-    assert response.executed
-    return response
 
 
 def create_and_activate(
@@ -144,12 +101,6 @@ def create_and_activate(
 ) -> None:
     run(d, custodians, "create-tenant", tenant=tenant)
     run(d, custodians, "activate-tenant", tenant=tenant, duration_seconds=duration)
-
-
-def key_bytes(d: InProcessDaemon, tenant: str = TENANT, version: int | None = None) -> bytes:
-    _version, key = d.daemon.tenant_key(tenant, version)
-    with key:
-        return key.reveal()
 
 
 def entries(d: InProcessDaemon) -> list[Entry]:
@@ -173,10 +124,6 @@ def refused(
     assert status(d.stub).log_size == before_size
     after_state, _ = d.daemon.log_snapshot()
     assert after_state == before_state
-
-
-def zeroed(buffers: list[bytearray]) -> bool:
-    return all(buf == bytearray(len(buf)) for buf in buffers)
 
 
 # -- proposals and statements ---------------------------------------------------

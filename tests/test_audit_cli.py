@@ -24,13 +24,10 @@ from click.testing import CliRunner, Result
 from keyquorum.cli.audit import flip_one_byte
 from keyquorum.cli.main import main as cli_main
 from keyquorum.quorum import export
-from tests.logfactory import LogFactory, log_signer, outsider
+from tests.logfactory import EXPORT, GOLDEN_AUDIT, LOG_KEY, LogFactory, outsider
 
-GOLDEN = Path(__file__).parent / "golden" / "audit"
 SCHEMAS = Path(__file__).parent.parent / "docs" / "schemas"
 UPDATE = os.environ.get("KEYQUORUM_UPDATE_GOLDEN") == "1"
-LOG_KEY = log_signer().verifier_key()
-EXPORT = GOLDEN / "small.kqexport"
 
 
 def _build_export() -> None:
@@ -56,7 +53,7 @@ def _build_export() -> None:
     f.run("change-roster", roster=roster, threshold=3)
     f.seal("*", None)
     notes = [f.checkpoint(n) for n in range(1, len(f.entries) + 1)]
-    GOLDEN.mkdir(parents=True, exist_ok=True)
+    GOLDEN_AUDIT.mkdir(parents=True, exist_ok=True)
     EXPORT.write_bytes(b"".join(export.produce(f.entries, notes)))
 
 
@@ -69,7 +66,7 @@ def verify(*args: str) -> Result:
 
 
 def _golden(name: str, text: str) -> None:
-    path = GOLDEN / name
+    path = GOLDEN_AUDIT / name
     if UPDATE:
         path.write_text(text, encoding="utf-8")
     assert path.read_text(encoding="utf-8") == text, f"{path} differs from the report"

@@ -27,7 +27,7 @@ from keyquorum.cli.audit import flip_one_byte, read_export
 from keyquorum.cli.main import main as cli_main
 from keyquorum.quorum.audit_html import render_html
 from keyquorum.quorum.audit_report import audit
-from tests.test_audit_cli import EXPORT, LOG_KEY
+from tests.logfactory import EXPORT, LOG_KEY
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 REQUIRE_ENV = "KEYQUORUM_REQUIRE_BROWSER"

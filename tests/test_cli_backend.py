@@ -24,8 +24,7 @@ from keyquorum.cli.main import main as cli_main
 from keyquorum.client import decrypt_record, framing
 from keyquorum.hsm.pki import DevPki
 from tests.harness import KEYQUORUM, Custodian, make_custodians
-from tests.test_key_service import BOOKING, CONTEXT, TENANT, make_pki
-from tests.test_sdk_client import Served, served
+from tests.key_plane import BOOKING, CONTEXT, TENANT, Served, make_pki, served
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_layout import _imports
+from tests.source_imports import top_level_imports
 
 CLIENT = Path(__file__).resolve().parent.parent / "client"
 ALLOWED_THIRD_PARTY = {"grpc", "google", "cryptography"}
@@ -38,7 +38,7 @@ def _keyquorum_imports(path: Path) -> set[str]:
 def test_client_module_imports_only_what_a_backend_installs(path: Path) -> None:
     third_party = {
         name
-        for name in _imports(path)
+        for name in top_level_imports(path)
         if name not in sys.stdlib_module_names and name not in ("keyquorum", "__future__")
     }
     assert third_party <= ALLOWED_THIRD_PARTY, f"{path.name}: {sorted(third_party)}"

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from keyquorum.cli import display
-from tests.test_statements import OPERATION_REQUESTS, OWN_STATEMENTS
+from tests.statement_examples import OPERATION_REQUESTS, OWN_STATEMENTS
 
 
 @pytest.fixture

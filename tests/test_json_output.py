@@ -30,7 +30,7 @@ from tests.harness import (
     in_process_daemon,
     make_custodians,
 )
-from tests.test_audit_cli import EXPORT, LOG_KEY
+from tests.logfactory import EXPORT, LOG_KEY
 
 SCHEMAS = Path(__file__).parent.parent / "docs" / "schemas"
 #: The commands that only read; each must take --json.

@@ -7,46 +7,40 @@ status code of DESIGN.md is a named case; every byte of a ciphertext is
 altered; batches mix good and bad items; no error message, access-log
 line or metric carries a plaintext, a key or a context.
 
-The helpers at the top (`key_plane`, `ready_tenant`, ...) are shared by
-tests/test_key_service_seal.py and tests/test_grpcurl.py.
+The KeyService on its listener and the tenants' set-up are tests/key_plane.py.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from keyquorum.client import KeyClient, KeyServiceError, decrypt_record, encrypt_record, framing
 from keyquorum.client import client as client_module
-from keyquorum.hsm import dataplane, pki, tls
-from keyquorum.hsm.dataplane import DataPlane, Revealed, UsageSink
+from keyquorum.hsm import dataplane
+from keyquorum.hsm.dataplane import DataPlane, Revealed
 from keyquorum.hsm.dataplane import plane as dataplane_plane
 from keyquorum.hsm.dataplane.ratelimit import RateLimiter
-from keyquorum.hsm.pki import DevPki, make_dev_pki
+from keyquorum.hsm.pki import make_dev_pki
 from keyquorum.hsm.services import key_service
 from keyquorum.hsm.services.access_log import AccessLog, load_or_create_key
-from keyquorum.hsm.services.admission import CertificatePeers
 from keyquorum.hsm.services.metrics import Metrics
-from keyquorum.hsm.services.server import Listener, create_server
 from keyquorum.quorum import canonical
 from keyquorum.quorum.errors import DecryptionError, KeyquorumError, StateError
-from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
+from keyquorum.quorum.limits import Limits
 from keyquorum.quorum.operations import TENANT_RE
 from keyquorum.quorum.sealing import SealingPrivateKey
 from keyquorum.v1 import key_pb2 as kpb
 from keyquorum.v1 import key_pb2_grpc as kpb_grpc
+from tests.certs import client_cert
+from tests.custodian_steps import K, ceremony, propose, run, run_one, unseal
 from tests.harness import (
     Custodian,
     FakeClock,
@@ -55,97 +49,23 @@ from tests.harness import (
     in_process_daemon,
     make_custodians,
 )
-from tests.test_approvals import ceremony, propose, run, unseal
+from tests.key_plane import (
+    AUDITOR,
+    BOOKING,
+    CONTEXT,
+    MARKER,
+    MESSAGING,
+    TENANT,
+    KeyPlane,
+    key_plane,
+    make_pki,
+    ready_tenant,
+)
 
 C = grpc.StatusCode
-K = 5
-TENANT = "acme-health"
-BOOKING = "backend/booking"
-MESSAGING = "backend/messaging"
-AUDITOR = "auditor/alice"
-CONTEXT = {"patient": "p-4711 Erika Mustermann", "doctor": "dr-0815"}
-#: A plaintext no error message, log line or metric may ever contain.
-MARKER = b"PLAINTEXT-MARKER-" + bytes(range(16)) + b"-END"
 
 
 # -- shared helpers ------------------------------------------------------------------
-
-
-@dataclass
-class KeyPlane:
-    """A KeyService on an mTLS listener over an in-process daemon."""
-
-    d: InProcessDaemon
-    plane: DataPlane
-    server: Listener
-    port: int
-    pki: DevPki
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def client(self, who: str = BOOKING, **kw: object) -> KeyClient:
-        files = self.pki.client(who)
-        return KeyClient(
-            self.target,
-            ca=self.pki.ca_cert,
-            cert=files.cert,
-            key=files.key,
-            attempts=1,
-            **kw,  # type: ignore[arg-type]
-        )
-
-
-@contextmanager
-def key_plane(
-    d: InProcessDaemon,
-    dev_pki: DevPki,
-    *,
-    limits: Limits = DEFAULT_LIMITS,
-    usage: tuple[UsageSink, ...] = (),
-    rate_limit: RateLimiter | None = None,
-) -> Iterator[KeyPlane]:
-    plane = DataPlane(d.daemon, d.store, limits=limits, usage=usage, rate_limit=rate_limit)
-    server, port = create_server(
-        host="127.0.0.1",
-        port=0,
-        credentials=tls.server_credentials(
-            dev_pki.server_cert,
-            dev_pki.server_key,
-            client_ca=dev_pki.ca_cert,
-            require_client_auth=True,
-        ),
-        limits=DEFAULT_LIMITS,
-        register=[key_service.register(plane)],
-        service_names=[key_service.SERVICE_NAME],
-        peers=CertificatePeers(),
-    )
-    key_service.watch_health(d.daemon, server)
-    server.start()
-    try:
-        yield KeyPlane(d, plane, server, port, dev_pki)
-    finally:
-        server.stop(grace=None).wait()
-
-
-def make_pki(directory: Path) -> DevPki:
-    return make_dev_pki(directory, clients=[BOOKING, MESSAGING, AUDITOR])
-
-
-def ready_tenant(
-    d: InProcessDaemon,
-    custodians: list[Custodian],
-    tenant: str,
-    *,
-    backend: str = "booking",
-    activate: bool = True,
-) -> None:
-    """Create `tenant`, grant it to `backend` and (by default) activate it: three quorums."""
-    run(d, custodians, "create-tenant", tenant=tenant)
-    run(d, custodians, "grant", tenant=tenant, backend=backend)
-    if activate:
-        run(d, custodians, "activate-tenant", tenant=tenant, duration_seconds=3600)
 
 
 def code_of(fn: object) -> KeyServiceError:
@@ -159,36 +79,6 @@ def tenant_key_bytes(d: InProcessDaemon, tenant: str, version: int | None = None
     _v, key = d.daemon.tenant_key(tenant, version)
     with key:
         return key.reveal()
-
-
-def issue_client_cert(
-    dev_pki: DevPki, directory: Path, sans: list[x509.GeneralName]
-) -> tuple[Path, Path]:
-    """A client certificate from the deployment CA with the given SANs (no keyquorum URI)."""
-    ca_key = serialization.load_pem_private_key(dev_pki.ca_key.read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(dev_pki.ca_cert.read_bytes())
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = pki._issue(
-        ca_key,
-        ca_cert,
-        key.public_key(),
-        common_name="no identity",
-        sans=sans,
-        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-        now=datetime.datetime.now(datetime.UTC),
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "odd.crt", directory / "odd.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 # -- the module's daemon ---------------------------------------------------------------
@@ -322,12 +212,6 @@ def raw_call(method: object, request: object) -> object:
         raise client_module._error(e) from None
 
 
-def run_one(d: InProcessDaemon, custodians: list[Custodian], pid: str) -> None:
-    from tests.test_approvals import approve
-
-    assert approve(d, custodians[6], pid).executed
-
-
 def test_envelope_helper_round_trip_and_refusals(world: World, booking: KeyClient) -> None:
     record = os.urandom(100_000)
     box = encrypt_record(booking, TENANT, record, CONTEXT)
@@ -371,7 +255,9 @@ def test_unauthenticated_without_a_client_certificate(world: World, tmp_path: Pa
 
 def test_unauthenticated_certificate_without_identity(world: World, tmp_path: Path) -> None:
     """A certificate of the right CA that names no keyquorum identity: UNAUTHENTICATED."""
-    cert, key = issue_client_cert(world.kp.pki, tmp_path, [x509.DNSName("booking.example")])
+    cert, key = client_cert(
+        world.kp.pki, tmp_path, "no identity", [x509.DNSName("booking.example")]
+    )
     with KeyClient(world.kp.target, ca=world.kp.pki.ca_cert, cert=cert, key=key, attempts=1) as c:
         refused(world, lambda: c.wrap(TENANT, b"x", CONTEXT), C.UNAUTHENTICATED, "required")
         refused(world, lambda: c.batch_wrap([(TENANT, b"x", CONTEXT)]), C.UNAUTHENTICATED, "")
@@ -392,14 +278,14 @@ def test_identity_cache_never_admits_a_certificate_naming_two_identities(
         x509.UniformResourceIdentifier("keyquorum://backend/booking"),
         x509.UniformResourceIdentifier("keyquorum://backend/messaging"),
     ]
-    cert, key = issue_client_cert(world.kp.pki, tmp_path / "two", both)
+    cert, key = client_cert(world.kp.pki, tmp_path / "two", "no identity", both)
     with KeyClient(world.kp.target, ca=world.kp.pki.ca_cert, cert=cert, key=key, attempts=1) as c:
         for _ in range(3):
             refused(
                 world, lambda: c.wrap(TENANT, b"x", CONTEXT), C.PERMISSION_DENIED, "2 keyquorum"
             )
     plus_dns = [x509.DNSName("booking.example"), both[0]]
-    cert, key = issue_client_cert(world.kp.pki, tmp_path / "dns", plus_dns)
+    cert, key = client_cert(world.kp.pki, tmp_path / "dns", "no identity", plus_dns)
     with KeyClient(world.kp.target, ca=world.kp.pki.ca_cert, cert=cert, key=key, attempts=1) as c:
         for _ in range(3):
             assert c.unwrap(c.wrap(TENANT, b"y", CONTEXT).ciphertext, CONTEXT).reveal() == b"y"
@@ -424,8 +310,6 @@ def test_a_forged_name_is_never_served_as_the_backend(
     listener, where booking has been calling all along. The metrics never
     count one of its calls as booking's.
     """
-    from tests.test_abuse import client_cert
-
     cert, key = client_cert(world.kp.pki, tmp_path / "forged", common_name, sans)
 
     def forged_wrap(kp: KeyPlane) -> object:

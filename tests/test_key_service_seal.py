@@ -28,14 +28,13 @@ from keyquorum.hsm.dataplane.snapshot import DataPlaneSnapshot, HeldKey
 from keyquorum.hsm.pki import DevPki
 from keyquorum.hsm.services import key_service
 from keyquorum.quorum.errors import KeyquorumError, SealedError, StateError
+from tests.custodian_steps import K, ceremony, unseal
 from tests.harness import Custodian, InProcessDaemon, in_process_daemon, make_custodians
-from tests.test_approvals import ceremony, unseal
-from tests.test_key_service import (
+from tests.key_plane import (
     BOOKING,
     CONTEXT,
     MARKER,
     TENANT,
-    K,
     KeyPlane,
     key_plane,
     make_pki,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.source_imports import top_level_imports
+
 ROOT = Path(__file__).resolve().parent.parent
 QUORUM = ROOT / "quorum"
 
@@ -44,17 +46,6 @@ FORBIDDEN = {
 }
 
 
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
-
-
 def _calls_open(path: Path) -> bool:
     tree = ast.parse(path.read_text(), filename=str(path))
     return any(
@@ -68,7 +59,7 @@ QUORUM_FILES = sorted(QUORUM.glob("*.py"))
 
 @pytest.mark.parametrize("path", QUORUM_FILES, ids=lambda p: p.name)
 def test_quorum_module_does_no_io(path: Path) -> None:
-    bad = _imports(path) & FORBIDDEN
+    bad = top_level_imports(path) & FORBIDDEN
     assert not bad, f"{path.name} imports I/O modules: {sorted(bad)}"
     assert not _calls_open(path), f"{path.name} calls open()"
 
@@ -76,7 +67,7 @@ def test_quorum_module_does_no_io(path: Path) -> None:
 def test_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("import socket\nfrom os import path\nopen('x')\n")
-    assert _imports(sample) & FORBIDDEN == {"socket", "os"}
+    assert top_level_imports(sample) & FORBIDDEN == {"socket", "os"}
     assert _calls_open(sample)
 
 

@@ -31,8 +31,8 @@ from keyquorum.hsm.services import metrics_http
 from keyquorum.hsm.services.metrics_http import MetricsServer
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
+from tests.custodian_steps import K, ceremony, run, unseal
 from tests.harness import Custodian, DaemonProcess, make_custodians, start_daemon_process
-from tests.test_approvals import K, ceremony, run, unseal
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANT = "acme-health"

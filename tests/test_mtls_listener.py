@@ -38,8 +38,8 @@ from keyquorum.v1 import audit_pb2_grpc as apb_grpc
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import key_pb2 as kpb
 from keyquorum.v1 import key_pb2_grpc as kpb_grpc
+from tests.custodian_steps import run, unseal
 from tests.harness import CEREMONY_CODE, InProcessDaemon, in_process_daemon, make_custodians
-from tests.test_approvals import run, unseal
 
 TENANT = "acme-health"
 BACKEND, AUDITOR = "backend/booking", "auditor/alice"

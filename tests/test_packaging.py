@@ -34,9 +34,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from keyquorum.hsm.pki import DevPki
+from tests.custodian_steps import K, ceremony, unseal
 from tests.harness import FakeClock, in_process_daemon, make_custodians
-from tests.test_approvals import K, ceremony, unseal
-from tests.test_key_service import KeyPlane, key_plane, make_pki, ready_tenant
+from tests.key_plane import KeyPlane, key_plane, make_pki, ready_tenant
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"

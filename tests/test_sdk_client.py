@@ -1,7 +1,7 @@
 """The backend SDK against real daemons over mTLS: cache, streams, async, failover, inputs.
 
 Each daemon is a real `Daemon` with its KeyService on an mTLS listener
-(tests/test_key_service.py's `key_plane`), custodians' quorums creating,
+(tests/key_plane.py's `key_plane`), custodians' quorums creating,
 granting and activating tenants. Server calls are counted by the daemon's
 own data plane (a usage sink), not by the client, so "one GenerateDataKey
 for ten records" is what the daemon saw. Tests that seal, deactivate or
@@ -11,22 +11,19 @@ stop a daemon get daemons of their own.
 from __future__ import annotations
 
 import asyncio
-import collections
 import inspect
 import io
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from keyquorum.cli import custodian_actions as actions
 from keyquorum.client import (
     AsyncKeyClient,
     CacheBounds,
@@ -49,89 +46,21 @@ from keyquorum.quorum.errors import (
     DecryptionError,
     DeserializationError,
     InvalidInputError,
-    KeyquorumError,
 )
 from keyquorum.quorum.secret import SecretBytes
-from tests.harness import Custodian, FakeClock, InProcessDaemon, in_process_daemon, make_custodians
-from tests.test_approvals import ceremony, propose, unseal
-from tests.test_key_service import (
+from tests.custodian_steps import propose, run_one
+from tests.harness import Custodian, make_custodians
+from tests.key_plane import (
     BOOKING,
     CONTEXT,
+    SECOND,
     TENANT,
-    K,
-    KeyPlane,
-    key_plane,
+    Served,
     make_pki,
-    ready_tenant,
-    run_one,
+    served,
 )
 
 C = grpc.StatusCode
-SECOND = "second-tenant"
-
-
-class Calls:
-    """A usage sink: what the daemon's data plane served, per operation."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def record(
-        self,
-        backend: str,
-        tenant: str,
-        operation: str,
-        error: KeyquorumError | None,
-        context: bytes | None,
-    ) -> None:
-        with self._lock:
-            self.ops[operation] += 1
-
-    def __getitem__(self, op: str) -> int:
-        with self._lock:
-            return self.ops[op]
-
-
-@dataclass
-class Served:
-    kp: KeyPlane
-    custodians: list[Custodian]
-    calls: Calls
-
-    @property
-    def d(self) -> InProcessDaemon:
-        return self.kp.d
-
-    def client(self, **kw: Any) -> KeyClient:
-        files = self.kp.pki.client(BOOKING)
-        return KeyClient(
-            self.kp.target, ca=self.kp.pki.ca_cert, cert=files.cert, key=files.key, **kw
-        )
-
-    def aclient(self, **kw: Any) -> AsyncKeyClient:
-        files = self.kp.pki.client(BOOKING)
-        return AsyncKeyClient(
-            self.kp.target, ca=self.kp.pki.ca_cert, cert=files.cert, key=files.key, **kw
-        )
-
-    def seal(self) -> None:
-        c = self.custodians[6]
-        actions.seal(self.d.stub, c, lambda _t: c.credential, reason="test", now=self.d.clock.now)
-
-
-@contextmanager
-def served(
-    base: Path, pki: DevPki, custodians: list[Custodian], replica: str = "test-1"
-) -> Iterator[Served]:
-    calls = Calls()
-    with in_process_daemon(base, pki, clock=FakeClock(), replica=replica) as d:
-        ceremony(d, custodians)
-        unseal(d, custodians[:K])
-        ready_tenant(d, custodians, TENANT)
-        ready_tenant(d, custodians, SECOND)
-        with key_plane(d, pki, usage=(calls,)) as kp:
-            yield Served(kp, custodians, calls)
 
 
 @pytest.fixture(scope="module")

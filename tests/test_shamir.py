@@ -24,7 +24,7 @@ from keyquorum.quorum.errors import (
 )
 from keyquorum.quorum.secret import SecretBytes
 from keyquorum.quorum.shamir import Share, SplitCommitments
-from tests.test_gf256 import ref_mul
+from tests.gf256_reference import ref_mul
 
 MASTER = bytes(range(0x80, 0xA0))  # 32 bytes
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,138 +34,27 @@ from keyquorum.quorum.statements import (
     verify_approvals,
     verify_statement,
 )
+from tests.statement_examples import (
+    CONTEXT,
+    EXPIRES,
+    HENRY,
+    NEW_ROSTER,
+    NOW,
+    OPERATION_REQUESTS,
+    OTHER_PROPOSAL,
+    OWN_STATEMENTS,
+    PROPOSAL,
+    PROPOSED,
+    REQUEST,
+    ROSTER_NOW,
+    ZOE,
+    approval_request,
+    person,
+)
 
-EXPIRES = 1_795_608_000  # 2026-11-25 12:00:00 UTC
-PROPOSED = EXPIRES - 3600
-NOW = EXPIRES - 1800
-PROPOSAL = bytes.fromhex("3f2a9c0e5d7b41a68c2e0f1b9d3a7c55")
-OTHER_PROPOSAL = bytes.fromhex("00112233445566778899aabbccddeeff")
 GOLDEN = Path(__file__).parent / "golden" / "statements"
 #: KEYQUORUM_UPDATE_GOLDEN=1 rewrites the golden files instead of comparing.
 UPDATE = os.environ.get("KEYQUORUM_UPDATE_GOLDEN") == "1"
-
-
-def _person(name: str) -> Person:
-    return Person(hashlib.sha256(name.encode()).hexdigest(), name)
-
-
-NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace")
-ROSTER_NOW = tuple(_person(n) for n in NAMES)
-HENRY, ZOE = _person("henry"), _person("Zo\u00eb \u00c5berg")
-CONTEXT = ApprovalContext(
-    roster=ROSTER_NOW, threshold=5, approvals_needed=5, destroy_wait_seconds=7 * 86400
-)
-
-
-def _request(**changes: object) -> ApprovalRequest:
-    fields: dict[str, object] = {
-        "deployment": "acme-prod",
-        "proposal_id": PROPOSAL,
-        "operation": "activate-tenant",
-        "parameters": {"tenant": "acme-health", "duration_seconds": 28800},
-        "log_position": 42,
-        "proposed_at": PROPOSED,
-        "expires_at": EXPIRES,
-        "context": CONTEXT,
-    }
-    fields.update(changes)
-    return ApprovalRequest.from_mapping(**fields)  # type: ignore[arg-type]
-
-
-REQUEST = _request()
-OPS_BOT = _person("ops-bot")
-#: Fixed keys of a witness and of the deployment's next log key (C2SP vkeys).
-WITNESS_KEY = "witness.example/w1+4984b47f+BFVVHcfurX9U/x2v9w/yzkle4JgiZAHVy+WGwXA7vhkR"
-NEXT_LOG_KEY = "keyquorum/acme-prod+c9c70148+Ac+USs61g6ANmCrp0qmj4zMJP9DB+ejOuDA7tIV6wmn8"
-NEW_ROSTER = (*ROSTER_NOW[:2], *ROSTER_NOW[4:], HENRY, ZOE)
-#: One request per operation: the statement each renders is pinned in tests/golden/.
-OPERATION_REQUESTS: dict[str, ApprovalRequest] = {
-    "create-tenant": _request(operation="create-tenant", parameters={"tenant": "acme-health"}),
-    "activate-tenant": REQUEST,
-    "rotate-tenant": _request(operation="rotate-tenant", parameters={"tenant": "acme-health"}),
-    "destroy-tenant": _request(operation="destroy-tenant", parameters={"tenant": "acme-health"}),
-    "grant": _request(
-        operation="grant", parameters={"backend": "booking", "tenant": "acme-health"}
-    ),
-    "revoke": _request(
-        operation="revoke",
-        parameters={"backend": "booking", "tenant": "acme-health"},
-        context=dataclasses.replace(CONTEXT, approvals_needed=1),
-    ),
-    "deactivate-tenant": _request(
-        operation="deactivate-tenant",
-        parameters={"tenant": "acme-health"},
-        context=dataclasses.replace(CONTEXT, approvals_needed=1),
-    ),
-    "disable-version": _request(
-        operation="disable-version",
-        parameters={"tenant": "acme-health", "version": 2},
-        context=dataclasses.replace(CONTEXT, approvals_needed=1),
-    ),
-    "cancel-destroy": _request(
-        operation="cancel-destroy",
-        parameters={"tenant": "acme-health"},
-        context=dataclasses.replace(CONTEXT, approvals_needed=1),
-    ),
-    "change-roster": _request(
-        operation="change-roster",
-        parameters={"threshold": 4, "roster": ",".join(p.fingerprint for p in NEW_ROSTER)},
-        context=dataclasses.replace(CONTEXT, newcomers=(HENRY, ZOE)),
-    ),
-    "add-proposer": _request(
-        operation="add-proposer", parameters={"name": "ops-bot", "proposer": OPS_BOT.fingerprint}
-    ),
-    "remove-proposer": _request(
-        operation="remove-proposer",
-        parameters={"proposer": OPS_BOT.fingerprint},
-        context=dataclasses.replace(CONTEXT, approvals_needed=1),
-    ),
-    "add-witness": _request(
-        operation="add-witness", parameters={"witness": WITNESS_KEY, "witness_threshold": 1}
-    ),
-    "remove-witness": _request(
-        operation="remove-witness", parameters={"witness": WITNESS_KEY, "witness_threshold": 0}
-    ),
-    "rotate-log-key": _request(operation="rotate-log-key", parameters={"log_key": NEXT_LOG_KEY}),
-}
-SEAL_TIME = 1_795_649_400  # 2026-11-25 19:30:00 UTC
-OWN_STATEMENTS: dict[str, Statement] = {
-    "confirm-share": statements.confirm_share_statement(
-        deployment="acme-prod", custodian=ROSTER_NOW[2], split_id=bytes(range(16)), index=3
-    ),
-    "unseal-share": statements.unseal_share_statement(
-        deployment="acme-prod",
-        custodian=ROSTER_NOW[2],
-        replica="kq-1",
-        session=bytes(range(16, 32)),
-        session_log_size=7,
-        split_id=bytes(range(16)),
-        index=3,
-        ciphertext_sha256=bytes(range(32)),
-    ),
-    "seal": statements.seal_statement(
-        deployment="acme-prod",
-        custodian=ROSTER_NOW[0],
-        replica="kq-1",
-        reason="suspected compromise",
-        requested_at=SEAL_TIME,
-    ),
-    "seal-every-replica": statements.seal_statement(
-        deployment="acme-prod",
-        custodian=ZOE,
-        replica="*",
-        reason="laptop stolen",
-        requested_at=SEAL_TIME,
-    ),
-    "propose": statements.proposal_statement(
-        deployment="acme-prod",
-        proposer=OPS_BOT,
-        proposal_id=PROPOSAL,
-        operation="activate-tenant",
-        parameters={"tenant": "acme-health", "duration_seconds": 28800},
-        expires_at=EXPIRES,
-    ),
-}
 
 
 def _golden(name: str, text: str) -> None:
@@ -255,8 +142,8 @@ def test_change_roster_names_old_and_new_roster_added_and_removed() -> None:
 
 
 def test_change_roster_refuses_a_custodian_the_context_does_not_name() -> None:
-    stranger = _person("mallory")
-    request = _request(
+    stranger = person("mallory")
+    request = approval_request(
         operation="change-roster",
         parameters={
             "threshold": 2,
@@ -268,13 +155,15 @@ def test_change_roster_refuses_a_custodian_the_context_does_not_name() -> None:
 
 
 def test_parameter_order_does_not_change_the_text() -> None:
-    swapped = _request(parameters={"duration_seconds": 28800, "tenant": "acme-health"})
+    swapped = approval_request(parameters={"duration_seconds": 28800, "tenant": "acme-health"})
     assert swapped == REQUEST
     assert swapped.statement("approve").render() == REQUEST.statement("approve").render()
 
 
 def test_an_operation_without_a_row_is_shown_parameter_by_parameter() -> None:
-    text = _request(operation="future-op", parameters={"b": 2, "a": "x"}).statement("approve")
+    text = approval_request(operation="future-op", parameters={"b": 2, "a": "x"}).statement(
+        "approve"
+    )
     assert text.fields[-3:] == (("operation", "future-op"), ("  a", "x"), ("  b", "2"))
 
 
@@ -310,7 +199,7 @@ def test_render_duration(seconds: int, text: str) -> None:
 
 
 def test_window_past_the_last_time_shown_does_not_fail() -> None:
-    late = _request(
+    late = approval_request(
         proposed_at=statements.MAX_TIMESTAMP - 10,
         expires_at=statements.MAX_TIMESTAMP,
         parameters={"tenant": "acme-health", "duration_seconds": 3600},
@@ -332,12 +221,12 @@ NAME_ESCAPES = {
 def test_names_are_shown_in_ascii_and_cannot_imitate_a_fingerprint_or_a_list(
     name: str, shown: str
 ) -> None:
-    person = _person(name)
-    assert person.label == f"{shown} ({people.display_fingerprint(person.fingerprint)})"
-    assert person.label.count("(") == 1
-    assert "," not in person.label
+    named = person(name)
+    assert named.label == f"{shown} ({people.display_fingerprint(named.fingerprint)})"
+    assert named.label.count("(") == 1
+    assert "," not in named.label
     seal = statements.seal_statement(
-        deployment="d", custodian=person, replica="r", reason="x", requested_at=0
+        deployment="d", custodian=named, replica="r", reason="x", requested_at=0
     )
     assert Statement.parse(seal.render()) == seal
 
@@ -375,7 +264,7 @@ def test_bad_field_values_are_refused(value: str) -> None:
     with pytest.raises(InvalidInputError):
         Statement("seal", value, (("reason", "ok"),))
     with pytest.raises(InvalidInputError):
-        _request(parameters={"tenant": value})
+        approval_request(parameters={"tenant": value})
 
 
 def test_newline_message_names_the_field() -> None:
@@ -429,7 +318,7 @@ def test_change_roster_of_255_custodians_by_255_others_fits() -> None:
         roster=now, threshold=255, approvals_needed=255, destroy_wait_seconds=1, newcomers=after
     )
     roster = ",".join(p.fingerprint for p in after)
-    request = _request(
+    request = approval_request(
         operation="change-roster", parameters={"threshold": 255, "roster": roster}, context=context
     )
     size = len(request.statement("approve").message())
@@ -457,7 +346,7 @@ REQUEST_ERRORS = {
 @pytest.mark.parametrize("changes", list(REQUEST_ERRORS.values()), ids=list(REQUEST_ERRORS))
 def test_bad_requests_are_refused(changes: dict[str, object]) -> None:
     with pytest.raises(InvalidInputError):
-        _request(**changes)
+        approval_request(**changes)
 
 
 @pytest.mark.parametrize(
@@ -603,7 +492,9 @@ def _altered_byte() -> list[SignedStatement]:
 
 def _mixed_halves() -> list[SignedStatement]:
     good = SEVEN[4].sign(APPROVE).signature
-    other = SEVEN[4].sign(_request(proposal_id=OTHER_PROPOSAL).statement("approve")).signature
+    other = (
+        SEVEN[4].sign(approval_request(proposal_id=OTHER_PROPOSAL).statement("approve")).signature
+    )
     return [
         *_approvals(4),
         SignedStatement(SEVEN[4].id, HybridSignature(good.ed25519, other.mldsa65)),
@@ -643,18 +534,21 @@ CASES = {
     "signature from the other proposal": Case(
         lambda: [
             *_approvals(4),
-            SEVEN[4].sign(_request(proposal_id=OTHER_PROPOSAL).statement("approve")),
+            SEVEN[4].sign(approval_request(proposal_id=OTHER_PROPOSAL).statement("approve")),
         ],
         error=SignatureError,
     ),
     "same proposal id at another log position": Case(
-        lambda: [*_approvals(4), SEVEN[4].sign(_request(log_position=43).statement("approve"))],
+        lambda: [
+            *_approvals(4),
+            SEVEN[4].sign(approval_request(log_position=43).statement("approve")),
+        ],
         error=SignatureError,
     ),
     "same proposal in another deployment": Case(
         lambda: [
             *_approvals(4),
-            SEVEN[4].sign(_request(deployment="acme-staging").statement("approve")),
+            SEVEN[4].sign(approval_request(deployment="acme-staging").statement("approve")),
         ],
         error=SignatureError,
     ),

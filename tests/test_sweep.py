@@ -34,6 +34,7 @@ from keyquorum.quorum.errors import StateError
 from keyquorum.quorum.limits import DEFAULT_LIMITS
 from keyquorum.quorum.log import Entry, ShredPayload
 from keyquorum.v1 import custodian_pb2 as pb
+from tests.custodian_steps import key_bytes, run, unseal, zeroed
 from tests.harness import (
     CEREMONY_CODE,
     Custodian,
@@ -42,7 +43,6 @@ from tests.harness import (
     make_custodians,
     tls_channel,
 )
-from tests.test_approvals import key_bytes, run, unseal, zeroed
 
 THRESHOLD = 2
 SHORT, LONG, OTHER = "t-short", "t-long", "t-other"

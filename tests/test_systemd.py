@@ -32,8 +32,8 @@ import pytest
 
 from keyquorum.client import KeyClient
 from keyquorum.hsm.pki import DevPki, make_dev_pki
+from tests.custodian_steps import K, ceremony, run, unseal
 from tests.harness import DaemonProcess, make_custodians, server_command, start_daemon_process
-from tests.test_approvals import K, ceremony, run, unseal
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy" / "keyquorum.service"

@@ -29,9 +29,9 @@ from keyquorum.hsm.stores.postgres import PostgresStore
 from keyquorum.quorum.log import Entry
 from keyquorum.quorum.replay import verify_log
 from keyquorum.v1 import custodian_pb2 as pb
+from tests.custodian_steps import ceremony, propose, unseal, zeroed
 from tests.harness import Custodian, in_process_daemon, make_custodians
-from tests.test_approvals import ceremony, propose, unseal, zeroed
-from tests.test_key_service import CONTEXT, KeyPlane, key_plane, make_pki, ready_tenant
+from tests.key_plane import CONTEXT, KeyPlane, key_plane, make_pki, ready_tenant
 
 TENANT = "acme-health"
 K = 5

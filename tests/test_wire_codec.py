@@ -68,9 +68,9 @@ from keyquorum.quorum.errors import (
 )
 from keyquorum.quorum.limits import DEFAULT_LIMITS, Limits
 from keyquorum.v1 import key_pb2 as pb
+from tests.custodian_steps import K, ceremony, run, unseal
 from tests.harness import Custodian, FakeClock, InProcessDaemon, in_process_daemon, make_custodians
-from tests.test_approvals import ceremony, run, unseal
-from tests.test_key_service import K, KeyPlane, key_plane, make_pki, ready_tenant
+from tests.key_plane import KeyPlane, key_plane, make_pki, ready_tenant
 
 C = grpc.StatusCode
 WHO = "keyquorum://backend/booking"

@@ -42,6 +42,7 @@ from keyquorum.hsm.services.workers import StoreSpec, WorkerPool
 from keyquorum.quorum.limits import DEFAULT_LIMITS
 from keyquorum.v1 import audit_pb2 as apb
 from keyquorum.v1 import audit_pb2_grpc as apb_grpc
+from tests.custodian_steps import ceremony, run, unseal
 from tests.harness import (
     Custodian,
     FakeClock,
@@ -50,7 +51,6 @@ from tests.harness import (
     make_custodians,
     start_daemon_process,
 )
-from tests.test_approvals import ceremony, run, unseal
 
 TENANT = "acme-health"
 CONTEXT = {"patient": "p-4711"}
