@@ -162,3 +162,50 @@ def test_dependency_checker_sees_lazy_and_from_imports(tmp_path: Path) -> None:
         "def f():\n    from keyquorum.hsm import daemon\n    import keyquorum.cli.main\n"
     )
     assert _our_imports(sample) == {"keyquorum.hsm", "keyquorum.hsm.daemon", "keyquorum.cli.main"}
+
+
+# -- the tests' own layout --------------------------------------------------------------
+
+
+def _test_module_imports(path: Path) -> list[str]:
+    """The test modules (`tests.test_*`) a file imports, at any depth."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.ImportFrom):  # relative: `from . import test_x`
+            modules = [f"tests.{a.name}" for a in node.names] + [f"tests.{node.module}"]
+        else:
+            continue
+        found += [".".join(m.split(".")[:2]) for m in modules if m.startswith("tests.test_")]
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted([*(ROOT / "tests").glob("*.py"), *(ROOT / "bench").glob("*.py")]),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_no_file_imports_a_test_module(path: Path) -> None:
+    """What tests share lives in the harness modules (tests/*.py not named test_*)."""
+    assert _test_module_imports(path) == []
+
+
+def test_test_module_checker_sees_every_form(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import tests.test_a\n"
+        "from tests.test_b import x\n"
+        "from tests import test_c\n"
+        "from .test_d import y\n"
+        "def f():\n    from tests.harness import z\n"
+    )
+    assert _test_module_imports(sample) == [
+        "tests.test_a",
+        "tests.test_b",
+        "tests.test_c",
+        "tests.test_d",
+    ]
