@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from tests.key_plane import (
     make_pki,
     ready_tenant,
 )
+from tests.waiting import until
 
 C = grpc.StatusCode
 THREADS = 8
@@ -235,12 +236,22 @@ def test_many_clients_and_a_seal_in_the_middle(
                             outcomes.append(Outcome(started, time.monotonic(), code, correct))
 
             threads = [threading.Thread(target=backend, args=(i,)) for i in range(THREADS)]
+
+            def counted(which: Callable[[Outcome], bool]) -> int:
+                with lock:
+                    return sum(1 for o in outcomes if which(o))
+
             for t in threads:
                 t.start()
-            time.sleep(0.6)
+            # Progress decides, not the clock: seal once enough calls completed,
+            # and stop once every client has started calls after the seal.
+            until(lambda: counted(lambda o: o.code is None) > 20, "20 calls before the seal")
             served.seal()
             sealed_done = time.monotonic()
-            time.sleep(0.4)
+            until(
+                lambda: counted(lambda o: o.started > sealed_done) >= 2 * THREADS,
+                "calls started after the seal",
+            )
             stop.set()
             for t in threads:
                 t.join(timeout=10)

@@ -24,6 +24,7 @@ import pytest
 from keyquorum.hsm import logs, stderr_relay
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from tests.harness import start_daemon_process
+from tests.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +123,7 @@ def test_json_daemon_output_is_json_only_with_core_lines_routed(
         assert Path(f"/proc/{relay}/fd/0").readlink().name.startswith("pipe:")
     finally:
         assert proc.stop() == 0
-    time.sleep(0.2)
-    assert not Path(f"/proc/{relay}").exists()  # ended with the daemon
+    until(lambda: not Path(f"/proc/{relay}").exists(), "the relay to end with the daemon")
     lines = proc.output().splitlines()
     objs = [json.loads(line) for line in lines]  # every line is JSON
     assert all(set(o) >= {"time", "level", "logger", "message"} for o in objs)

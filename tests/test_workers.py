@@ -51,6 +51,7 @@ from tests.harness import (
     make_custodians,
     start_daemon_process,
 )
+from tests.waiting import until
 
 TENANT = "acme-health"
 CONTEXT = {"patient": "p-4711"}
@@ -342,13 +343,14 @@ def test_a_worker_killed_under_load_is_replaced_and_nothing_is_answered_wrongly(
     threads = [threading.Thread(target=load, args=(n,)) for n in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    until(lambda: len(answers) >= 20, "answers before the kill", within=HANG_GUARD_S)
     victim = world.pool.pids()[0]
     os.kill(victim, signal.SIGKILL)
-    time.sleep(0.5)
+    until(lambda: victim not in world.pool.pids(), "the pool to see the kill", within=HANG_GUARD_S)
     assert world.pool.wait_serving(2, HANG_GUARD_S), "the killed worker was not replaced"
-    assert victim not in world.pool.pids()
-    time.sleep(0.3)
+    # The load goes on after the replacement.
+    after = len(answers)
+    until(lambda: len(answers) >= after + 20, "answers after the kill", within=HANG_GUARD_S)
     stop.set()
     for t in threads:
         t.join(HANG_GUARD_S)
