@@ -1,7 +1,7 @@
 """What the custodians' CLI pins and follows (cli/seen_checkpoints.py), in isolation.
 
 The rules checked here on logs built by tests/logfactory.py; end to end, with
-daemons, CLIs and both stores, they are in tests/test_log_trust.py.
+daemons, CLIs and both stores, they are in tests/test_deployment_attacks.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The attacks of issue 17, each on SQLite and on PostgreSQL, with real daemons.
+"""Attacks on a copy of a deployment, each on SQLite and on PostgreSQL, with real daemons.
 
 Each test is one attack an operator, a database administrator or someone
 who reaches the custodian port tried on a copy of a deployment, and what
