@@ -42,7 +42,7 @@ class Running:
     metrics_port: int
     access_log: Path
     custodians: list[Custodian]
-    #: Who signs the proposals (set by the ceremony of tests/test_approvals.py).
+    #: Who signs the proposals (set by the ceremony of tests/custodian_steps.py).
     proposer: CustodianCredential | None = None
 
     @property
