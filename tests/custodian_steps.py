@@ -1,4 +1,4 @@
-"""What custodians do to an in-process daemon: ceremony, unseal, propose, approve.
+"""What custodians do to a daemon: ceremony, unseal, propose, approve, a whole quorum.
 
 The steps most daemon tests start with, driven over the real custodian gRPC
 API with the CLI's own actions (`keyquorum.cli.custodian_actions`), so a
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.v1 import custodian_pb2 as pb
+from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 from tests.harness import (
     CEREMONY_CODE,
     Custodian,
@@ -70,6 +71,25 @@ def run(
         response = approve(d, c, p.id)
     assert response.executed
     return response
+
+
+def quorum(
+    stub: pb_grpc.CustodianServiceStub,
+    custodians: list[Custodian],
+    operation: str,
+    params: dict[str, str | int],
+    *,
+    proposer: Custodian | None = None,
+    now: int | None = None,
+) -> pb.VerdictResponse:
+    """Over `stub` (a daemon process, say): propose signed, approve as needed; the last answer."""
+    signer = (proposer or custodians[0]).credential
+    p = stub.Propose(signed_proposal(stub, signer, operation, params, now=now))
+    for c in custodians[: p.required]:
+        answer = actions.verdict(stub, p.id, c.fingerprint, lambda _t, c=c: c.credential,
+                                 verdict="approve")  # fmt: skip
+    assert answer.executed
+    return answer
 
 
 def run_one(d: InProcessDaemon, custodians: list[Custodian], pid: str) -> None:

@@ -62,6 +62,7 @@ from keyquorum.quorum.replay import replay
 from keyquorum.quorum.secret import SecretBytes
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
+from tests.custodian_steps import quorum
 from tests.harness import (
     CEREMONY_CODE,
     Custodian,
@@ -200,25 +201,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 
 def stub_of(proc: DaemonProcess) -> pb_grpc.CustodianServiceStub:
     return pb_grpc.CustodianServiceStub(proc.channel())
-
-
-def quorum(
-    stub: pb_grpc.CustodianServiceStub,
-    custodians: list[Custodian],
-    operation: str,
-    params: dict[str, str | int],
-    *,
-    proposer: Custodian | None = None,
-    now: int | None = None,
-) -> pb.VerdictResponse:
-    """Propose (signed), approve by as many custodians as it needs; the last answer."""
-    signer = (proposer or custodians[0]).credential
-    p = stub.Propose(signed_proposal(stub, signer, operation, params, now=now))
-    for c in custodians[: p.required]:
-        answer = actions.verdict(stub, p.id, c.fingerprint, lambda _t, c=c: c.credential,
-                                 verdict="approve")  # fmt: skip
-    assert answer.executed
-    return answer
 
 
 def unseal(stub: pb_grpc.CustodianServiceStub, custodians: list[Custodian]) -> None:
