@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
-from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
+from keyquorum.cli.connect import (
+    Endpoint,
+    endpoint_options,
+    make_endpoint,
+    open_channel,
+    rpc_errors,
+)
+from keyquorum.cli.display import session_lines
 from keyquorum.cli.output import document, emit, json_option, person
 from keyquorum.quorum import people
+from keyquorum.quorum.errors import InvalidInputError, KeyquorumError
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
@@ -88,40 +97,149 @@ def init(
 
 
 @click.command("status")
-@endpoint_options
+@click.option(
+    "--server",
+    "servers",
+    multiple=True,
+    envvar="KEYQUORUM_SERVER",
+    default=("127.0.0.1:7443",),
+    show_default=True,
+    help="Daemon address HOST:PORT; repeat it for several replicas (env KEYQUORUM_SERVER, "
+    "space-separated).",
+)
+@click.option(
+    "--ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="KEYQUORUM_CA",
+    help="CA certificate that signed the daemons' certificates (env KEYQUORUM_CA).",
+)
+@click.option(
+    "--insecure-dev-plaintext",
+    is_flag=True,
+    help="Plaintext gRPC, for development on loopback only.",
+)
 @json_option
-def status(server: str, ca: Path | None, insecure_dev_plaintext: bool, as_json: bool) -> None:
+def status(
+    servers: tuple[str, ...], ca: Path | None, insecure_dev_plaintext: bool, as_json: bool
+) -> None:
     """Show whether the daemon is sealed, unseal progress, the roster and the log key.
+
+    While sealed: the open unseal session, who has submitted a share and
+    when, when the session expires (UTC), and how the session before it
+    ended if it did not unseal (expired, reset or ended by a seal). With
+    several --server, each replica's state; one that cannot be reached is
+    reported and the exit code is 3 (1 when none answered).
 
     \b
     Example:
       keyquorum status --server kq.example:7443 --ca ca.crt
       keyquorum status --server kq.example:7443 --ca ca.crt --json
+      keyquorum status --server kq-1.example:7443 --server kq-2.example:7443 --ca ca.crt
     """
-    endpoint = make_endpoint(server, ca, insecure_dev_plaintext)
-    with open_channel(endpoint) as channel, rpc_errors():
-        s = pb_grpc.CustodianServiceStub(channel).GetStatus(pb.GetStatusRequest())
+    if len(set(servers)) != len(servers):
+        raise InvalidInputError("the same --server is given twice")
+    endpoints = [make_endpoint(server, ca, insecure_dev_plaintext) for server in servers]
+    if len(endpoints) == 1:
+        s = _fetch(endpoints[0])
+        if as_json:
+            emit(status_document(s))
+        else:
+            for line in status_lines(s):
+                click.echo(line)
+        return
+    answers: list[tuple[str, pb.Status | None, str]] = []
+    for endpoint in endpoints:
+        try:
+            answers.append((endpoint.target, _fetch(endpoint), ""))
+        except KeyquorumError as e:
+            answers.append((endpoint.target, None, str(e)))
     if as_json:
-        emit(status_document(s))
-        return
+        emit(
+            document(
+                "status-replicas",
+                replicas=[
+                    {
+                        "server": target,
+                        "status": None if answer is None else status_document(answer),
+                        "error": error or None,
+                    }
+                    for target, answer, error in answers
+                ],
+            )
+        )
+    else:
+        for n, (target, answer, error) in enumerate(answers):
+            if n:
+                click.echo("")
+            click.echo(f"== {target}")
+            shown = [f"UNREACHABLE: {error}"] if answer is None else status_lines(answer)
+            for line in shown:
+                click.echo(line)
+    failed = sum(answer is None for _t, answer, _e in answers)
+    if failed:
+        raise SystemExit(1 if failed == len(answers) else 3)
+
+
+def _fetch(endpoint: Endpoint) -> pb.Status:
+    with open_channel(endpoint) as channel, rpc_errors():
+        return pb_grpc.CustodianServiceStub(channel).GetStatus(pb.GetStatusRequest())
+
+
+def status_lines(s: pb.Status) -> list[str]:
+    """`status` as text: the state, the unseal session while sealed, the roster."""
     if not s.initialized:
-        click.echo("not initialised: run `keyquorum ceremony init`")
-        return
+        return [f"replica {s.replica}: not initialised: run `keyquorum ceremony init`"]
     state = "SEALED" if s.sealed else "UNSEALED"
-    click.echo(f"deployment {s.deployment}, replica {s.replica}: {state}")
+    lines = [f"deployment {s.deployment}, replica {s.replica}: {state}"]
     if s.sealed:
-        click.echo(f"unseal progress: {s.unseal_progress} of {s.threshold}")
-    click.echo(f"ceremony confirmed by {s.confirmed_count} of {s.custodian_count}")
-    click.echo(f"log size: {s.log_size}")
-    click.echo(f"log key: {s.log_key}")
-    click.echo(f"roster: {s.threshold} of {s.custodian_count} custodians unseal")
+        lines.append(f"unseal progress: {s.unseal_progress} of {s.threshold}")
+        lines.extend(session_lines(s))
+    lines += [
+        f"ceremony confirmed by {s.confirmed_count} of {s.custodian_count}",
+        f"log size: {s.log_size}",
+        f"log key: {s.log_key}",
+        f"roster: {s.threshold} of {s.custodian_count} custodians unseal",
+    ]
     for c in s.roster:
         mark = "confirmed" if c.confirmed else "not confirmed"
-        click.echo(f"  share {c.share_index}: {people.label(c.name, c.fingerprint)}, {mark}")
+        lines.append(f"  share {c.share_index}: {people.label(c.name, c.fingerprint)}, {mark}")
+    return lines
+
+
+def _submitted(shares: Sequence[pb.SubmittedShare]) -> list[dict[str, Any]]:
+    return [
+        {
+            "share_index": x.share_index,
+            "submitted_at": x.submitted_at,
+            **person(x.name, x.fingerprint),
+        }
+        for x in shares
+    ]
 
 
 def status_document(s: pb.Status) -> dict[str, Any]:
     """`status --json` (docs/schemas/status.schema.json)."""
+    session = None
+    if s.HasField("unseal_session"):
+        u = s.unseal_session
+        session = {
+            "session_id": u.session_id,
+            "opened_at": u.opened_at,
+            "expires_at": u.expires_at,
+            "log_size": u.log_size,
+            "submitted": _submitted(u.submitted),
+        }
+    previous = None
+    if s.HasField("previous_unseal_session"):
+        p = s.previous_unseal_session
+        previous = {
+            "session_id": p.session_id,
+            "opened_at": p.opened_at,
+            "ended_at": p.ended_at,
+            "how": p.how,
+            "reset_by": person(p.reset_by_name, p.reset_by) if p.how == "reset" else None,
+            "submitted": _submitted(p.submitted),
+        }
     return document(
         "status",
         initialized=s.initialized,
@@ -131,6 +249,8 @@ def status_document(s: pb.Status) -> dict[str, Any]:
         threshold=s.threshold,
         custodian_count=s.custodian_count,
         unseal_progress=s.unseal_progress,
+        unseal_session=session,
+        previous_unseal_session=previous,
         confirmed_count=s.confirmed_count,
         log_size=s.log_size,
         log_key=s.log_key,

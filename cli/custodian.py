@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hmac
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli import display, seen_checkpoints
-from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel, rpc_errors
+from keyquorum.cli import unseal as unseal_flow
+from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel
 from keyquorum.cli.files import replace_atomically, write_new
 from keyquorum.cli.output import document, emit, json_option, person
 from keyquorum.cli.passphrase import check_strength, passphrase_options, read_passphrase
@@ -24,9 +24,7 @@ from keyquorum.quorum.log import (
     Entry,
     RefusalPayload,
     SealPayload,
-    UnsealPayload,
 )
-from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
 PRIVATE_SUFFIX = ".kqcred"
@@ -289,6 +287,12 @@ def confirm_cmd(
     is_flag=True,
     help="Plaintext gRPC, for development on loopback only.",
 )
+@click.option(
+    "--reset",
+    is_flag=True,
+    help="Discard every share of each replica's open unseal session instead (a signed "
+    "request, logged as an unseal-reset entry naming you); the next share starts a new session.",
+)
 @credential_option
 @passphrase_options
 @witness_wait_option
@@ -296,6 +300,7 @@ def unseal_cmd(
     servers: tuple[str, ...],
     ca: Path | None,
     insecure_dev_plaintext: bool,
+    reset: bool,
     credential_path: Path,
     passphrase_file: Path | None,
     passphrase_fd: int | None,
@@ -314,6 +319,16 @@ def unseal_cmd(
     deployment's witnesses up to the session; a rolled-back or re-keyed log
     is refused.
 
+    Each replica's session is shown first: who has submitted, when it
+    expires, and, if the session before it expired or was reset, that it
+    did. With several --server, a replica that cannot be reached or
+    refuses is reported and the others still get the share. Exit codes:
+    0 every replica accepted (or was already unsealed), 1 none did,
+    3 some did (partial; the lines above say which).
+
+    --reset discards each replica's open session instead, by a signed
+    request that is logged (an unseal-reset entry the audit report shows).
+
     \b
     Example:
       keyquorum custodian unseal --server kq.example:7443 --ca ca.pem \\
@@ -321,44 +336,18 @@ def unseal_cmd(
     Two replicas in one go (one passphrase prompt):
       keyquorum custodian unseal --server kq-1.example:7443 \\
           --server kq-2.example:7443 --ca ca.pem --credential ~/.keyquorum/alice.kqcred
+    Start the session over (signed and logged):
+      keyquorum custodian unseal --reset --server kq.example:7443 --ca ca.pem \\
+          --credential ~/.keyquorum/alice.kqcred
     """
     if len(set(servers)) != len(servers):
         raise InvalidInputError("the same --server is given twice")
     endpoints = [make_endpoint(server, ca, insecure_dev_plaintext) for server in servers]
     unlock = _unlocker(credential_path, passphrase_file, passphrase_fd)
-    with ExitStack() as stack:
-        stubs: list[pb_grpc.CustodianServiceStub] = []
-        lines = []
-        for endpoint in endpoints:
-            stub = pb_grpc.CustodianServiceStub(stack.enter_context(open_channel(endpoint)))
-            seen_checkpoints.require_extension(stub)
-            with rpc_errors():
-                session = stub.OpenUnsealSession(pb.OpenUnsealSessionRequest())
-            seen_checkpoints.require_witnessed(stub, session.log_size, wait=witness_wait)
-            stubs.append(stub)
-            lines.append(
-                f"(unseal) deployment {session.deployment}, replica {session.replica}, "
-                f"session {session.session_id[:16]}, log size {session.log_size}: your share, "
-                "decrypted here, re-encrypted to this session's key and signed."
-            )
-        credential = unlock("\n".join(lines))
-        fingerprint = credential.public().fingerprint
-
-        def took_part(entry: Entry) -> bool:
-            payload = entry.payload
-            return isinstance(payload, UnsealPayload) and any(
-                share.custodian == fingerprint for share in payload.shares
-            )
-
-        for endpoint, stub in zip(endpoints, stubs, strict=True):
-            progress = actions.submit_share(stub, credential, show=_show_signing)
-            where = f"{endpoint.target}: " if len(endpoints) > 1 else ""
-            state = "still sealed" if progress.sealed else "UNSEALED"
-            click.echo(f"{where}share accepted: {progress.have} of {progress.need}; {state}")
-            if progress.HasField("seq"):
-                seen_checkpoints.remember_entry(stub, progress.seq, took_part)
-            else:
-                seen_checkpoints.require_extension(stub)
+    if reset:
+        unseal_flow.reset(endpoints, public_for(credential_path), unlock, witness_wait=witness_wait)
+    else:
+        unseal_flow.unseal(endpoints, unlock, witness_wait=witness_wait, show_signing=_show_signing)
 
 
 @custodian.command("seal")

@@ -181,6 +181,45 @@ def submit_share(
         )
 
 
+def reset_statement(
+    status: pb.Status, public: statements.Named, *, now: int
+) -> statements.Statement:
+    """The `unseal-reset` statement for the open session `status` shows."""
+    session = status.unseal_session
+    try:
+        session_id = bytes.fromhex(session.session_id)
+    except ValueError:
+        raise InvalidInputError("the daemon sent a session id that is not hex") from None
+    return statements.unseal_reset_statement(
+        deployment=status.deployment,
+        custodian=public,
+        replica=status.replica,
+        session=session_id,
+        session_log_size=session.log_size,
+        requested_at=now,
+    )
+
+
+def reset_unseal_session(
+    stub: pb_grpc.CustodianServiceStub,
+    credential: CustodianCredential,
+    statement: statements.Statement,
+    *,
+    now: int,
+) -> pb.ResetUnsealSessionResponse:
+    """Send a signed `unseal-reset` (`reset_statement` made at `now`) for its session."""
+    signed = statements.sign_statement(statement, credential)
+    with rpc_errors():
+        return stub.ResetUnsealSession(
+            pb.ResetUnsealSessionRequest(
+                session_id=statement.field("session") or "",
+                custodian=credential.public().fingerprint,
+                requested_at=now,
+                signature=signed.signature.to_bytes(),
+            )
+        )
+
+
 def seal(
     stub: pb_grpc.CustodianServiceStub,
     public: statements.Named | str,

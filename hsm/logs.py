@@ -10,7 +10,8 @@ One handler on the root logger, so every library that logs through Python's
 - json: one object per line, `{"time", "level", "logger", "message"}`, plus
   `"exc"` (the traceback's text) when there is one and the fields named in
   `EXTRA_FIELDS` when a record carries them (the gRPC C core's source
-  location and thread, hsm/stderr_relay.py). `json.dumps` escapes every
+  location and thread, hsm/stderr_relay.py; the full fingerprint of the
+  custodian a refusal line names, hsm/services/refusals.py). `json.dumps` escapes every
   control character, so each record stays one line.
 
 Times are UTC, RFC 3339 with milliseconds. What reaches a record is the
@@ -28,7 +29,7 @@ from typing import Final, TextIO
 
 FORMATS: Final = ("text", "json")
 #: Record attributes copied into JSON lines when present.
-EXTRA_FIELDS: Final = ("source", "thread_id")
+EXTRA_FIELDS: Final = ("source", "thread_id", "fingerprint")
 
 
 def _timestamp(created: float) -> str:

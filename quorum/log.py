@@ -93,6 +93,7 @@ __all__ = [
     "SealPayload",
     "ShredPayload",
     "UnsealPayload",
+    "UnsealResetPayload",
     "UnsealShare",
     "entry_hash",
     "log_signature_message",
@@ -327,6 +328,66 @@ class UnsealPayload:
             ),
             split_id=read_hex(obj["split_id"], field="split_id", size=ID_LEN),
             shares=tuple(UnsealShare.from_json(v, f"shares[{i}]") for i, v in enumerate(items)),
+        )
+
+
+@dataclass(frozen=True)
+class UnsealResetPayload:
+    """A custodian discarded the shares of one open unseal session of `replica`.
+
+    `signature` is the custodian's over the `unseal-reset` statement naming
+    the session and its log size; `discarded` lists (in fingerprint order)
+    the custodians whose shares the daemon had received in that session and
+    wiped, possibly none. A session that ended this way never unseals.
+    """
+
+    replica: str
+    session: bytes
+    session_log_size: int
+    custodian: str
+    requested_at: int
+    signature: bytes
+    discarded: tuple[str, ...]
+
+    TYPE = "unseal-reset"
+    KEYS = (
+        "custodian",
+        "discarded",
+        "replica",
+        "requested_at",
+        "session",
+        "session_log_size",
+        "signature",
+    )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "custodian": self.custodian,
+            "discarded": list(self.discarded),
+            "replica": self.replica,
+            "requested_at": self.requested_at,
+            "session": self.session.hex(),
+            "session_log_size": self.session_log_size,
+            "signature": self.signature.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> UnsealResetPayload:
+        obj = read_object(value, field="payload", keys=cls.KEYS)
+        items = read_list(obj["discarded"], field="discarded", low=0, high=MAX_ROSTER)
+        discarded = tuple(read_fingerprint(v, field=f"discarded[{i}]") for i, v in enumerate(items))
+        if list(discarded) != sorted(set(discarded)):
+            raise DeserializationError("discarded: fingerprints must be sorted and distinct")
+        return cls(
+            replica=read_str(obj["replica"], field="replica", pattern=NAME_RE),
+            session=read_hex(obj["session"], field="session", size=ID_LEN),
+            session_log_size=read_int(
+                obj["session_log_size"], field="session_log_size", low=1, high=MAX_SEQ
+            ),
+            custodian=read_fingerprint(obj["custodian"], field="custodian"),
+            requested_at=read_int(obj["requested_at"], field="requested_at"),
+            signature=_signature(obj["signature"], field="signature"),
+            discarded=discarded,
         )
 
 
@@ -573,6 +634,7 @@ Payload = (
     GenesisPayload
     | ConfirmPayload
     | UnsealPayload
+    | UnsealResetPayload
     | SealPayload
     | ProposalPayload
     | ApprovalPayload
@@ -587,6 +649,7 @@ _PAYLOADS: Mapping[str, Callable[[object], Payload]] = {
         GenesisPayload,
         ConfirmPayload,
         UnsealPayload,
+        UnsealResetPayload,
         SealPayload,
         ProposalPayload,
         ApprovalPayload,

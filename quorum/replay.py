@@ -22,7 +22,11 @@ Checks for each entry, in order (docs/log-format.md repeats them):
    statements against the roster in force at that entry, the signer's
    share index is the one the roster gives them, the split is the current
    one; an unseal has at least `threshold` distinct custodians and a
-   session id never used before.
+   session id never used before. An `unseal-reset` is signed by a
+   custodian on the roster over the statement naming its session, which
+   was never used before (no unseal or reset), was requested no later
+   than the entry's time, and discards only shares of custodians on the
+   roster.
 2. `approval` / `refusal`: the proposal exists and is pending (not
    executed, not cancelled), the entry's time is before its expiry, the
    signer is on the roster, has given no verdict on it before, and the
@@ -96,6 +100,7 @@ from keyquorum.quorum.log import (
     SealPayload,
     ShredPayload,
     UnsealPayload,
+    UnsealResetPayload,
     entry_hash,
     log_signature_message,
     needs_log_signature,
@@ -129,6 +134,7 @@ from keyquorum.quorum.statements import (
     proposal_statement,
     render_time,
     seal_statement,
+    unseal_reset_statement,
     unseal_share_statement,
     verify_approvals,
     verify_statement,
@@ -570,6 +576,8 @@ class _Check:
             return self.confirm(payload)
         if isinstance(payload, UnsealPayload):
             return self.unseal(payload)
+        if isinstance(payload, UnsealResetPayload):
+            return self.unseal_reset(payload)
         if isinstance(payload, SealPayload):
             return self.seal(payload)
         if isinstance(payload, ProposalPayload):
@@ -805,6 +813,37 @@ class _Check:
 
         def commit(state: LogState) -> None:
             state.unsealed[p.replica] = record
+            state.sessions.add(p.session)
+
+        return commit
+
+    def unseal_reset(self, p: UnsealResetPayload) -> Commit:
+        state, entry = self.state, self.entry
+        if p.session_log_size > entry.seq:
+            raise _RefusedError(f"session log size {p.session_log_size} is beyond this entry")
+        if p.requested_at > entry.time:
+            raise _RefusedError(f"reset requested at {p.requested_at}, after the entry's time")
+        if p.session in state.sessions:
+            raise _RefusedError(
+                ReplayError(f"unseal session {p.session.hex()} was used or reset before")
+            )
+        for fingerprint in p.discarded:
+            if state.epoch.share_index(fingerprint) is None:
+                raise _RefusedError(
+                    f"the reset discards a share of {_fp(fingerprint)}, who is not on the roster"
+                )
+        member = self._member(p.custodian, "unseal-reset")
+        statement = unseal_reset_statement(
+            deployment=state.deployment,
+            custodian=member,
+            replica=p.replica,
+            session=p.session,
+            session_log_size=p.session_log_size,
+            requested_at=p.requested_at,
+        )
+        self._signed(statement, member, p.signature)
+
+        def commit(state: LogState) -> None:
             state.sessions.add(p.session)
 
         return commit

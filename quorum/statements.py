@@ -1,8 +1,9 @@
 """What a custodian signs: short statements in plain text, each a sentence to check.
 
-A custodian approves, refuses, confirms a share, submits a share to unseal
-or seals the service, and a custodian or a registered proposer proposes
-an operation, by signing a `Statement`: a few lines of printable
+A custodian approves, refuses, confirms a share, submits a share to unseal,
+discards an unseal session's shares or seals the service, and a custodian
+or a registered proposer proposes an operation, by signing a `Statement`:
+a few lines of printable
 ASCII that the CLI shows, byte for byte, before it asks for the passphrase
 ("what you see is what you sign"). The signature covers exactly the ASCII
 bytes of `Statement.render()`, with the statement kind as the signature
@@ -70,7 +71,15 @@ from keyquorum.quorum.signatures import HybridSignature, HybridVerifyKey
 MAX_STATEMENT_BYTES = 1024 * 1024
 
 #: The statement kinds; each is also the signature domain.
-KINDS = ("approve", "refuse", "confirm-share", "unseal-share", "seal", "propose")
+KINDS = (
+    "approve",
+    "refuse",
+    "confirm-share",
+    "unseal-share",
+    "unseal-reset",
+    "seal",
+    "propose",
+)
 VERDICTS = ("approve", "refuse")
 
 PROPOSAL_ID_SIZE = 16
@@ -766,6 +775,44 @@ def unseal_share_statement(
             ("split", _split_hex(split_id)),
             ("share index", str(index)),
             ("ciphertext sha256", ciphertext_sha256.hex()),
+        ),
+    )
+
+
+def unseal_reset_statement(
+    *,
+    deployment: str,
+    custodian: Named,
+    replica: str,
+    session: bytes,
+    session_log_size: int,
+    requested_at: int,
+) -> Statement:
+    """What a custodian signs to discard the shares of one unseal session (`unseal-reset`).
+
+    It names the one session it ends, so it cannot end a later one.
+    """
+    if not isinstance(session, bytes) or not 1 <= len(session) <= 64:
+        raise InvalidInputError("session id must be 1 to 64 bytes")
+    who = Person.of(custodian)
+    replica = _check_value("replica", replica)
+    return Statement(
+        "unseal-reset",
+        deployment,
+        (
+            (
+                "summary",
+                f"I discard every share submitted so far in unseal session "
+                f"{session.hex()[:16]} of replica {replica}; the custodians start a new session",
+            ),
+            ("custodian", who.label),
+            ("replica", replica),
+            ("session", session.hex()),
+            (
+                "session log size",
+                str(_check_int("session log size", session_log_size, 0, 2**53 - 1)),
+            ),
+            ("requested at", render_time(requested_at)),
         ),
     )
 

@@ -35,6 +35,7 @@ from keyquorum.quorum.log import (
     SealPayload,
     ShredPayload,
     UnsealPayload,
+    UnsealResetPayload,
     UnsealShare,
     next_entry,
     share_info,
@@ -61,6 +62,7 @@ from keyquorum.quorum.statements import (
     confirm_share_statement,
     proposal_statement,
     seal_statement,
+    unseal_reset_statement,
     unseal_share_statement,
 )
 
@@ -280,6 +282,45 @@ class LogFactory:
     def unseal(self, replica: str, creds: Sequence[CustodianCredential]) -> bytes:
         return self.append(UnsealPayload.TYPE, self.make_unseal(replica, creds))
 
+    def make_unseal_reset(
+        self,
+        replica: str,
+        cred: CustodianCredential,
+        discarded: Sequence[CustodianCredential] = (),
+        *,
+        session: bytes | None = None,
+    ) -> UnsealResetPayload:
+        session = self.rng(16) if session is None else session
+        size = len(self.entries)
+        statement = unseal_reset_statement(
+            deployment=DEPLOYMENT,
+            custodian=cred,
+            replica=replica,
+            session=session,
+            session_log_size=size,
+            requested_at=self.time,
+        )
+        signature = cred.sign(statement.domain, statement.message()).to_bytes()
+        return UnsealResetPayload(
+            replica,
+            session,
+            size,
+            cred.fingerprint,
+            self.time,
+            signature,
+            tuple(sorted(c.fingerprint for c in discarded)),
+        )
+
+    def unseal_reset(
+        self,
+        replica: str,
+        cred: CustodianCredential,
+        discarded: Sequence[CustodianCredential] = (),
+    ) -> bytes:
+        return self.append(
+            UnsealResetPayload.TYPE, self.make_unseal_reset(replica, cred, discarded)
+        )
+
     def make_seal(self, replica: str, cred: CustodianCredential | None) -> SealPayload:
         reason = "test seal"
         if cred is None:
@@ -488,6 +529,7 @@ def standard_log(n_tenants: int = 3) -> LogFactory:
     f.tick(f.policy.destroy_wait_seconds)
     f.shred("tenant-2")
     f.seal("replica-a", f.creds[1])
+    f.unseal_reset("replica-a", f.creds[2], f.creds[:1])
     f.seal("*", None)
     return f
 

@@ -125,6 +125,14 @@ OWN_STATEMENTS: dict[str, Statement] = {
         index=3,
         ciphertext_sha256=bytes(range(32)),
     ),
+    "unseal-reset": statements.unseal_reset_statement(
+        deployment="acme-prod",
+        custodian=ROSTER_NOW[1],
+        replica="kq-1",
+        session=bytes(range(16, 32)),
+        session_log_size=7,
+        requested_at=SEAL_TIME,
+    ),
     "seal": statements.seal_statement(
         deployment="acme-prod",
         custodian=ROSTER_NOW[0],

@@ -221,13 +221,13 @@ CASES: list[tuple[str, Tamper, type[KeyquorumError], int | None, str]] = [
     ("deleted-entry", _delete, LogIntegrityError, 30, "sequence number 31, expected 30"),
     ("inserted-entry", _insert, LogIntegrityError, 31, "sequence number 30, expected 31"),
     ("reordered-entries", _reorder, LogIntegrityError, 40, "sequence number 41, expected 40"),
-    ("truncated", _truncate, LogIntegrityError, 72, "truncated"),
+    ("truncated", _truncate, LogIntegrityError, 73, "truncated"),
     (
         "checkpoint-by-another-key",
         _foreign_key,
         UnverifiedNoteError,
         None,
-        "checkpoint 75 of the export does not check",
+        "checkpoint 76 of the export does not check",
     ),
     ("fork-same-size-two-roots", _fork, ForkError, None, "fork"),
 ]

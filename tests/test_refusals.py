@@ -1,6 +1,7 @@
 """The refusal log (hsm/services/refusals.py) and the observed store's reports.
 
-A refusal line names the method, the custodian only when on the roster, the
+A refusal line names the method, the custodian only when on the roster (in
+the people's form, the full fingerprint only in the JSON line's own field), the
 code and the error's kind, never the error's own message (which may quote
 the request); a flood is cut to a burst and then one line a second, and
 the next line says how many were left out. The `ObservedStore` reports each
@@ -10,11 +11,13 @@ call through.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
 
+from keyquorum.hsm.logs import JsonFormatter
 from keyquorum.hsm.services import refusals
 from keyquorum.hsm.services.metrics import Metrics
 from keyquorum.hsm.services.refusals import RefusalLog
@@ -23,6 +26,7 @@ from keyquorum.hsm.stores.observed import AppendObserver, ObservedStore
 from keyquorum.hsm.stores.sqlite import SqliteStore
 from keyquorum.quorum.errors import AppendConflictError, NotFoundError, SignatureError
 from keyquorum.quorum.note import NoteSigner
+from keyquorum.quorum.people import display_fingerprint
 
 FINGERPRINT = "066f425b5b4561959fa1c2b7d0e4a8f3c5e9d1b2a4c6e8f0a1b3c5d7e9f1a2b3"
 
@@ -40,14 +44,15 @@ def lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_a_refusal_names_the_kind_never_the_message(caplog: pytest.LogCaptureFixture) -> None:
-    log = RefusalLog(known=lambda fp: fp == FINGERPRINT)
+    log = RefusalLog(name_of=lambda fp: "alice" if fp == FINGERPRINT else None)
     with caplog.at_level(logging.INFO, logger="keyquorum.custodian"):
         log.record("Seal", FINGERPRINT, SignatureError("sig of 'ATTACKER-TEXT' is bad"))
         log.record("Seal", "ATTACKER-NAME", SignatureError("x"))
         log.record("GetProposal", "", NotFoundError("unknown proposal 'ATTACKER-ID'"))
     got = lines(caplog)
     assert got == [
-        f"refused Seal from custodian {FINGERPRINT[:16]} (PERMISSION_DENIED): "
+        f"refused Seal from custodian alice ({display_fingerprint(FINGERPRINT)}) "
+        "(PERMISSION_DENIED): "
         "SignatureError: A signature does not verify under the key it claims",
         "refused Seal from custodian unknown (PERMISSION_DENIED): "
         "SignatureError: A signature does not verify under the key it claims",
@@ -56,6 +61,12 @@ def test_a_refusal_names_the_kind_never_the_message(caplog: pytest.LogCaptureFix
     ]
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.WARNING, logging.INFO]
     assert "ATTACKER" not in caplog.text
+    # No 16-hex prefix in the text; the full fingerprint only in the record's field.
+    assert FINGERPRINT[:16] not in caplog.text
+    assert [getattr(r, "fingerprint", None) for r in caplog.records] == [FINGERPRINT, None, None]
+    line = json.loads(JsonFormatter().format(caplog.records[0]))
+    assert line["fingerprint"] == FINGERPRINT
+    assert FINGERPRINT not in line["message"]
 
 
 def test_a_flood_is_cut_and_counted(caplog: pytest.LogCaptureFixture) -> None:

@@ -107,7 +107,7 @@ def test_every_entry_round_trips_byte_exact(standard: LogFactory) -> None:
         assert entry.to_bytes() == raw
         types.add(entry.type)
     assert types == {
-        "genesis", "confirm", "unseal", "seal", "proposal", "approval", "refusal",
+        "genesis", "confirm", "unseal", "unseal-reset", "seal", "proposal", "approval", "refusal",
         "execution", "shred",
     }  # fmt: skip
 

@@ -38,6 +38,7 @@ from keyquorum.hsm.daemon.seal import Seal
 from keyquorum.hsm.daemon.tenant_keys import TenantKey
 from keyquorum.hsm.daemon.unseal import Progress, SessionView, Unseal
 from keyquorum.hsm.daemon.views import (
+    EndedSessionView,
     LogExtensionView,
     ProposalView,
     ProvenEntry,
@@ -168,12 +169,15 @@ class Daemon:
                 self._keys.sweep()
             finally:
                 r.lock.release()
+        session, ended = self._unseal.sessions()
         return status_view(
             r.journal.state,
             sealed=r.custody.sealed,
-            unseal_progress=self._unseal.progress(),
+            unseal_progress=0 if session is None else len(session.submitted),
             checkpoint=r.journal.latest_checkpoint(),
             replica=r.name,
+            unseal_session=session,
+            previous_unseal_session=ended,
         )
 
     # -- the key's life ----------------------------------------------------------------
@@ -212,6 +216,12 @@ class Daemon:
         self, session_id: bytes, fingerprint: str, index: int, ciphertext: bytes, signature: bytes
     ) -> Progress:
         return self._unseal.submit(session_id, fingerprint, index, ciphertext, signature)
+
+    def reset_unseal_session(
+        self, session_id: bytes, fingerprint: str, requested_at: int, signature: bytes
+    ) -> tuple[int, EndedSessionView]:
+        """Discard the open session's shares on a custodian's signed request (unseal.py)."""
+        return self._unseal.reset(session_id, fingerprint, requested_at, signature)
 
     def seal(
         self,

@@ -46,7 +46,7 @@ from keyquorum.quorum.errors import (
 )
 from keyquorum.quorum.log import ApprovalPayload, ExecutionPayload, ProposalPayload, RefusalPayload
 from keyquorum.quorum.operations import operation, typed_parameters
-from keyquorum.quorum.people import describe_fingerprint
+from keyquorum.quorum.people import describe_fingerprint, label
 from keyquorum.quorum.replay import LogState, Proposal
 from keyquorum.quorum.signatures import HybridSignature
 from keyquorum.quorum.statements import PROPOSAL_ID_SIZE
@@ -132,8 +132,9 @@ class Governance:
             except BaseException:
                 self._limits.refund(proposer)
                 raise
-            who = st.proposer_name(proposer) or describe_fingerprint(proposer)
-            log.info("proposal %s by %s: %s %s", payload.id.hex(), who, name, dict(params))
+            log.info(
+                "proposal %s by %s: %s %s", payload.id.hex(), _who(st, proposer), name, dict(params)
+            )
             return proposal_view(r.journal.state, r.journal.state.proposals[payload.id], now)
 
     def proposals(self, *, include_closed: bool = False) -> list[ProposalView]:
@@ -202,7 +203,7 @@ class Governance:
         pid = proposal.id.hex()
         if isinstance(entry, RefusalPayload):
             r.journal.append([entry], time=now)
-            log.info("proposal %s refused by %s", pid, describe_fingerprint(fingerprint))
+            log.info("proposal %s refused by %s", pid, _who(st, fingerprint))
             return self._view(proposal.id, now, executed=False, seq=r.journal.size - 1)
         needed = operation(proposal.operation).required_approvals(st.threshold)
         if len(proposal.approvals) + 1 < needed:
@@ -210,7 +211,7 @@ class Governance:
             log.info(
                 "proposal %s approved by %s (%d of %d)",
                 pid,
-                describe_fingerprint(fingerprint),
+                _who(st, fingerprint),
                 len(proposal.approvals) + 1,
                 needed,
             )
@@ -249,3 +250,9 @@ def find_proposal(st: LogState, proposal_id: bytes) -> Proposal:
     if proposal is None:
         raise NotFoundError(f"unknown proposal {proposal_id.hex()}")
     return proposal
+
+
+def _who(st: LogState, fingerprint: str) -> str:
+    """A custodian or registered proposer in log lines: `alice (FKAO-JAYM-D5SP-FPYZ)`."""
+    name = st.proposer_name(fingerprint)
+    return describe_fingerprint(fingerprint) if name is None else label(name, fingerprint)

@@ -63,7 +63,7 @@ class Seal:
         )
         # A custodian's clock may run a little ahead of ours.
         r.journal.check([payload], time=max(r.now(), requested_at))
-        name = st.epoch.credential(fingerprint).name
+        name = st.epoch.credential(fingerprint).label
         # Wipe first: sealing must not depend on the store or the governance lock.
         if target in (r.name, SealPayload.ALL_REPLICAS):
             r.custody.seal()

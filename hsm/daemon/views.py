@@ -23,6 +23,43 @@ class CustodianView:
 
 
 @dataclass(frozen=True)
+class SubmittedShare:
+    """A custodian whose share an unseal session accepted, and when."""
+
+    fingerprint: str
+    name: str
+    share_index: int
+    at: int
+
+
+@dataclass(frozen=True)
+class UnsealSessionView:
+    """The open unseal session as status shows it: who has submitted so far."""
+
+    session_id: bytes
+    opened_at: int
+    expires_at: int
+    log_size: int
+    submitted: tuple[SubmittedShare, ...]
+
+
+@dataclass(frozen=True)
+class EndedSessionView:
+    """A session that ended without unsealing: `how` is expired, reset or sealed.
+
+    `ended_at` is the expiry for an expired one; `reset_by` (fingerprint,
+    name) says who reset it; `submitted` are the shares it discarded.
+    """
+
+    session_id: bytes
+    opened_at: int
+    ended_at: int
+    how: str
+    submitted: tuple[SubmittedShare, ...]
+    reset_by: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class StatusView:
     initialized: bool
     sealed: bool
@@ -39,6 +76,9 @@ class StatusView:
     #: The witness policy in force: the witnesses' verifier keys, and m.
     witnesses: tuple[str, ...] = ()
     witness_threshold: int = 0
+    #: The open unseal session, and the last one that ended without unsealing.
+    unseal_session: UnsealSessionView | None = None
+    previous_unseal_session: EndedSessionView | None = None
 
     @property
     def confirmed_count(self) -> int:
@@ -127,6 +167,8 @@ def status_view(
     unseal_progress: int,
     checkpoint: str,
     replica: str,
+    unseal_session: UnsealSessionView | None = None,
+    previous_unseal_session: EndedSessionView | None = None,
 ) -> StatusView:
     roster: tuple[CustodianView, ...] = ()
     if st.initialized:
@@ -153,6 +195,8 @@ def status_view(
         proposal_ttl_seconds=0 if st.policy is None else st.policy.proposal_ttl_seconds,
         witnesses=st.witness_policy.witnesses,
         witness_threshold=st.witness_policy.threshold,
+        unseal_session=unseal_session,
+        previous_unseal_session=previous_unseal_session,
     )
 
 

@@ -23,7 +23,13 @@ import grpc
 from google.protobuf.message import Message
 
 from keyquorum.hsm.daemon import Daemon, ProposalView, StatusView, VerdictView
-from keyquorum.hsm.daemon.views import LogExtensionView, ProvenEntry
+from keyquorum.hsm.daemon.views import (
+    EndedSessionView,
+    LogExtensionView,
+    ProvenEntry,
+    SubmittedShare,
+    UnsealSessionView,
+)
 from keyquorum.hsm.services.admission import (
     Admission,
     Call,
@@ -104,6 +110,42 @@ def _extension(view: LogExtensionView) -> pb.LogExtension:
     )
 
 
+def _submitted(shares: tuple[SubmittedShare, ...]) -> list[pb.SubmittedShare]:
+    return [
+        pb.SubmittedShare(
+            fingerprint=s.fingerprint, name=s.name, share_index=s.share_index, submitted_at=s.at
+        )
+        for s in shares
+    ]
+
+
+def _session_state(view: UnsealSessionView | None) -> pb.UnsealSessionState | None:
+    if view is None:
+        return None
+    return pb.UnsealSessionState(
+        session_id=view.session_id.hex(),
+        opened_at=view.opened_at,
+        expires_at=view.expires_at,
+        log_size=view.log_size,
+        submitted=_submitted(view.submitted),
+    )
+
+
+def _ended(view: EndedSessionView | None) -> pb.EndedUnsealSession | None:
+    if view is None:
+        return None
+    by, name = view.reset_by or ("", "")
+    return pb.EndedUnsealSession(
+        session_id=view.session_id.hex(),
+        opened_at=view.opened_at,
+        ended_at=view.ended_at,
+        how=view.how,
+        reset_by=by,
+        reset_by_name=name,
+        submitted=_submitted(view.submitted),
+    )
+
+
 def _status(view: StatusView) -> pb.Status:
     return pb.Status(
         initialized=view.initialized,
@@ -120,6 +162,8 @@ def _status(view: StatusView) -> pb.Status:
         proposal_ttl_seconds=view.proposal_ttl_seconds,
         witnesses=list(view.witnesses),
         witness_threshold=view.witness_threshold,
+        unseal_session=_session_state(view.unseal_session),
+        previous_unseal_session=_ended(view.previous_unseal_session),
         roster=[
             pb.Custodian(
                 fingerprint=c.fingerprint,
@@ -141,7 +185,7 @@ class CustodianServicer:
 
     def __init__(self, daemon: Daemon, limits: Limits, refusals: RefusalLog | None = None) -> None:
         self._daemon = daemon
-        self._refusals = refusals if refusals is not None else RefusalLog(self._on_roster)
+        self._refusals = refusals if refusals is not None else RefusalLog(self._roster_name)
         self._seal_lane = Lane("seal", threads=limits.seal_threads, waiting=limits.seal_waiting)
         self._status_lane = Lane(
             "status", threads=limits.status_threads, waiting=limits.status_waiting
@@ -150,8 +194,10 @@ class CustodianServicer:
             "governance", threads=limits.governance_threads, waiting=limits.governance_waiting
         )
 
-    def _on_roster(self, fingerprint: str) -> bool:
-        return any(c.fingerprint == fingerprint for c in self._daemon.state.roster)
+    def _roster_name(self, fingerprint: str) -> str | None:
+        return next(
+            (c.name for c in self._daemon.state.roster if c.fingerprint == fingerprint), None
+        )
 
     async def _call(
         self, method: str, fn: Callable[[], T], *, who: str = "", lane: Lane | None = None
@@ -238,6 +284,10 @@ class CustodianServicer:
             replica=s.replica,
             threshold=s.threshold,
             progress=s.progress,
+            created=s.created,
+            opened_at=s.opened_at,
+            submitted=_submitted(s.submitted),
+            previous=_ended(s.previous),
         )
 
     async def SubmitShare(self, request: pb.SubmitShareRequest, call: Call) -> pb.UnsealProgress:
@@ -255,6 +305,21 @@ class CustodianServicer:
         return pb.UnsealProgress(
             have=p.have, need=p.need, sealed=p.sealed, log_size=p.log_size, seq=p.seq
         )
+
+    async def ResetUnsealSession(
+        self, request: pb.ResetUnsealSessionRequest, call: Call
+    ) -> pb.ResetUnsealSessionResponse:
+        seq, ended = await self._call(
+            "ResetUnsealSession",
+            lambda: self._daemon.reset_unseal_session(
+                _hex(request.session_id, "session_id"),
+                request.custodian,
+                request.requested_at,
+                request.signature,
+            ),
+            who=request.custodian,
+        )
+        return pb.ResetUnsealSessionResponse(log_size=seq + 1, seq=seq, ended=_ended(ended))
 
     async def Seal(self, request: pb.SealRequest, call: Call) -> pb.SealResponse:
         seq = await self._call(
@@ -363,6 +428,7 @@ _REQUESTS: Final[dict[str, type[Message]]] = {
     "ConfirmShare": pb.ConfirmShareRequest,
     "OpenUnsealSession": pb.OpenUnsealSessionRequest,
     "SubmitShare": pb.SubmitShareRequest,
+    "ResetUnsealSession": pb.ResetUnsealSessionRequest,
     "Seal": pb.SealRequest,
     "GetLogExtension": pb.GetLogExtensionRequest,
     "Propose": pb.ProposeRequest,

@@ -11,7 +11,10 @@ request (an unknown name, a parameter), so it goes to the caller only; the
 custodian is named by fingerprint only when that fingerprint is on the
 roster in force, "unknown" otherwise. So a log line holds no key material,
 no share and no text an attacker chose (tests/test_service_fuzz.py
-searches the daemon's output for request bytes).
+searches the daemon's output for request bytes). A custodian is named as
+people read them everywhere, `alice (FKAO-JAYM-D5SP-FPYZ)` (quorum/people.py);
+the full fingerprint goes only in the record's `fingerprint` field, which
+the JSON log format writes as its own key (hsm/logs.py).
 
 Anyone who reaches the custodian port (no client certificate) can make
 refusals, so this log is bounded: per method and code, a burst of `BURST`
@@ -32,6 +35,7 @@ from typing import Final
 
 from keyquorum.hsm.services.status import code_for
 from keyquorum.quorum.errors import KeyquorumError
+from keyquorum.quorum.people import label
 
 log = logging.getLogger("keyquorum.custodian")
 
@@ -54,16 +58,16 @@ def reason(error: KeyquorumError) -> str:
 class RefusalLog:
     """Logs refusals, at most BURST then one per INTERVAL per (method, code).
 
-    `known(fingerprint)` says whether a fingerprint is a custodian on the
-    roster in force; only then is it written.
+    `name_of(fingerprint)` is the name of a custodian on the roster in
+    force, None for anyone else; only a custodian on the roster is named.
     """
 
     def __init__(
         self,
-        known: Callable[[str], bool] = lambda _fingerprint: False,
+        name_of: Callable[[str], str | None] = lambda _fingerprint: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._known = known
+        self._name_of = name_of
         self._clock = clock
         self._lock = threading.Lock()
         # (method, code) -> [tokens, last refill, dropped since the last line]
@@ -82,10 +86,11 @@ class RefusalLog:
                 return
             bucket[0] -= 1
             dropped, bucket[2] = int(bucket[2]), 0.0
+        name = self._name_of(who) if who else None
         if not who:
             named = "-"
-        elif self._known(who):
-            named = who[:16]
+        elif name is not None:
+            named = label(name, who)
         else:
             named = "unknown"
         level = logging.INFO if method in READS else logging.WARNING
@@ -97,4 +102,5 @@ class RefusalLog:
             code,
             reason(error),
             f" [{dropped} more {method} {code} refusals not logged]" if dropped else "",
+            extra={"fingerprint": who} if name is not None else None,
         )
