@@ -252,6 +252,24 @@ def render_html(report: Report) -> str:
                 ),
             )
         )
+    if f.shows("unseal") and report.unseal_resets:
+        body.append("<h3>Unseal sessions reset</h3>")
+        body.append(
+            _table(
+                ["entry", "time (UTC)", "replica", "session", "reset by (signed)", "discarded"],
+                (
+                    [
+                        str(x.seq),
+                        _e(render_time(x.time)),
+                        _e(x.replica),
+                        _e(x.session[:16]),
+                        _person(x.by),
+                        ", ".join(_person(m) for m in x.discarded) or "no share",
+                    ]
+                    for x in report.unseal_resets
+                ),
+            )
+        )
     if f.shows("seal"):
         body.append("<h3>Seals</h3>")
         rows = []

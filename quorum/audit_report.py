@@ -88,6 +88,7 @@ from keyquorum.quorum.log import (
     SealPayload,
     ShredPayload,
     UnsealPayload,
+    UnsealResetPayload,
 )
 from keyquorum.quorum.merkle import MerkleTree, leaf_hash, verify_consistency
 from keyquorum.quorum.note import SignatureType
@@ -169,6 +170,18 @@ class SealRecord:
     replica: str
     by: Person | None
     reason: str
+
+
+@dataclass(frozen=True)
+class UnsealResetRecord:
+    """A custodian's signed reset of an unseal session, and whose shares it discarded."""
+
+    seq: int
+    time: int
+    replica: str
+    session: str
+    by: Person
+    discarded: tuple[Person, ...]
 
 
 @dataclass(frozen=True)
@@ -350,6 +363,7 @@ ENTRY_SECTIONS = {
     "genesis": "roster",
     "confirm": "confirm",
     "unseal": "unseal",
+    "unseal-reset": "unseal",
     "seal": "seal",
     "proposal": "proposal",
     "approval": "proposal",
@@ -429,6 +443,7 @@ class Report:
     witnesses: tuple[WitnessRecord, ...] = ()
     proposers: tuple[ProposerRecord, ...] = ()
     witnessed: WitnessedRecord | None = None
+    unseal_resets: tuple[UnsealResetRecord, ...] = ()
 
     @property
     def verified(self) -> bool:
@@ -833,6 +848,7 @@ def build_report(
     confirmations: list[Confirmation] = []
     unseals: list[UnsealRecord] = []
     seals: list[SealRecord] = []
+    resets: list[UnsealResetRecord] = []
     shreds: dict[str, int] = {}
     # The entries were checked completely by replay already; only the fields
     # the report shows are read again, without re-checking their encoding.
@@ -847,6 +863,12 @@ def build_report(
             u = UnsealPayload.from_json(obj["payload"])
             who = tuple(sorted((person(s.custodian) for s in u.shares), key=rank.__getitem__))
             unseals.append(UnsealRecord(seq, time, u.replica, u.session.hex(), who))
+        elif kind == UnsealResetPayload.TYPE:
+            x = UnsealResetPayload.from_json(obj["payload"])
+            gone = tuple(sorted((person(fp) for fp in x.discarded), key=rank.__getitem__))
+            resets.append(
+                UnsealResetRecord(seq, time, x.replica, x.session.hex(), person(x.custodian), gone)
+            )
         elif kind == SealPayload.TYPE:
             z = SealPayload.from_json(obj["payload"])
             by = None if z.custodian is None else person(z.custodian)
@@ -999,6 +1021,7 @@ def build_report(
         confirmations=tuple(confirmations),
         unseals=tuple(unseals),
         seals=tuple(seals),
+        unseal_resets=tuple(resets),
         proposals=tuple(proposals),
         tenants=tenants,
         grants=tuple(grants),
@@ -1205,6 +1228,11 @@ def _apply(report: Report, f: Filters) -> Report:
             u
             for u in report.unseals
             if f.shows("unseal") and f.when(u.time) and someone(u.custodians)
+        ),
+        unseal_resets=tuple(
+            x
+            for x in report.unseal_resets
+            if f.shows("unseal") and f.when(x.time) and someone([x.by, *x.discarded])
         ),
         seals=tuple(
             z

@@ -170,6 +170,15 @@ def _details(out: list[str], report: Report) -> None:
                 f"{len(u.custodians)}: {names}"
             )
         _none(out, report.unseals)
+        if report.unseal_resets:
+            w("")
+            w("Unseal sessions reset (each reset signed by its custodian)")
+            for x in report.unseal_resets:
+                gone = ", ".join(m.label() for m in x.discarded) or "no share"
+                w(
+                    f"  entry {x.seq} at {render_time(x.time)}: replica {x.replica}, session "
+                    f"{x.session[:16]} reset by {x.by.label()}; discarded: {gone}"
+                )
     if f.shows("seal"):
         w("")
         w("Seals")

@@ -24,10 +24,23 @@ from click.testing import CliRunner, Result
 from keyquorum.cli.audit import flip_one_byte
 from keyquorum.cli.main import main as cli_main
 from keyquorum.quorum import export
-from tests.logfactory import EXPORT, GOLDEN_AUDIT, LOG_KEY, LogFactory, outsider
+from keyquorum.quorum.note import NoteSigner, SignatureType
+from tests.logfactory import (
+    EXPORT,
+    GOLDEN_AUDIT,
+    LOG_KEY,
+    Counter,
+    LogFactory,
+    custodians,
+    outsider,
+)
 
 SCHEMAS = Path(__file__).parent.parent / "docs" / "schemas"
 UPDATE = os.environ.get("KEYQUORUM_UPDATE_GOLDEN") == "1"
+#: The witness the golden log adds (its cosignatures are not in the export).
+WITNESS = NoteSigner.generate(
+    "w1.example", sig_type=SignatureType.COSIGNATURE_V1, random_bytes=Counter(b"w1")
+).verifier_key()
 
 
 def _build_export() -> None:
@@ -35,6 +48,8 @@ def _build_export() -> None:
     f = LogFactory(n=5, k=3, seed=b"golden audit")
     for cred in f.creds[:4]:
         f.confirm(cred)
+    f.tick()
+    f.unseal_reset("kq-1", f.creds[1], f.creds[:1])
     f.tick()
     f.unseal("kq-1", f.creds[:3])
     f.tick(60)
@@ -47,6 +62,10 @@ def _build_export() -> None:
     f.approve(refused, f.creds[0])
     f.tick(3600)  # it expires with one approval of three
     f.run("create-tenant", tenant="other-clinic")
+    ops = custodians(9)[8]
+    f.run("add-proposer", proposer=ops.fingerprint, name=ops.public().name)
+    f.run("add-witness", witness=WITNESS, witness_threshold=1)
+    f.run("remove-proposer", proposer=ops.fingerprint)
     f.seal("kq-1", f.creds[1])
     f.tick(86400)
     roster = ",".join([*(c.fingerprint for c in f.creds[:4]), outsider().fingerprint])

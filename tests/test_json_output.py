@@ -9,6 +9,7 @@ is used by at least one test, and every read command has `--json`.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,6 +107,21 @@ def test_status_json_before_and_after_the_ceremony_with_the_log_key(
     alice = after["roster"][0]
     assert alice["fingerprint"] == people[0].fingerprint
     assert alice["short_fingerprint"] == people[0].credential.public().short_fingerprint
+    assert after["unseal_session"] is None
+    # Several replicas, one of them not answering: each said, exit 3 (partial).
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{free.getsockname()[1]}"
+    r = CliRunner().invoke(
+        cli_main,
+        ["status", "--server", daemon.target, "--server", dead, "--ca", str(pki.ca_cert), "--json"],
+    )
+    assert r.exit_code == 3, r.output
+    replicas = check(json.loads(r.stdout))["replicas"]
+    assert [x["server"] for x in replicas] == [daemon.target, dead]
+    assert check(replicas[0]["status"])["log_key"] == after["log_key"]
+    assert replicas[1]["status"] is None
+    assert "cannot reach the daemon" in replicas[1]["error"]
 
 
 def test_proposals_and_tenants_json(

@@ -384,6 +384,25 @@ def _unseal_signed_for_other_replica(f: LogFactory) -> bytes:
     return f.build("unseal", dataclasses.replace(good, replica="replica-c"))
 
 
+def _reset(f: LogFactory, **kw: object) -> bytes:
+    good = f.make_unseal_reset("replica-a", C[1], C[:1])
+    return f.build("unseal-reset", dataclasses.replace(good, **kw))
+
+
+def _reset_of_a_used_session(f: LogFactory) -> bytes:
+    """A reset naming a session that already unsealed: a session ends once."""
+    payload = f.make_unseal("replica-a", C[:3])
+    f.append("unseal", payload)
+    return f.build("unseal-reset", f.make_unseal_reset("replica-a", C[1], session=payload.session))
+
+
+def _reset_then_unseal_of_that_session(f: LogFactory) -> bytes:
+    """Shares of a reset session cannot unseal afterwards."""
+    reset = f.make_unseal_reset("replica-a", C[1])
+    f.append("unseal-reset", reset)
+    return f.build("unseal", f.make_unseal("replica-a", C[:3], session=reset.session))
+
+
 def _seal_forged(f: LogFactory) -> bytes:
     good = f.make_seal("replica-a", C[0])
     return f.build("seal", dataclasses.replace(good, reason="another reason"))
@@ -692,6 +711,38 @@ ATTACKS: list[tuple[str, Attack, str, type[Exception] | None]] = [
         "not the current",
         None,
     ),
+    (
+        "reset-signed-by-another",
+        lambda f: _reset(f, custodian=C[2].fingerprint),
+        "does not verify",
+        SignatureError,
+    ),
+    (
+        "reset-of-another-session",
+        lambda f: _reset(f, session=b"\x07" * 16),
+        "does not verify",
+        SignatureError,
+    ),
+    (
+        "reset-by-non-custodian",
+        lambda f: f.build("unseal-reset", f.make_unseal_reset("replica-a", outsider())),
+        "not on the roster",
+        NotOnRosterError,
+    ),
+    (
+        "reset-discarding-a-stranger",
+        lambda f: _reset(f, discarded=(outsider().fingerprint,)),
+        "not on the roster",
+        None,
+    ),
+    (
+        "reset-requested-in-future",
+        lambda f: _reset(f, requested_at=f.time + 10),
+        "after the entry's time",
+        None,
+    ),
+    ("reset-of-a-used-session", _reset_of_a_used_session, "used or reset before", ReplayError),
+    ("unseal-of-a-reset-session", _reset_then_unseal_of_that_session, "used before", None),
     ("seal-altered-reason", _seal_forged, "does not verify", SignatureError),
     ("seal-by-non-custodian", _seal_by_outsider, "not on the roster", NotOnRosterError),
     ("seal-request-replayed", _seal_request_replayed, "already used", ReplayError),
