@@ -864,10 +864,11 @@ def build_report(
             who = tuple(sorted((person(s.custodian) for s in u.shares), key=rank.__getitem__))
             unseals.append(UnsealRecord(seq, time, u.replica, u.session.hex(), who))
         elif kind == UnsealResetPayload.TYPE:
-            x = UnsealResetPayload.from_json(obj["payload"])
-            gone = tuple(sorted((person(fp) for fp in x.discarded), key=rank.__getitem__))
+            reset = UnsealResetPayload.from_json(obj["payload"])
+            gone = tuple(sorted((person(fp) for fp in reset.discarded), key=rank.__getitem__))
+            resetter = person(reset.custodian)
             resets.append(
-                UnsealResetRecord(seq, time, x.replica, x.session.hex(), person(x.custodian), gone)
+                UnsealResetRecord(seq, time, reset.replica, reset.session.hex(), resetter, gone)
             )
         elif kind == SealPayload.TYPE:
             z = SealPayload.from_json(obj["payload"])
