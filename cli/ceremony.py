@@ -188,7 +188,7 @@ def _fetch(endpoint: Endpoint) -> pb.Status:
 def status_lines(s: pb.Status) -> list[str]:
     """`status` as text: the state, the unseal session while sealed, the roster."""
     if not s.initialized:
-        return [f"replica {s.replica}: not initialised: run `keyquorum ceremony init`"]
+        return ["not initialised: run `keyquorum ceremony init`"]
     state = "SEALED" if s.sealed else "UNSEALED"
     lines = [f"deployment {s.deployment}, replica {s.replica}: {state}"]
     if s.sealed:

@@ -347,7 +347,13 @@ def unseal_cmd(
     if reset:
         unseal_flow.reset(endpoints, public_for(credential_path), unlock, witness_wait=witness_wait)
     else:
-        unseal_flow.unseal(endpoints, unlock, witness_wait=witness_wait, show_signing=_show_signing)
+        unseal_flow.unseal(
+            endpoints,
+            public_for(credential_path),
+            unlock,
+            witness_wait=witness_wait,
+            show_signing=_show_signing,
+        )
 
 
 @custodian.command("seal")

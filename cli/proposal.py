@@ -51,7 +51,11 @@ def parse_param(text: str) -> tuple[str, str]:
 
 def describe(p: pb.Proposal) -> list[str]:
     """A proposal in a few lines, for people."""
-    params = ", ".join(f"{x.key}={_shown_value(x.key, x.value)}" for x in p.parameters)
+    known = _people(p)
+    named = {x.key: x.value for x in p.parameters}.get("name", "")
+    params = ", ".join(
+        f"{x.key}={_shown_value(x.key, x.value, known, named)}" for x in p.parameters
+    )
     lines = [
         f"proposal {p.id}: {p.operation} ({params})",
         f"  status:    {p.status}; approvals {len(p.approved_by)} of {p.required}"
@@ -75,14 +79,20 @@ def _proposer(p: pb.Proposal) -> str:
         return "?"
 
 
-def _shown_value(key: str, value: str) -> str:
-    """A parameter for people: a roster's fingerprints in their people's form."""
-    if key != "roster":
-        return value
+def _shown_value(key: str, value: str, known: dict[str, Person], name: str) -> str:
+    """A parameter for people: fingerprints in the people's form, with names where known.
+
+    A roster names its custodians from the proposal's context; the proposer
+    of add-proposer / remove-proposer by the `name` parameter beside it.
+    """
     try:
-        return "[" + " ".join(people.display_fingerprint(f) for f in value.split(",")) + "]"
+        if key == "roster":
+            return "[" + ", ".join(_who(known, f) for f in value.split(",")) + "]"
+        if key == "proposer":
+            return people.label(name, value) if name else people.display_fingerprint(value)
     except InvalidInputError:
         return value
+    return value
 
 
 def _people(p: pb.Proposal) -> dict[str, Person]:
@@ -141,6 +151,14 @@ def describe_result(p: pb.Proposal) -> str:
         for k, v in result.items()
         if k not in ("wrapped_key", "encrypted_shares", "rewrapped", "roster", "split")
     }
+    proposer = shown.get("proposer")
+    try:
+        if isinstance(proposer, dict):  # add-proposer: the registered credential
+            shown["proposer"] = PublicCredential.from_json(proposer).label
+        elif isinstance(proposer, str):  # remove-proposer: its fingerprint
+            shown["proposer"] = people.display_fingerprint(proposer)
+    except KeyquorumError:
+        shown["proposer"] = "?"
     for key in ("active_until", "destroy_at"):
         value = shown.get(key)
         if isinstance(value, int):
@@ -221,7 +239,7 @@ def new(
       disable-version   tenant, version             1
       cancel-destroy    tenant                      1
       revoke            backend, tenant             1
-      remove-proposer   proposer                    1
+      remove-proposer   proposer, name              1  (the name it was registered as)
 
     \b
     Examples:

@@ -27,7 +27,7 @@ from keyquorum.cli import display, seen_checkpoints
 from keyquorum.cli.connect import Endpoint, open_channel, rpc_errors
 from keyquorum.cli.display import ended_text, submitted_text
 from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
-from keyquorum.quorum.errors import KeyquorumError
+from keyquorum.quorum.errors import KeyquorumError, NotOnRosterError
 from keyquorum.quorum.log import Entry, UnsealPayload, UnsealResetPayload
 from keyquorum.quorum.statements import Statement, render_time
 from keyquorum.v1 import custodian_pb2 as pb
@@ -95,8 +95,17 @@ def _attempt(
         click.echo(f"{rep.where}: {e}", err=True)
 
 
+def _on_roster(status: pb.Status, public: PublicCredential) -> None:
+    """Refuse before anything is opened or signed when this custodian is not on the roster."""
+    if status.initialized and all(c.fingerprint != public.fingerprint for c in status.roster):
+        raise NotOnRosterError(
+            f"{public.label} is not on the roster of deployment {status.deployment}"
+        )
+
+
 def unseal(
     endpoints: Sequence[Endpoint],
+    public: PublicCredential,
     unlock: Unlock,
     *,
     witness_wait: float,
@@ -118,22 +127,28 @@ def unseal(
                 rep.outcome, rep.done = "already unsealed; nothing to do", True
                 click.echo(f"{rep.where}: already unsealed; nothing to do")
                 return
+            _on_roster(status, public)
             seen_checkpoints.require_extension(stub)
             with rpc_errors():
                 session = stub.OpenUnsealSession(pb.OpenUnsealSessionRequest())
             seen_checkpoints.require_witnessed(stub, session.log_size, wait=witness_wait)
             rep.name = session.replica
+            # What a custodian follows goes with the prompt (stderr); stdout is the result.
             if session.HasField("previous") and session.created:
-                click.echo(f"{rep.where}: {ended_text(session.previous)}; starting a new one")
+                click.echo(
+                    f"{rep.where}: {ended_text(session.previous)}; starting a new one", err=True
+                )
             elif not session.created:
                 click.echo(
                     f"{rep.where}: joining unseal session {session.session_id[:16]}, opened at "
                     f"{render_time(session.opened_at)}; submitted so far: "
-                    f"{submitted_text(session.submitted)}"
+                    f"{submitted_text(session.submitted)}",
+                    err=True,
                 )
             click.echo(
                 f"{rep.where}: the session expires at {render_time(session.expires_at)}; "
-                f"{session.progress} of {session.threshold} shares so far"
+                f"{session.progress} of {session.threshold} shares so far",
+                err=True,
             )
             lines.append(
                 f"(unseal) deployment {session.deployment}, replica {session.replica}, "
@@ -190,6 +205,7 @@ def reset(
             with rpc_errors():
                 status = stub.GetStatus(pb.GetStatusRequest())
             rep.name = status.replica
+            _on_roster(status, public)
             if not status.HasField("unseal_session"):
                 rep.outcome, rep.done = "no open unseal session; nothing to reset", True
                 click.echo(f"{rep.where}: no open unseal session; nothing to reset")
@@ -201,7 +217,8 @@ def reset(
             u = status.unseal_session
             click.echo(
                 f"{rep.where}: unseal session {u.session_id[:16]} opened at "
-                f"{render_time(u.opened_at)}; submitted: {submitted_text(u.submitted)}"
+                f"{render_time(u.opened_at)}; submitted: {submitted_text(u.submitted)}",
+                err=True,
             )
             rep.requested_at = int(now())
             rep.statement = actions.reset_statement(status, public, now=rep.requested_at)

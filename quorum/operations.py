@@ -22,7 +22,7 @@ threshold `k`; one that narrows exposure needs a single custodian.
 | `disable-version`   | tenant, version          | 1         | `VersionDisabled`            |
 | `cancel-destroy`    | tenant                   | 1         | `TenantNamed`                |
 | `revoke`            | backend, tenant          | 1         | `GrantChanged`               |
-| `remove-proposer`   | proposer                 | 1         | `ProposerRemoved`            |
+| `remove-proposer`   | name, proposer           | 1         | `ProposerRemoved`            |
 
 Removing a witness needs k like adding one: fewer independent parties
 watching the log widens what a dishonest daemon could get away with.
@@ -35,7 +35,9 @@ the proposal entry carries the public credentials of those not on the
 roster in force (so that their names are in what custodians sign), and the
 execution's result carries all of them, matching the list one for one.
 `add-proposer` names a proposer credential by its fingerprint and name
-(the credential itself is in the result). `witness` is a C2SP cosignature
+(the credential itself is in the result); `remove-proposer` names it the
+same way, the name the one the log registered, so that both statements
+show the proposer as people read them. `witness` is a C2SP cosignature
 (0x04) verifier key, `log_key` a C2SP Ed25519 (0x01) verifier key named as
 the deployment's checkpoint origin.
 
@@ -378,7 +380,7 @@ OPERATIONS: Mapping[str, Operation] = {
         Operation("disable-version", ("tenant", "version"), widening=False),
         Operation("cancel-destroy", ("tenant",), widening=False),
         Operation("revoke", ("backend", "tenant"), widening=False),
-        Operation("remove-proposer", ("proposer",), widening=False),
+        Operation("remove-proposer", ("name", "proposer"), widening=False),
     )
 }
 

@@ -695,8 +695,15 @@ class _Check:
                 )
         elif name == "remove-proposer":
             fingerprint = str(params["proposer"])
-            if fingerprint not in state.proposers:
+            registered = state.proposers.get(fingerprint)
+            if registered is None:
                 raise _RefusedError(f"{_fp(fingerprint)} is not a registered proposer")
+            if registered.credential.name != params["name"]:
+                raise _RefusedError(
+                    f"proposer {_fp(fingerprint)} is registered as "
+                    f"{people.display_name(registered.credential.name)!r}, not "
+                    f"{people.display_name(str(params['name']))!r}"
+                )
         elif name in ("add-witness", "remove-witness"):
             self._witness_change(name, str(params["witness"]), int(params["witness_threshold"]))
         elif name == "rotate-log-key":

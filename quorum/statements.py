@@ -620,8 +620,8 @@ def _add_proposer(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, 
 
 
 def _remove_proposer(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
-    shown = _fp(_check_fingerprint("parameter 'proposer'", p.get("proposer")))
-    return f"stop proposer {shown} from proposing", [("proposer", shown)]
+    who = Person(_check_fingerprint("parameter 'proposer'", p.get("proposer")), _text(p, "name"))
+    return f"stop {who.label} from proposing", [("proposer", who.label)]
 
 
 def _witness_change(r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:

@@ -97,7 +97,7 @@ OPERATION_REQUESTS: dict[str, ApprovalRequest] = {
     ),
     "remove-proposer": approval_request(
         operation="remove-proposer",
-        parameters={"proposer": OPS_BOT.fingerprint},
+        parameters={"name": "ops-bot", "proposer": OPS_BOT.fingerprint},
         context=dataclasses.replace(CONTEXT, approvals_needed=1),
     ),
     "add-witness": approval_request(

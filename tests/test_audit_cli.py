@@ -65,7 +65,7 @@ def _build_export() -> None:
     ops = custodians(9)[8]
     f.run("add-proposer", proposer=ops.fingerprint, name=ops.public().name)
     f.run("add-witness", witness=WITNESS, witness_threshold=1)
-    f.run("remove-proposer", proposer=ops.fingerprint)
+    f.run("remove-proposer", proposer=ops.fingerprint, name=ops.public().name)
     f.seal("kq-1", f.creds[1])
     f.tick(86400)
     roster = ",".join([*(c.fingerprint for c in f.creds[:4]), outsider().fingerprint])

@@ -713,7 +713,8 @@ def test_unsigned_forged_and_unknown_proposals_are_refused(
             signed_proposal(d.stub, ops.credential, "create-tenant", {"tenant": "globex"}, now=now)
         )
         assert by_ops.proposer_name == "ops-bot"
-        quorum(d.stub, custodians, "remove-proposer", {"proposer": ops.fingerprint}, now=now)
+        quorum(d.stub, custodians, "remove-proposer",
+               {"proposer": ops.fingerprint, "name": "ops-bot"}, now=now)  # fmt: skip
         again = signed_proposal(
             d.stub, ops.credential, "create-tenant", {"tenant": "initech"}, now=now
         )

@@ -418,7 +418,8 @@ class GovernanceMachine(RuleBasedStateMachine):
                 self.registered.add(fingerprint)
         else:
             valid = fingerprint in self.registered
-            if self._enact_deployment("remove-proposer", {"proposer": fingerprint}, valid):
+            params = {"proposer": fingerprint, "name": cred.public().name}
+            if self._enact_deployment("remove-proposer", params, valid):
                 self.registered.discard(fingerprint)
 
     @rule(pick=st.integers(0, len(PROPOSERS)), tenant=st.sampled_from(TENANTS))

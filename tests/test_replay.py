@@ -521,11 +521,20 @@ def _proposal_signed_for_other(f: LogFactory) -> bytes:
     return f.build("proposal", dataclasses.replace(two, signature=one.signature))
 
 
+def _remove_proposer_misnamed(f: LogFactory) -> bytes:
+    """A removal whose statement would show another name than the one registered."""
+    ops = custodians(9)[8]
+    f.run("add-proposer", proposer=ops.fingerprint, name=ops.public().name)
+    return f.build(
+        "proposal", f.make_proposal("remove-proposer", proposer=ops.fingerprint, name="alice")
+    )
+
+
 def _proposal_by_removed_proposer(f: LogFactory) -> bytes:
     ops = custodians(9)[8]
     f.run("add-proposer", proposer=ops.fingerprint, name=ops.public().name)
     f.propose("create-tenant", by=ops, tenant="t7")  # registered: accepted
-    f.run("remove-proposer", proposer=ops.fingerprint)
+    f.run("remove-proposer", proposer=ops.fingerprint, name=ops.public().name)
     return f.build("proposal", f.make_proposal("create-tenant", tenant="t9", by=ops))
 
 
@@ -599,10 +608,13 @@ ATTACKS: list[tuple[str, Attack, str, type[Exception] | None]] = [
     ),
     (
         "remove-unknown-proposer",
-        lambda f: f.build("proposal", f.make_proposal("remove-proposer", proposer="ab" * 32)),
+        lambda f: f.build(
+            "proposal", f.make_proposal("remove-proposer", proposer="ab" * 32, name="x")
+        ),
         "not a registered proposer",
         None,
     ),
+    ("remove-proposer-by-another-name", _remove_proposer_misnamed, "registered as", None),
     # witnesses and their threshold
     (
         "witness-threshold-above-count",
