@@ -318,7 +318,7 @@ def render_html(report: Report) -> str:
 
 
 def _proposal(p: ProposalRecord) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in p.parameters)
+    params = p.shown
     if p.approvals:
         signed = f"statement the {len(p.approvals)} approver(s) signed"
     else:

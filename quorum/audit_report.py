@@ -199,6 +199,9 @@ class ProposalRecord:
     proposer: str
     operation: str
     parameters: tuple[tuple[str, str | int], ...]
+    #: The parameters as people read them: custodians and proposers by name and
+    #: base32 groups (`parameters` keeps the log's values, for machines).
+    shown: str
     expires_at: int
     needed: int
     statement: str
@@ -890,6 +893,32 @@ def build_report(
         for e in state.rosters
     )
 
+    # Registered proposers by fingerprint, kept after a removal (their proposals stay).
+    registered = {
+        x.result.proposer.fingerprint: x.result.proposer.name
+        for x in state.executions
+        if isinstance(x.result, ProposerAdded)
+    }
+
+    def proposer_label(fingerprint: str) -> str:
+        name = state.proposer_name(fingerprint) or registered.get(fingerprint, "?")
+        return Person(name, fingerprint).label()
+
+    def shown(params: Sequence[tuple[str, str | int]]) -> str:
+        values = dict(params)
+        out = []
+        for key, value in params:
+            if key == "roster":
+                labels = ", ".join(person(fp).label() for fp in str(value).split(","))
+                out.append(f"roster=[{labels}]")
+            elif key == "proposer" and "name" in values:
+                out.append(f"proposer={Person(str(values['name']), str(value)).label()}")
+            elif key == "proposer":
+                out.append(f"proposer={proposer_label(str(value))}")
+            elif not (key == "name" and "proposer" in values):
+                out.append(f"{key}={value}")
+        return ", ".join(out)
+
     proposals = []
     last_time = times[-1]
     for prop in state.proposals.values():
@@ -914,9 +943,10 @@ def build_report(
                 id=prop.id.hex(),
                 seq=prop.log_position,
                 time=prop.time,
-                proposer=Person(state.proposer_name(prop.proposer) or "?", prop.proposer).label(),
+                proposer=proposer_label(prop.proposer),
                 operation=prop.operation,
                 parameters=prop.parameters,
+                shown=shown(prop.parameters),
                 expires_at=prop.expires_at,
                 needed=operation(prop.operation).required_approvals(threshold),
                 statement=request.statement("approve").render(),

@@ -252,7 +252,7 @@ def _seal(seal: SealRecord) -> str:
 
 def _proposal(out: list[str], p: ProposalRecord) -> None:
     w = out.append
-    params = ", ".join(f"{k}={v}" for k, v in p.parameters)
+    params = p.shown
     w(f"  proposal {p.id} at entry {p.seq} ({render_time(p.time)}):")
     expires = render_time(p.expires_at)
     w(f"    {p.operation} {params}; needs {p.needed} approval(s); expires {expires}")

@@ -257,3 +257,20 @@ def test_html_report_is_golden_and_self_contained(tmp_path: Path) -> None:
     assert "default-src 'none'" in html
     for marker in ("<script", "src=", "href=", "url(", "@import", "http://", "https://"):
         assert marker not in html
+
+
+def test_people_are_never_shown_as_bare_hex_in_the_reports(tmp_path: Path) -> None:
+    """Custodians, proposers, rosters: names and base32 groups; 64-hex only in JSON."""
+    fingerprint = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
+    text = verify(str(EXPORT), "--log-key", LOG_KEY).stdout
+    html_path = tmp_path / "r.html"
+    verify(str(EXPORT), "--log-key", LOG_KEY, "--html", str(html_path))
+    for shown in (text, html_path.read_text()):
+        assert fingerprint.search(shown) is None, fingerprint.search(shown)
+        assert "proposer=custodian 8 (" in shown
+        assert "Unseal sessions reset" in shown
+        assert "w1.example+" in shown  # the witness the quorum added
+    assert "reset by custodian 1 (PPIO-IJ7T-CTHE-ACH7); discarded: custodian 0 (" in text
+    doc = json.loads(verify(str(EXPORT), "--log-key", LOG_KEY, "--json").stdout)
+    added = next(p for p in doc["proposals"] if p["operation"] == "add-proposer")
+    assert fingerprint.fullmatch(dict(added["parameters"])["proposer"])
