@@ -15,8 +15,8 @@ from keyquorum.cli.connect import (
     open_channel,
     rpc_errors,
 )
-from keyquorum.cli.display import session_lines
 from keyquorum.cli.output import document, emit, json_option, person
+from keyquorum.cli.sessions import session_lines
 from keyquorum.quorum import people
 from keyquorum.quorum.errors import InvalidInputError, KeyquorumError
 from keyquorum.v1 import custodian_pb2 as pb

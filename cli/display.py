@@ -2,9 +2,7 @@
 
 A statement is printed between two rules, byte for byte as it is signed,
 with its size and SHA-256 so that two custodians can compare what they were
-shown. Unseal sessions are told as custodians follow them: who submitted
-and when, when a session expires, and how the one before ended. Statements
-hold times in UTC only (the signed bytes must not depend
+shown. Statements hold times in UTC only (the signed bytes must not depend
 on the signer's time zone); below the second rule, outside the statement
 and labelled so, the same times are repeated in this machine's local time.
 """
@@ -12,16 +10,10 @@ and labelled so, the same times are repeated in this machine's local time.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
-from keyquorum.quorum import people
 from keyquorum.quorum.errors import DeserializationError
-from keyquorum.quorum.statements import TIME_PATTERN, Statement, render_time
-
-if TYPE_CHECKING:
-    from keyquorum.v1 import custodian_pb2 as pb
+from keyquorum.quorum.statements import TIME_PATTERN, Statement
 
 RULE = "-" * 72
 
@@ -70,49 +62,3 @@ def is_statement(text: str) -> bool:
     except DeserializationError:
         return False
     return True
-
-
-# Unseal sessions ------------------------------------------------------------
-
-
-def _who(s: pb.SubmittedShare) -> str:
-    return people.label(s.name, s.fingerprint)
-
-
-def submitted_text(shares: Sequence[pb.SubmittedShare]) -> str:
-    """`alice (FKAO-...) at 2026-11-25 12:00:00 UTC, bob (...) at ...`, or `nobody yet`."""
-    return ", ".join(f"{_who(s)} at {render_time(s.submitted_at)}" for s in shares) or "nobody yet"
-
-
-def ended_text(ended: pb.EndedUnsealSession) -> str:
-    """One sentence on a session that ended without unsealing."""
-    opened = render_time(ended.opened_at)
-    first = f" by {_who(ended.submitted[0])}" if ended.submitted else ""
-    head = f"the unseal session {ended.session_id[:16]} started at {opened}{first}"
-    lost = ", ".join(_who(s) for s in ended.submitted)
-    shares = f"{len(ended.submitted)} share{'' if len(ended.submitted) == 1 else 's'}"
-    discarded = f"; the {shares} of {lost} were discarded" if lost else ""
-    when = render_time(ended.ended_at)
-    if ended.how == "reset":
-        by = people.label(ended.reset_by_name, ended.reset_by)
-        return f"{head} was reset by {by} at {when}{discarded}"
-    if ended.how == "sealed":
-        return f"{head} was ended by a seal at {when}{discarded}"
-    return f"{head} expired at {when}{discarded}"
-
-
-def session_lines(s: pb.Status) -> list[str]:
-    """What `status` says of a sealed replica's unseal session, and of the one before."""
-    lines = []
-    if s.HasField("unseal_session"):
-        u = s.unseal_session
-        lines.append(
-            f"unseal session {u.session_id[:16]}: {len(u.submitted)} of {s.threshold} shares, "
-            f"opened at {render_time(u.opened_at)}, expires at {render_time(u.expires_at)}"
-        )
-        lines.append(f"  submitted: {submitted_text(u.submitted)}")
-    else:
-        lines.append(f"unseal session: none open (0 of {s.threshold} shares)")
-    if s.HasField("previous_unseal_session"):
-        lines.append(f"  before it: {ended_text(s.previous_unseal_session)}")
-    return lines

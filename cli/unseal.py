@@ -25,7 +25,7 @@ import click
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli import display, seen_checkpoints
 from keyquorum.cli.connect import Endpoint, open_channel, rpc_errors
-from keyquorum.cli.display import ended_text, submitted_text
+from keyquorum.cli.sessions import ended_text, submitted_text
 from keyquorum.quorum.credentials import CustodianCredential, PublicCredential
 from keyquorum.quorum.errors import KeyquorumError, NotOnRosterError
 from keyquorum.quorum.log import Entry, UnsealPayload, UnsealResetPayload

@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from keyquorum.cli import custodian_actions as actions
+from keyquorum.cli import sessions
 from keyquorum.cli.connect import rpc_errors
 from keyquorum.cli.main import main as cli_main
 from keyquorum.cli.unseal import EXIT_FAILED, EXIT_PARTIAL
@@ -128,6 +129,7 @@ def test_status_names_who_submitted_and_when_the_session_expires(
     code, out = cli(daemon, pki, "status")
     assert code == 0, out
     expires = statements.render_time(session.expires_at)
+    assert sessions.render_time(session.expires_at) == expires  # one time form for both
     assert f"unseal session {session.session_id[:16]}: 2 of 3 shares" in out
     assert f"expires at {expires}" in out
     assert (
@@ -169,7 +171,7 @@ def test_an_expired_session_is_said_to_the_next_custodian(
     said = (
         f"the unseal session {s.previous_unseal_session.session_id[:16]} started at "
         f"{statements.render_time(opened)} by {label(alice)} expired at "
-        f"{statements.render_time(expires)}; the 1 share of {label(alice)} were discarded; "
+        f"{statements.render_time(expires)}; the share of {label(alice)} was discarded; "
         "starting a new one"
     )
     assert said in out
