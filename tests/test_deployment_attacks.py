@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -39,9 +40,11 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
+from click.testing import CliRunner
 
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli.connect import RemoteError, rpc_errors
+from keyquorum.cli.main import main as cli_main
 from keyquorum.hsm import tls
 from keyquorum.hsm.daemon import Daemon, tenant_keys
 from keyquorum.hsm.daemon.ceremony import CeremonyGate
@@ -709,6 +712,16 @@ def test_unsigned_forged_and_unknown_proposals_are_refused(
         for c in custodians[:K]:
             actions.verdict(d.stub, p.id, c.fingerprint, lambda _t, c=c: c.credential,
                             verdict="approve")  # fmt: skip
+        # `proposal show` names the proposer as people read it, never in hex.
+        shown = CliRunner().invoke(
+            cli_main, ["proposal", "show", p.id, "--server", d.target, "--ca", str(pki.ca_cert)]
+        )
+        assert shown.exit_code == 0, shown.output
+        label = f"ops-bot ({ops.credential.public().short_fingerprint})"
+        assert f"proposer={label}" in shown.output
+        executed = d.stub.GetProposal(pb.GetProposalRequest(id=p.id)).executed_seq
+        assert f"executed:  entry {executed}: proposer={label}" in shown.output
+        assert re.search(r"[0-9a-f]{64}", shown.output) is None, shown.output
         by_ops = d.stub.Propose(
             signed_proposal(d.stub, ops.credential, "create-tenant", {"tenant": "globex"}, now=now)
         )
