@@ -352,7 +352,6 @@ def test_unseal_and_status_go_on_past_an_unreachable_replica(
         servers = (a.target, dead, b.target)
         code, out = unseal_cli(a, pki, custodians[0], servers=servers)
         assert code == EXIT_PARTIAL, out
-        assert out.count("Passphrase") <= 1
         assert f"{a.target} (replica kq-a): share accepted: 1 of 3; still sealed" in out
         assert f"{b.target} (replica kq-b): share accepted: 1 of 3; still sealed" in out
         assert f"{dead}: FAILED: cannot reach the daemon at {dead}" in out
