@@ -210,11 +210,13 @@ def test_a_refused_custodian_action_is_logged_with_its_reason(running: Running) 
     lines = [ln for ln in running.proc.output().splitlines() if "refused Seal" in ln]
     assert len(lines) == 2, lines
     assert re.search(
-        rf"WARNING keyquorum.custodian: refused Seal from custodian {alice.fingerprint[:16]} "
+        rf"WARNING keyquorum.custodian: refused Seal from custodian "
+        rf"{re.escape(alice.credential.public().label)} "
         r"\((PERMISSION_DENIED|INVALID_ARGUMENT)\): \w+Error: ",
         lines[0],
     ), lines[0]
     assert "from custodian unknown" in lines[1]
+    assert alice.fingerprint[:16] not in running.proc.output()
     output = running.proc.output()
     assert "MARKER" not in output  # nothing the client sent
     assert running.get("/health") == (200, "unsealed\n")  # a forged seal seals nothing
