@@ -16,6 +16,7 @@ from functools import cache
 import pytest
 
 from keyquorum.quorum import canonical, export
+from keyquorum.quorum.audit_html import render_html
 from keyquorum.quorum.audit_report import Report, audit
 from keyquorum.quorum.audit_text import render_text
 from keyquorum.quorum.checkpoint import NoteSigner, cosign_checkpoint
@@ -30,11 +31,14 @@ from keyquorum.quorum.errors import (
 from keyquorum.quorum.log import Entry, ExecutionPayload
 from keyquorum.quorum.merkle import CompactRange, leaf_hash
 from keyquorum.quorum.note import SignatureType
+from keyquorum.quorum.people import label
 from tests.logfactory import (
     DEPLOYMENT,
     Counter,
     LogFactory,
+    custodians,
     log_signer,
+    next_log_signer,
     resigned,
     standard_log,
 )
@@ -416,3 +420,44 @@ def test_entries_are_base64_of_the_exact_bytes() -> None:
     f = _factory()
     line = _file(f.entries, [])[1]
     assert base64.b64decode(json.loads(line)["entry"]) == f.entries[0]
+
+
+def test_the_report_lists_log_keys_witnesses_and_proposers_as_people_read_them() -> None:
+    """Issue 17's operations, each a quorum decision, in text, JSON and HTML."""
+    f = LogFactory(seed=b"trust report")
+    for cred in f.creds:
+        f.confirm(cred)
+    ops = custodians(9)[8]
+    witness = NoteSigner.generate(
+        "w9.example", sig_type=SignatureType.COSIGNATURE_V1, random_bytes=Counter(b"w9")
+    ).verifier_key()
+    new_key = next_log_signer(1).verifier_key()
+    f.run("add-proposer", proposer=ops.fingerprint, name=ops.public().name)
+    f.run("add-witness", witness=witness, witness_threshold=1)
+    f.run("rotate-log-key", log_key=new_key)
+    f.run("remove-proposer", proposer=ops.fingerprint, name=ops.public().name)
+    report = _audit(_file(f.entries, _notes(f)), log_key=LOG_KEY)
+    assert report.verified
+    assert [k.log_key for k in report.log_keys] == [LOG_KEY, new_key]
+    assert [(w.operation, w.witness, w.threshold) for w in report.witnesses] == [
+        ("add-witness", witness, 1)
+    ]
+    assert [(p.operation, p.proposer.fingerprint) for p in report.proposers] == [
+        ("add-proposer", ops.fingerprint),
+        ("remove-proposer", ops.fingerprint),
+    ]
+    ops_label = label(ops.public().name, ops.fingerprint)
+    approver = label(f.creds[0].public().name, f.creds[0].fingerprint)
+    text = render_text(report)
+    assert f"{new_key} (rotate-log-key, proposal " in text
+    assert f"approved by {approver}" in text
+    assert f"add-witness {witness}; threshold m = 1" in text
+    assert f"add-proposer {ops_label}" in text
+    assert f"remove-proposer {ops_label}" in text
+    assert f"proposer={ops_label}" in text
+    html = render_html(report)
+    for fact in (new_key, witness, ops_label):
+        assert fact in html
+    doc = report.to_json()
+    assert [k["log_key"] for k in doc["log_keys"]] == [LOG_KEY, new_key]
+    assert doc["proposers"][1]["proposer"]["fingerprint"] == ops.fingerprint
