@@ -1,6 +1,8 @@
 """Unseal sessions as custodians follow them: who submitted and when, how one ended.
 
-`status` and `custodian unseal` both say it this way. Custodians appear as
+`status` and `custodian unseal` both say it this way. A session "started
+by" the first custodian whose share it accepted: opening a session is not
+signed, so the daemon names no one for that. Custodians appear as
 `people.label` shows them; times once, in UTC, in the form statements use
 (`statements.render_time`), written here without importing the statement
 code, so that `keyquorum status` stays light (tests/test_cli_startup.py).
