@@ -630,7 +630,7 @@ def verify_cmd(
         if given is not None and seen is not None and given not in chain:
             seen_checkpoints.refuse_other_key(seen, given)
         if deployment is not None:
-            _remember_verified(deployment, seen, chain[-1], parsed, given=given is not None)
+            _remember_verified(deployment, seen, chain, parsed, given=given is not None)
     except KeyquorumError as e:
         _fail(e, as_json, html_out)
     shown = report.filtered(filters)
@@ -684,15 +684,22 @@ def _remembered_for(seen: seen_checkpoints.Seen | None, parsed: export.ExportedL
 def _remember_verified(
     deployment: str,
     seen: seen_checkpoints.Seen | None,
-    key: str,
+    chain: list[str],
     parsed: export.ExportedLog,
     *,
     given: bool,
 ) -> None:
     """Pin the log's key in force and remember the export's latest checkpoint (when newer).
 
-    `given`: the key was given by the auditor (or follows from one that was).
+    `chain`: the log keys the verified log went through, the one in force
+    last (the keys before it are remembered as superseded, for the other
+    audit commands). `given`: the key was given by the auditor (or follows
+    from one that was).
     """
+    key = chain[-1]
+    superseded = tuple(
+        dict.fromkeys([*(() if seen is None else seen.superseded_keys), *chain[:-1]])
+    )
     if seen is None and not given:
         click.echo(
             f"note: pinning the log key of deployment {deployment} on first contact (not "
@@ -709,7 +716,9 @@ def _remember_verified(
             seen_checkpoints.save(dataclasses.replace(seen, key_given=True))
         return
     entries = () if seen is None else seen.witness_entries
-    seen_checkpoints.save(seen_checkpoints.Seen(deployment, key, latest, entries, given))
+    seen_checkpoints.save(
+        seen_checkpoints.Seen(deployment, key, latest, entries, given, superseded)
+    )
 
 
 def exit_code_for(error: KeyquorumError) -> int:
@@ -1030,15 +1039,29 @@ def _origin_of(note: str) -> str | None:
 def _required_key(option: str | None, path: Path | None, origin: str | None = None) -> str:
     """The log key: given (and pinned for its deployment), or one given here before.
 
-    A given key that differs from the pinned one is refused, naming both:
-    only `audit verify` follows a rotation, over the log itself. A key this
-    machine took on first contact (a custodian's CLI) is no key you gave.
+    A given key that differs from the pinned one is refused, naming both,
+    unless this machine followed the log's rotations from it to the pinned
+    one (`audit verify` over the log, or a custodian's CLI, each checking
+    every rotation was signed by the key before): then the key in force is
+    used, and said. A key this machine took on first contact (a custodian's
+    CLI) is no key you gave.
     """
     key = pinned_log_key(option, path)
     if key is not None:
         name = parse_verifier_key(key).name
         if name.startswith("keyquorum/"):  # a deployment's key: pinned for it
-            seen_checkpoints.pin_key(seen_checkpoints.deployment_of(name), key, given=True)
+            deployment = seen_checkpoints.deployment_of(name)
+            seen = seen_checkpoints.load(deployment)
+            if seen is not None and seen.log_key != key and key in seen.superseded_keys:
+                click.echo(
+                    f"note: the log key you gave was rotated; this machine followed the "
+                    f"rotations signed key by key to {seen.log_key}, which is used",
+                    err=True,
+                )
+                if not seen.key_given:
+                    seen_checkpoints.save(dataclasses.replace(seen, key_given=True))
+                return seen.log_key
+            seen_checkpoints.pin_key(deployment, key, given=True)
         return key
     if origin is not None:
         seen = seen_checkpoints.load(seen_checkpoints.deployment_of(origin))

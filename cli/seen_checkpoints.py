@@ -99,6 +99,17 @@ class Seen:
     #: The key was given by a person (`audit ... --log-key`), or follows by
     #: rotations from one that was; False: taken on first contact.
     key_given: bool = False
+    #: Keys this machine followed away from, oldest first: each was rotated to
+    #: the next by a `rotate-log-key` entry it signed, checked here.
+    superseded_keys: tuple[str, ...] = ()
+
+    def followed(self, chain: Sequence[tuple[int, str]]) -> tuple[str, ...]:
+        """`superseded_keys` after following `chain` (from the pinned key to the one in force)."""
+        out = list(self.superseded_keys)
+        for _, key in chain[:-1]:
+            if key not in out:
+                out.append(key)
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,9 @@ def load(deployment: str) -> Seen | None:
         raise DeserializationError(f"{path} is too large to be a remembered checkpoint")
     obj = canonical.decode(raw)
     keys = {"v", "deployment", "log_key", "checkpoint", "witness_entries", "key_given"}
+    if isinstance(obj, dict):  # written before keys were followed: none superseded yet
+        obj.setdefault("superseded_keys", [])
+    keys.add("superseded_keys")
     if (
         not isinstance(obj, dict)
         or obj.get("v") != VERSION
@@ -165,6 +179,8 @@ def load(deployment: str) -> Seen | None:
         or not isinstance(obj["checkpoint"], str)
         or not isinstance(obj["witness_entries"], list)
         or not isinstance(obj["key_given"], bool)
+        or not isinstance(obj["superseded_keys"], list)
+        or not all(isinstance(k, str) for k in obj["superseded_keys"])
     ):
         raise DeserializationError(f"{path} is not what this machine remembers of {deployment}")
     entries: list[tuple[int, str]] = []
@@ -177,7 +193,14 @@ def load(deployment: str) -> Seen | None:
         ):
             raise DeserializationError(f"{path}: a witness entry is not [seq, hash]")
         entries.append((item[0], item[1]))
-    return Seen(deployment, obj["log_key"], obj["checkpoint"], tuple(entries), obj["key_given"])
+    return Seen(
+        deployment,
+        obj["log_key"],
+        obj["checkpoint"],
+        tuple(entries),
+        obj["key_given"],
+        tuple(obj["superseded_keys"]),
+    )
 
 
 def save(seen: Seen) -> None:
@@ -191,6 +214,7 @@ def save(seen: Seen) -> None:
             "checkpoint": seen.checkpoint,
             "witness_entries": [[seq, digest] for seq, digest in seen.witness_entries],
             "key_given": seen.key_given,
+            "superseded_keys": list(seen.superseded_keys),
         }
     )
     try:
@@ -463,7 +487,16 @@ def require_extension(
         _proven(extension.included, current)
         included = extension.included.entry
     # 6. Remembered.
-    save(Seen(deployment, current_key, extension.checkpoint, changes, seen.key_given))
+    save(
+        Seen(
+            deployment,
+            current_key,
+            extension.checkpoint,
+            changes,
+            seen.key_given,
+            seen.followed(chain),
+        )
+    )
     return Checked(
         deployment=deployment,
         log_key=current_key,

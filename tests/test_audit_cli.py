@@ -274,3 +274,55 @@ def test_people_are_never_shown_as_bare_hex_in_the_reports(tmp_path: Path) -> No
     doc = json.loads(verify(str(EXPORT), "--log-key", LOG_KEY, "--json").stdout)
     added = next(p for p in doc["proposals"] if p["operation"] == "add-proposer")
     assert fingerprint.fullmatch(dict(added["parameters"])["proposer"])
+
+
+def _audit_cli(*args: str) -> Result:
+    return CliRunner().invoke(cli_main, ["audit", *args], catch_exceptions=False)
+
+
+def test_the_other_audit_commands_follow_a_rotation_verify_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `rotate-log-key` the checkpoints are signed by the new key. `audit verify`
+    with the key the auditor trusts follows the rotation over the log itself; from then
+    on `audit checkpoint` with that same key uses the key in force, saying so. A machine
+    that followed nothing refuses, naming both keys; and a key no followed rotation
+    leads from is refused even where another was followed."""
+    from tests import logfactory
+
+    # Log keys named as a daemon names them (keyquorum/<deployment>): what pins key on.
+    def named(n: int = 0) -> NoteSigner:
+        seed = b"log key" if n == 0 else b"log key %d" % n
+        return NoteSigner.generate("keyquorum/acme-prod", random_bytes=Counter(seed))
+
+    monkeypatch.setattr(logfactory, "log_signer", named)
+    monkeypatch.setattr(logfactory, "next_log_signer", named)
+    old_key, new_key = named().verifier_key(), named(1).verifier_key()
+    f = LogFactory(n=5, k=3, seed=b"rotated audit")
+    f.run("create-tenant", tenant="acme-health")
+    f.run("rotate-log-key", log_key=new_key)
+    f.run("create-tenant", tenant="other-clinic")
+    path = tmp_path / "rotated.kqexport"
+    notes = [f.checkpoint(n) for n in range(1, len(f.entries) + 1)]
+    path.write_bytes(b"".join(export.produce(f.entries, notes)))
+
+    # A fresh machine: the old key signs none of the latest checkpoint; refused.
+    fresh = _audit_cli("checkpoint", "--from", str(path), "--log-key", old_key)
+    assert fresh.exit_code != 0
+    assert "checkpoint" in fresh.output
+
+    # In another home, verify follows the rotation; then checkpoint with the old key works.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "auditor"))
+    verified = verify("--log-key", old_key, str(path))
+    assert verified.exit_code == 0, verified.output
+    followed = _audit_cli("checkpoint", "--from", str(path), "--log-key", old_key)
+    assert followed.exit_code == 0, followed.output
+    assert f"followed the rotations signed key by key to {new_key}" in followed.output
+    assert f"checkpoint of size {len(f.entries)} verified" in followed.output
+    # The new key itself is the pin now; a key outside the chain is refused, naming both.
+    assert _audit_cli("checkpoint", "--from", str(path), "--log-key", new_key).exit_code == 0
+    stranger = named(2).verifier_key()
+    refused = _audit_cli("checkpoint", "--from", str(path), "--log-key", stranger)
+    assert refused.exit_code != 0
+    assert stranger in refused.output
+    assert new_key in refused.output
