@@ -8,6 +8,8 @@ the listeners; then READY to systemd (hsm/sdnotify.py) and the ready
 file. Any failure up to there is one line on stderr, `error: ...`, and
 exit 1 (a bad flag: exit 2). SIGTERM or SIGINT: STOPPING to systemd, seal
 (the keys are wiped before anything else), stop the listeners, close.
+SIGHUP: new TLS files, the access log reopened, the reloadable settings
+re-read (cli/server_reload.py); never a seal.
 
 The listeners (docs/adr/0009): the custodian port (TLS, peers known by
 address; Seal and GetStatus with lanes of their own) and the mTLS port
@@ -32,10 +34,10 @@ from types import FrameType
 from typing import Any
 
 import click
-import grpc
 
 from keyquorum.cli import server_config
 from keyquorum.cli.server_config import ServerConfig, split_address
+from keyquorum.cli.server_reload import Reloadable, Reloader
 from keyquorum.hsm import hardening, logs, tls
 from keyquorum.hsm.daemon import Daemon
 from keyquorum.hsm.daemon.ceremony import CeremonyGate
@@ -108,34 +110,37 @@ def _health(daemon: Daemon) -> Callable[[], tuple[int, str]]:
     return check
 
 
-def _credentials(
-    config: ServerConfig,
-) -> tuple[grpc.ServerCredentials | None, grpc.ServerCredentials | None]:
-    """(custodian port, mTLS port) credentials; files parsed now, so a bad one is named.
+def _certificates(config: ServerConfig) -> tls.ServerCertificates | None:
+    """The custodian port's certificates (None: plaintext); a bad file is named now.
 
-    The mTLS port's are checked here only: its listeners (this process's, or
-    the workers') are built from the files (hsm/services/backend_plane.py).
+    The mTLS port's are read by its listeners (this process's, or the
+    workers': hsm/services/backend_plane.py); they are checked here too.
     """
-    if config.insecure_dev_plaintext:
-        credentials = None
-        log.warning("serving PLAINTEXT gRPC on %s (development only)", config.listen)
-    else:
-        assert config.tls_cert is not None  # check()
-        assert config.tls_key is not None
-        credentials = tls.server_credentials(config.tls_cert, config.tls_key)
-    mtls = None
     if config.listen_mtls is not None:
         assert config.tls_cert is not None  # check()
         assert config.tls_key is not None
-        mtls = tls.server_credentials(
-            config.tls_cert, config.tls_key, client_ca=config.client_ca, require_client_auth=True
-        )
-    return credentials, mtls
+        tls.read_files(config.tls_cert, config.tls_key, config.client_ca)
+    if config.insecure_dev_plaintext:
+        return None
+    assert config.tls_cert is not None  # check()
+    assert config.tls_key is not None
+    return tls.ServerCertificates.from_files(config.tls_cert, config.tls_key)
 
 
-def serve(config: ServerConfig, notifier: Notifier) -> None:
-    """Run the daemon until SIGTERM or SIGINT; start-up failures raise KeyquorumError."""
-    credentials, mtls_credentials = _credentials(config)
+def serve(
+    config: ServerConfig,
+    notifier: Notifier,
+    settings: Callable[[], ServerConfig] | None = None,
+) -> None:
+    """Run the daemon until SIGTERM or SIGINT; start-up failures raise KeyquorumError.
+
+    `settings` reads the settings again (the flags as given, the file anew)
+    for a SIGHUP (cli/server_reload.py); without it, SIGHUP re-reads `config`'s
+    files only.
+    """
+    certificates = _certificates(config)
+    if certificates is None:
+        log.warning("serving PLAINTEXT gRPC on %s (development only)", config.listen)
     if not hardening.refuse_core_dumps():
         log.warning("could not make the process non-dumpable; core dumps may hold keys")
     closing: list[Callable[[], None]] = []
@@ -173,7 +178,7 @@ def serve(config: ServerConfig, notifier: Notifier) -> None:
         grpc_server, bound = create_server(
             host=host,
             port=port,
-            credentials=credentials,
+            credentials=None if certificates is None else certificates.credentials(),
             limits=limits,
             register=[custodian_service.register(daemon, limits)],
             service_names=[custodian_service.SERVICE_NAME],
@@ -191,8 +196,8 @@ def serve(config: ServerConfig, notifier: Notifier) -> None:
             )
             closing.append(metrics_server.close)
         backend: BackendPlane | None = None
+        access: AccessLog | None = None
         if config.listen_mtls is not None:
-            assert mtls_credentials is not None
             assert config.tls_cert is not None  # check()
             assert config.tls_key is not None
             assert config.client_ca is not None
@@ -221,7 +226,10 @@ def serve(config: ServerConfig, notifier: Notifier) -> None:
                 ),
             )
             closing.append(backend.close)
-        _run(config, notifier, daemon, grpc_server, bound, backend, metrics_server)
+        reloader = Reloader(
+            settings or (lambda: config), config, Reloadable(certificates, backend, access)
+        )
+        _run(config, notifier, daemon, grpc_server, bound, backend, metrics_server, reloader)
     finally:
         for close in reversed(closing):
             close()
@@ -236,16 +244,24 @@ def _run(
     bound: int,
     backend: BackendPlane | None,
     metrics_server: MetricsServer | None,
+    reloader: Reloader,
 ) -> None:
-    """Serve until a stop signal; seal first, then stop the listeners."""
-    stopping = threading.Event()
+    """Serve until a stop signal; seal first, then stop the listeners. SIGHUP reloads."""
+    wake = threading.Event()
+    asked = {"stop": False, "reload": False}
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: sealing and stopping", signum)
-        stopping.set()
+        asked["stop"] = True
+        wake.set()
+
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+        asked["reload"] = True
+        wake.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
 
     custodian_listener.start()
     log.info("start-up objects frozen for the garbage collector: %d", settle_heap())
@@ -284,8 +300,15 @@ def _run(
     # the process's threads (gRPC's among them); Python then runs the handler
     # only when the main thread next runs bytecode, which a lock wait without
     # a timeout never gives it.
-    while not stopping.wait(timeout=SIGNAL_POLL_SECONDS):
-        pass
+    # Handlers run on this thread only, between its bytecodes: the flags need no lock.
+    while not asked["stop"]:
+        wake.wait(timeout=SIGNAL_POLL_SECONDS)
+        wake.clear()
+        if asked["reload"] and not asked["stop"]:
+            asked["reload"] = False
+            notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            reloader.reload()
+            notifier.notify("READY=1")
     notifier.notify("STOPPING=1", "STATUS=sealing and stopping")
     # Seal first (the workers too, before it returns), so no call served during
     # the grace period gets a key; the listeners and workers stop as `serve` closes.
@@ -313,7 +336,8 @@ def run(**_flags: Any) -> None:
           --listen 0.0.0.0:7443 --tls-cert server.pem --tls-key server.key
       keyquorum server run --config /etc/keyquorum/server.toml
     """
-    config = server_config.from_click(click.get_current_context())
+    settings = server_config.rereader(click.get_current_context())
+    config = settings()
     config.check()
     notifier = Notifier.from_environment()
     relay: StderrRelay | None = None
@@ -325,7 +349,7 @@ def run(**_flags: Any) -> None:
     else:
         logs.configure(config.log_level, config.log_format, relay.original)
     try:
-        serve(config, notifier)
+        serve(config, notifier, settings)
     except OSError as e:
         # A file or directory the settings name, refused by the system at start-up;
         # a KeyquorumError goes up as it is. Either is one line once the relay is off.
@@ -354,7 +378,7 @@ def check_config(**_flags: Any) -> None:
     """
     config = server_config.from_click(click.get_current_context())
     config.check()
-    _credentials(config)
+    _certificates(config)
     if config.data_dir.exists() and not config.data_dir.is_dir():
         raise StorageError(f"the data directory {config.data_dir} is not a directory")
     for line in config.describe():

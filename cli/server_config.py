@@ -579,6 +579,11 @@ def resolve(
 
 def from_click(ctx: click.Context) -> ServerConfig:
     """`resolve` over the parameters of a click command made with `options`."""
+    return rereader(ctx)()
+
+
+def rereader(ctx: click.Context) -> Callable[[], ServerConfig]:
+    """`resolve` again, each call: the same flags, the `--config` file read anew (SIGHUP)."""
     given: dict[str, object] = {}
     sources: dict[str, str] = {}
     for s in SETTINGS:
@@ -589,7 +594,7 @@ def from_click(ctx: click.Context) -> ServerConfig:
             given[s.key], sources[s.key] = ctx.params[s.name], f"environment {s.envvar}"
     config_file = ctx.params.get("config")
     assert config_file is None or isinstance(config_file, Path)
-    return resolve(given, sources, config_file)
+    return lambda: resolve(given, sources, config_file)
 
 
 def options(f: Callable[..., Any]) -> Callable[..., Any]:

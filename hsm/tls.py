@@ -15,17 +15,29 @@
 Files are parsed when loaded, so a wrong path, a non-PEM file or a key that
 does not belong to its certificate is reported by name at start-up rather
 than as an opaque handshake failure later.
+
+`ServerCertificates` is the certificate, key and client CA a listener
+serves, replaceable while it serves (`server run` on SIGHUP): its
+credentials are gRPC's dynamic SSL server credentials, whose fetcher gRPC
+core asks at every new handshake; it answers a new configuration once per
+listener after `replace`, else nothing (keep the current one). So new
+connections get the new certificate and connections already open keep
+theirs and are never dropped. A replacement is checked whole (PEM, the key
+is the leaf's) before anything changes.
 """
 
 from __future__ import annotations
 
 import binascii
-from collections.abc import Mapping
+import hashlib
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from keyquorum.client.tls import load_ca, load_pair
 from keyquorum.hsm.pki import URI_SCHEME, ClientIdentity, uri_sans
@@ -72,6 +84,100 @@ def server_credentials(
         root_certificates=roots,
         require_client_auth=require_client_auth,
     )
+
+
+class ServerCertificates:
+    """A listener's certificate chain, key and client CA, replaceable while serving.
+
+    `credentials()` makes one listener's credentials (each listener its own:
+    the fetcher remembers which generation it last gave that listener).
+    With `require_client_auth`, a client CA is required, as for
+    `server_credentials`; the requirement itself never changes on reload.
+    """
+
+    __slots__ = ("_config", "_generation", "_leaf_sha256", "_lock", "require_client_auth")
+
+    def __init__(
+        self, chain: bytes, key: bytes, client_ca: bytes | None, *, require_client_auth: bool
+    ) -> None:
+        if require_client_auth != (client_ca is not None):
+            raise InvalidInputError("a client CA goes with require_client_auth, and only with it")
+        self.require_client_auth = require_client_auth
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._config, self._leaf_sha256 = _configuration(chain, key, client_ca)
+
+    @classmethod
+    def from_files(
+        cls, cert_chain: Path, private_key: Path, client_ca: Path | None = None
+    ) -> ServerCertificates:
+        """From PEM files, checked as `server_credentials` checks them; mTLS iff `client_ca`."""
+        chain, key, ca = read_files(cert_chain, private_key, client_ca)
+        return cls(chain, key, ca, require_client_auth=client_ca is not None)
+
+    @property
+    def generation(self) -> int:
+        """How many times the certificates were replaced."""
+        return self._generation
+
+    @property
+    def leaf_sha256(self) -> str:
+        """Hex SHA-256 of the served leaf certificate's DER (what a log line names)."""
+        return self._leaf_sha256
+
+    def replace(self, chain: bytes, key: bytes, client_ca: bytes | None) -> None:
+        """Serve these to new connections from now on; open connections keep theirs."""
+        if self.require_client_auth != (client_ca is not None):
+            raise InvalidInputError(
+                "turning client certificates on or off needs a restart, not a reload"
+            )
+        config, leaf = _configuration(chain, key, client_ca)
+        with self._lock:
+            self._config, self._leaf_sha256 = config, leaf
+            self._generation += 1
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Credentials for one listener, following every later `replace`."""
+        with self._lock:
+            initial, given = self._config, self._generation
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Called by gRPC core at every new handshake: cheap unless replaced.
+            nonlocal given
+            with self._lock:
+                if self._generation == given:
+                    return None
+                given = self._generation
+                return self._config
+
+        # gRPC documents None as "keep the current configuration"; its stubs omit it.
+        fetcher = cast("Callable[[], grpc.ServerCertificateConfiguration]", fetch)
+        return grpc.dynamic_ssl_server_credentials(
+            initial, fetcher, require_client_authentication=self.require_client_auth
+        )
+
+    def __repr__(self) -> str:
+        return f"<ServerCertificates leaf {self._leaf_sha256[:16]}, generation {self._generation}>"
+
+
+def read_files(
+    cert_chain: Path, private_key: Path, client_ca: Path | None
+) -> tuple[bytes, bytes, bytes | None]:
+    """The PEM bytes of a certificate chain, its key (checked to match) and a client CA."""
+    chain, key = load_pair(cert_chain, private_key, "server")
+    return chain, key, None if client_ca is None else load_ca(client_ca)
+
+
+def _configuration(
+    chain: bytes, key: bytes, client_ca: bytes | None
+) -> tuple[grpc.ServerCertificateConfiguration, str]:
+    try:
+        leaf = x509.load_pem_x509_certificates(chain)[0]
+    except ValueError as e:
+        raise DeserializationError("the server certificate is not PEM") from e
+    der = leaf.public_bytes(serialization.Encoding.DER)
+    config = grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=client_ca)
+    return config, hashlib.sha256(der).hexdigest()
 
 
 def identity_from_auth_context(context: HasAuthContext) -> str | None:

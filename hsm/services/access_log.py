@@ -133,6 +133,25 @@ class AccessLog:
             self._file.write(line + "\n")
             self._file.flush()
 
+    def reopen(self, path: Path | None = None) -> None:
+        """Append to `path` (default: the same path) from now on: a rotated file's successor.
+
+        The new file is opened before the old one is closed, so a path that
+        cannot be opened changes nothing (InvalidInputError).
+        """
+        target = self._path if path is None else Path(path)
+        try:
+            new: TextIO = target.open("a", encoding="utf-8")
+        except OSError as e:
+            raise InvalidInputError(f"cannot open the access log {target}: {e.strerror}") from e
+        with self._lock:
+            old, self._file, self._path = self._file, new, target
+        old.close()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
     def close(self) -> None:
         with self._lock:
             self._file.close()

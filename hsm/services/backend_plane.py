@@ -103,6 +103,7 @@ class BackendPlane:
         self._listeners: list[Listener] = []
         self._pool: WorkerPool | None = None
         self._runtime: str | None = None
+        self._certificates: tls.ServerCertificates | None = None
         self.workers = settings.workers
         # Cosignatures count only from the witnesses the log names (the daemon's policy).
         audit_log = audit_service.AuditLog(store, daemon)
@@ -116,8 +117,8 @@ class BackendPlane:
                 if settings.rate_limit is None
                 else RateLimiter(settings.rate_limit),
             )
-            credentials = tls.server_credentials(
-                settings.cert, settings.key, client_ca=settings.client_ca, require_client_auth=True
+            self._certificates = tls.ServerCertificates.from_files(
+                settings.cert, settings.key, settings.client_ca
             )
             listener, self.port = mtls_server(
                 daemon,
@@ -125,7 +126,7 @@ class BackendPlane:
                 audit_log,
                 host=settings.host,
                 port=settings.port,
-                credentials=credentials,
+                credentials=self._certificates.credentials(),
                 limits=settings.limits,
                 observe=settings.observe,
             )
@@ -180,6 +181,16 @@ class BackendPlane:
     @property
     def pool(self) -> WorkerPool | None:
         return self._pool
+
+    def reload(self, chain: bytes, key: bytes, client_ca: bytes, log_level: str) -> None:
+        """Serve this certificate chain, key and client CA to new connections (SIGHUP).
+
+        Open connections keep theirs; the workers' log level follows too.
+        """
+        if self._pool is not None:
+            self._pool.reload(chain, key, client_ca, log_level)
+        elif self._certificates is not None:
+            self._certificates.replace(chain, key, client_ca)
 
     def close(self) -> None:
         """Stop the workers (each wipes its keys) and the listeners."""

@@ -22,7 +22,10 @@ core files (hsm/hardening.py); it refuses to run if either fails. Then:
    call it forwards to the daemon's audit plane over a Unix socket in a
    private directory, with the verified client certificate and a secret
    token the daemon gave it (the audit plane stays in the daemon);
-5. its usage records (metrics, access log) go to the daemon in batches.
+5. its usage records (metrics, access log) go to the daemon in batches;
+6. a `reload` frame (the daemon's SIGHUP) brings a new certificate chain,
+   key and client CA, which new connections get (`tls.ServerCertificates`;
+   open ones keep theirs), and the log level.
 
 On a `stop` frame, or when the channel closes, it wipes every key and
 exits. Stopped by SIGKILL at any time, it leaves nothing behind that a
@@ -153,9 +156,8 @@ class Worker:
             usage=() if self._usage is None or not config["usage"] else (self._usage,),
             rate_limit=None if rate is None else RateLimiter(rate),
         )
-        credentials = grpc.ssl_server_credentials(
-            [(key, chain)], root_certificates=ca, require_client_auth=True
-        )
+        self._certificates = tls.ServerCertificates(chain, key, ca, require_client_auth=True)
+        credentials = self._certificates.credentials()
         register = [key_service.register(self.plane)]
         if config["audit_socket"] is not None:
             register.append(_audit_forwarder(config["audit_socket"], token))
@@ -202,6 +204,9 @@ class Worker:
                 kind = header.get("kind")
                 if kind == "stop":
                     return 0
+                if kind == "reload":
+                    self._reload(header, attachments)
+                    continue
                 if kind != "snapshot":
                     log.error("unknown frame %r from the daemon; stopping", kind)
                     return 1
@@ -219,6 +224,24 @@ class Worker:
             return 0
         finally:
             self._shutdown()
+
+    def _reload(self, header: Mapping[str, Any], files: list[bytearray]) -> None:
+        """New TLS files for new connections, and the log level; a bad one changes nothing."""
+        if len(files) != 3:
+            log.error("a reload frame without its three TLS files; ignored")
+            return
+        chain, key, ca = (bytes(f) for f in files)
+        for buffer in files:
+            buffer[:] = bytes(len(buffer))
+        try:
+            self._certificates.replace(chain, key, ca)
+            level = header.get("log_level")
+            if isinstance(level, str):
+                logging.getLogger().setLevel(level)
+        except (KeyquorumError, ValueError) as e:
+            log.error("reload refused, serving the previous certificate: %s", e)
+            return
+        log.info("reloaded: serving certificate %s", self._certificates.leaf_sha256[:16])
 
     def _shutdown(self) -> None:
         self._snapshot = EMPTY_SNAPSHOT

@@ -153,6 +153,9 @@ class WorkerPool:
         self._sync_seconds = settings.limits.worker_sync_seconds
         self._lock = threading.Lock()
         self._publish_lock = threading.Lock()
+        #: Held while a worker is given its configuration and while a reload changes it,
+        #: so a new worker's first frame is always its configuration.
+        self._config_lock = threading.Lock()
         self._workers: list[_Worker | None] = [None] * count
         self._seq = 0
         self._closing = False
@@ -241,6 +244,31 @@ class WorkerPool:
             time.sleep(0.02)
         return True
 
+    def reload(self, chain: bytes, key: bytes, client_ca: bytes, log_level: str) -> None:
+        """New TLS files and log level for every worker, and for those started later.
+
+        Each worker serves the new certificate to new connections; its open
+        connections keep theirs. A worker that cannot take the frame is
+        killed and replaced (the replacement gets the new settings).
+        """
+        with self._config_lock:
+            self._settings = dataclasses.replace(
+                self._settings,
+                tls_chain=chain,
+                tls_key=key,
+                client_ca=client_ca,
+                log_level=log_level,
+            )
+            with self._lock:
+                targets = [w for w in self._workers if w is not None and w.state != _DEAD]
+            for worker in targets:
+                try:
+                    worker.channel.send(
+                        {"kind": "reload", "log_level": log_level}, [chain, key, client_ca]
+                    )
+                except OSError as e:
+                    self._kill(worker, f"could not take the reload: {e}")
+
     # -- the snapshot ------------------------------------------------------------------
 
     def publish(self) -> None:
@@ -315,12 +343,13 @@ class WorkerPool:
         )
         theirs.close()
         worker = _Worker(index, proc, Channel(ours))
-        with self._lock:
-            self._workers[index] = worker
-        try:
-            worker.channel.send(*self._config(index))
-        except OSError as e:
-            self._kill(worker, f"could not be configured: {e}")
+        with self._config_lock:
+            with self._lock:
+                self._workers[index] = worker
+            try:
+                worker.channel.send(*self._config(index))
+            except OSError as e:
+                self._kill(worker, f"could not be configured: {e}")
         threading.Thread(
             target=self._read, args=(worker,), name=f"kq-worker-{index}", daemon=True
         ).start()
