@@ -235,6 +235,8 @@ def new(
       add-witness       witness, witness_threshold  k  (a cosigner key, m after)
       remove-witness    witness, witness_threshold  k
       rotate-log-key    log_key                     k  (admin log-key next)
+      approve-restore   restored_size, abandoned_size, abandoned_root
+                                                    k  (admin restore prints them)
       deactivate-tenant tenant                      1
       disable-version   tenant, version             1
       cancel-destroy    tenant                      1

@@ -18,11 +18,19 @@ threshold `k`; one that narrows exposure needs a single custodian.
 | `add-witness`       | witness, witness_threshold | k       | `WitnessChanged`             |
 | `remove-witness`    | witness, witness_threshold | k       | `WitnessChanged`             |
 | `rotate-log-key`    | log_key                  | k         | `LogKeyRotated`              |
+| `approve-restore`   | restored_size, abandoned_size, abandoned_root | k | `RestoreApproved` |
 | `deactivate-tenant` | tenant                   | 1         | `TenantNamed`                |
 | `disable-version`   | tenant, version          | 1         | `VersionDisabled`            |
 | `cancel-destroy`    | tenant                   | 1         | `TenantNamed`                |
 | `revoke`            | backend, tenant          | 1         | `GrantChanged`               |
 | `remove-proposer`   | name, proposer           | 1         | `ProposerRemoved`            |
+
+`approve-restore` is the quorum's consent to a log restored from a snapshot
+taken before a checkpoint that was published (docs/operations.md): it
+names the size the log was restored to and the abandoned checkpoint (its
+size and root hash); the entries between the two are gone for good. Until
+it executes, a daemon on a restored store serves no key (`keyquorum admin
+restore`).
 
 Removing a witness needs k like adding one: fewer independent parties
 watching the log widens what a dishonest daemon could get away with.
@@ -69,6 +77,7 @@ MAX_WRAPPED_KEY = 1024
 TENANT_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 BACKEND_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?")
 NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?")
+ROOT_HASH_RE = re.compile(r"[0-9a-f]{64}")
 FINGERPRINT_LEN = 32
 ID_LEN = 16
 
@@ -310,6 +319,14 @@ def _log_key_param(value: object, field: str) -> str:
     return read_vkey(value, field=field, sig_type=SignatureType.ED25519)
 
 
+def _log_size(value: object, field: str) -> int:
+    return read_int(value, field=field, low=1, high=2**53)
+
+
+def _root_hash(value: object, field: str) -> str:
+    return read_str(value, field=field, pattern=ROOT_HASH_RE)
+
+
 def _witness_threshold(value: object, field: str) -> int:
     return read_int(value, field=field, low=0, high=MAX_ROSTER)
 
@@ -347,6 +364,9 @@ _CHECKERS: Mapping[str, Callable[[object, str], ParamValue]] = {
     "witness": _witness,
     "witness_threshold": _witness_threshold,
     "log_key": _log_key_param,
+    "restored_size": _log_size,
+    "abandoned_size": _log_size,
+    "abandoned_root": _root_hash,
 }
 
 
@@ -376,6 +396,9 @@ OPERATIONS: Mapping[str, Operation] = {
         Operation("add-witness", ("witness", "witness_threshold"), widening=True),
         Operation("remove-witness", ("witness", "witness_threshold"), widening=True),
         Operation("rotate-log-key", ("log_key",), widening=True),
+        Operation(
+            "approve-restore", ("abandoned_root", "abandoned_size", "restored_size"), widening=True
+        ),
         Operation("deactivate-tenant", ("tenant",), widening=False),
         Operation("disable-version", ("tenant", "version"), widening=False),
         Operation("cancel-destroy", ("tenant",), widening=False),
@@ -407,7 +430,16 @@ def parse_parameters(name: str, value: object, *, field: str = "parameters") -> 
 
 
 #: Parameters that are integers in the log and decimal text on the wire.
-INTEGER_PARAMETERS = frozenset({"duration_seconds", "threshold", "version", "witness_threshold"})
+INTEGER_PARAMETERS = frozenset(
+    {
+        "duration_seconds",
+        "threshold",
+        "version",
+        "witness_threshold",
+        "restored_size",
+        "abandoned_size",
+    }
+)
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,15}")
 
 
@@ -771,6 +803,35 @@ class LogKeyRotated:
         )
 
 
+@dataclass(frozen=True)
+class RestoreApproved:
+    """`approve-restore`: the log goes on from `restored_size`; the abandoned checkpoint
+    (size and RFC 9162 root, lowercase hex) and every entry after the restored size
+    that it covered are gone for good, with the quorum's consent."""
+
+    restored_size: int
+    abandoned_size: int
+    abandoned_root: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "abandoned_root": self.abandoned_root,
+            "abandoned_size": self.abandoned_size,
+            "restored_size": self.restored_size,
+        }
+
+    @classmethod
+    def from_json(cls, value: object, field: str) -> RestoreApproved:
+        obj = read_object(
+            value, field=field, keys=("abandoned_root", "abandoned_size", "restored_size")
+        )
+        return cls(
+            restored_size=_log_size(obj["restored_size"], f"{field}.restored_size"),
+            abandoned_size=_log_size(obj["abandoned_size"], f"{field}.abandoned_size"),
+            abandoned_root=_root_hash(obj["abandoned_root"], f"{field}.abandoned_root"),
+        )
+
+
 Result = (
     NewVersion
     | Activated
@@ -783,6 +844,7 @@ Result = (
     | ProposerRemoved
     | WitnessChanged
     | LogKeyRotated
+    | RestoreApproved
 )
 #: Results that name a tenant (every other one is about the deployment itself).
 TenantResult = (
@@ -805,6 +867,7 @@ _RESULTS: Mapping[str, Any] = {
     "add-witness": WitnessChanged,
     "remove-witness": WitnessChanged,
     "rotate-log-key": LogKeyRotated,
+    "approve-restore": RestoreApproved,
 }
 
 

@@ -115,6 +115,7 @@ from keyquorum.quorum.operations import (
     Parameters,
     ProposerAdded,
     ProposerRemoved,
+    RestoreApproved,
     Result,
     RosterChanged,
     TenantNamed,
@@ -375,6 +376,8 @@ class LogState:
     proposers: dict[str, RegisteredProposer] = field(default_factory=dict)
     #: The witness policy in force, and every earlier one (by first tree size).
     witness_policies: list[WitnessPolicy] = field(default_factory=list)
+    #: Each executed `approve-restore`: (its execution's seq, what it approved).
+    restores: list[tuple[int, RestoreApproved]] = field(default_factory=list)
 
     @property
     def initialized(self) -> bool:
@@ -483,6 +486,7 @@ class LogState:
             log_keys=list(self.log_keys),
             proposers=dict(self.proposers),
             witness_policies=list(self.witness_policies),
+            restores=list(self.restores),
         )
 
 
@@ -706,6 +710,17 @@ class _Check:
                 )
         elif name in ("add-witness", "remove-witness"):
             self._witness_change(name, str(params["witness"]), int(params["witness_threshold"]))
+        elif name == "approve-restore":
+            restored, abandoned = int(params["restored_size"]), int(params["abandoned_size"])
+            if restored > state.size:
+                raise _RefusedError(
+                    f"the log was restored to {restored} entries, but it holds {state.size}"
+                )
+            if abandoned <= restored:
+                raise _RefusedError(
+                    f"the abandoned checkpoint ({abandoned} entries) is not beyond the restored "
+                    f"log ({restored} entries): nothing to approve"
+                )
         elif name == "rotate-log-key":
             new_key = str(params["log_key"])
             if any(vkey == new_key for _, vkey in state.log_keys):
@@ -1168,7 +1183,7 @@ class _Check:
         self,
         name: str,
         params: Mapping[str, str | int],
-        result: ProposerAdded | ProposerRemoved | WitnessChanged | LogKeyRotated,
+        result: ProposerAdded | ProposerRemoved | WitnessChanged | LogKeyRotated | RestoreApproved,
     ) -> Commit:
         """Step 3 for proposers, witnesses and the log key: the result is the proposal's."""
         state, seq = self.state, self.entry.seq
@@ -1207,6 +1222,15 @@ class _Check:
                 state.witness_policies.append(policy)
 
             return change_witnesses
+        if isinstance(result, RestoreApproved):
+            if result.to_json() != {k: params[k] for k in result.to_json()}:
+                raise _RefusedError("the result names another restore than the proposal")
+            approved = (seq, result)
+
+            def approve_restore(state: LogState) -> None:
+                state.restores.append(approved)
+
+            return approve_restore
         if result.previous_log_key != state.log_key:
             raise _RefusedError("the rotation names another previous log key than the one in force")
         if result.log_key != params["log_key"]:

@@ -644,6 +644,22 @@ def _rotate_log_key(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str
     )
 
 
+def _approve_restore(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[str, str]]]:
+    restored, abandoned = _number(p, "restored_size"), _number(p, "abandoned_size")
+    root = _text(p, "abandoned_root")
+    lost = abandoned - restored
+    return (
+        f"go on with the log restored to its first {restored} entries and abandon the "
+        f"published checkpoint of {abandoned} entries: the {lost} entries after the restored "
+        "ones are gone for good",
+        [
+            ("restored to", f"{restored} entries"),
+            ("abandoned checkpoint", f"{abandoned} entries, root {root}"),
+            ("entries lost", str(lost)),
+        ],
+    )
+
+
 _OPERATION_TEXT: Mapping[str, OperationText] = {
     "create-tenant": _create,
     "activate-tenant": _activate,
@@ -660,6 +676,7 @@ _OPERATION_TEXT: Mapping[str, OperationText] = {
     "add-witness": _witness_change,
     "remove-witness": _witness_change,
     "rotate-log-key": _rotate_log_key,
+    "approve-restore": _approve_restore,
 }
 
 

@@ -109,6 +109,10 @@ OPERATION_REQUESTS: dict[str, ApprovalRequest] = {
     "rotate-log-key": approval_request(
         operation="rotate-log-key", parameters={"log_key": NEXT_LOG_KEY}
     ),
+    "approve-restore": approval_request(
+        operation="approve-restore",
+        parameters={"restored_size": 40, "abandoned_size": 57, "abandoned_root": "5f" * 32},
+    ),
 }
 SEAL_TIME = 1_795_649_400  # 2026-11-25 19:30:00 UTC
 OWN_STATEMENTS: dict[str, Statement] = {

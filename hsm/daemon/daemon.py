@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from keyquorum.hsm.daemon import follower, witnessing
+from keyquorum.hsm.daemon import follower, restoring, witnessing
 from keyquorum.hsm.daemon.ceremony import Ceremony, CeremonyGate, EncryptedShareView
 from keyquorum.hsm.daemon.context import Clock, RandomBytes, Replica
 from keyquorum.hsm.daemon.custody import KeyCustody
@@ -51,9 +51,10 @@ from keyquorum.hsm.daemon.views import (
 from keyquorum.hsm.dataplane.snapshot import DataPlaneSnapshot, HeldKey
 from keyquorum.hsm.stores.base import Store
 from keyquorum.quorum.checkpoint import unverified_size
-from keyquorum.quorum.errors import InvalidInputError
+from keyquorum.quorum.errors import InvalidInputError, StateError
 from keyquorum.quorum.limits import Limits
 from keyquorum.quorum.log import Entry
+from keyquorum.quorum.operations import typed_parameters
 from keyquorum.quorum.replay import LogState, WitnessPolicy
 
 log = logging.getLogger(__name__)
@@ -210,11 +211,13 @@ class Daemon:
         return self.status(), seq
 
     def open_unseal_session(self) -> SessionView:
+        self._refuse_while_restore_pending()
         return self._unseal.open()
 
     def submit_share(
         self, session_id: bytes, fingerprint: str, index: int, ciphertext: bytes, signature: bytes
     ) -> Progress:
+        self._refuse_while_restore_pending()
         return self._unseal.submit(session_id, fingerprint, index, ciphertext, signature)
 
     def reset_unseal_session(
@@ -222,6 +225,15 @@ class Daemon:
     ) -> tuple[int, EndedSessionView]:
         """Discard the open session's shares on a custodian's signed request (unseal.py)."""
         return self._unseal.reset(session_id, fingerprint, requested_at, signature)
+
+    def pending_restore(self) -> restoring.PendingRestore | None:
+        """A restore behind a published checkpoint awaiting approve-restore (restoring.py)."""
+        return restoring.load(self._r.data_dir)
+
+    def _refuse_while_restore_pending(self) -> None:
+        pending = self.pending_restore()
+        if pending is not None:
+            pending.require_approving("unseal", {})
 
     def seal(
         self,
@@ -266,7 +278,22 @@ class Daemon:
         signature: bytes,
         public_credentials: Sequence[bytes] = (),
     ) -> ProposalView:
-        """Log a proposal signed by a custodian or a registered proposer (governance.py)."""
+        """Log a proposal signed by a custodian or a registered proposer (governance.py).
+
+        While a restore awaits approval (restoring.py), only its approve-restore.
+        """
+        pending = self.pending_restore()
+        if pending is not None or operation_name == "approve-restore":
+            try:
+                typed = dict(typed_parameters(list(parameters)))
+            except InvalidInputError:
+                typed = {}
+            if pending is None:
+                raise StateError(
+                    "no restore awaits approval on this replica: approve-restore follows "
+                    "`keyquorum admin restore --abandon-checkpoint` only"
+                )
+            pending.require_approving(operation_name, typed)
         return self._governance.propose(
             operation_name,
             parameters,

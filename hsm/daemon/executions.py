@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from keyquorum.hsm.daemon import tenant_keys
+from keyquorum.hsm.daemon import restoring, tenant_keys
 from keyquorum.hsm.daemon.ceremony import split_to
 from keyquorum.hsm.daemon.context import Replica
 from keyquorum.hsm.daemon.keys import TenantKeys
@@ -41,6 +41,7 @@ from keyquorum.quorum.operations import (
     Policy,
     ProposerAdded,
     ProposerRemoved,
+    RestoreApproved,
     Result,
     Rewrapped,
     RosterChanged,
@@ -144,6 +145,26 @@ class Executions:
             return Plan(ProposerRemoved(str(params["proposer"])))
         if name in ("add-witness", "remove-witness"):
             return Plan(WitnessChanged(str(params["witness"]), int(params["witness_threshold"])))
+        if name == "approve-restore":
+            approved = RestoreApproved(
+                int(params["restored_size"]),
+                int(params["abandoned_size"]),
+                str(params["abandoned_root"]),
+            )
+            data_dir = self._r.data_dir
+
+            def accept_restore() -> None:
+                pending = restoring.load(data_dir)
+                if pending is not None and pending.parameters() == approved.to_json():
+                    restoring.clear(data_dir)
+                    log.warning(
+                        "approve-restore executed: the restore to %d entries is accepted; "
+                        "the checkpoint of %d entries is abandoned",
+                        approved.restored_size,
+                        approved.abandoned_size,
+                    )
+
+            return Plan(approved, on_commit=accept_restore)
         if name == "rotate-log-key":
             new_key = str(params["log_key"])
             # The checkpoint after the rotation is the new key's: hold it first.
