@@ -450,7 +450,8 @@ def _verdict_command(verdict: str) -> click.Command:
         kind = ApprovalPayload if verdict == "approve" else RefusalPayload
         with open_channel(endpoint) as channel:
             stub = pb_grpc.CustodianServiceStub(channel)
-            seen_checkpoints.require_extension(stub)
+            # A restore's approve-restore may be decided on over a shorter log.
+            seen_checkpoints.require_extension(stub, deciding_on=proposal_id)
             response = actions.verdict(
                 stub,
                 proposal_id,
@@ -459,7 +460,7 @@ def _verdict_command(verdict: str) -> click.Command:
                 verdict=verdict,
                 public_credentials=[f.read_bytes() for f in roster_files],
                 before_sign=lambda p: seen_checkpoints.require_witnessed(
-                    stub, p.log_position + 1, wait=witness_wait
+                    stub, p.log_position + 1, wait=witness_wait, deciding_on=proposal_id
                 ),
             )
             seen_checkpoints.remember_entry(
@@ -470,6 +471,7 @@ def _verdict_command(verdict: str) -> click.Command:
                     and e.payload.custodian == fingerprint
                     and e.payload.proposal.hex() == response.proposal.id
                 ),
+                deciding_on=proposal_id,
             )
         p = response.proposal
         if verdict == "refuse":

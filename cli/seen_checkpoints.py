@@ -37,6 +37,16 @@ VERIFIED only against such a key). To
 start over for a deployment (a new ceremony under the same name), remove
 its file: the refusal names it.
 
+A log shorter than the remembered checkpoint is accepted in one case only:
+a store restored from a snapshot with the custodians' consent
+(`approve-restore`, hsm/daemon/restoring.py). The log must show, proven
+included in its checkpoint, an executed `approve-restore` that abandons a
+checkpoint at least as large as the remembered one (the same root if the
+same size) and keeps no more entries than the log now has; then the new
+checkpoint is remembered and a warning names both. A custodian deciding
+on that very proposal (`custodian approve|refuse ID`, `deciding_on`) may
+follow the shorter log before it executes, without remembering it.
+
 Limits: the witness policy a CLI has never seen is learnt from the daemon
 (entries proven in the log, but the daemon could leave out one the CLI
 never saw); from then on a weaker one is refused.
@@ -74,8 +84,8 @@ from keyquorum.quorum.errors import (
     ThresholdError,
     VerificationError,
 )
-from keyquorum.quorum.log import Entry, ExecutionPayload, log_signature_message
-from keyquorum.quorum.operations import LogKeyRotated, WitnessChanged
+from keyquorum.quorum.log import Entry, ExecutionPayload, ProposalPayload, log_signature_message
+from keyquorum.quorum.operations import LogKeyRotated, RestoreApproved, WitnessChanged
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 
@@ -409,7 +419,10 @@ def _witnessed(
 
 
 def require_extension(
-    stub: pb_grpc.CustodianServiceStub, *, include_seq: int | None = None
+    stub: pb_grpc.CustodianServiceStub,
+    *,
+    include_seq: int | None = None,
+    deciding_on: str | None = None,
 ) -> Checked | None:
     """Refuse a daemon whose log this machine cannot follow; remember where it is now.
 
@@ -427,6 +440,9 @@ def require_extension(
        witnesses cosigned, which the checkpoint extends;
     5. the entry asked for is included;
     6. remember the checkpoint, the key and the witness changes.
+
+    A shorter log passes 3 only with the quorum's `approve-restore` (module
+    docstring); `deciding_on` is the proposal id the custodian is deciding on.
     """
     # 0. Which log.
     with rpc_errors():
@@ -464,14 +480,27 @@ def require_extension(
         )
     else:
         chain = [(0, current_key)]
+    remember = True
     if seen.checkpoint:
-        current = evidence.require_extends_notes(
-            seen.checkpoint,
-            extension.checkpoint,
-            list(extension.proof),
-            pinned,
-            parse_verifier_key(current_key),
-        )
+        try:
+            current = evidence.require_extends_notes(
+                seen.checkpoint,
+                extension.checkpoint,
+                list(extension.proof),
+                pinned,
+                parse_verifier_key(current_key),
+            )
+        except RollbackError:
+            remembered = verify_checkpoint(seen.checkpoint, pinned).checkpoint
+            if remembered.size <= claimed.size:
+                raise  # not shorter: another history, never accepted
+            approved, remember = _approved_going_back(
+                stub, remembered, claimed, current_key, deciding_on
+            )
+            current = claimed
+            # Witness changes of the abandoned part are gone with it.
+            kept = tuple(e for e in seen.witness_entries if e[0] < approved.restored_size)
+            seen = dataclasses.replace(seen, checkpoint="", witness_entries=kept)
     else:
         current = claimed
     # 4. Witnesses.
@@ -487,16 +516,17 @@ def require_extension(
         _proven(extension.included, current)
         included = extension.included.entry
     # 6. Remembered.
-    save(
-        Seen(
-            deployment,
-            current_key,
-            extension.checkpoint,
-            changes,
-            seen.key_given,
-            seen.followed(chain),
+    if remember:
+        save(
+            Seen(
+                deployment,
+                current_key,
+                extension.checkpoint,
+                changes,
+                seen.key_given,
+                seen.followed(chain),
+            )
         )
-    )
     return Checked(
         deployment=deployment,
         log_key=current_key,
@@ -509,12 +539,84 @@ def require_extension(
     )
 
 
+def _approved_going_back(
+    stub: pb_grpc.CustodianServiceStub,
+    remembered: Checkpoint,
+    claimed: Checkpoint,
+    current_key: str,
+    deciding_on: str | None,
+) -> tuple[RestoreApproved, bool]:
+    """The approve-restore that lets this log go back from `remembered`; whether it executed.
+
+    An executed one anywhere in the log, or the pending one the custodian
+    decides on now; each proven included in the daemon's checkpoint.
+    Otherwise the rollback is refused, naming both sizes.
+    """
+    with rpc_errors():
+        listed = stub.ListProposals(pb.ListProposalsRequest(include_closed=True))
+    for proposal in listed.proposals:
+        if proposal.operation != "approve-restore":
+            continue
+        executed = proposal.executed_seq > 0
+        if not executed and proposal.id != deciding_on:
+            continue
+        seq = proposal.executed_seq if executed else proposal.log_position
+        with rpc_errors():
+            extension = stub.GetLogExtension(
+                pb.GetLogExtensionRequest(first_size=0, include_seq=seq)
+            )
+        served = verify_checkpoint(extension.checkpoint, parse_verifier_key(current_key))
+        if served.checkpoint.size < claimed.size or not extension.HasField("included"):
+            continue
+        entry = _proven(extension.included, served.checkpoint)
+        approved = _restore_in(entry, executed)
+        if approved is None:
+            continue
+        if approved.abandoned_size < remembered.size or (
+            approved.abandoned_size == remembered.size
+            and approved.abandoned_root != remembered.root.hex()
+        ):
+            continue
+        if approved.restored_size > claimed.size:
+            continue
+        click.echo(
+            f"warning: the log went back from the checkpoint of {remembered.size} entries you "
+            f"saw to {approved.restored_size} restored entries: the custodians' approve-restore "
+            f"(proposal {proposal.id}) {'approved' if executed else 'asks to approve'} "
+            f"abandoning the checkpoint of {approved.abandoned_size} entries",
+            err=True,
+        )
+        return approved, executed
+    raise RollbackError(
+        f"the daemon's log has {claimed.size} entries, but you saw a checkpoint of "
+        f"{remembered.size}, and no approve-restore of the custodians abandons it: the store "
+        "was rolled back",
+    )
+
+
+def _restore_in(entry: Entry, executed: bool) -> RestoreApproved | None:
+    """What an approve-restore entry (its execution, or its proposal) names."""
+    payload = entry.payload
+    if executed:
+        if isinstance(payload, ExecutionPayload) and isinstance(payload.result, RestoreApproved):
+            return payload.result
+        return None
+    if not isinstance(payload, ProposalPayload) or payload.operation != "approve-restore":
+        return None
+    values = dict(payload.parameters)
+    try:
+        return RestoreApproved.from_json(values, "parameters")
+    except DeserializationError:
+        return None
+
+
 def require_witnessed(
     stub: pb_grpc.CustodianServiceStub,
     size: int,
     *,
     wait: float = 0.0,
     sleep: Callable[[float], None] = time.sleep,
+    deciding_on: str | None = None,
 ) -> Checked | None:
     """`require_extension`, then m witnesses' cosignatures over the first `size` entries.
 
@@ -523,7 +625,7 @@ def require_witnessed(
     """
     deadline = time.monotonic() + wait
     while True:
-        checked = require_extension(stub)
+        checked = require_extension(stub, deciding_on=deciding_on)
         if checked is None:
             return None
         try:
@@ -537,7 +639,11 @@ def require_witnessed(
 
 
 def remember_entry(
-    stub: pb_grpc.CustodianServiceStub, seq: int, is_mine: Callable[[Entry], bool]
+    stub: pb_grpc.CustodianServiceStub,
+    seq: int,
+    is_mine: Callable[[Entry], bool],
+    *,
+    deciding_on: str | None = None,
 ) -> Checked:
     """After an action: the checkpoint including the entry it caused, remembered.
 
@@ -545,7 +651,7 @@ def remember_entry(
     extends what this machine saw) and be the one this custodian caused
     (`is_mine`); from now on a log without it is refused as a rollback.
     """
-    checked = require_extension(stub, include_seq=seq)
+    checked = require_extension(stub, include_seq=seq, deciding_on=deciding_on)
     if checked is None or checked.included is None:
         raise LogIntegrityError("the daemon shows no log after this action", seq=seq)
     try:

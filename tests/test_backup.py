@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,7 +144,8 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> World:
         data=tmp_path / "data",
         pki=make_dev_pki(tmp_path / "pki"),
         custodians=make_custodians(tmp_path / "custodians", names=("alice", "bob", "carol")),
-        clock=FakeClock(),
+        # The wall clock's time: the custodians' CLIs read statements' expiries.
+        clock=FakeClock(int(time.time())),
         kind=request.param,
         dsn=dsn,
     )
@@ -310,3 +312,57 @@ def test_status_of_a_restored_daemon_names_nothing_secret(world: World) -> None:
     assert world.restore(snap)[0] == 0
     with world.daemon() as d:
         assert status(d.stub).initialized
+
+
+def cli(w: World, d: InProcessDaemon, who: Custodian, *args: str) -> tuple[int, str]:
+    conn = ["--server", d.target, "--ca", str(w.pki.ca_cert), "--witness-wait", "0"]
+    return run_cli(*args, *conn, *who.cli_args())
+
+
+@pytest.mark.parametrize("world", ["sqlite"], indirect=True)
+def test_custodians_clis_follow_a_shorter_log_only_once_the_quorum_approved(
+    world: World,
+) -> None:
+    alice, bob, carol = world.custodians
+    snap = world.snapshot("snap")
+    with world.daemon() as d:
+        unseal(d, world)
+        later = d.stub.Propose(
+            signed_proposal(d.stub, carol.credential, "create-tenant", {"tenant": "later"},
+                            now=d.clock())
+        )  # fmt: skip
+        for who in (alice, bob):  # their CLIs remember the checkpoint with their approval
+            code, out = cli(world, d, who, "custodian", "approve", later.id)
+            assert code == 0, out
+    # An operator restores the snapshot and deletes restore-pending by hand.
+    assert world.restore(snap, "--abandon-checkpoint")[0] == 0
+    pending = restoring.load(world.data)
+    assert pending is not None
+    restoring.clear(world.data)
+    with world.daemon() as d:
+        code, out = cli(world, d, alice, "custodian", "unseal")
+        assert code == 1
+        assert "no approve-restore of the custodians abandons it" in out, out
+    # Done properly: the pending restore is back, and the quorum decides.
+    restoring.save(world.data, pending)
+    with world.daemon() as d:
+        proposal = d.stub.Propose(
+            signed_proposal(d.stub, carol.credential, "approve-restore", pending.parameters(),
+                            now=d.clock())
+        )  # fmt: skip
+        code, out = cli(world, d, alice, "custodian", "approve", proposal.id)
+        assert code == 0, out
+        assert "asks to approve abandoning the checkpoint" in out
+        # Alice's CLI follows the shorter log for this decision only: not yet for others.
+        code, out = cli(world, d, alice, "custodian", "unseal")
+        assert code == 1, out
+        assert "no approve-restore of the custodians abandons it" in out, out
+        code, out = cli(world, d, bob, "custodian", "approve", proposal.id)
+        assert code == 0, out
+        assert "EXECUTED approve-restore" in out
+        assert restoring.load(world.data) is None
+        # Now every CLI follows: the approval is in the log, proven.
+        for who in (alice, bob):
+            code, out = cli(world, d, who, "custodian", "unseal")
+            assert code == 0, out
+        assert not d.daemon.sealed
