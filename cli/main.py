@@ -45,7 +45,12 @@ class _Command(NamedTuple):
 
 
 COMMANDS: Final[dict[str, _Command]] = {
-    "admin": _Command("keyquorum.cli.admin", "admin", "Operator tools (development PKI).", "cli"),
+    "admin": _Command(
+        "keyquorum.cli.admin",
+        "admin",
+        "Operator tools: development PKI, the log key's next key, snapshot and restore.",
+        "cli",
+    ),
     "audit": _Command(
         "keyquorum.cli.audit",
         "audit_group",

@@ -338,7 +338,8 @@ def plan_restore(
         raise RollbackError(
             f"the snapshot holds {verified.size} entries, but this data directory remembers a "
             f"published checkpoint of {seen.size} ({where}): restoring it would undo "
-            f"{seen.size - verified.size} entries that custodians and auditors may have seen. "
+            f"{seen.size - verified.size} entr{'y' if seen.size - verified.size == 1 else 'ies'} "
+            "that custodians and auditors may have seen. "
             "If no newer copy exists, restore with --abandon-checkpoint: the daemon then "
             "serves no key until k custodians approve going back (keyquorum proposal new "
             f"approve-restore {parameters})",

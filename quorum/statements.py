@@ -650,8 +650,9 @@ def _approve_restore(_r: ApprovalRequest, p: Params) -> tuple[str, list[tuple[st
     lost = abandoned - restored
     return (
         f"go on with the log restored to its first {restored} entries and abandon the "
-        f"published checkpoint of {abandoned} entries: the {lost} entries after the restored "
-        "ones are gone for good",
+        f"published checkpoint of {abandoned} entries: the {lost} "
+        f"{'entry' if lost == 1 else 'entries'} after the restored ones "
+        f"{'is' if lost == 1 else 'are'} gone for good",
         [
             ("restored to", f"{restored} entries"),
             ("abandoned checkpoint", f"{abandoned} entries, root {root}"),
