@@ -76,6 +76,7 @@ from keyquorum.quorum.checkpoint import (
 )
 from keyquorum.quorum.errors import (
     DeserializationError,
+    ForkError,
     InvalidInputError,
     KeyquorumError,
     LogIntegrityError,
@@ -83,6 +84,7 @@ from keyquorum.quorum.errors import (
     StorageError,
     ThresholdError,
     VerificationError,
+    with_context,
 )
 from keyquorum.quorum.log import Entry, ExecutionPayload, ProposalPayload, log_signature_message
 from keyquorum.quorum.operations import LogKeyRotated, RestoreApproved, WitnessChanged
@@ -490,13 +492,14 @@ def require_extension(
                 pinned,
                 parse_verifier_key(current_key),
             )
-        except RollbackError:
+        except (RollbackError, ForkError) as refused:
             remembered = verify_checkpoint(seen.checkpoint, pinned).checkpoint
-            if remembered.size <= claimed.size:
-                raise  # not shorter: another history, never accepted
-            approved, remember = _approved_going_back(
-                stub, remembered, claimed, current_key, deciding_on
-            )
+            going_back = _approved_going_back(stub, remembered, claimed, current_key, deciding_on)
+            if going_back is None:
+                raise with_context(
+                    refused, "no approve-restore of the custodians abandons the checkpoint you saw"
+                ) from None
+            approved, remember = going_back
             current = claimed
             # Witness changes of the abandoned part are gone with it.
             kept = tuple(e for e in seen.witness_entries if e[0] < approved.restored_size)
@@ -545,12 +548,14 @@ def _approved_going_back(
     claimed: Checkpoint,
     current_key: str,
     deciding_on: str | None,
-) -> tuple[RestoreApproved, bool]:
-    """The approve-restore that lets this log go back from `remembered`; whether it executed.
+) -> tuple[RestoreApproved, bool] | None:
+    """The approve-restore that lets this log leave `remembered`; whether it executed.
 
     An executed one anywhere in the log, or the pending one the custodian
-    decides on now; each proven included in the daemon's checkpoint.
-    Otherwise the rollback is refused, naming both sizes.
+    decides on now; each proven included in the daemon's checkpoint. It
+    must restore to fewer entries than the remembered checkpoint has (a
+    checkpoint within the restored part must still be extended) and abandon
+    at least as many (the same root if as many). None: no such approval.
     """
     with rpc_errors():
         listed = stub.ListProposals(pb.ListProposalsRequest(include_closed=True))
@@ -572,7 +577,9 @@ def _approved_going_back(
         approved = _restore_in(entry, executed)
         if approved is None:
             continue
-        if approved.abandoned_size < remembered.size or (
+        if not approved.restored_size < remembered.size <= approved.abandoned_size:
+            continue
+        if (
             approved.abandoned_size == remembered.size
             and approved.abandoned_root != remembered.root.hex()
         ):
@@ -587,11 +594,7 @@ def _approved_going_back(
             err=True,
         )
         return approved, executed
-    raise RollbackError(
-        f"the daemon's log has {claimed.size} entries, but you saw a checkpoint of "
-        f"{remembered.size}, and no approve-restore of the custodians abandons it: the store "
-        "was rolled back",
-    )
+    return None
 
 
 def _restore_in(entry: Entry, executed: bool) -> RestoreApproved | None:

@@ -35,6 +35,7 @@ import grpc
 import pytest
 
 from keyquorum.cli import custodian_actions as actions
+from keyquorum.cli import seen_checkpoints
 from keyquorum.cli.connect import RemoteError
 from keyquorum.hsm.daemon import restoring, rollback
 from keyquorum.hsm.daemon.logkey import KEY_FILE, LogKey
@@ -315,8 +316,19 @@ def test_status_of_a_restored_daemon_names_nothing_secret(world: World) -> None:
 
 
 def cli(w: World, d: InProcessDaemon, who: Custodian, *args: str) -> tuple[int, str]:
+    """`who`'s CLI, on their own machine: what it remembers is theirs alone."""
     conn = ["--server", d.target, "--ca", str(w.pki.ca_cert), "--witness-wait", "0"]
-    return run_cli(*args, *conn, *who.cli_args())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CONFIG_HOME", str(w.base / "homes" / who.name))
+        return run_cli(*args, *conn, *who.cli_args())
+
+
+def remembered_by(w: World, who: Custodian) -> int:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CONFIG_HOME", str(w.base / "homes" / who.name))
+        seen = seen_checkpoints.load(DEPLOYMENT)
+    assert seen is not None
+    return unverified_size(seen.checkpoint)
 
 
 @pytest.mark.parametrize("world", ["sqlite"], indirect=True)
@@ -342,7 +354,7 @@ def test_custodians_clis_follow_a_shorter_log_only_once_the_quorum_approved(
     with world.daemon() as d:
         code, out = cli(world, d, alice, "custodian", "unseal")
         assert code == 1
-        assert "no approve-restore of the custodians abandons it" in out, out
+        assert "no approve-restore of the custodians abandons the checkpoint you saw" in out, out
     # Done properly: the pending restore is back, and the quorum decides.
     restoring.save(world.data, pending)
     with world.daemon() as d:
@@ -356,11 +368,17 @@ def test_custodians_clis_follow_a_shorter_log_only_once_the_quorum_approved(
         # Alice's CLI follows the shorter log for this decision only: not yet for others.
         code, out = cli(world, d, alice, "custodian", "unseal")
         assert code == 1, out
-        assert "no approve-restore of the custodians abandons it" in out, out
+        assert "no approve-restore of the custodians abandons the checkpoint you saw" in out, out
         code, out = cli(world, d, bob, "custodian", "approve", proposal.id)
         assert code == 0, out
         assert "EXECUTED approve-restore" in out
         assert restoring.load(world.data) is None
+        # The log grows past the size the CLIs remember: still another history for them.
+        while d.daemon.log_size <= remembered_by(world, alice) + 1:
+            d.stub.Propose(
+                signed_proposal(d.stub, carol.credential, "create-tenant",
+                                {"tenant": f"t{d.daemon.log_size}"}, now=d.clock())
+            )  # fmt: skip
         # Now every CLI follows: the approval is in the log, proven.
         for who in (alice, bob):
             code, out = cli(world, d, who, "custodian", "unseal")
