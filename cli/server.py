@@ -47,6 +47,7 @@ from keyquorum.hsm.services import custodian_service
 from keyquorum.hsm.services.access_log import AccessLog
 from keyquorum.hsm.services.admission import AddressPeers
 from keyquorum.hsm.services.backend_plane import BackendPlane, BackendSettings, Sink
+from keyquorum.hsm.services.handover import ChannelClosed
 from keyquorum.hsm.services.metrics import Metrics
 from keyquorum.hsm.services.metrics_http import MetricsServer
 from keyquorum.hsm.services.server import Listener, create_server, settle_heap
@@ -57,7 +58,8 @@ from keyquorum.hsm.stores.base import Store
 from keyquorum.hsm.stores.observed import ObservedStore
 from keyquorum.hsm.stores.postgres import PostgresStore
 from keyquorum.hsm.stores.sqlite import SqliteStore
-from keyquorum.quorum.errors import StorageError
+from keyquorum.hsm.upgrade import Handing, Taking, lock_when_free
+from keyquorum.quorum.errors import KeyquorumError, StorageError
 
 log = logging.getLogger("keyquorum.server")
 
@@ -78,20 +80,30 @@ def _write_ready_file(
     tmp.replace(path)
 
 
-def _open_store(config: ServerConfig, data_dir: DataDirectory) -> Store:
-    """The store `--store` names; each refuses unsafe durability settings at open."""
+def _open_store(config: ServerConfig, data_dir: DataDirectory | None) -> Store:
+    """The store `--store` names; each refuses unsafe durability settings at open.
+
+    `data_dir` None: a successor taking over (hsm/upgrade.py), whose
+    predecessor holds the lock; the store exists then.
+    """
     if config.store == "postgres":
         assert config.dsn is not None  # ServerConfig.check
         return PostgresStore.open(config.dsn)
+    if data_dir is None:
+        return SqliteStore.in_directory(config.data_dir, create=False)
     data_dir.require_store(sqlite.FILE_NAME)
     return SqliteStore.in_directory(data_dir.path)
 
 
-def _store_spec(config: ServerConfig, data_dir: DataDirectory) -> StoreSpec:
+def _store_spec(config: ServerConfig) -> StoreSpec:
     """Where worker processes open their own store connection (counters only)."""
     if config.store == "postgres":
         return StoreSpec("postgres", dsn=config.dsn or "")
-    return StoreSpec("sqlite", path=str(data_dir.path / sqlite.FILE_NAME))
+    return StoreSpec("sqlite", path=str(config.data_dir / sqlite.FILE_NAME))
+
+
+def _ignore(_value: object) -> None:
+    """Drop a result nobody needs."""
 
 
 def _stop(listener: Listener) -> None:
@@ -131,6 +143,7 @@ def serve(
     config: ServerConfig,
     notifier: Notifier,
     settings: Callable[[], ServerConfig] | None = None,
+    stderr_fd: int = 2,
 ) -> None:
     """Run the daemon until SIGTERM or SIGINT; start-up failures raise KeyquorumError.
 
@@ -145,10 +158,15 @@ def serve(
         log.warning("could not make the process non-dumpable; core dumps may hold keys")
     closing: list[Callable[[], None]] = []
     try:
-        data_dir = DataDirectory.lock(config.data_dir)
-        closing.append(data_dir.release)
-        log.info("data directory %s locked (pid %d)", data_dir.path, os.getpid())
-        store = _open_store(config, data_dir)
+        taking = Taking.from_environment()
+        if taking is None:
+            data_dir = DataDirectory.lock(config.data_dir)
+            closing.append(data_dir.release)
+            log.info("data directory %s locked (pid %d)", data_dir.path, os.getpid())
+            store = _open_store(config, data_dir)
+        else:
+            log.warning("started to take over a running daemon (SIGUSR2): ports %s", taking.ports)
+            store = _open_store(config, None)
         closing.append(store.close)
         log.info("store: %r", store)
         metrics: Metrics | None = None
@@ -173,27 +191,45 @@ def serve(
         if not daemon.initialized and gate.code is not None:
             # For whoever runs the ceremony: read it from the daemon's log.
             log.warning("one-time ceremony code: %s", gate.code)
-        closing.append(daemon.seal_for_shutdown)
+        # A successor appends nothing until it holds the data directory's lock: it
+        # holds its governance lock till then, and if it fails it only wipes keys.
+        shutdown: list[Callable[[], None]] = [daemon.seal_for_shutdown]
+        closing.append(lambda: shutdown[0]())  # noqa: PLW0108 (read at close)
+        if taking is not None:
+            governance = daemon.governance_lock()
+            governance.acquire()  # type: ignore[attr-defined]
+            shutdown[0] = lambda: _ignore(daemon.custody_for_handover().seal())
+            taking.take(daemon)  # before any listener: no call finds it sealed
         host, port = split_address(config.listen)
-        grpc_server, bound = create_server(
-            host=host,
-            port=port,
-            credentials=None if certificates is None else certificates.credentials(),
-            limits=limits,
-            register=[custodian_service.register(daemon, limits)],
-            service_names=[custodian_service.SERVICE_NAME],
-            peers=AddressPeers(),
-            observe=None if metrics is None else metrics.rpc.observe,
-        )
-        closing.append(lambda: _stop(grpc_server))
+        if taking is not None:
+            port = taking.ports["listen"]
+
+        def custodian_listener(at: int) -> tuple[Listener, int]:
+            return create_server(
+                host=host,
+                port=at,
+                credentials=None if certificates is None else certificates.credentials(),
+                limits=limits,
+                register=[custodian_service.register(daemon, limits)],
+                service_names=[custodian_service.SERVICE_NAME],
+                peers=AddressPeers(),
+                observe=None if metrics is None else metrics.rpc.observe,
+                # A successor binds the same port during a handover (hsm/upgrade.py).
+                reuse_port=True,
+            )
+
+        grpc_server, bound = custodian_listener(port)
+        listeners = [grpc_server]
+        closing.append(lambda: _stop(listeners[0]))
         usage: list[Sink] = []
         metrics_server: MetricsServer | None = None
         if metrics is not None and config.metrics_listen is not None:
             metrics.watch(daemon, store)
             usage.append(metrics)
-            metrics_server = metrics.serve(
-                *split_address(config.metrics_listen), health=_health(daemon)
-            )
+            metrics_host, metrics_port = split_address(config.metrics_listen)
+            if taking is not None:
+                metrics_port = taking.ports.get("metrics", metrics_port)
+            metrics_server = metrics.serve(metrics_host, metrics_port, health=_health(daemon))
             closing.append(metrics_server.close)
         backend: BackendPlane | None = None
         access: AccessLog | None = None
@@ -206,6 +242,8 @@ def serve(
                 usage.append(access)
                 closing.append(access.close)
             mtls_host, mtls_port = split_address(config.listen_mtls)
+            if taking is not None:
+                mtls_port = taking.ports.get("mtls", mtls_port)
             backend = BackendPlane(
                 daemon,
                 store,
@@ -216,7 +254,7 @@ def serve(
                     key=config.tls_key,
                     client_ca=config.client_ca,
                     limits=limits,
-                    store=_store_spec(config, data_dir),
+                    store=_store_spec(config),
                     workers=config.worker_count(),
                     rate_limit=config.rate_limit,
                     usage=usage,
@@ -229,7 +267,63 @@ def serve(
         reloader = Reloader(
             settings or (lambda: config), config, Reloadable(certificates, backend, access)
         )
-        _run(config, notifier, daemon, grpc_server, bound, backend, metrics_server, reloader)
+
+        def took_over() -> None:
+            """A successor serving: wait for the predecessor to go, lock, log the handover."""
+            assert taking is not None
+            taking.serving()
+            taking.wait_done()
+            locked = lock_when_free(lambda: DataDirectory.lock(config.data_dir))
+            closing.append(locked.release)
+            log.info("data directory %s locked (pid %d)", locked.path, os.getpid())
+            shutdown[0] = daemon.seal_for_shutdown
+            try:
+                if taking.handed_keys and taking.predecessor is not None:
+                    seq = daemon.record_handover(*taking.predecessor)
+                    log.warning("handover logged at entry %d", seq)
+            finally:
+                daemon.governance_lock().release()  # type: ignore[attr-defined]
+
+        def hand_over() -> bool:
+            """SIGUSR2: start the successor and hand it the unsealed state (hsm/upgrade.py)."""
+            governance = daemon.governance_lock()
+            governance.acquire()  # type: ignore[attr-defined]
+            listeners[0].stop(grace=2).wait(10)  # no seal reaches a process about to hand over
+            ports = {"listen": bound}
+            if backend is not None:
+                ports["mtls"] = backend.port
+            if metrics_server is not None:
+                ports["metrics"] = metrics_server.port
+            handing = Handing(daemon, ports, lambda: None, stderr_fd)
+            try:
+                pid = handing.run()
+            except (KeyquorumError, OSError, ChannelClosed) as e:
+                log.error("handover (SIGUSR2) failed, still serving: %s", e)
+                listeners[0], _ = custodian_listener(bound)
+                listeners[0].start()
+                governance.release()  # type: ignore[attr-defined]
+                return False
+            if backend is not None:
+                backend.hand_over()  # open calls finish; new ones go to the successor
+            if metrics_server is not None:
+                metrics_server.close()
+            handing.finish()
+            notifier.notify(f"MAINPID={pid}", "STATUS=handed over to the new process")
+            log.warning("handed over to pid %d: keys wiped, exiting", pid)
+            return True
+
+        _run(
+            config,
+            notifier,
+            daemon,
+            grpc_server,
+            bound,
+            backend,
+            metrics_server,
+            reloader,
+            on_serving=None if taking is None else took_over,
+            hand_over=hand_over,
+        )
     finally:
         for close in reversed(closing):
             close()
@@ -245,10 +339,14 @@ def _run(
     backend: BackendPlane | None,
     metrics_server: MetricsServer | None,
     reloader: Reloader,
+    *,
+    on_serving: Callable[[], None] | None = None,
+    hand_over: Callable[[], bool] | None = None,
 ) -> None:
-    """Serve until a stop signal; seal first, then stop the listeners. SIGHUP reloads."""
+    """Serve until a stop signal; seal first, then stop the listeners. SIGHUP reloads;
+    SIGUSR2 hands over to a successor (the process then exits without a seal entry)."""
     wake = threading.Event()
-    asked = {"stop": False, "reload": False}
+    asked = {"stop": False, "reload": False, "handover": False}
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: sealing and stopping", signum)
@@ -259,11 +357,18 @@ def _run(
         asked["reload"] = True
         wake.set()
 
+    def on_usr2(_signum: int, _frame: FrameType | None) -> None:
+        asked["handover"] = True
+        wake.set()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
+    signal.signal(signal.SIGUSR2, on_usr2)
 
     custodian_listener.start()
+    if on_serving is not None:
+        on_serving()
     log.info("start-up objects frozen for the garbage collector: %d", settle_heap())
     if backend is not None:
         log.info(
@@ -274,7 +379,11 @@ def _run(
         )
     if metrics_server is not None:
         log.info("Prometheus metrics and /health on port %d (plain HTTP)", metrics_server.port)
-    state = "initialised, sealed" if daemon.state.initialized else "awaiting ceremony"
+    state = (
+        ("initialised, sealed" if daemon.sealed else "initialised, unsealed")
+        if daemon.state.initialized
+        else "awaiting ceremony"
+    )
     log.info(
         "listening on %s (port %d, %s), replica %s, %s",
         config.listen,
@@ -309,6 +418,13 @@ def _run(
             notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             reloader.reload()
             notifier.notify("READY=1")
+        if asked["handover"] and not asked["stop"]:
+            asked["handover"] = False
+            if hand_over is not None and hand_over():
+                # Keys wiped, listeners and workers stopped: no seal entry (the
+                # successor is unsealed); the lock goes with the process.
+                logging.shutdown()
+                os._exit(0)
     notifier.notify("STOPPING=1", "STATUS=sealing and stopping")
     # Seal first (the workers too, before it returns), so no call served during
     # the grace period gets a key; the listeners and workers stop as `serve` closes.
@@ -349,7 +465,12 @@ def run(**_flags: Any) -> None:
     else:
         logs.configure(config.log_level, config.log_format, relay.original)
     try:
-        serve(config, notifier, settings)
+        serve(
+            config,
+            notifier,
+            settings,
+            stderr_fd=(relay.original if relay is not None else sys.stderr).fileno(),
+        )
     except OSError as e:
         # A file or directory the settings name, refused by the system at start-up;
         # a KeyquorumError goes up as it is. Either is one line once the relay is off.

@@ -252,6 +252,15 @@ def render_html(report: Report) -> str:
                 ),
             )
         )
+        if report.handovers:
+            body.append(
+                "<ul>"
+                + "".join(
+                    f"<li>entry {h.seq} at {_e(render_time(h.time))}: {_e(h.statement())}</li>"
+                    for h in report.handovers
+                )
+                + "</ul>"
+            )
     if f.shows("unseal") and report.unseal_resets:
         body.append("<h3>Unseal sessions reset</h3>")
         body.append(

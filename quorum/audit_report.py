@@ -85,6 +85,7 @@ from keyquorum.quorum.log import (
     Entry,
     ExecutionPayload,
     GenesisPayload,
+    HandoverPayload,
     SealPayload,
     ShredPayload,
     UnsealPayload,
@@ -182,6 +183,28 @@ class UnsealResetRecord:
     session: str
     by: Person
     discarded: tuple[Person, ...]
+
+
+@dataclass(frozen=True)
+class HandoverRecord:
+    """A replica's unsealed state passed to its successor process (SIGUSR2, an upgrade)."""
+
+    seq: int
+    time: int
+    replica: str
+    from_pid: int
+    from_host: str
+    to_pid: int
+    to_host: str
+
+    def statement(self) -> str:
+        """The line people read: who handed what to whom, and who vouches for it."""
+        return (
+            f"replica {self.replica} handed its unsealed state from process {self.from_pid} "
+            f"on {self.from_host} to process {self.to_pid} on {self.to_host}, which serves "
+            "from here on; the old process wiped its keys and exited (written by the daemon, "
+            "signed by the log key; no custodian took part)"
+        )
 
 
 @dataclass(frozen=True)
@@ -447,6 +470,7 @@ class Report:
     proposers: tuple[ProposerRecord, ...] = ()
     witnessed: WitnessedRecord | None = None
     unseal_resets: tuple[UnsealResetRecord, ...] = ()
+    handovers: tuple[HandoverRecord, ...] = ()
 
     @property
     def verified(self) -> bool:
@@ -852,6 +876,7 @@ def build_report(
     unseals: list[UnsealRecord] = []
     seals: list[SealRecord] = []
     resets: list[UnsealResetRecord] = []
+    handovers: list[HandoverRecord] = []
     shreds: dict[str, int] = {}
     # The entries were checked completely by replay already; only the fields
     # the report shows are read again, without re-checking their encoding.
@@ -879,6 +904,11 @@ def build_report(
             seals.append(SealRecord(seq, time, z.replica, by, z.reason))
         elif kind == ShredPayload.TYPE:
             shreds[ShredPayload.from_json(obj["payload"]).tenant] = seq
+        elif kind == HandoverPayload.TYPE:
+            h = HandoverPayload.from_json(obj["payload"])
+            handovers.append(
+                HandoverRecord(seq, time, h.replica, h.from_pid, h.from_host, h.to_pid, h.to_host)
+            )
 
     executions = {x.proposal: x for x in state.executions}
     roster_changes = [x.seq for x in state.executions if x.operation == "change-roster"]
@@ -1064,6 +1094,7 @@ def build_report(
         witnesses=tuple(witness_records),
         proposers=tuple(proposer_records),
         witnessed=witnessed,
+        handovers=tuple(handovers),
     )
 
 
@@ -1269,6 +1300,9 @@ def _apply(report: Report, f: Filters) -> Report:
             z
             for z in report.seals
             if f.shows("seal") and f.when(z.time) and (c is None or (z.by and someone([z.by])))
+        ),
+        handovers=tuple(
+            h for h in report.handovers if f.shows("unseal") and f.when(h.time) and c is None
         ),
         proposals=tuple(p for p in report.proposals if f.shows("proposal") and proposal_shown(p)),
         tenants=tuple(t for t in tenants if f.shows("tenant") and (t.events or not f.active)),

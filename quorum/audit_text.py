@@ -170,6 +170,8 @@ def _details(out: list[str], report: Report) -> None:
                 f"{len(u.custodians)}: {names}"
             )
         _none(out, report.unseals)
+        for h in report.handovers:
+            w(f"  entry {h.seq} at {render_time(h.time)}: {h.statement()}")
         if report.unseal_resets:
             w("")
             w("Unseal sessions reset (each reset signed by its custodian)")

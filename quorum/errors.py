@@ -183,6 +183,12 @@ class StorageError(KeyquorumError):
     settings or a failed commit (servicers answer UNAVAILABLE)."""
 
 
+class HandingOverError(KeyquorumError):
+    """This process is handing its work to its successor (an upgrade, SIGUSR2):
+    the call was not served; the same call succeeds on a new connection
+    (servicers answer UNAVAILABLE, which clients retry)."""
+
+
 E = TypeVar("E", bound=KeyquorumError)
 
 

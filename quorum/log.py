@@ -630,6 +630,50 @@ class ShredPayload:
         )
 
 
+@dataclass(frozen=True)
+class HandoverPayload:
+    """A replica's unsealed state passed from one process to its successor (an upgrade).
+
+    `server run` on SIGUSR2 starts its successor, which checks it serves the
+    same deployment and log head, takes the master key over a private
+    descriptor, serves, and then logs this once the old process wiped its
+    keys and exited. Written by the daemon on its own, so signed with the
+    log key (`log_signature`). Hosts are names as the processes gave them.
+    """
+
+    replica: str
+    from_pid: int
+    from_host: str
+    to_pid: int
+    to_host: str
+    log_signature: bytes | None = None
+
+    TYPE = "handover"
+    KEYS = ("from_host", "from_pid", "log_signature", "replica", "to_host", "to_pid")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "from_host": self.from_host,
+            "from_pid": self.from_pid,
+            "log_signature": None if self.log_signature is None else self.log_signature.hex(),
+            "replica": self.replica,
+            "to_host": self.to_host,
+            "to_pid": self.to_pid,
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> HandoverPayload:
+        obj = read_object(value, field="payload", keys=cls.KEYS)
+        return cls(
+            replica=read_str(obj["replica"], field="replica", pattern=NAME_RE),
+            from_pid=read_int(obj["from_pid"], field="from_pid", low=1, high=2**31),
+            from_host=read_str(obj["from_host"], field="from_host"),
+            to_pid=read_int(obj["to_pid"], field="to_pid", low=1, high=2**31),
+            to_host=read_str(obj["to_host"], field="to_host"),
+            log_signature=_log_signature(obj["log_signature"], field="log_signature"),
+        )
+
+
 Payload = (
     GenesisPayload
     | ConfirmPayload
@@ -641,6 +685,7 @@ Payload = (
     | RefusalPayload
     | ExecutionPayload
     | ShredPayload
+    | HandoverPayload
 )
 
 _PAYLOADS: Mapping[str, Callable[[object], Payload]] = {
@@ -656,6 +701,7 @@ _PAYLOADS: Mapping[str, Callable[[object], Payload]] = {
         RefusalPayload,
         ExecutionPayload,
         ShredPayload,
+        HandoverPayload,
     )
 }
 ENTRY_TYPES = tuple(_PAYLOADS)
@@ -735,10 +781,10 @@ class LogHead(Protocol):
 def needs_log_signature(payload: Payload) -> bool:
     """Whether the daemon writes this entry on its own, so the log key signs it.
 
-    Executions (the daemon makes their results), shreds, and seals that
-    name no custodian (the daemon sealing itself at shutdown).
+    Executions (the daemon makes their results), shreds, handovers, and
+    seals that name no custodian (the daemon sealing itself at shutdown).
     """
-    if isinstance(payload, ExecutionPayload | ShredPayload):
+    if isinstance(payload, ExecutionPayload | ShredPayload | HandoverPayload):
         return True
     return isinstance(payload, SealPayload) and payload.custodian is None
 
@@ -783,7 +829,7 @@ def next_entry(
         raise InvalidInputError("the genesis is entry 0 and only entry 0")
     entry = Entry(seq=seq, prev=prev, type=type, time=time, payload=payload)
     if sign is not None and needs_log_signature(payload):
-        assert isinstance(payload, ExecutionPayload | ShredPayload | SealPayload)
+        assert isinstance(payload, ExecutionPayload | ShredPayload | SealPayload | HandoverPayload)
         signature = sign(log_signature_message(entry))
         entry = dataclasses.replace(
             entry, payload=dataclasses.replace(payload, log_signature=signature)

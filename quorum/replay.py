@@ -94,6 +94,7 @@ from keyquorum.quorum.log import (
     Entry,
     ExecutionPayload,
     GenesisPayload,
+    HandoverPayload,
     Policy,
     ProposalPayload,
     RefusalPayload,
@@ -378,6 +379,8 @@ class LogState:
     witness_policies: list[WitnessPolicy] = field(default_factory=list)
     #: Each executed `approve-restore`: (its execution's seq, what it approved).
     restores: list[tuple[int, RestoreApproved]] = field(default_factory=list)
+    #: Each handover of a replica's unsealed state to a successor process: (seq, entry).
+    handovers: list[tuple[int, HandoverPayload]] = field(default_factory=list)
 
     @property
     def initialized(self) -> bool:
@@ -487,6 +490,7 @@ class LogState:
             proposers=dict(self.proposers),
             witness_policies=list(self.witness_policies),
             restores=list(self.restores),
+            handovers=list(self.handovers),
         )
 
 
@@ -590,6 +594,8 @@ class _Check:
             return self.verdict(payload)
         if isinstance(payload, ExecutionPayload):
             return self.execution(payload)
+        if isinstance(payload, HandoverPayload):
+            return self.handover(payload)
         return self.shred(payload)
 
     # -- helpers ---------------------------------------------------------
@@ -1302,6 +1308,23 @@ class _Check:
                 state.tenants[name] = dataclasses.replace(tenant, versions=versions)
 
         return change_roster
+
+    def handover(self, p: HandoverPayload) -> Commit:
+        """A replica's unsealed state moved to its successor process (an upgrade).
+
+        Only an unsealed replica has a state to hand over; the replica stays
+        unsealed by the unseal it had (no custodian took part in this).
+        """
+        if p.replica not in self.state.unsealed:
+            raise _RefusedError(f"replica {p.replica!r} is not unsealed: nothing to hand over")
+        if (p.from_pid, p.from_host) == (p.to_pid, p.to_host):
+            raise _RefusedError("a handover from a process to itself")
+        record = (self.entry.seq, p)
+
+        def commit(state: LogState) -> None:
+            state.handovers.append(record)
+
+        return commit
 
     def shred(self, p: ShredPayload) -> Commit:
         tenant = self._tenant(p.tenant, usable=False)

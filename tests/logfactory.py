@@ -2,7 +2,7 @@
 
 `LogFactory` keeps the entries and a `Replayer` in step: every helper
 builds the entry the daemon would append (genesis, confirm, unseal, seal,
-proposal, approval, refusal, execution, shred), applies it, and returns its
+proposal, approval, refusal, execution, shred, handover), applies it, and returns its
 bytes. `make_*` helpers build payloads without appending, so tests can
 alter them and check that replay refuses the result.
 
@@ -28,6 +28,7 @@ from keyquorum.quorum.log import (
     EncryptedShare,
     ExecutionPayload,
     GenesisPayload,
+    HandoverPayload,
     Payload,
     Policy,
     ProposalPayload,
@@ -492,6 +493,11 @@ class LogFactory:
 
     def shred(self, tenant: str) -> bytes:
         return self.append(ShredPayload.TYPE, ShredPayload(tenant))
+
+    def handover(self, replica: str, from_pid: int = 4100, to_pid: int = 4242) -> bytes:
+        """The daemon's record of passing `replica`'s unsealed state to a new process."""
+        payload = HandoverPayload(replica, from_pid, "kq-host-1", to_pid, "kq-host-1")
+        return self.append(HandoverPayload.TYPE, payload)
 
     def checkpoint(self, size: int | None = None) -> str:
         """A signed checkpoint of the first `size` entries (all by default)."""

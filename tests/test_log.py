@@ -53,9 +53,19 @@ def test_entry_hash_is_the_rfc9162_leaf_hash(log: LogFactory) -> None:
     assert Entry.from_bytes(log.entries[0]).prev == GENESIS_PREV == bytes(32)
 
 
+def handed_over() -> LogFactory:
+    """A replica unsealed, then its state handed to a new process (standard_log has none)."""
+    f = LogFactory()
+    f.tick()
+    f.unseal("replica-a", f.creds[: f.k])
+    f.tick()
+    f.handover("replica-a")
+    return f
+
+
 def test_payloads_round_trip_through_json(log: LogFactory) -> None:
     seen = set()
-    for raw in log.entries:
+    for raw in [*log.entries, handed_over().entries[-1]]:
         entry = Entry.from_bytes(raw)
         again = type(entry.payload).from_json(entry.payload.to_json())
         assert again == entry.payload

@@ -53,9 +53,10 @@ from keyquorum.hsm.stores.base import Store
 from keyquorum.quorum.checkpoint import unverified_size
 from keyquorum.quorum.errors import InvalidInputError, StateError
 from keyquorum.quorum.limits import Limits
-from keyquorum.quorum.log import Entry
+from keyquorum.quorum.log import Entry, HandoverPayload
 from keyquorum.quorum.operations import typed_parameters
 from keyquorum.quorum.replay import LogState, WitnessPolicy
+from keyquorum.quorum.secret import SecretBytes
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,38 @@ class Daemon:
     ) -> Progress:
         self._refuse_while_restore_pending()
         return self._unseal.submit(session_id, fingerprint, index, ciphertext, signature)
+
+    # -- handover (SIGUSR2, hsm/upgrade.py) ---------------------------------------------
+
+    def custody_for_handover(self) -> KeyCustody:
+        """The key custody, for the predecessor's side of a handover only."""
+        return self._r.custody
+
+    def governance_lock(self) -> object:
+        """The governance lock: a predecessor holds it so that it appends nothing more."""
+        return self._r.lock
+
+    def adopt_master(self, master: SecretBytes) -> None:
+        """Hold the master key a predecessor handed over; restore the activations in force.
+
+        No unseal entry: the unseal that made this replica unsealed is in the
+        log already, and `record_handover` logs the move.
+        """
+        custody = self._r.custody
+        custody.install_master(master, custody.generation)
+        self._keys.restore_activations()
+
+    def record_handover(self, from_pid: int, from_host: str) -> int:
+        """Log that this process took `from_pid`'s unsealed state; the entry's seq."""
+        import socket
+
+        r = self._r
+        with r.lock:
+            r.journal.append_retrying(
+                [HandoverPayload(r.name, from_pid, from_host, os.getpid(), socket.gethostname())],
+                time=r.now(),
+            )
+            return r.journal.size - 1
 
     def reset_unseal_session(
         self, session_id: bytes, fingerprint: str, requested_at: int, signature: bytes

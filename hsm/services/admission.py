@@ -56,6 +56,7 @@ from keyquorum.hsm.services.status import ERROR_METADATA, code_for, message_for
 from keyquorum.quorum.errors import (
     AccessDeniedError,
     DeserializationError,
+    HandingOverError,
     InvalidInputError,
     KeyquorumError,
     LimitExceededError,
@@ -245,6 +246,7 @@ class Admission:
         self.reserved = frozenset(reserved)
         self._open: dict[str, int] = {}
         self._total = 0
+        self._draining = False
 
     @property
     def open_calls(self) -> int:
@@ -254,8 +256,15 @@ class Admission:
     def open_for(self, key: str) -> int:
         return self._open.get(key, 0)
 
+    def drain(self) -> None:
+        """Serve no new call (HandingOverError: UNAVAILABLE, which clients retry on a
+        new connection); the calls open now finish (hsm/upgrade.py)."""
+        self._draining = True
+
     def enter(self, peer: Peer) -> None:
         """Count one call of `peer`, or raise LimitExceededError naming the cap."""
+        if self._draining:
+            raise HandingOverError("this process is handing over to its successor; retry")
         held = self._open.get(peer.key, 0)
         if held >= self._per_peer:
             raise LimitExceededError(

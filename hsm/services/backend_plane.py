@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,8 @@ def mtls_server(
         service_names=[audit_service.SERVICE_NAME, key_service.SERVICE_NAME],
         peers=CertificatePeers(),
         observe=observe,
+        # A successor process binds the same port during a handover (hsm/upgrade.py).
+        reuse_port=True,
     )
     key_service.watch_health(daemon, listener)
     return listener, bound
@@ -191,6 +194,25 @@ class BackendPlane:
             self._pool.reload(chain, key, client_ca, log_level)
         elif self._certificates is not None:
             self._certificates.replace(chain, key, client_ca)
+
+    def hand_over(self, wait: float = 2.0) -> None:
+        """A handover's end (hsm/upgrade.py): no new call, the open ones finished.
+
+        In this process: new calls are answered UNAVAILABLE, which clients
+        retry on a new connection (the successor's), and open ones get up to
+        `wait` seconds; the listeners are not stopped, so no call is
+        cancelled: the process exits. Workers are stopped (each wipes its keys).
+        """
+        if self._pool is not None:
+            self._pool.close()
+            return
+        for listener in self._listeners:
+            listener.admission.drain()
+        deadline = time.monotonic() + wait
+        while any(listener.admission.open_calls for listener in self._listeners):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
 
     def close(self) -> None:
         """Stop the workers (each wipes its keys) and the listeners."""

@@ -40,6 +40,8 @@ Health = Callable[[], tuple[int, str]]
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    #: A successor process binds the same port during a handover (hsm/upgrade.py).
+    allow_reuse_port = True
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from keyquorum.quorum import errors as e
 _CODES: tuple[tuple[type[e.KeyquorumError], grpc.StatusCode], ...] = (
     # The store cannot be used right now (I/O error, database down): retry later.
     (e.StorageError, grpc.StatusCode.UNAVAILABLE),
+    (e.HandingOverError, grpc.StatusCode.UNAVAILABLE),
     (e.SealedError, grpc.StatusCode.FAILED_PRECONDITION),
     (e.TimeLimitError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (e.LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
