@@ -45,6 +45,7 @@ from keyquorum.hsm.stores.postgres import PostgresStore
 from keyquorum.hsm.stores.sqlite import FILE_NAME, SqliteStore
 from keyquorum.quorum.checkpoint import unverified_size
 from keyquorum.quorum.export import produce
+from tests.custodian_steps import quorum
 from tests.harness import (
     Custodian,
     FakeClock,
@@ -112,16 +113,6 @@ class World:
                     conn.execute(f"DROP TABLE {table} CASCADE")
 
 
-def quorum(d: InProcessDaemon, w: World, operation: str, params: dict[str, str | int]) -> None:
-    request = signed_proposal(d.stub, w.custodians[0].credential, operation, params, now=d.clock())
-    p = d.stub.Propose(request)
-    for c in w.custodians[: p.required]:
-        answer = actions.verdict(
-            d.stub, p.id, c.fingerprint, lambda _t, c=c: c.credential, verdict="approve"
-        )
-    assert answer.executed
-
-
 def unseal(d: InProcessDaemon, w: World) -> None:
     for c in w.custodians[:THRESHOLD]:
         progress = actions.submit_share(d.stub, c.credential)
@@ -154,8 +145,14 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> World:
     with w.daemon() as d:
         d.stub.InitCeremony(ceremony_request(DEPLOYMENT, THRESHOLD, w.custodians))
         unseal(d, w)
-        quorum(d, w, "create-tenant", {"tenant": "kept"})
-        quorum(d, w, "activate-tenant", {"tenant": "kept", "duration_seconds": 3600})
+        quorum(d.stub, w.custodians, "create-tenant", {"tenant": "kept"}, now=d.clock())
+        quorum(
+            d.stub,
+            w.custodians,
+            "activate-tenant",
+            {"tenant": "kept", "duration_seconds": 3600},
+            now=d.clock(),
+        )
     return w
 
 
@@ -181,7 +178,7 @@ def test_restore_behind_a_remembered_checkpoint_is_refused(world: World) -> None
     snap = world.snapshot("snap")
     with world.daemon() as d:
         unseal(d, world)
-        quorum(d, world, "create-tenant", {"tenant": "later"})
+        quorum(d.stub, world.custodians, "create-tenant", {"tenant": "later"}, now=d.clock())
     remembered = rollback.load(world.data)
     assert remembered is not None
     size = unverified_size(remembered)  # the daemon's own seal at shutdown included
@@ -202,7 +199,7 @@ def test_the_quorum_approves_going_back_and_the_log_says_so(world: World) -> Non
     snap = world.snapshot("snap")
     with world.daemon() as d:
         unseal(d, world)
-        quorum(d, world, "create-tenant", {"tenant": "later"})
+        quorum(d.stub, world.custodians, "create-tenant", {"tenant": "later"}, now=d.clock())
     abandoned = unverified_size(rollback.load(world.data) or "")
     code, text = world.restore(snap, "--abandon-checkpoint")
     assert code == 0, text
@@ -233,7 +230,7 @@ def test_the_quorum_approves_going_back_and_the_log_says_so(world: World) -> Non
                 )
             )  # fmt: skip
         assert mismatched.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        quorum(d, world, "approve-restore", pending.parameters())
+        quorum(d.stub, world.custodians, "approve-restore", pending.parameters(), now=d.clock())
         assert restoring.load(world.data) is None
         unseal(d, world)
         assert tenants(d) == {"kept"}
@@ -377,7 +374,7 @@ def test_custodians_clis_follow_a_shorter_log_only_once_the_quorum_approved(
         while d.daemon.log_size <= remembered_by(world, alice) + 1:
             d.stub.Propose(
                 signed_proposal(d.stub, carol.credential, "create-tenant",
-                                {"tenant": f"t{d.daemon.log_size}"}, now=d.clock())
+                                {"tenant": f"t{d.daemon.log_size}"})
             )  # fmt: skip
         # Now every CLI follows: the approval is in the log, proven.
         for who in (alice, bob):

@@ -33,16 +33,17 @@ from keyquorum.hsm.daemon.logkey import LogKey
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
+from tests.custodian_steps import quorum
 from tests.harness import (
     Custodian,
     DaemonProcess,
     ceremony_request,
     make_custodians,
     run_cli,
-    signed_proposal,
     start_daemon_process,
     tls_channel,
 )
+from tests.waiting import until
 
 TENANT = "acme-health"
 CONTEXT = {"patient": "p-4711"}
@@ -74,17 +75,6 @@ class World:
         )
 
 
-def quorum(
-    stub: pb_grpc.CustodianServiceStub, w: World, op: str, params: dict[str, str | int]
-) -> None:
-    p = stub.Propose(signed_proposal(stub, w.custodians[0].credential, op, params))
-    for c in w.custodians[: p.required]:
-        answer = actions.verdict(
-            stub, p.id, c.fingerprint, lambda _t, c=c: c.credential, verdict="approve"
-        )
-    assert answer.executed
-
-
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
     dev_pki = make_dev_pki(tmp_path / "pki", clients=[BACKEND])
@@ -105,9 +95,11 @@ def world(tmp_path: Path) -> Iterator[World]:
             )
             for c in custodians[:THRESHOLD]:
                 actions.submit_share(stub, c.credential)
-            quorum(stub, w, "create-tenant", {"tenant": TENANT})
-            quorum(stub, w, "grant", {"tenant": TENANT, "backend": "booking"})
-            quorum(stub, w, "activate-tenant", {"tenant": TENANT, "duration_seconds": 3600})
+            quorum(stub, custodians, "create-tenant", {"tenant": TENANT})
+            quorum(stub, custodians, "grant", {"tenant": TENANT, "backend": "booking"})
+            quorum(
+                stub, custodians, "activate-tenant", {"tenant": TENANT, "duration_seconds": 3600}
+            )
         yield w
         successor = w.ready()["pid"]
     finally:
@@ -171,25 +163,17 @@ class Load:
         return max((b - a for a, b in pairs), default=0.0)
 
 
-def wait_for(predicate: object, what: str) -> None:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_sigusr2_hands_over_unsealed_with_wraps_served_throughout(world: World) -> None:
     old = world.proc.proc.pid
     load = Load(world)
     load.start()
     try:
-        wait_for(lambda: len(load.successes) >= 20, "wraps before the handover")
+        until(lambda: len(load.successes) >= 20, "wraps before the handover")
         world.proc.proc.send_signal(signal.SIGUSR2)
         assert world.proc.proc.wait(timeout=HANG_GUARD_S) == 0  # the old process is gone
-        wait_for(lambda: world.ready()["pid"] != old, "the successor's ready file")
+        until(lambda: world.ready()["pid"] != old, "the successor's ready file")
         after = len(load.successes)
-        wait_for(lambda: len(load.successes) >= after + 50, "wraps after the handover")
+        until(lambda: len(load.successes) >= after + 50, "wraps after the handover")
     finally:
         load.stop()
     assert load.failures == []
@@ -221,7 +205,7 @@ def test_a_successor_that_cannot_take_over_leaves_the_daemon_serving(world: Worl
     key.unlink()
     try:
         world.proc.proc.send_signal(signal.SIGUSR2)
-        wait_for(lambda: "handover (SIGUSR2) failed, still serving" in world.proc.output(),
+        until(lambda: "handover (SIGUSR2) failed, still serving" in world.proc.output(),
                  "the failed handover")  # fmt: skip
     finally:
         key.write_bytes(saved)

@@ -17,30 +17,26 @@ Deadlines only turn a hang into a failure.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import signal
 import socket
 import ssl
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.client import KeyClient
-from keyquorum.hsm import pki
 from keyquorum.hsm.pki import DevPki, make_dev_pki
 from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
+from tests.certs import server_cert
+from tests.custodian_steps import quorum
 from tests.harness import (
     Custodian,
     DaemonProcess,
@@ -48,7 +44,7 @@ from tests.harness import (
     make_custodians,
     start_daemon_process,
 )
-from tests.test_log_trust import quorum
+from tests.waiting import until
 
 TENANT = "acme-health"
 CONTEXT = {"patient": "p-4711"}
@@ -89,34 +85,6 @@ class World:
 
     def hangup(self) -> None:
         self.proc.proc.send_signal(signal.SIGHUP)
-
-
-def new_server_certificate(dev_pki: DevPki, directory: Path) -> tuple[Path, Path]:
-    """A server certificate and key from the deployment's CA (a renewal)."""
-    ca_key = serialization.load_pem_private_key(dev_pki.ca_key.read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(dev_pki.ca_cert.read_bytes())
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = pki._issue(
-        ca_key,
-        ca_cert,
-        key.public_key(),
-        common_name="localhost",
-        sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        usage=ExtendedKeyUsageOID.SERVER_AUTH,
-        now=datetime.datetime.now(datetime.UTC),
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "server.crt", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 def served_certificate(world: World, port: int, *, client: bool) -> bytes:
@@ -220,36 +188,28 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
         assert proc.stop() == 0
 
 
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def test_sighup_rotates_the_certificate_under_load_with_no_failed_call(world: World) -> None:
     old = der_of(world.pki.server_cert)
     assert served_certificate(world, world.proc.port, client=False) == old
     assert served_certificate(world, world.mtls_port, client=True) == old
-    cert, key = new_server_certificate(world.pki, world.base / "renewed")
+    cert, key = server_cert(world.pki, world.base / "renewed")
     new = der_of(cert)
     load = Load(world)
     load.start()
     try:
-        wait_for(lambda: load.calls >= 20, "calls before the reload")
+        until(lambda: load.calls >= 20, "calls before the reload")
         world.write_config(**{"tls-cert": str(cert), "tls-key": str(key)})
         world.hangup()
-        wait_for(
+        until(
             lambda: served_certificate(world, world.proc.port, client=False) == new,
             "the custodian port to serve the new certificate",
         )
-        wait_for(
+        until(
             lambda: served_certificate(world, world.mtls_port, client=True) == new,
             "the mTLS port to serve the new certificate",
         )
         before = load.calls
-        wait_for(lambda: load.calls >= before + 20, "calls after the reload")
+        until(lambda: load.calls >= before + 20, "calls after the reload")
     finally:
         load.stop()
     assert load.failures == []
@@ -264,7 +224,7 @@ def test_a_reload_that_cannot_be_applied_changes_nothing(world: World) -> None:
     old = der_of(world.pki.server_cert)
     world.write_config(**{"tls-cert": str(world.base / "missing.crt"), "max-calls": 500})
     world.hangup()
-    wait_for(lambda: "reload (SIGHUP) refused" in world.proc.output(), "the refusal")
+    until(lambda: "reload (SIGHUP) refused" in world.proc.output(), "the refusal")
     assert "missing.crt" in world.proc.output()
     assert served_certificate(world, world.proc.port, client=False) == old
     assert served_certificate(world, world.mtls_port, client=True) == old
@@ -274,7 +234,7 @@ def test_a_reload_that_cannot_be_applied_changes_nothing(world: World) -> None:
     # A setting that needs a restart is named and not applied; the others are.
     world.write_config(**{"tls-cert": str(world.pki.server_cert)})
     world.hangup()
-    wait_for(
+    until(
         lambda: "applied only at a restart: max-calls" in world.proc.output(),
         "the warning naming max-calls",
     )
@@ -284,13 +244,13 @@ def test_sighup_reopens_the_access_log(world: World) -> None:
     access = world.base / "access.log"
     with world.backend() as client:
         client.wrap(TENANT, b"before", CONTEXT)
-    wait_for(lambda: access.exists() and access.read_text().count("\n") >= 1, "a first line")
+    until(lambda: access.exists() and access.read_text().count("\n") >= 1, "a first line")
     rotated = world.base / "access.log.1"
     access.rename(rotated)
     world.hangup()
-    wait_for(access.exists, "the access log reopened")
+    until(access.exists, "the access log reopened")
     lines_before = rotated.read_text().count("\n")
     with world.backend() as client:
         client.wrap(TENANT, b"after", CONTEXT)
-    wait_for(lambda: access.read_text().count("\n") >= 1, "a line in the new file")
+    until(lambda: access.read_text().count("\n") >= 1, "a line in the new file")
     assert rotated.read_text().count("\n") == lines_before
