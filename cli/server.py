@@ -294,7 +294,7 @@ def serve(
                 ports["mtls"] = backend.port
             if metrics_server is not None:
                 ports["metrics"] = metrics_server.port
-            handing = Handing(daemon, ports, lambda: None, stderr_fd)
+            handing = Handing(daemon, ports, stderr_fd)
             try:
                 pid = handing.run()
             except (KeyquorumError, OSError, ChannelClosed) as e:

@@ -87,8 +87,8 @@ class Handing:
 
     daemon: Daemon
     ports: Mapping[str, int]
-    stop_custodian: Callable[[], None]
     stderr_fd: int
+    _channel: Channel | None = None
 
     def run(self) -> int:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -106,7 +106,7 @@ class Handing:
         theirs.close()
         channel = Channel(ours)
         try:
-            return self._hand_over(channel, proc)
+            return self._hand_over(channel)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGKILL)
@@ -114,7 +114,7 @@ class Handing:
             channel.close()
             raise
 
-    def _hand_over(self, channel: Channel, proc: subprocess.Popen[bytes]) -> int:
+    def _hand_over(self, channel: Channel) -> int:
         channel.send({"kind": "ports", **self.ports})
         header, _ = channel.receive()
         if header.get("kind") != "hello":
@@ -146,16 +146,16 @@ class Handing:
         if header.get("kind") != "serving":
             raise StateError(f"the successor said {header.get('kind')!r}, not serving")
         log.warning("handover: successor pid %d on %s serves; wiping keys and exiting", pid, host)
-        self._proc = proc
         self._channel = channel
         return pid
 
     def finish(self) -> None:
         """Keys wiped (the listeners and workers are stopped by the caller first)."""
         self.daemon.custody_for_handover().seal()
-        with contextlib.suppress(OSError):
-            self._channel.send({"kind": "done", "wiped": True})
-        self._channel.close()
+        if self._channel is not None:
+            with contextlib.suppress(OSError):
+                self._channel.send({"kind": "done", "wiped": True})
+            self._channel.close()
 
 
 # -- the successor -----------------------------------------------------------------------

@@ -35,6 +35,7 @@ FP = [c.fingerprint for c in custodians(3)]
 WIDENING = {
     "create-tenant", "activate-tenant", "rotate-tenant", "destroy-tenant", "grant",
     "change-roster", "add-proposer", "add-witness", "remove-witness", "rotate-log-key",
+    "approve-restore",
 }  # fmt: skip
 NARROWING = {"deactivate-tenant", "disable-version", "cancel-destroy", "revoke", "remove-proposer"}
 

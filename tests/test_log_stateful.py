@@ -84,10 +84,11 @@ BACKENDS = ("booking.example", "docs.example")
 POLICY = Policy(activation_max_seconds=600, destroy_wait_seconds=300, proposal_ttl_seconds=400)
 NARROWING = {name for name, op in OPERATIONS.items() if not op.widening}
 # create-tenant first: hypothesis shrinks towards it, and everything else needs a tenant.
-#: Operations on the deployment itself, driven by their own rules below.
+#: Operations on the deployment itself, driven by their own rules below (approve-restore
+#: only follows `admin restore --abandon-checkpoint`: tests/test_backup.py).
 DEPLOYMENT_OPS = {
     "change-roster", "add-proposer", "remove-proposer", "add-witness", "remove-witness",
-    "rotate-log-key",
+    "rotate-log-key", "approve-restore",
 }  # fmt: skip
 OPS = st.sampled_from(
     ["create-tenant", *sorted(OPERATIONS.keys() - DEPLOYMENT_OPS - {"create-tenant"})]

@@ -39,6 +39,7 @@ EXPECTED: dict[type[e.KeyquorumError], grpc.StatusCode] = {
     e.RollbackError: C.DATA_LOSS,
     e.ForkError: C.DATA_LOSS,
     e.StorageError: C.UNAVAILABLE,
+    e.HandingOverError: C.UNAVAILABLE,
     e.NotFoundError: C.NOT_FOUND,
     e.UnverifiableError: C.FAILED_PRECONDITION,
 }
