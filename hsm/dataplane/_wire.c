@@ -521,6 +521,46 @@ static PyObject *wire_scan(PyObject *self, PyObject *args)
     return result;
 }
 
+/* -- what seal and open_all share ------------------------------------------------------- */
+
+/* The associated-data buffer (label || head || context JSON) and, when wanted, the list of
+   each item's context; 0 with an exception set. */
+static int work_buffers(const Py_buffer *label, size_t max_json, int want_contexts,
+                        size_t items, uint8_t **aad, PyObject **contexts)
+{
+    *aad = PyMem_Malloc((size_t)label->len + MAX_HEAD + max_json);
+    if (*aad == NULL) {
+        PyErr_NoMemory();
+        return 0;
+    }
+    return !want_contexts || (*contexts = PyList_New((Py_ssize_t)items)) != NULL;
+}
+
+/* One item's associated data in `aad`; its length, and where its context JSON starts. */
+static size_t write_aad(uint8_t *aad, const Py_buffer *label, const uint8_t *head,
+                        size_t head_len, const context_t *context, uint8_t **json,
+                        size_t *json_len)
+{
+    memcpy(aad, label->buf, (size_t)label->len);
+    memcpy(aad + label->len, head, head_len);
+    *json = aad + label->len + head_len;
+    *json_len = (size_t)(write_json(*json, context) - *json);
+    return (size_t)(*json + *json_len - aad);
+}
+
+/* Item `index`'s (key index, canonical context) into `contexts`; 0 with an exception set. */
+static int note_context(PyObject *contexts, size_t index, size_t key, const uint8_t *json,
+                        size_t json_len)
+{
+    PyObject *encoded =
+        Py_BuildValue("(Iy#)", (unsigned int)key, (const char *)json, (Py_ssize_t)json_len);
+    if (encoded == NULL) {
+        return 0;
+    }
+    PyList_SET_ITEM(contexts, (Py_ssize_t)index, encoded);
+    return 1;
+}
+
 /* -- sealing ----------------------------------------------------------------------------- */
 
 static size_t varint_len(size_t value)
@@ -700,15 +740,8 @@ static PyObject *wire_seal(PyObject *self, PyObject *args)
                             &inner_len);
     }
     response = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
-    /* The associated data of one item: label || head || context JSON. */
-    aad = PyMem_Malloc((size_t)label.len + MAX_HEAD + batch.max_json);
-    if (response == NULL || aad == NULL) {
-        if (aad == NULL) {
-            PyErr_NoMemory();
-        }
-        goto done;
-    }
-    if (want_contexts && (contexts = PyList_New((Py_ssize_t)batch.items)) == NULL) {
+    if (response == NULL ||
+        !work_buffers(&label, batch.max_json, want_contexts, batch.items, &aad, &contexts)) {
         goto done;
     }
 
@@ -729,10 +762,10 @@ static PyObject *wire_seal(PyObject *self, PyObject *args)
                 break;
             }
             const tenant_key_t *key = &keys[sizes[index].tenant];
-            memcpy(aad, label.buf, (size_t)label.len);
-            memcpy(aad + label.len, key->head, key->head_len);
-            uint8_t *json = aad + label.len + key->head_len;
-            size_t json_len = (size_t)(write_json(json, &item->context) - json);
+            uint8_t *json;
+            size_t json_len;
+            size_t aad_len =
+                write_aad(aad, &label, key->head, key->head_len, &item->context, &json, &json_len);
             result_len(key, item->plaintext.n, &ct_len, &ok_len, &inner_len);
             *out++ = 0x0a; /* results = 1 */
             out = write_varint(out, inner_len);
@@ -740,8 +773,7 @@ static PyObject *wire_seal(PyObject *self, PyObject *args)
             out = write_varint(out, ok_len);
             *out++ = 0x0a; /* ciphertext = 1 */
             out = write_varint(out, ct_len);
-            if (!seal_item(key, nonce, aad, (size_t)(json + json_len - aad), item->plaintext,
-                           out)) {
+            if (!seal_item(key, nonce, aad, aad_len, item->plaintext, out)) {
                 failed = 1;
                 break;
             }
@@ -749,15 +781,10 @@ static PyObject *wire_seal(PyObject *self, PyObject *args)
             *out++ = 0x10; /* key_version = 2 */
             out = write_varint(out, key->version);
             nonce += NONCE_SIZE;
-            if (want_contexts) {
-                PyObject *encoded = Py_BuildValue(
-                    "(Iy#)", (unsigned int)sizes[index].tenant, (const char *)json,
-                    (Py_ssize_t)json_len);
-                if (encoded == NULL) {
-                    failed = 2;
-                    break;
-                }
-                PyList_SET_ITEM(contexts, (Py_ssize_t)index, encoded);
+            if (want_contexts &&
+                !note_context(contexts, index, sizes[index].tenant, json, json_len)) {
+                failed = 2;
+                break;
             }
             index++;
         }
@@ -1117,15 +1144,8 @@ static PyObject *wire_open_all(PyObject *self, PyObject *args)
         }
     }
     response = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)total);
-    /* The associated data of one item: label || head || context JSON. */
-    aad = PyMem_Malloc((size_t)label.len + MAX_HEAD + batch.max_json);
-    if (response == NULL || aad == NULL) {
-        if (aad == NULL) {
-            PyErr_NoMemory();
-        }
-        goto done;
-    }
-    if (want_contexts && (contexts = PyList_New((Py_ssize_t)batch.items)) == NULL) {
+    if (response == NULL ||
+        !work_buffers(&label, batch.max_json, want_contexts, batch.items, &aad, &contexts)) {
         goto done;
     }
 
@@ -1155,17 +1175,17 @@ static PyObject *wire_open_all(PyObject *self, PyObject *args)
                 failed = 3;
                 break;
             }
-            memcpy(aad, label.buf, (size_t)label.len);
-            memcpy(aad + label.len, key->head.p, key->head.n);
-            uint8_t *json = aad + label.len + key->head.n;
-            size_t json_len = (size_t)(write_json(json, &item->context) - json);
+            uint8_t *json;
+            size_t json_len;
+            size_t aad_len =
+                write_aad(aad, &label, key->head.p, key->head.n, &item->context, &json, &json_len);
             *out++ = 0x0a; /* results = 1 */
             out = write_varint(out, inner_len);
             *out++ = 0x0a; /* ok = 1 */
             out = write_varint(out, ok_len);
             *out++ = 0x0a; /* plaintext = 1 */
             out = write_varint(out, plain);
-            if (!open_item(key, item, aad, (size_t)(json + json_len - aad), out)) {
+            if (!open_item(key, item, aad, aad_len, out)) {
                 failed = 1;
                 break;
             }
@@ -1176,14 +1196,9 @@ static PyObject *wire_open_all(PyObject *self, PyObject *args)
             out += key->head.n - 6;
             *out++ = 0x20; /* key_version = 4 */
             out = write_varint(out, key->version);
-            if (want_contexts) {
-                PyObject *encoded = Py_BuildValue("(Iy#)", (unsigned int)at, (const char *)json,
-                                                  (Py_ssize_t)json_len);
-                if (encoded == NULL) {
-                    failed = 2;
-                    break;
-                }
-                PyList_SET_ITEM(contexts, (Py_ssize_t)index, encoded);
+            if (want_contexts && !note_context(contexts, index, (size_t)at, json, json_len)) {
+                failed = 2;
+                break;
             }
             index++;
         }
