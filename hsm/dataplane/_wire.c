@@ -361,25 +361,28 @@ static uint8_t *write_json(uint8_t *out, const context_t *context)
 
 /* -- the batch ---------------------------------------------------------------------- */
 
+/* A batch's items grouped by key: BatchWrap's by tenant, BatchUnwrap's by ciphertext header
+   (one key version each). */
 typedef struct {
-    span_t tenants[MAX_TENANTS];
+    span_t groups[MAX_TENANTS];
     size_t counts[MAX_TENANTS];
     size_t distinct;
     size_t items;
     size_t max_json;
 } batch_t;
 
-static int tenant_index(batch_t *batch, span_t tenant, int add)
+/* The index of `group` among the batch's groups (added if `add`); -1 past MAX_TENANTS. */
+static int group_index(batch_t *batch, span_t group, int add)
 {
     for (size_t i = 0; i < batch->distinct; i++) {
-        if (span_equal(batch->tenants[i], tenant)) {
+        if (span_equal(batch->groups[i], group)) {
             return (int)i;
         }
     }
     if (!add || batch->distinct >= MAX_TENANTS) {
         return -1;
     }
-    batch->tenants[batch->distinct] = tenant;
+    batch->groups[batch->distinct] = group;
     batch->counts[batch->distinct] = 0;
     return (int)batch->distinct++;
 }
@@ -419,7 +422,7 @@ static int scan_batch(span_t request, const limits_t *limits, batch_t *batch, it
             !parse_item(body, limits, item)) {
             return 0;
         }
-        int at = tenant_index(batch, item->tenant, 1);
+        int at = group_index(batch, item->tenant, 1);
         if (at < 0) {
             return 0;
         }
@@ -510,7 +513,7 @@ static PyObject *wire_scan(PyObject *self, PyObject *args)
     }
     for (size_t i = 0; i < batch.distinct; i++) {
         PyObject *pair = Py_BuildValue(
-            "(s#n)", (const char *)batch.tenants[i].p, (Py_ssize_t)batch.tenants[i].n,
+            "(s#n)", (const char *)batch.groups[i].p, (Py_ssize_t)batch.groups[i].n,
             (Py_ssize_t)batch.counts[i]);
         if (pair == NULL) {
             Py_DECREF(result);
@@ -725,7 +728,7 @@ static PyObject *wire_seal(PyObject *self, PyObject *args)
         goto done;
     }
     for (; loaded < batch.distinct; loaded++) {
-        if (!load_key(PyList_GET_ITEM(key_list, (Py_ssize_t)loaded), batch.tenants[loaded],
+        if (!load_key(PyList_GET_ITEM(key_list, (Py_ssize_t)loaded), batch.groups[loaded],
                       &keys[loaded])) {
             EVP_CIPHER_CTX_free(keys[loaded].ctx);
             goto done;
@@ -840,15 +843,6 @@ typedef struct {
     context_t context;
 } sealed_item_t;
 
-/* The distinct ciphertext headers of a batch (one key version each). */
-typedef struct {
-    span_t heads[MAX_TENANTS];
-    size_t counts[MAX_TENANTS];
-    size_t distinct;
-    size_t items;
-    size_t max_json;
-} unwrap_batch_t;
-
 /*
  * An UnwrapRequest the Python path's short way would open if the tag is
  * authentic: no recipient key (a sealed answer is HPKE, the Python way), a
@@ -900,23 +894,8 @@ static int parse_sealed_item(span_t body, const limits_t *limits, sealed_item_t 
     return context_fits(limits, &item->context);
 }
 
-static int head_index(unwrap_batch_t *batch, span_t head, int add)
-{
-    for (size_t i = 0; i < batch->distinct; i++) {
-        if (span_equal(batch->heads[i], head)) {
-            return (int)i;
-        }
-    }
-    if (!add || batch->distinct >= MAX_TENANTS) {
-        return -1;
-    }
-    batch->heads[batch->distinct] = head;
-    batch->counts[batch->distinct] = 0;
-    return (int)batch->distinct++;
-}
-
 /* Every item of a BatchUnwrapRequest, checked; 0 if the fast path does not apply. */
-static int scan_unwrap_batch(span_t request, const limits_t *limits, unwrap_batch_t *batch,
+static int scan_unwrap_batch(span_t request, const limits_t *limits, batch_t *batch,
                              sealed_item_t *item)
 {
     const uint8_t *p = request.p;
@@ -934,7 +913,7 @@ static int scan_unwrap_batch(span_t request, const limits_t *limits, unwrap_batc
             return 0;
         }
         span_t head = {item->ciphertext.p, item->head_len};
-        int at = head_index(batch, head, 1);
+        int at = group_index(batch, head, 1);
         if (at < 0) {
             return 0;
         }
@@ -960,7 +939,7 @@ static PyObject *wire_scan_unwrap(PyObject *self, PyObject *args)
     (void)self;
     span_t whole;
     limits_t limits;
-    unwrap_batch_t batch;
+    batch_t batch;
     if (!request_args(args, &whole, &limits)) {
         return NULL;
     }
@@ -978,8 +957,8 @@ static PyObject *wire_scan_unwrap(PyObject *self, PyObject *args)
         return NULL;
     }
     for (size_t i = 0; i < batch.distinct; i++) {
-        PyObject *pair = Py_BuildValue("(y#n)", (const char *)batch.heads[i].p,
-                                       (Py_ssize_t)batch.heads[i].n, (Py_ssize_t)batch.counts[i]);
+        PyObject *pair = Py_BuildValue("(y#n)", (const char *)batch.groups[i].p,
+                                       (Py_ssize_t)batch.groups[i].n, (Py_ssize_t)batch.counts[i]);
         if (pair == NULL) {
             Py_DECREF(result);
             return NULL;
@@ -1082,7 +1061,7 @@ static PyObject *wire_open_all(PyObject *self, PyObject *args)
     Py_buffer label;
     int want_contexts;
     limits_t limits;
-    unwrap_batch_t batch;
+    batch_t batch;
     version_key_t keys[MAX_TENANTS];
     size_t loaded = 0;
     PyObject *response = NULL;
@@ -1115,7 +1094,7 @@ static PyObject *wire_open_all(PyObject *self, PyObject *args)
         goto done;
     }
     for (; loaded < batch.distinct; loaded++) {
-        if (!load_version_key(PyList_GET_ITEM(key_list, (Py_ssize_t)loaded), batch.heads[loaded],
+        if (!load_version_key(PyList_GET_ITEM(key_list, (Py_ssize_t)loaded), batch.groups[loaded],
                               &keys[loaded])) {
             EVP_CIPHER_CTX_free(keys[loaded].ctx);
             goto done;
@@ -1135,7 +1114,7 @@ static PyObject *wire_open_all(PyObject *self, PyObject *args)
                 break;
             }
             span_t head = {item->ciphertext.p, item->head_len};
-            int at = head_index(&batch, head, 0);
+            int at = group_index(&batch, head, 0);
             if (at < 0) {
                 break;
             }
@@ -1163,7 +1142,7 @@ static PyObject *wire_open_all(PyObject *self, PyObject *args)
             int at = -1;
             if (index < batch.items && parse_sealed_item(body, &limits, item)) {
                 span_t head = {item->ciphertext.p, item->head_len};
-                at = head_index(&batch, head, 0);
+                at = group_index(&batch, head, 0);
             }
             if (at < 0) {
                 failed = 3; /* the bytes are immutable and were accepted: checked anyway */
