@@ -286,9 +286,22 @@ def serve(
 
         def hand_over() -> bool:
             """SIGUSR2: start the successor and hand it the unsealed state (hsm/upgrade.py)."""
+            if daemon.sealed:
+                log.error("handover (SIGUSR2) refused: the daemon is sealed (restart it instead)")
+                return False
+            # The custodian listener first: a seal in flight finishes and logs its entry
+            # (under the governance lock, not held yet); none reaches this process after.
+            listeners[0].stop(grace=2).wait(10)
             governance = daemon.governance_lock()
             governance.acquire()  # type: ignore[attr-defined]
-            listeners[0].stop(grace=2).wait(10)  # no seal reaches a process about to hand over
+            if daemon.custody_for_handover().sealed:
+                # A seal raced the signal: nothing is handed over, and the lock goes back
+                # so that the seal's entry is written if it is not yet.
+                log.error("handover (SIGUSR2) refused: a custodian sealed the daemon meanwhile")
+                listeners[0], _ = custodian_listener(bound)
+                listeners[0].start()
+                governance.release()  # type: ignore[attr-defined]
+                return False
             ports = {"listen": bound}
             if backend is not None:
                 ports["mtls"] = backend.port

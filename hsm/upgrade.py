@@ -9,10 +9,13 @@ port another process could open. The channel is hsm/services/handover.py's
 (a JSON header, secrets only as attachments read into buffers of their
 own).
 
-1. The predecessor holds its governance lock (no append from now on),
-   stops its custodian listener (a custodian's seal is never accepted by a
-   process about to hand its keys away: it is refused until the successor
-   listens, and succeeds on retry) and sends `ports`: the ports it serves.
+1. The predecessor refuses if it is sealed (nothing to keep: restart it).
+   It stops its custodian listener (a seal in flight finishes and logs its
+   entry; after that a custodian's seal is never accepted by a process about
+   to hand its keys away: it is refused until the successor listens, and
+   succeeds on retry), then holds its governance lock (no append from now
+   on); sealed by then, it gives up and serves on, sealed. Otherwise it
+   sends `ports`: the ports it serves.
 2. The successor loads the store and replays the log as at any start
    (without the data directory's lock, which the predecessor holds),
    binds the same ports (SO_REUSEPORT: gRPC Python cannot serve on an

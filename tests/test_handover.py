@@ -217,3 +217,35 @@ def test_a_successor_that_cannot_take_over_leaves_the_daemon_serving(world: Worl
     with tls_channel(world.pki, world.proc.target) as channel:
         status = pb_grpc.CustodianServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=30)
     assert not status.sealed
+
+
+def test_a_sealed_daemon_hands_nothing_over_and_its_seal_is_logged(world: World) -> None:
+    """A custodian sealed it: SIGUSR2 starts no successor, the daemon serves on sealed,
+    and the seal's entry is in the log (a seal is never lost to a handover)."""
+    old = world.proc.proc.pid
+    alice = world.custodians[0]
+    with world.proc.channel() as channel:
+        stub = pb_grpc.CustodianServiceStub(channel)
+        actions.seal(
+            stub, alice.fingerprint, lambda _t: alice.credential, reason="before the upgrade",
+            now=int(time.time()),
+        )  # fmt: skip
+    world.proc.proc.send_signal(signal.SIGUSR2)
+    until(lambda: "handover (SIGUSR2) refused: the daemon is sealed" in world.proc.output(),
+             "the refused handover")  # fmt: skip
+    assert world.proc.proc.poll() is None
+    assert world.ready()["pid"] == old
+    assert "handed over to pid" not in world.proc.output()
+    with world.proc.channel() as channel:
+        status = pb_grpc.CustodianServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=30)
+    assert status.sealed
+    assert world.proc.stop() == 0
+    export = world.data.parent / "export.kqlog"
+    code, text = run_cli("audit", "export", "--data-dir", str(world.data), "--out", str(export))
+    assert code == 0, text
+    code, report = run_cli(
+        "audit", "verify", str(export), "--log-key", LogKey.load(world.data).vkey
+    )
+    assert code == 0, report
+    assert "before the upgrade" in report
+    assert "handed its unsealed state" not in report
