@@ -33,6 +33,7 @@ from keyquorum.v1 import custodian_pb2 as pb
 from keyquorum.v1 import custodian_pb2_grpc as pb_grpc
 from tests.custodian_steps import K, ceremony, run, unseal
 from tests.harness import Custodian, DaemonProcess, make_custodians, start_daemon_process
+from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANT = "acme-health"
@@ -164,8 +165,23 @@ def test_every_metric_in_the_readme_is_exported(running: Running) -> None:
 
 
 def test_values_match_what_happened(running: Running) -> None:
-    s = running.samples()
     wrap = {"service": "keyquorum.v1.KeyService", "method": "Wrap"}
+    items = {"backend": "booking", "tenant": TENANT, "operation": "wrap", "outcome": "OK"}
+
+    def forwarded() -> bool:
+        """The worker processes served the Wraps; their counts reach this process
+        within `worker_sync_seconds` of each call, not at once."""
+        s = running.samples()
+        try:
+            return (
+                value(s, "keyquorum_rpc_requests_total", **wrap, code="OK") >= 5
+                and value(s, "keyquorum_keyservice_requests_total", **items) >= 5
+            )
+        except KeyError:  # no series yet
+            return False
+
+    until(forwarded, "the workers' counts of the five Wraps")
+    s = running.samples()
     assert value(s, "keyquorum_rpc_requests_total", **wrap, code="OK") >= 5
     assert value(s, "keyquorum_rpc_requests_total", **wrap, code="PERMISSION_DENIED") >= 1
     assert value(s, "keyquorum_rpc_duration_seconds_count", **wrap, code="OK") >= 5
@@ -186,7 +202,6 @@ def test_values_match_what_happened(running: Running) -> None:
     assert 3000 < remaining <= 3600
     assert value(s, "keyquorum_encryptions_reserved", tenant=TENANT, version="1") >= 5
     assert value(s, "keyquorum_encryption_limit") == 2**32
-    items = {"backend": "booking", "tenant": TENANT, "operation": "wrap", "outcome": "OK"}
     assert value(s, "keyquorum_keyservice_requests_total", **items) == 5
     assert value(s, "process_resident_memory_bytes") > 0
 
