@@ -27,8 +27,9 @@ own).
    (an attachment) when it is unsealed. The successor checks the same
    facts from its side, holds the key, restores the activations the log
    says are in force, starts serving, and says `serving`.
-4. The predecessor stops its remaining listeners (calls in flight get 2 s),
-   stops its workers (each wipes its keys), wipes every key it holds, says
+4. The predecessor and its workers answer new calls UNAVAILABLE while the
+   calls in flight finish (up to 2 s), then it stops its workers (each
+   wipes its keys), wipes every key it holds, says
    `done`, tells systemd the successor's pid (`MAINPID=`) and exits; its
    lock goes with it.
 5. The successor takes the data directory's lock and logs a `handover`

@@ -76,13 +76,16 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[World]:
+    """A daemon unsealed with one active tenant; `--workers` is the test's parameter (0:
+    the daemon serves the mTLS port itself)."""
+    workers = str(getattr(request, "param", 0))
     dev_pki = make_dev_pki(tmp_path / "pki", clients=[BACKEND])
     custodians = make_custodians(tmp_path / "custodians", names=("alice", "bob", "carol"))
     data = tmp_path / "data"
     proc = start_daemon_process(
         data, dev_pki,
-        "--listen-mtls", "127.0.0.1:0", "--client-ca", str(dev_pki.ca_cert), "--workers", "0",
+        "--listen-mtls", "127.0.0.1:0", "--client-ca", str(dev_pki.ca_cert), "--workers", workers,
     )  # fmt: skip
     ready = json.loads((data.parent / f"{data.name}.ready").read_text())
     w = World(proc, dev_pki, custodians, data, int(ready["mtls_port"]))
@@ -163,6 +166,7 @@ class Load:
         return max((b - a for a, b in pairs), default=0.0)
 
 
+@pytest.mark.parametrize("world", [0, 1], indirect=True, ids=["no-workers", "one-worker"])
 def test_sigusr2_hands_over_unsealed_with_wraps_served_throughout(world: World) -> None:
     old = world.proc.proc.pid
     load = Load(world)

@@ -198,12 +198,14 @@ class BackendPlane:
     def hand_over(self, wait: float = 2.0) -> None:
         """A handover's end (hsm/upgrade.py): no new call, the open ones finished.
 
-        In this process: new calls are answered UNAVAILABLE, which clients
-        retry on a new connection (the successor's), and open ones get up to
-        `wait` seconds; the listeners are not stopped, so no call is
-        cancelled: the process exits. Workers are stopped (each wipes its keys).
+        In this process, and in each worker the same way: new calls are
+        answered UNAVAILABLE, which clients retry on a new connection (the
+        successor's), and open ones get up to `wait` seconds; the listeners
+        are not stopped, so no call is cancelled. Then the workers are
+        stopped (each wipes its keys) and this process exits.
         """
         if self._pool is not None:
+            self._pool.drain(wait)
             self._pool.close()
             return
         for listener in self._listeners:

@@ -207,6 +207,9 @@ class Worker:
                 if kind == "reload":
                     self._reload(header, attachments)
                     continue
+                if kind == "drain":
+                    self._drain(float(header.get("seconds", 2.0)))
+                    continue
                 if kind != "snapshot":
                     log.error("unknown frame %r from the daemon; stopping", kind)
                     return 1
@@ -224,6 +227,15 @@ class Worker:
             return 0
         finally:
             self._shutdown()
+
+    def _drain(self, seconds: float) -> None:
+        """No new call (UNAVAILABLE: clients retry elsewhere); the open ones get `seconds`."""
+        admission = self._listener.admission
+        admission.drain()
+        deadline = time.monotonic() + max(0.0, min(seconds, 30.0))
+        while admission.open_calls and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self._channel.send({"kind": "drained", "open": admission.open_calls})
 
     def _reload(self, header: Mapping[str, Any], files: list[bytearray]) -> None:
         """New TLS files for new connections, and the log level; a bad one changes nothing."""

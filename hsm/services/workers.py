@@ -116,6 +116,8 @@ class _Worker:
         self.facts: dict[str, Any] = {}
         #: Usage records received from it.
         self.records = 0
+        #: It serves no new call and its open ones have ended (a handover's `drain`).
+        self.drained = False
 
     @property
     def pid(self) -> int:
@@ -185,6 +187,19 @@ class WorkerPool:
                     f"worker {index} did not start serving within {timeout:g} s "
                     f"(exit status {worker.proc.poll()}); see its log lines above"
                 )
+
+    def drain(self, seconds: float) -> None:
+        """A handover's end (hsm/upgrade.py): each worker answers new calls UNAVAILABLE
+        (clients retry on a new connection, the successor's) and its open calls get up to
+        `seconds` to finish; returns when all have, or after `seconds` and a little."""
+        with self._lock:
+            workers = [w for w in self._workers if w is not None and w.state != _DEAD]
+        for worker in workers:
+            with contextlib.suppress(OSError):
+                worker.channel.send({"kind": "drain", "seconds": seconds})
+        deadline = time.monotonic() + seconds + 1.0
+        for worker in workers:
+            worker.wait_for(functools.partial(_is_drained, worker), deadline)
 
     def close(self) -> None:
         """Stop every worker (each wipes its keys) and stop replacing them."""
@@ -404,6 +419,10 @@ class WorkerPool:
                         self._kill(worker, f"is not hardened ({worker.facts})")
                         continue
                     self._sync(worker)
+                elif kind == "drained":
+                    with worker.cond:
+                        worker.drained = True
+                        worker.cond.notify_all()
                 elif kind == "serving":
                     with worker.cond:
                         if worker.state == _SYNCED:
@@ -468,6 +487,10 @@ class WorkerPool:
 
 
 _IN_STEP: Final = (_SYNCED, _SERVING)
+
+
+def _is_drained(worker: _Worker) -> bool:
+    return worker.drained
 
 
 def _is_serving(worker: _Worker) -> bool:
