@@ -13,6 +13,7 @@ from keyquorum.cli.connect import (
     endpoint_options,
     make_endpoint,
     open_channel,
+    replica_endpoint_options,
     rpc_errors,
 )
 from keyquorum.cli.output import document, emit, json_option, person
@@ -97,27 +98,7 @@ def init(
 
 
 @click.command("status")
-@click.option(
-    "--server",
-    "servers",
-    multiple=True,
-    envvar="KEYQUORUM_SERVER",
-    default=("127.0.0.1:7443",),
-    show_default=True,
-    help="Daemon address HOST:PORT; repeat it for several replicas (env KEYQUORUM_SERVER, "
-    "space-separated).",
-)
-@click.option(
-    "--ca",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    envvar="KEYQUORUM_CA",
-    help="CA certificate that signed the daemons' certificates (env KEYQUORUM_CA).",
-)
-@click.option(
-    "--insecure-dev-plaintext",
-    is_flag=True,
-    help="Plaintext gRPC, for development on loopback only.",
-)
+@replica_endpoint_options("for several replicas")
 @json_option
 def status(
     servers: tuple[str, ...], ca: Path | None, insecure_dev_plaintext: bool, as_json: bool

@@ -80,7 +80,7 @@ def parse_target(server: str) -> tuple[str, int]:
 
 def endpoint_options(f: F) -> F:
     """The options every command that talks to a daemon takes."""
-    options = [
+    return _with_endpoint(
         click.option(
             "--server",
             "server",
@@ -89,11 +89,36 @@ def endpoint_options(f: F) -> F:
             show_default=True,
             help="Daemon address HOST:PORT (env KEYQUORUM_SERVER).",
         ),
+        "CA certificate that signed the daemon's certificate (env KEYQUORUM_CA).",
+    )(f)
+
+
+def replica_endpoint_options(what: str) -> Callable[[F], F]:
+    """`endpoint_options` for a command that talks to several replicas (`servers`, a
+    tuple): `what` says what repeating --server does."""
+    return _with_endpoint(
+        click.option(
+            "--server",
+            "servers",
+            multiple=True,
+            envvar="KEYQUORUM_SERVER",
+            default=("127.0.0.1:7443",),
+            show_default=True,
+            help=f"Daemon address HOST:PORT; repeat it {what} (env KEYQUORUM_SERVER, "
+            "space-separated).",
+        ),
+        "CA certificate that signed the daemons' certificates (env KEYQUORUM_CA).",
+    )
+
+
+def _with_endpoint(server: Callable[[Any], Any], ca_help: str) -> Callable[[F], F]:
+    options: list[Callable[[Any], Any]] = [
+        server,
         click.option(
             "--ca",
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
             envvar="KEYQUORUM_CA",
-            help="CA certificate that signed the daemon's certificate (env KEYQUORUM_CA).",
+            help=ca_help,
         ),
         click.option(
             "--insecure-dev-plaintext",
@@ -101,9 +126,13 @@ def endpoint_options(f: F) -> F:
             help="Plaintext gRPC, for development on loopback only.",
         ),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+
+    def decorate(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
 def make_endpoint(

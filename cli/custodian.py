@@ -11,7 +11,12 @@ import click
 from keyquorum.cli import custodian_actions as actions
 from keyquorum.cli import display, seen_checkpoints
 from keyquorum.cli import unseal as unseal_flow
-from keyquorum.cli.connect import endpoint_options, make_endpoint, open_channel
+from keyquorum.cli.connect import (
+    endpoint_options,
+    make_endpoint,
+    open_channel,
+    replica_endpoint_options,
+)
 from keyquorum.cli.files import replace_atomically, write_new
 from keyquorum.cli.output import document, emit, json_option, person
 from keyquorum.cli.passphrase import check_strength, passphrase_options, read_passphrase
@@ -266,27 +271,7 @@ def confirm_cmd(
 
 
 @custodian.command("unseal")
-@click.option(
-    "--server",
-    "servers",
-    multiple=True,
-    envvar="KEYQUORUM_SERVER",
-    default=("127.0.0.1:7443",),
-    show_default=True,
-    help="Daemon address HOST:PORT; repeat it to unseal several replicas in one go "
-    "(env KEYQUORUM_SERVER, space-separated).",
-)
-@click.option(
-    "--ca",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    envvar="KEYQUORUM_CA",
-    help="CA certificate that signed the daemons' certificates (env KEYQUORUM_CA).",
-)
-@click.option(
-    "--insecure-dev-plaintext",
-    is_flag=True,
-    help="Plaintext gRPC, for development on loopback only.",
-)
+@replica_endpoint_options("to unseal several replicas in one go")
 @click.option(
     "--reset",
     is_flag=True,
