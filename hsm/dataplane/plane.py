@@ -321,14 +321,7 @@ class DataPlane:
                 return None
             keys.append(key)
         items = sum(count for _, count in tenants)
-        try:
-            if self._rate is not None:
-                self._rate.take(backend, items)
-            if scope.snapshot.sealed:
-                raise SealedError("the service is sealed")
-        except KeyquorumError as e:
-            self._record(backend, UNKNOWN, operation, e, None)
-            raise
+        self._admit_batch(backend, operation, scope, items)
         response, contexts = _wire.seal(
             request, limits, views, AAD_LABEL, self._nonces.take_many(items), bool(self._usage)
         )
@@ -393,14 +386,7 @@ class DataPlane:
             keys.append(key)
             entries.append((key.held.view(), head))
         items = sum(count for _, count in heads)
-        try:
-            if self._rate is not None:
-                self._rate.take(backend, items)
-            if scope.snapshot.sealed:
-                raise SealedError("the service is sealed")
-        except KeyquorumError as e:
-            self._record(backend, UNKNOWN, operation, e, None)
-            raise
+        self._admit_batch(backend, operation, scope, items)
         opened = _wire.open_all(request, limits, entries, AAD_LABEL, bool(self._usage))
         if opened is not None:
             response, contexts = opened
@@ -469,14 +455,11 @@ class DataPlane:
                 raise LimitExceededError(
                     f"a batch has at most {self._limits.max_batch_items} items, got {len(items)}"
                 )
-            if self._rate is not None:
-                self._rate.take(backend, len(items))
-            scope = self._scope(backend, batch=True)
-            if scope.snapshot.sealed:
-                raise SealedError("the service is sealed")
         except KeyquorumError as e:
             self._record(backend, UNKNOWN, operation, e, None)
             raise
+        scope = self._scope(backend, batch=True)
+        self._admit_batch(backend, operation, scope, len(items))
         if self._usage:
             scope.records = []
         results: list[R | KeyquorumError] = []
@@ -500,6 +483,18 @@ class DataPlane:
             for tenant, op, error, context in scope.records:
                 self._record(backend, tenant, op, error, context)
         return results
+
+    def _admit_batch(self, backend: str, operation: str, scope: _Scope, items: int) -> None:
+        """A batch's call-level checks, on every path: the rate limit for all its items,
+        then the seal; a refusal is recorded (no tenant named) and raised."""
+        try:
+            if self._rate is not None:
+                self._rate.take(backend, items)
+            if scope.snapshot.sealed:
+                raise SealedError("the service is sealed")
+        except KeyquorumError as e:
+            self._record(backend, UNKNOWN, operation, e, None)
+            raise
 
     def _record(
         self,
