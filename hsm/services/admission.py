@@ -305,6 +305,15 @@ class Admission:
         return f"<Admission: {self._total} calls open, {len(self._open)} peers>"
 
 
+async def _respond(result: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+    """A handler's answer: an async generator's items written one by one, or its value."""
+    if inspect.isasyncgen(result):
+        async for answer in result:
+            await context.write(answer)
+        return None
+    return await result
+
+
 async def _abort(context: aio.ServicerContext[Any, Any], error: KeyquorumError) -> None:
     """End the call with `error`'s code and message (with any signed evidence,
     `message_for`), marked as the daemon's answer."""
@@ -558,12 +567,7 @@ def _guard(
             except KeyquorumError as e:
                 await _abort(context, e)
             try:
-                result = behavior(requests, context)
-                if inspect.isasyncgen(result):
-                    async for answer in result:
-                        await context.write(answer)
-                    return None
-                return await result
+                return await _respond(behavior(requests, context), context)
             finally:
                 admission.leave(peer)
 
@@ -592,12 +596,7 @@ def _guard(
         except DecodeError:  # a library service's protobuf request
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
         try:
-            result = unary(request, context)
-            if inspect.isasyncgen(result):
-                async for answer in result:
-                    await context.write(answer)
-                return None
-            return await result
+            return await _respond(unary(request, context), context)
         finally:
             admission.leave(peer)
 
