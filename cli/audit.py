@@ -697,9 +697,7 @@ def _remember_verified(
     from one that was).
     """
     key = chain[-1]
-    superseded = tuple(
-        dict.fromkeys([*(() if seen is None else seen.superseded_keys), *chain[:-1]])
-    )
+    superseded = (seen or seen_checkpoints.Seen(deployment, key, "")).followed(chain)
     if seen is None and not given:
         click.echo(
             f"note: pinning the log key of deployment {deployment} on first contact (not "

@@ -115,13 +115,10 @@ class Seen:
     #: the next by a `rotate-log-key` entry it signed, checked here.
     superseded_keys: tuple[str, ...] = ()
 
-    def followed(self, chain: Sequence[tuple[int, str]]) -> tuple[str, ...]:
-        """`superseded_keys` after following `chain` (from the pinned key to the one in force)."""
-        out = list(self.superseded_keys)
-        for _, key in chain[:-1]:
-            if key not in out:
-                out.append(key)
-        return tuple(out)
+    def followed(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """`superseded_keys` after following the log keys `keys`, in order, the one in
+        force last (each rotated to the next by an entry it signed, checked)."""
+        return tuple(dict.fromkeys([*self.superseded_keys, *keys[:-1]]))
 
 
 @dataclass(frozen=True)
@@ -527,7 +524,7 @@ def require_extension(
                 extension.checkpoint,
                 changes,
                 seen.key_given,
-                seen.followed(chain),
+                seen.followed([key for _, key in chain]),
             )
         )
     return Checked(
