@@ -156,6 +156,8 @@ class Worker:
             usage=() if self._usage is None or not config["usage"] else (self._usage,),
             rate_limit=None if rate is None else RateLimiter(rate),
         )
+        #: A handover drained this worker: its listener stops with a grace (`_shutdown`).
+        self._drained = False
         self._certificates = tls.ServerCertificates(chain, key, ca, require_client_auth=True)
         credentials = self._certificates.credentials()
         register = [key_service.register(self.plane)]
@@ -232,6 +234,7 @@ class Worker:
         """No new call (UNAVAILABLE: clients retry elsewhere); the open ones get `seconds`."""
         admission = self._listener.admission
         admission.drain()
+        self._drained = True
         deadline = time.monotonic() + max(0.0, min(seconds, 30.0))
         while admission.open_calls and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -260,7 +263,9 @@ class Worker:
         self._reader.wipe_all()
         if self._usage is not None:
             self._usage.close()
-        self._listener.stop(grace=None).wait(5)
+        # Drained (a handover): calls still reading their request get a second to be
+        # answered UNAVAILABLE, which clients retry on the successor; never CANCELLED.
+        self._listener.stop(grace=1.0 if self._drained else None).wait(5)
         self._store.close()
 
     def __repr__(self) -> str:
