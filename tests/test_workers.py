@@ -461,3 +461,68 @@ def test_a_worker_that_does_not_confirm_in_time_is_killed_and_replaced(world: Wo
     run(world.d, world.custodians, "activate-tenant", tenant=TENANT, duration_seconds=86400)
     assert world.pool.wait_serving(2, HANG_GUARD_S)
     assert all(isinstance(r, bytes) for r in on_fresh_connections(world, wrap_ok))
+
+
+def test_the_rate_limit_holds_over_all_workers(world: World, tmp_path: Path) -> None:
+    """`--rate-limit 5` with two workers: over calls spread on both, at most
+    5 + 5/s pass in all (per worker it would be twice that)."""
+    rate = 5.0
+    plane = BackendPlane(
+        world.d.daemon,
+        world.d.store,
+        BackendSettings(
+            host="127.0.0.1",
+            port=0,
+            cert=world.pki.server_cert,
+            key=world.pki.server_key,
+            client_ca=world.pki.ca_cert,
+            limits=DEFAULT_LIMITS,
+            store=StoreSpec("sqlite", path=str(world.d.data_dir / "keyquorum.sqlite")),
+            workers=2,
+            rate_limit=rate,
+            usage=(world.metrics,),
+        ),
+    )
+    try:
+        assert plane.pool is not None
+        files = world.pki.client(BACKEND)
+        clients = [
+            KeyClient(
+                f"127.0.0.1:{plane.port}",
+                ca=world.pki.ca_cert,
+                cert=files.cert,
+                key=files.key,
+                attempts=1,
+            )
+            for _ in range(FRESH)
+        ]
+        for c in clients:  # connected before the clock starts
+            grpc.channel_ready_future(c.channel).result(timeout=HANG_GUARD_S)
+        before = plane.pool.records()
+        outcomes: list[str] = []
+        began = time.monotonic()
+        for _ in range(3):
+            for c in clients:
+                try:
+                    c.wrap(TENANT, b"x", CONTEXT)
+                    outcomes.append("ok")
+                except KeyServiceError as e:
+                    outcomes.append(f"{e.code.name}: {e.details}")
+        elapsed = time.monotonic() - began
+        for c in clients:
+            c.close()
+        assert outcomes.count("ok") <= rate + rate * elapsed, (outcomes, elapsed)
+        assert outcomes.count("ok") >= rate
+        for outcome in outcomes:
+            assert outcome == "ok" or (
+                outcome.startswith("RESOURCE_EXHAUSTED") and "over its rate limit of 5" in outcome
+            ), outcome
+        # Both workers answered calls (refusals are usage records too).
+        pool = plane.pool
+        until(
+            lambda: all(a > b for a, b in zip(pool.records(), before, strict=True)),
+            "usage records from both workers",
+            within=HANG_GUARD_S,
+        )
+    finally:
+        plane.close()

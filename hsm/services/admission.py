@@ -17,6 +17,8 @@ Every method of every service on a listener goes through `Admission`
 3. once its request is in, the call counts against its peer's cap
    (`max_calls_per_peer`) and the listener's (`max_calls`) until it ends;
    over either it ends at once with RESOURCE_EXHAUSTED, saying which cap.
+   Where several processes serve the port (`--workers N`), both caps count
+   over all of them (hsm/services/shared_counts.py).
 
 So header-only calls cannot take a place from anyone, even from a client
 behind the same address; a flood of complete requests is capped per peer.
@@ -52,6 +54,7 @@ from grpc import aio
 
 from keyquorum.hsm import tls
 from keyquorum.hsm.pki import ClientIdentity
+from keyquorum.hsm.services.shared_counts import SharedCounts
 from keyquorum.hsm.services.status import ERROR_METADATA, code_for, message_for
 from keyquorum.quorum.errors import (
     AccessDeniedError,
@@ -235,9 +238,13 @@ class Admission:
         *,
         reserved: Iterable[str] = (),
         observe: Observer | None = None,
+        shared: SharedCounts | None = None,
     ) -> None:
         #: Told every call's method, status code name and seconds (the RPC metrics).
         self.observe = observe
+        #: The counts shared by every process serving this port (`--workers N`), so
+        #: that the caps hold over all of them; None when this process serves it alone.
+        self.shared = shared
         self._per_peer = limits.max_calls_per_peer
         self._total_cap = limits.max_calls
         self._timeout = limits.request_timeout_seconds
@@ -250,7 +257,7 @@ class Admission:
 
     @property
     def open_calls(self) -> int:
-        """Calls counted now (all peers; reserved methods are not counted)."""
+        """Calls this process counts now (all peers; reserved methods are not counted)."""
         return self._total
 
     def open_for(self, key: str) -> int:
@@ -266,12 +273,14 @@ class Admission:
         if self._draining:
             raise HandingOverError("this process is handing over to its successor; retry")
         held = self._open.get(peer.key, 0)
-        if held >= self._per_peer:
+        if self.shared is not None:
+            self.shared.enter(peer.key, self._per_peer, self._total_cap)
+        elif held >= self._per_peer:
             raise LimitExceededError(
                 f"this client already has {held} calls open on this listener, the most one "
                 f"client may (max_calls_per_peer); retry when some have finished"
             )
-        if self._total >= self._total_cap:
+        elif self._total >= self._total_cap:
             raise LimitExceededError(
                 f"this listener has {self._total} calls open, its limit (max_calls); retry shortly"
             )
@@ -285,6 +294,8 @@ class Admission:
         else:
             del self._open[peer.key]
         self._total -= 1
+        if self.shared is not None:
+            self.shared.leave(peer.key)
 
     async def read_request(self, context: aio.ServicerContext[Any, Any]) -> bytes:
         """The call's one request message, as bytes, within the request timeout."""

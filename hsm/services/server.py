@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from keyquorum.hsm.services.admission import Admission, GuardedRegistry, Observer, PeerSource
 from keyquorum.hsm.services.serving_loop import ServingLoop, serving_loop
+from keyquorum.hsm.services.shared_counts import SharedCounts
 from keyquorum.quorum.errors import InvalidInputError
 from keyquorum.quorum.limits import Limits
 
@@ -156,11 +157,13 @@ def create_server(
     peers: PeerSource,
     reuse_port: bool = False,
     observe: Observer | None = None,
+    shared: SharedCounts | None = None,
 ) -> tuple[Listener, int]:
     """A listener (not yet started) and the port it is bound to.
 
     `observe` is told every call's method, status code name and seconds (the
-    RPC metrics, `Metrics.rpc.observe`).
+    RPC metrics, `Metrics.rpc.observe`). `shared` makes the call caps count
+    over every process serving the port (hsm/services/shared_counts.py).
 
     An address that cannot be bound is an `InvalidInputError` naming the
     address and the reason (e.g. "Address already in use").
@@ -182,6 +185,7 @@ def create_server(
             peers=peers,
             reuse_port=reuse_port,
             observe=observe,
+            shared=shared,
             loop=loop,
         )
     )
@@ -198,12 +202,13 @@ async def _create(
     peers: PeerSource,
     reuse_port: bool,
     observe: Observer | None,
+    shared: SharedCounts | None,
     loop: ServingLoop,
 ) -> tuple[Listener, int]:
     reserved: set[str] = set()
     for registration in register:
         reserved |= registration.reserved
-    admission = Admission(limits, peers, reserved=reserved, observe=observe)
+    admission = Admission(limits, peers, reserved=reserved, observe=observe, shared=shared)
     server = aio.server(options=grpc_options(limits, reuse_port=reuse_port))
     for registration in register:
         server.add_generic_rpc_handlers((registration.build(admission),))

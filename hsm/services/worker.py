@@ -48,7 +48,6 @@ from grpc import aio
 
 from keyquorum.hsm import hardening, logs, tls
 from keyquorum.hsm.dataplane import DataPlane
-from keyquorum.hsm.dataplane.ratelimit import RateLimiter
 from keyquorum.hsm.dataplane.snapshot import EMPTY_SNAPSHOT, DataPlaneSnapshot
 from keyquorum.hsm.services import audit_service, key_service
 from keyquorum.hsm.services.admission import (
@@ -63,6 +62,7 @@ from keyquorum.hsm.services.admission import (
 )
 from keyquorum.hsm.services.handover import Channel, ChannelClosed, SnapshotReader
 from keyquorum.hsm.services.server import Registration, create_server
+from keyquorum.hsm.services.shared_counts import SharedCounts, SharedRateLimiter
 from keyquorum.hsm.services.status import code_for
 from keyquorum.hsm.stores.base import Store
 from keyquorum.quorum.errors import KeyquorumError
@@ -148,13 +148,20 @@ class Worker:
             buffer[:] = bytes(len(buffer))
         self._store = _open_store(config["store"], dsn.decode())
         self._usage = UsageForwarder(channel) if config["usage"] or config.get("observe") else None
+        shared = config["counts"]
+        self._counts = SharedCounts(
+            int(shared["fd"]),
+            int(shared["columns"]),
+            int(shared["column"]),
+            bytes.fromhex(shared["key"]),
+        )
         rate = config["rate_limit"]
         self.plane = DataPlane(
             self,
             self._store,
             limits=self._limits,
             usage=() if self._usage is None or not config["usage"] else (self._usage,),
-            rate_limit=None if rate is None else RateLimiter(rate),
+            rate_limit=None if rate is None else SharedRateLimiter(self._counts, rate),
         )
         #: A handover drained this worker: its listener stops with a grace (`_shutdown`).
         self._drained = False
@@ -172,6 +179,7 @@ class Worker:
             service_names=[audit_service.SERVICE_NAME, key_service.SERVICE_NAME],
             peers=CertificatePeers(),
             reuse_port=True,
+            shared=self._counts,
             observe=None
             if self._usage is None or not config.get("observe")
             else self._usage.observe,

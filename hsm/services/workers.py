@@ -18,6 +18,9 @@ in the daemon (docs/adr/0009). Contract:
   go the same way.
 - A worker that dies is replaced; a new worker gets the newest snapshot
   before it serves. Respawns back off while workers keep dying young.
+- The call caps and `--rate-limit` hold over all workers: they count in
+  a mapping they share (hsm/services/shared_counts.py), one column per
+  worker, zeroed when a dead worker is replaced.
 - Usage records of the workers (metrics, access log) and their calls' RPC
   metrics arrive in batches and go to the daemon's sinks (`OutcomeSink`,
   `observe`).
@@ -43,6 +46,7 @@ from typing import Any, Final, Protocol
 
 from keyquorum.hsm.dataplane.snapshot import DataPlaneSnapshot
 from keyquorum.hsm.services.handover import Channel, ChannelClosed, KeysSent
+from keyquorum.hsm.services.shared_counts import SharedCounts
 from keyquorum.quorum.errors import DeserializationError, InvalidInputError, StateError
 from keyquorum.quorum.limits import Limits
 
@@ -167,6 +171,8 @@ class WorkerPool:
         self._dead: list[int] = []
         self._backoff = [FIRST_BACKOFF] * count
         self._monitor = threading.Thread(target=self._respawn_loop, name="kq-workers", daemon=True)
+        #: Calls in flight and rate debts over all workers, one column each.
+        self.counts = SharedCounts.create(count)
 
     # -- life --------------------------------------------------------------------
 
@@ -220,6 +226,7 @@ class WorkerPool:
             worker.channel.close()
         if self._reserved is not None:
             self._reserved.close()
+        self.counts.close()
 
     def pids(self) -> list[int]:
         """The pids of the workers alive now (for tests and logs)."""
@@ -338,6 +345,9 @@ class WorkerPool:
     # -- processes ---------------------------------------------------------------------
 
     def _spawn(self, index: int) -> None:
+        if self._workers[index] is not None:
+            # Its predecessor has exited (reaped in `_read`): its calls are gone.
+            self.counts.clear_column(index)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         timeout = max(1.0, 10 * self._sync_seconds)
         ours.setsockopt(
@@ -353,7 +363,7 @@ class WorkerPool:
                 str(theirs.fileno()),
                 str(os.getpid()),
             ],
-            pass_fds=(theirs.fileno(),),
+            pass_fds=(theirs.fileno(), self.counts.fd),
             stdin=subprocess.DEVNULL,
         )
         theirs.close()
@@ -382,6 +392,12 @@ class WorkerPool:
             "usage": bool(s.usage),
             "observe": s.observe is not None,
             "rate_limit": s.rate_limit,
+            "counts": {
+                "fd": self.counts.fd,
+                "columns": self.counts.columns,
+                "column": index,
+                "key": self.counts.key.hex(),
+            },
             "audit_socket": s.audit_socket,
             "log_level": s.log_level,
             "log_format": s.log_format,
