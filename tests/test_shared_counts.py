@@ -10,6 +10,7 @@ a peer's calls as fewer than they are; a dead worker's column is zeroed;
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,8 +31,11 @@ def views() -> Iterator[list[SharedCounts]]:
     workers = [SharedCounts(daemon.fd, COLUMNS, c, daemon.key) for c in range(COLUMNS)]
     yield workers
     for view in workers:
-        view._map.close()
+        view.close()
+    os.fstat(daemon.fd)  # a worker's view leaves the daemon's descriptor open
     daemon.close()
+    with pytest.raises(OSError):
+        os.fstat(daemon.fd)
 
 
 def refused(view: SharedCounts, key: str, per_peer: int, total: int) -> str:
@@ -79,7 +83,7 @@ def test_a_dead_workers_column_is_zeroed(views: list[SharedCounts]) -> None:
     a.enter("sha256:aa", 2, 10)
     with pytest.raises(InvalidInputError, match="counts no calls"):
         daemon_view.enter("sha256:aa", 2, 10)
-    daemon_view._map.close()
+    daemon_view.close()
 
 
 def test_the_daemon_picks_a_new_bucket_key_each_start() -> None:
@@ -141,7 +145,7 @@ def test_the_sketch_never_counts_a_peer_below_its_calls(
             assert views[0].calls_of(key) >= true
     finally:
         for view in views:
-            view._map.close()
+            view.close()
         daemon.close()
 
 
@@ -295,5 +299,5 @@ def test_a_killed_process_leaves_no_lock_behind() -> None:
         assert view.calls() == 1
     finally:
         holder.kill()
-        view._map.close()
+        view.close()
         daemon.close()

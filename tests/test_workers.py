@@ -526,3 +526,23 @@ def test_the_rate_limit_holds_over_all_workers(world: World, tmp_path: Path) -> 
         )
     finally:
         plane.close()
+
+
+def test_a_killed_workers_calls_stop_counting_when_it_is_replaced(world: World) -> None:
+    """Calls a worker held when it was killed are taken off the shared counts
+    before its replacement starts, so they cannot hold a client's cap for good."""
+    from keyquorum.hsm.services.shared_counts import SharedCounts
+
+    counts = world.pool.counts
+    victim_index, victim = 1, world.pool.pids()[1]
+    # What the victim's column holds mid-flight: three calls of one client.
+    as_victim = SharedCounts(counts.fd, counts.columns, victim_index, counts.key)
+    for _ in range(3):
+        as_victim.enter("sha256:held-by-the-victim", 128, 2048)
+    assert counts.calls_of("sha256:held-by-the-victim") == 3
+    os.kill(victim, signal.SIGKILL)
+    until(lambda: victim not in world.pool.pids(), "the pool to see the kill", within=HANG_GUARD_S)
+    assert world.pool.wait_serving(2, HANG_GUARD_S), "the killed worker was not replaced"
+    assert counts.calls_of("sha256:held-by-the-victim") == 0
+    as_victim.close()
+    assert all(isinstance(r, bytes) for r in on_fresh_connections(world, wrap_ok))

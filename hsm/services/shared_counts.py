@@ -87,6 +87,8 @@ class SharedCounts:
         self._debts_at = self._calls_at + 4 * columns * BUCKETS
         self._thread_lock = threading.Lock()
         self._memo: dict[str, tuple[int, int]] = {}
+        #: Whether `close` closes the descriptor (the view `create` made owns it).
+        self._owns_fd = False
 
     @classmethod
     def create(cls, columns: int) -> SharedCounts:
@@ -94,16 +96,19 @@ class SharedCounts:
         fd = os.memfd_create("keyquorum-counts", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, _size(columns))
-            return cls(fd, columns, None, os.urandom(KEY_BYTES))
+            view = cls(fd, columns, None, os.urandom(KEY_BYTES))
+            view._owns_fd = True
+            return view
         except BaseException:
             os.close(fd)
             raise
 
     def close(self) -> None:
-        """Unmap and close the descriptor."""
+        """Unmap; close the descriptor too if this view made it."""
         self._map.close()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        if self._owns_fd:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
