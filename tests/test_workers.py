@@ -546,3 +546,25 @@ def test_a_killed_workers_calls_stop_counting_when_it_is_replaced(world: World) 
     assert counts.calls_of("sha256:held-by-the-victim") == 0
     as_victim.close()
     assert all(isinstance(r, bytes) for r in on_fresh_connections(world, wrap_ok))
+
+
+def test_entries_that_change_no_answer_send_the_workers_nothing(world: World) -> None:
+    """A proposal and its approvals before the last change no call's answer: the
+    workers get no snapshot for them; the execution that grants a backend does,
+    and every worker confirms it before the approval returns."""
+    from tests.custodian_steps import approve, propose
+
+    before = world.pool.sequence
+    p = propose(world.d, "grant", tenant=TENANT, backend="messaging")
+    for c in world.custodians[: p.required - 1]:
+        assert not approve(world.d, c, p.id).executed
+    assert world.pool.sequence == before
+    assert approve(world.d, world.custodians[p.required - 1], p.id).executed
+    assert world.pool.sequence > before
+    assert min(world.pool.acknowledged()) == world.pool.sequence
+    results = []
+    for _ in range(FRESH):
+        with world.client("backend/messaging") as c:
+            results.append(c.wrap(TENANT, b"granted", CONTEXT))
+    assert len(results) == FRESH
+    run(world.d, world.custodians, "revoke", tenant=TENANT, backend="messaging")

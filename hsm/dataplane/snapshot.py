@@ -81,6 +81,37 @@ class DataPlaneSnapshot:
     tenants: Mapping[str, TenantAccess]
     limits: Limits
 
+    def decides_as(self, other: DataPlaneSnapshot) -> bool:
+        """Whether every data-plane call would get the same answer from `other`.
+
+        All that `key_for` and `usable` read, and the generation and limits,
+        are equal, and each held version is the very same key object (not a
+        copy with the same bytes: a wiped one would be closed). Only
+        `log_size`, which no call reads, may differ. The worker pool sends a
+        snapshot only when it does not decide as the last one sent.
+        """
+        if (self.generation, self.sealed, self.grants, self.limits) != (
+            other.generation,
+            other.sealed,
+            other.grants,
+            other.limits,
+        ) or self.tenants.keys() != other.tenants.keys():
+            return False
+        for name, mine in self.tenants.items():
+            theirs = other.tenants[name]
+            if (
+                mine.versions != theirs.versions
+                or mine.current != theirs.current
+                or mine.active_until != theirs.active_until
+                or mine.destroyed != theirs.destroyed
+                or mine.disabled != theirs.disabled
+                or mine.shredded_grants != theirs.shredded_grants
+                or mine.held.keys() != theirs.held.keys()
+                or any(key is not theirs.held[v] for v, key in mine.held.items())
+            ):
+                return False
+        return True
+
     def key_for(
         self, backend: str, tenant: str, version: int | None, now: int
     ) -> tuple[int, HeldKey]:

@@ -9,8 +9,10 @@ in the daemon (docs/adr/0009). Contract:
   a file or the environment. A worker asks to die with the daemon and is
   never dumpable (it refuses to start otherwise).
 - `publish` is the daemon's publish listener (hsm/daemon/custody.py): after
-  every new snapshot, every worker that has one gets the newest and must
-  confirm it within `Limits.worker_sync_seconds` (100 ms); one that does
+  every new snapshot that changes some call's answer
+  (`DataPlaneSnapshot.decides_as`: not for a proposal or an approval),
+  every worker that has one gets the newest and must confirm it within
+  `Limits.worker_sync_seconds` (100 ms); one that does
   not is killed (SIGKILL), so from then on it answers nothing, and it is
   replaced. A seal's listener call is made before the seal is answered, so
   when a custodian hears "sealed", every worker has dropped its keys or is
@@ -163,6 +165,8 @@ class WorkerPool:
         #: so a new worker's first frame is always its configuration.
         self._config_lock = threading.Lock()
         self._workers: list[_Worker | None] = [None] * count
+        #: The last snapshot `publish` sent (None: none yet).
+        self._last_published: DataPlaneSnapshot | None = None
         self._seq = 0
         self._closing = False
         self._reserved: socket.socket | None = None
@@ -299,6 +303,10 @@ class WorkerPool:
             if self._closing:  # the workers were told to stop and wipe their keys
                 return
             snapshot = self._latest()
+            last = self._last_published
+            if last is not None and snapshot.decides_as(last):
+                return  # e.g. a proposal or an approval: no call's answer changes
+            self._last_published = snapshot
             self._seq += 1
             seq = self._seq
             with self._lock:
