@@ -17,6 +17,34 @@ from collections.abc import Callable
 from keyquorum.quorum.errors import InvalidInputError, LimitExceededError
 
 
+def rate_and_burst(rate: float, burst: float | None) -> tuple[float, float]:
+    """A limiter's rate and burst (default: one second's worth), or InvalidInputError."""
+    if not rate > 0:
+        raise InvalidInputError(f"the rate limit must be positive, got {rate!r}")
+    full = float(burst if burst is not None else rate)
+    if not full >= 1:
+        raise InvalidInputError(f"the burst must be at least 1, got {full!r}")
+    return float(rate), full
+
+
+def check_take(count: int, rate: float, burst: float) -> None:
+    """Refuse a take that no bucket could ever allow (LimitExceededError) or a nonsense one."""
+    if count < 1:
+        raise InvalidInputError("take at least one token")
+    if count > burst:
+        raise LimitExceededError(
+            f"{count} items at once exceed the per-backend burst of {burst:g} "
+            f"(rate limit {rate:g}/s): send smaller batches"
+        )
+
+
+def over_limit(backend: str, rate: float) -> LimitExceededError:
+    """The refusal of a take its bucket cannot cover now."""
+    return LimitExceededError(
+        f"backend {backend} is over its rate limit of {rate:g} calls/s; retry later"
+    )
+
+
 class RateLimiter:
     """Token buckets by backend name; thread-safe."""
 
@@ -27,12 +55,7 @@ class RateLimiter:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not rate > 0:
-            raise InvalidInputError(f"the rate limit must be positive, got {rate!r}")
-        self._rate = float(rate)
-        self._burst = float(burst if burst is not None else rate)
-        if not self._burst >= 1:
-            raise InvalidInputError(f"the burst must be at least 1, got {self._burst!r}")
+        self._rate, self._burst = rate_and_burst(rate, burst)
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}
@@ -43,23 +66,14 @@ class RateLimiter:
 
     def take(self, backend: str, count: int = 1) -> None:
         """Take `count` tokens from `backend`'s bucket, or raise LimitExceededError."""
-        if count < 1:
-            raise InvalidInputError("take at least one token")
-        if count > self._burst:
-            raise LimitExceededError(
-                f"{count} items at once exceed the per-backend burst of {self._burst:g} "
-                f"(rate limit {self._rate:g}/s): send smaller batches"
-            )
+        check_take(count, self._rate, self._burst)
         now = self._clock()
         with self._lock:
             tokens, then = self._buckets.get(backend, (self._burst, now))
             tokens = min(self._burst, tokens + (now - then) * self._rate)
             if tokens < count:
                 self._buckets[backend] = (tokens, now)
-                raise LimitExceededError(
-                    f"backend {backend} is over its rate limit of {self._rate:g} calls/s; "
-                    "retry later"
-                )
+                raise over_limit(backend, self._rate)
             self._buckets[backend] = (tokens - count, now)
 
     def give_back(self, backend: str, count: int) -> None:

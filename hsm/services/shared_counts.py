@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Final
 
+from keyquorum.hsm.dataplane.ratelimit import check_take, over_limit, rate_and_burst
 from keyquorum.quorum.errors import InvalidInputError, LimitExceededError
 
 #: Buckets of the sketch (calls per peer and rate debts).
@@ -243,13 +244,8 @@ class SharedRateLimiter:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not rate > 0:
-            raise InvalidInputError(f"the rate limit must be positive, got {rate!r}")
         self._counts = counts
-        self._rate = float(rate)
-        self._burst = float(burst if burst is not None else rate)
-        if not self._burst >= 1:
-            raise InvalidInputError(f"the burst must be at least 1, got {self._burst!r}")
+        self._rate, self._burst = rate_and_burst(rate, burst)
         self._clock = clock
 
     @property
@@ -258,17 +254,9 @@ class SharedRateLimiter:
 
     def take(self, backend: str, count: int = 1) -> None:
         """Take `count` tokens from `backend`'s bucket, or raise LimitExceededError."""
-        if count < 1:
-            raise InvalidInputError("take at least one token")
-        if count > self._burst:
-            raise LimitExceededError(
-                f"{count} items at once exceed the per-backend burst of {self._burst:g} "
-                f"(rate limit {self._rate:g}/s): send smaller batches"
-            )
+        check_take(count, self._rate, self._burst)
         if not self._counts.take_tokens(backend, count, self._rate, self._burst, self._clock()):
-            raise LimitExceededError(
-                f"backend {backend} is over its rate limit of {self._rate:g} calls/s; retry later"
-            )
+            raise over_limit(backend, self._rate)
 
     def give_back(self, backend: str, count: int) -> None:
         """Return `count` tokens a call took but did not use (never above the burst)."""
