@@ -186,6 +186,24 @@ def test_the_rate_limit_holds_over_every_column(views: list[SharedCounts]) -> No
     limiters[0].take("keyquorum://backend/booking")
 
 
+def test_a_clock_read_before_anothers_take_repays_nothing_twice(
+    views: list[SharedCounts],
+) -> None:
+    """One process read its clock at 100.0, another took tokens at 100.5 first:
+    the later take must not move the bucket's time back to 100.0, or the half
+    second between would be repaid again."""
+    early, late = Clock(), Clock()
+    early.now, late.now = 100.0, 100.5
+    first = SharedRateLimiter(views[0], 4, clock=early)
+    second = SharedRateLimiter(views[1], 4, clock=late)
+    second.take("b", 2)
+    first.take("b", 1)  # its clock says 100.0; the debt is now 3, as of 100.5
+    late.now = 100.75  # one token repaid since 100.5: a debt of 2, two tokens free
+    with pytest.raises(LimitExceededError):
+        second.take("b", 3)
+    second.take("b", 2)
+
+
 def test_the_rate_limits_contract_is_the_single_process_ones(views: list[SharedCounts]) -> None:
     clock = Clock()
     limiter = SharedRateLimiter(views[0], 10, burst=20, clock=clock)

@@ -66,7 +66,7 @@ class SharedCounts:
 
     The daemon makes the mapping (`create`, column None: it counts no calls,
     it only zeroes a dead worker's column); each worker opens the inherited
-    descriptor with its own column (`open`).
+    descriptor with its own column (the constructor).
     """
 
     def __init__(self, fd: int, columns: int, column: int | None, key: bytes) -> None:
@@ -207,10 +207,12 @@ class SharedCounts:
         first, second = self.buckets(key)
         with self.locked():
             debts = [self._debt(bucket, rate, now) for bucket in (first, second)]
-            if burst - min(debts) < count:
+            if burst - min(debt for debt, _ in debts) < count:
                 return False
-            for bucket, debt in zip((first, second), debts, strict=True):
-                _DEBT.pack_into(self._map, self._debts_at + _DEBT.size * bucket, debt + count, now)
+            for bucket, (debt, stamp) in zip((first, second), debts, strict=True):
+                _DEBT.pack_into(
+                    self._map, self._debts_at + _DEBT.size * bucket, debt + count, stamp
+                )
             return True
 
     def give_back_tokens(self, key: str, count: int, rate: float, now: float) -> None:
@@ -218,12 +220,22 @@ class SharedCounts:
         first, second = self.buckets(key)
         with self.locked():
             for bucket in (first, second):
-                debt = max(0.0, self._debt(bucket, rate, now) - count)
-                _DEBT.pack_into(self._map, self._debts_at + _DEBT.size * bucket, debt, now)
+                debt, stamp = self._debt(bucket, rate, now)
+                self._store_debt(bucket, max(0.0, debt - count), stamp)
 
-    def _debt(self, bucket: int, rate: float, now: float) -> float:
+    def _debt(self, bucket: int, rate: float, now: float) -> tuple[float, float]:
+        """A bucket's debt decayed to `now`, and the time it is decayed to.
+
+        A process may read its clock just before another that takes the lock
+        first: the stamp never moves back, or the time between would be
+        repaid twice.
+        """
         debt, then = _DEBT.unpack_from(self._map, self._debts_at + _DEBT.size * bucket)
-        return float(max(0.0, debt - max(0.0, now - then) * rate))
+        stamp = max(now, then)
+        return float(max(0.0, debt - (stamp - then) * rate)), float(stamp)
+
+    def _store_debt(self, bucket: int, debt: float, stamp: float) -> None:
+        _DEBT.pack_into(self._map, self._debts_at + _DEBT.size * bucket, debt, stamp)
 
     def __repr__(self) -> str:
         return f"<SharedCounts: column {self.column} of {self.columns}>"
